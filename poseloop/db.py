@@ -1,0 +1,258 @@
+"""Database schema shared by generate.py, the rating app and the trainers (SQLAlchemy 2.0).
+
+File paths in rows are relative to the samples directory, so a samples folder can be moved or
+copied to another machine together with its SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    """Current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class Round(Base):
+    """One generation round: a set of groups and samples made with one model and one config."""
+
+    __tablename__ = "rounds"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # "running" until every planned sample is stored, then "complete"; a re-run resumes a running one.
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    arch: Mapped[str] = mapped_column(String(20))
+    base_model: Mapped[str] = mapped_column(String(500))
+    controlnet_model: Mapped[str] = mapped_column(String(500))
+    lora_path: Mapped[str | None] = mapped_column(String(1000), default=None)
+    lora_scale: Mapped[float | None] = mapped_column(Float, default=None)
+    # Policy version (models/policies/<version>) that produced this round, when it came from training.
+    policy_version: Mapped[str | None] = mapped_column(String(200), default=None)
+    # Hash of the generation plan (inputs + sampling settings); a resume must match it.
+    plan_hash: Mapped[str] = mapped_column(String(64))
+    config_json: Mapped[str] = mapped_column(Text)
+    planned_samples: Mapped[int] = mapped_column(Integer, default=0)
+
+    groups: Mapped[list[Group]] = relationship(back_populates="round", cascade="all, delete-orphan")
+    samples: Mapped[list[Sample]] = relationship(back_populates="round", viewonly=True)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config that made this round."""
+        return json.loads(self.config_json)
+
+
+class Group(Base):
+    """A (prompt, pose) pair within a round; its K samples are the candidates raters compare."""
+
+    __tablename__ = "sample_groups"
+    __table_args__ = (UniqueConstraint("round_id", "index", name="uq_group_round_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    pose_name: Mapped[str] = mapped_column(String(200))
+    # Pose.to_dict() list as JSON (ground truth for pose rewards / OKS); None when only an image is known.
+    keypoints_json: Mapped[str | None] = mapped_column(Text, default=None)
+    condition_path: Mapped[str] = mapped_column(String(1000))
+    source_image_path: Mapped[str | None] = mapped_column(String(1000), default=None)
+
+    round: Mapped[Round] = relationship(back_populates="groups")
+    samples: Mapped[list[Sample]] = relationship(
+        back_populates="group", cascade="all, delete-orphan", order_by="Sample.index"
+    )
+
+    @property
+    def keypoints(self) -> list[dict[str, Any]] | None:
+        """Ground-truth poses as Pose.to_dict() dicts, or None."""
+        return None if self.keypoints_json is None else json.loads(self.keypoints_json)
+
+
+class Sample(Base):
+    """One generated image with its stored denoising trajectory."""
+
+    __tablename__ = "samples"
+    __table_args__ = (UniqueConstraint("group_id", "index", name="uq_sample_group_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("sample_groups.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    image_path: Mapped[str] = mapped_column(String(1000))
+    # None for imported images that come without a trajectory.
+    trajectory_path: Mapped[str | None] = mapped_column(String(1000), default=None)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    num_steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    controlnet_scale: Mapped[float] = mapped_column(Float)
+    eta: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    round: Mapped[Round] = relationship(back_populates="samples", viewonly=True)
+    group: Mapped[Group] = relationship(back_populates="samples")
+
+
+class Rater(Base):
+    """A person who labels samples."""
+
+    __tablename__ = "raters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Rating(Base):
+    """A rater's current score of a sample (one per rater and sample; changeable)."""
+
+    __tablename__ = "ratings"
+    __table_args__ = (UniqueConstraint("rater_id", "sample_id", name="uq_rating_rater_sample"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id", ondelete="CASCADE"), index=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    rater: Mapped[Rater] = relationship()
+    sample: Mapped[Sample] = relationship()
+
+
+class Preference(Base):
+    """A rater's judgement of two samples of the same group.
+
+    The pair is stored in canonical order (sample_a_id < sample_b_id) so that a pair has one row per
+    rater whichever side it was shown on; `left_sample_id` keeps the side for position-bias analysis.
+    """
+
+    __tablename__ = "preferences"
+    __table_args__ = (
+        UniqueConstraint("rater_id", "sample_a_id", "sample_b_id", name="uq_pref_rater_pair"),
+        CheckConstraint("sample_a_id < sample_b_id", name="ck_pref_canonical_order"),
+        CheckConstraint("choice IN ('a', 'b', 'tie', 'skip')", name="ck_pref_choice"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id", ondelete="CASCADE"), index=True)
+    sample_a_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    sample_b_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    # 'a' or 'b' names the preferred sample; 'skip' records that the pair was seen but not judged.
+    choice: Mapped[str] = mapped_column(String(4))
+    left_sample_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    rater: Mapped[Rater] = relationship()
+    sample_a: Mapped[Sample] = relationship(foreign_keys=[sample_a_id])
+    sample_b: Mapped[Sample] = relationship(foreign_keys=[sample_b_id])
+
+    @property
+    def winner_id(self) -> int | None:
+        """Id of the preferred sample, None for a tie or a skip."""
+        return {"a": self.sample_a_id, "b": self.sample_b_id}.get(self.choice)
+
+    @property
+    def loser_id(self) -> int | None:
+        """Id of the dispreferred sample, None for a tie or a skip."""
+        return {"a": self.sample_b_id, "b": self.sample_a_id}.get(self.choice)
+
+
+def default_db_url(samples_dir: str | Path) -> str:
+    """SQLite URL of the default database file inside the samples directory."""
+    return f"sqlite:///{Path(samples_dir).resolve() / 'feedback.sqlite'}"
+
+
+def make_engine(url: str, echo: bool = False) -> Engine:
+    """Create an engine; SQLite gets WAL mode, foreign keys and a busy timeout for concurrent raters."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, echo=echo)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets the rating app read while generate.py writes; NORMAL is durable in WAL mode.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+    return engine
+
+
+def init_db(engine: Engine) -> None:
+    """Create every missing table."""
+    Base.metadata.create_all(engine)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory whose objects stay readable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def open_db(url: str) -> sessionmaker[Session]:
+    """Engine + tables + session factory in one call, for scripts."""
+    engine = make_engine(url)
+    init_db(engine)
+    return make_session_factory(engine)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction: commit on success, roll back on any error."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_or_create_rater(session: Session, name: str) -> Rater:
+    """The rater with this name, created if new."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise ValueError("rater name must be 1..100 characters")
+    rater = session.scalar(select(Rater).where(Rater.name == name))
+    if rater is None:
+        rater = Rater(name=name)
+        session.add(rater)
+        session.flush()
+    return rater
