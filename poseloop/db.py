@@ -256,3 +256,48 @@ def get_or_create_rater(session: Session, name: str) -> Rater:
         session.add(rater)
         session.flush()
     return rater
+
+
+# ---- rating app tables ----
+from sqlalchemy import Index  # noqa: E402  (kept next to the tables that need it)
+
+
+class LabelEvent(Base):
+    """Append-only log of label changes: powers undo, idempotent retries and the history export.
+
+    Each row records one change of a rater's score (kind "score") or preference (kind "preference")
+    with the value before and after, so undo can restore exactly what was there. `request_id` is the
+    client-generated id of the submission; it is unique per rater so a retried or double-clicked
+    request is recognised instead of stored twice.
+    """
+
+    __tablename__ = "label_events"
+    __table_args__ = (
+        UniqueConstraint("rater_id", "request_id", name="uq_event_rater_request"),
+        UniqueConstraint("rater_id", "undo_request_id", name="uq_event_rater_undo_request"),
+        CheckConstraint("kind IN ('score', 'preference')", name="ck_event_kind"),
+        Index("ix_event_rater_round", "rater_id", "round_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id", ondelete="CASCADE"))
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    # Score events use sample_id; preference events use the canonical pair (a < b).
+    sample_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    sample_a_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    sample_b_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    old_score: Mapped[float | None] = mapped_column(Float, default=None)
+    new_score: Mapped[float | None] = mapped_column(Float, default=None)
+    old_choice: Mapped[str | None] = mapped_column(String(4), default=None)
+    new_choice: Mapped[str | None] = mapped_column(String(4), default=None)
+    old_left_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    new_left_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    # "web" (the page or the JSON API) or "import" (scores.json import).
+    source: Mapped[str] = mapped_column(String(20), default="web")
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    undo_request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    rater: Mapped[Rater] = relationship()
