@@ -1,0 +1,200 @@
+"""Configuration of generation runs: typed dataclasses, presets as functions, early validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from poseloop.configlib import ConfigError, field
+
+EMBEDDED_SD15 = "models/tiny-sd15"
+EMBEDDED_SDXL = "models/tiny-sdxl"
+DEFAULT_PROMPTS = (
+    "a dancer in a red dress, studio photo",
+    "an astronaut in a white suit on the moon",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load and how."""
+
+    arch: str = field("sd15", help="model family", choices=("sd15", "sdxl"))
+    base: str = field(EMBEDDED_SD15, help="base pipeline: a hub id or a local diffusers folder; "
+                      f"{EMBEDDED_SD15} and {EMBEDDED_SDXL} are the embedded tiny models, built on first use")
+    controlnet: str = field(f"{EMBEDDED_SD15}/controlnet",
+                            help="OpenPose ControlNet: a hub id or a local folder (e.g. one trained by train_policy.py)")
+    vae: str = field("", help="optional VAE override (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    lora: str = field("", help="optional LoRA to load: a .safetensors file in kohya or diffusers format")
+    lora_scale: float = field(1.0, help="strength of the loaded LoRA")
+    dtype: str = field("auto", help="weights dtype; auto = float16 on CUDA, float32 on CPU",
+                       choices=("auto", "float32", "float16", "bfloat16"))
+    device: str = field("auto", help="torch device; auto = cuda if available, else cpu")
+    variant: str = field("", help="weights variant to load from the hub, e.g. fp16")
+    local_files_only: bool = field(False, help="never contact the model hub; only local folders and the cache")
+
+
+@dataclass
+class SampleConfig:
+    """The DDIM sampler: the same settings drive generation and policy training."""
+
+    width: int = field(0, help="image width in pixels; 0 = the model's native size")
+    height: int = field(0, help="image height in pixels; 0 = the model's native size")
+    steps: int = field(20, help="DDIM steps (trajectory length T)")
+    eta: float = field(1.0, help="DDIM stochasticity; must be > 0 so that every step has a log-probability")
+    guidance_scale: float = field(5.0, help="classifier-free guidance scale; 1 disables CFG")
+    controlnet_scale: float = field(1.0, help="ControlNet conditioning scale")
+    negative_prompt: str = field("", help="negative prompt used for CFG")
+    images_per_group: int = field(4, help="images per (prompt, pose) group, so that raters can compare them")
+    batch_size: int = field(8, help="images denoised together")
+    seed: int = field(0, help="base seed; each image's seed is derived from it, its group and its index")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts and poses come from; groups are prompts x poses unless a jsonl pairs them."""
+
+    dataset: str = field("", help='jsonl file, one {"image", "condition_image", "text"} object a line; '
+                         "its condition images are used as given")
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS), help="prompts (repeat the flag value)")
+    prompts_file: str = field("", help="text file with one prompt a line (replaces --data.prompts)")
+    poses: list[str] = field(default_factory=lambda: ["all"],
+                             help="names from the built-in pose library, or 'all'; empty with other pose sources")
+    keypoints: list[str] = field(default_factory=list,
+                                 help="keypoint JSON files (OpenPose-18 body, optional hands/face; pixels or 0..1)")
+    photos: list[str] = field(default_factory=list,
+                              help="photos to extract poses from with OpenPose (needs data.detector_weights)")
+    detector_weights: str = field("", help="folder with body_pose_model.pth, hand_pose_model.pth, facenet.pth")
+    draw_hands: bool = field(True, help="draw hand keypoints in pose images when known")
+    draw_face: bool = field(True, help="draw face keypoints in pose images when known")
+    max_groups: int = field(0, help="use at most this many groups; 0 = all")
+
+
+@dataclass
+class StoreConfig:
+    """Where samples and the database live."""
+
+    samples_dir: str = field("samples", help="folder for images, pose images and trajectories")
+    db_url: str = field("", help="SQLAlchemy URL; empty = sqlite file <samples_dir>/feedback.sqlite")
+    round: str = field("", help="round name; empty = resume the unfinished round with the same plan, else a new one")
+
+
+@dataclass
+class GenerateConfig:
+    """Everything generate.py needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, help="model weights")
+    sample: SampleConfig = field(default_factory=SampleConfig, help="sampler")
+    data: DataConfig = field(default_factory=DataConfig, help="prompts and poses")
+    store: StoreConfig = field(default_factory=StoreConfig, help="output")
+
+    def validate(self) -> None:
+        """Check every field before any model loads; raise ConfigError naming the field."""
+        validate_model(self.model)
+        validate_sample(self.sample)
+        validate_data(self.data)
+        if not self.store.samples_dir:
+            raise ConfigError("store.samples_dir: must not be empty")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Model fields that can be checked without loading anything."""
+    if not m.base:
+        raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base runwayml/stable-diffusion-v1-5")
+    if not m.controlnet:
+        raise ConfigError("model.controlnet: give an OpenPose ControlNet, e.g. lllyasviel/sd-controlnet-openpose")
+    if m.lora and not Path(m.lora).is_file():
+        raise ConfigError(f"model.lora: file {m.lora!r} does not exist; pass a .safetensors LoRA file")
+    if m.lora_scale < 0:
+        raise ConfigError(f"model.lora_scale: must be >= 0 (got {m.lora_scale})")
+
+
+def validate_sample(s: SampleConfig) -> None:
+    """Sampler fields."""
+    for name in ("width", "height"):
+        value = getattr(s, name)
+        if value < 0 or value % 8:
+            raise ConfigError(f"sample.{name}: {value} is not a multiple of 8 (the VAE downsamples by 8); "
+                              f"use e.g. 512, or 0 for the model's native size")
+    if s.steps < 1 or s.steps > 1000:
+        raise ConfigError(f"sample.steps: must be between 1 and 1000 (got {s.steps})")
+    if not s.eta > 0:
+        raise ConfigError(f"sample.eta: must be > 0 (got {s.eta}); with eta = 0 DDIM is deterministic and a "
+                          "step has no log-probability, which the trajectories and DDPO/D3PO need")
+    if s.guidance_scale < 1:
+        raise ConfigError(f"sample.guidance_scale: must be >= 1 (got {s.guidance_scale}); 1 disables CFG")
+    if s.controlnet_scale < 0:
+        raise ConfigError(f"sample.controlnet_scale: must be >= 0 (got {s.controlnet_scale})")
+    if s.images_per_group < 1:
+        raise ConfigError(f"sample.images_per_group: must be >= 1 (got {s.images_per_group}); "
+                          "use 2 or more so raters can compare images of a group")
+    if s.batch_size < 1:
+        raise ConfigError(f"sample.batch_size: must be >= 1 (got {s.batch_size})")
+    if s.seed < 0:
+        raise ConfigError(f"sample.seed: must be >= 0 (got {s.seed})")
+
+
+def validate_data(d: DataConfig) -> None:
+    """Input files must exist before any work starts."""
+    for name in ("dataset", "prompts_file"):
+        path = getattr(d, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{name}: file {path!r} does not exist")
+    for name in ("keypoints", "photos"):
+        for path in getattr(d, name):
+            if not Path(path).is_file():
+                raise ConfigError(f"data.{name}: file {path!r} does not exist")
+    if d.photos and not d.detector_weights:
+        raise ConfigError("data.photos: extracting poses needs data.detector_weights, a folder with "
+                          "body_pose_model.pth, hand_pose_model.pth and facenet.pth (from lllyasviel/Annotators)")
+    if d.max_groups < 0:
+        raise ConfigError(f"data.max_groups: must be >= 0 (got {d.max_groups})")
+    if not d.dataset and not d.prompts and not d.prompts_file:
+        raise ConfigError("data.prompts: no prompts; pass --data.prompts, --data.prompts_file or --data.dataset")
+    if not d.dataset and not (d.poses or d.keypoints or d.photos):
+        raise ConfigError("data.poses: no poses; pass --data.poses all, --data.keypoints or --data.photos")
+
+
+# ---- presets -------------------------------------------------------------------------------------
+
+
+def tiny() -> GenerateConfig:
+    """The embedded tiny SD1.5-architecture model: runs anywhere in seconds (random weights)."""
+    cfg = GenerateConfig()
+    cfg.sample.width = cfg.sample.height = 128
+    return cfg
+
+
+def tiny_sdxl() -> GenerateConfig:
+    """The embedded tiny SDXL-architecture model (two text encoders, pooled embeds, time ids)."""
+    cfg = GenerateConfig()
+    cfg.model.arch = "sdxl"
+    cfg.model.base = EMBEDDED_SDXL
+    cfg.model.controlnet = f"{EMBEDDED_SDXL}/controlnet"
+    cfg.sample.width = cfg.sample.height = 128
+    return cfg
+
+
+def sd15() -> GenerateConfig:
+    """Stable Diffusion 1.5 with lllyasviel's OpenPose ControlNet, 512 px."""
+    cfg = GenerateConfig()
+    cfg.model.base = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    cfg.model.controlnet = "lllyasviel/sd-controlnet-openpose"
+    cfg.sample.width = cfg.sample.height = 512
+    cfg.sample.batch_size = 4
+    return cfg
+
+
+def sdxl() -> GenerateConfig:
+    """SDXL base with thibaud's OpenPose ControlNet and the fp16-safe VAE, 1024 px."""
+    cfg = GenerateConfig()
+    cfg.model.arch = "sdxl"
+    cfg.model.base = "stabilityai/stable-diffusion-xl-base-1.0"
+    cfg.model.controlnet = "thibaud/controlnet-openpose-sdxl-1.0"
+    cfg.model.vae = "madebyollin/sdxl-vae-fp16-fix"
+    cfg.sample.width = cfg.sample.height = 1024
+    cfg.sample.batch_size = 2
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "tiny-sdxl": tiny_sdxl, "sd15": sd15, "sdxl": sdxl}

@@ -1,0 +1,198 @@
+"""Typed dataclass configs with presets and command-line overrides.
+
+Every field of a (nested) dataclass config becomes a flag `--section.field VALUE`; `--set
+section.field=VALUE` does the same and can be repeated; `--preset NAME` picks the starting point.
+Help texts come from each field's `metadata["help"]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and how to fix it."""
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field with a mandatory help text (and optional allowed choices)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _leaf_fields(cfg_cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field[Any], Any]]:
+    """(dotted name, field, resolved type) of every non-dataclass field, depth first."""
+    hints = typing.get_type_hints(cfg_cls)
+    out = []
+    for f in dataclasses.fields(cfg_cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(_leaf_fields(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", f, tp))
+    return out
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, Sequence)
+
+
+def _scalar_type(tp: Any) -> Any:
+    """The element type of list[...] / X | None annotations."""
+    if _is_list(tp):
+        return typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _convert(name: str, raw: Any, tp: Any, choices: Sequence[str] | None) -> Any:
+    """Convert a command-line string (or list of strings) to the field's type, or raise ConfigError."""
+    if _is_list(tp):
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    items = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{name}: {raw!r} is not a JSON list ({e.msg}); "
+                                      f'write e.g. --set {name}=\'["a", "b"]\'') from None
+            else:
+                items = [] if text == "" else [raw]
+        else:
+            items = list(raw)
+        return [_convert(name, str(x), _scalar_type(tp), choices) for x in items]
+    st = _scalar_type(tp)
+    if raw is None or (isinstance(raw, str) and raw.lower() == "none" and st is not str):
+        return None
+    try:
+        if st is bool:
+            low = str(raw).lower()
+            if low in ("1", "true", "yes", "on"):
+                value: Any = True
+            elif low in ("0", "false", "no", "off"):
+                value = False
+            else:
+                raise ValueError
+        elif st is int:
+            value = int(raw)
+        elif st is float:
+            value = float(raw)
+        else:
+            value = str(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a valid {st.__name__}") from None
+    if choices and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def get_field(cfg: Any, dotted: str) -> Any:
+    """Value of a dotted field such as 'sample.steps'."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_field(cfg: Any, dotted: str, raw: Any) -> None:
+    """Set a dotted field from a raw (string) value, converting and checking its type."""
+    leaves = {name: (f, tp) for name, f, tp in _leaf_fields(type(cfg))}
+    if dotted not in leaves:
+        close = [n for n in leaves if n.split(".")[-1] == dotted.split(".")[-1]]
+        hint = f" Did you mean {' or '.join(close)}?" if close else " See --help for the list."
+        raise ConfigError(f"unknown config field {dotted!r}.{hint}")
+    f, tp = leaves[dotted]
+    value = _convert(dotted, raw, tp, f.metadata.get("choices"))
+    *parents, last = dotted.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a JSON-serialisable nested dict."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cfg_cls: type[C], data: dict[str, Any]) -> C:
+    """Rebuild a config from to_dict() output (unknown keys are an error)."""
+    hints = typing.get_type_hints(cfg_cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config field {key!r} for {cfg_cls.__name__}")
+        tp = hints[key]
+        kwargs[key] = from_dict(tp, value) if dataclasses.is_dataclass(tp) else value
+    return cfg_cls(**kwargs)  # type: ignore[call-arg]
+
+
+def build_parser(cfg_cls: type, presets: dict[str, Callable[[], Any]], default_preset: str,
+                 description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with --preset, --set and one --section.field flag per config field."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--preset", default=default_preset, choices=sorted(presets),
+                        help="starting configuration; any field below overrides it")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field, e.g. --set sample.steps=30 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as JSON and exit")
+    defaults = presets[default_preset]()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f, tp in _leaf_fields(cfg_cls):
+        section = name.rsplit(".", 1)[0] if "." in name else "general"
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "")
+        if choices:
+            help_text += f" (one of: {', '.join(choices)})"
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text,
+                                      metavar=_scalar_type(tp).__name__.upper())
+        if _is_list(tp):
+            kwargs["nargs"] = "*"
+        group.add_argument(f"--{name}", **kwargs)
+        # Show the default preset's value in --help without making argparse apply it.
+        group._group_actions[-1].help = f"{help_text} [{default_preset}: {get_field(defaults, name)!r}]"
+    return parser
+
+
+def parse_config(cfg_cls: type[C], presets: dict[str, Callable[[], C]], default_preset: str,
+                 argv: Sequence[str] | None, description: str, prog: str | None = None
+                 ) -> tuple[C, argparse.Namespace]:
+    """Parse argv into a validated config: preset, then --section.field flags, then --set overrides."""
+    parser = build_parser(cfg_cls, presets, default_preset, description, prog)
+    args = parser.parse_args(argv)
+    cfg = presets[args.preset]()
+    try:
+        for name, _f, _tp in _leaf_fields(cfg_cls):
+            if hasattr(args, name):
+                set_field(cfg, name, getattr(args, name))
+        for item in args.overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set sample.steps=30")
+            key, value = item.split("=", 1)
+            set_field(cfg, key.strip(), value)
+        validate = getattr(cfg, "validate", None)
+        if validate is not None:
+            validate()
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        raise SystemExit(0)
+    return cfg, args

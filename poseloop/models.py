@@ -1,0 +1,164 @@
+"""Loading pipelines (SD1.5 / SDXL + OpenPose ControlNet) from hub ids or local folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poseloop.config import ModelConfig
+from poseloop.tiny import ensure_embedded, is_embedded
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the config field and how to fix it."""
+
+
+@dataclass
+class Components:
+    """A loaded pipeline and the facts the sampler needs about it."""
+
+    pipe: Any  # StableDiffusionControlNetPipeline | StableDiffusionXLControlNetPipeline
+    arch: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    @property
+    def controlnet(self) -> Any:
+        return self.pipe.controlnet
+
+    @property
+    def vae(self) -> Any:
+        return self.pipe.vae
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipe.scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sizes must be multiples of this: VAE factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The resolution the model was trained at."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> float16 on CUDA (as the reference systems run), float32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _load(cls: Any, source: str, field_name: str, cfg: ModelConfig, **kwargs: Any) -> Any:
+    """cls.from_pretrained with an error that says how to get the weights."""
+    if is_embedded(source):
+        ensure_embedded(source)
+    local = Path(source).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{field_name}: {source!r} is a file; pass a diffusers folder (with config.json "
+                             "or model_index.json) or a hub id")
+    try:
+        if cfg.variant and not local.exists():
+            kwargs["variant"] = cfg.variant
+        return cls.from_pretrained(str(local) if local.exists() else source,
+                                   local_files_only=cfg.local_files_only, **kwargs)
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise ModelLoadError(f"{field_name}: could not load the folder {source!r} as {cls.__name__}: {e}. "
+                                 "Check that it is a diffusers-format folder (save_pretrained output).") from e
+        name = source.rstrip("/").split("/")[-1]
+        raise ModelLoadError(
+            f"{field_name}: could not load {source!r} from the model hub or its cache ({type(e).__name__}). "
+            f"On a machine with internet run `hf download {source} --local-dir models/{name}` and pass "
+            f"--{field_name} models/{name}, or point --{field_name} at a local diffusers folder."
+        ) from e
+
+
+def load_components(cfg: ModelConfig) -> Components:
+    """Load base pipeline, ControlNet, optional VAE and LoRA; switch to DDIM; freeze everything."""
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDIMScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+    )
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    # Per-component loading bars drown the one progress bar that matters.
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    extra: dict[str, Any] = {"controlnet": _load(ControlNetModel, cfg.controlnet, "model.controlnet", cfg,
+                                                 dtype=dtype)}
+    if cfg.vae:
+        extra["vae"] = _load(AutoencoderKL, cfg.vae, "model.vae", cfg, dtype=dtype)
+    if cfg.arch == "sd15":
+        pipe_cls: Any = StableDiffusionControlNetPipeline
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe_cls = StableDiffusionXLControlNetPipeline
+    pipe = _load(pipe_cls, cfg.base, "model.base", cfg, dtype=dtype, **extra)
+    check_architecture(pipe, cfg)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if cfg.lora:
+        load_lora(pipe, cfg.lora, cfg.lora_scale)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.controlnet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return Components(pipe=pipe, arch=cfg.arch, device=device, dtype=dtype)
+
+
+def check_architecture(pipe: Any, cfg: ModelConfig) -> None:
+    """Catch an SD1.5 model under --model.arch sdxl (or a mismatched ControlNet) with a clear message."""
+    is_xl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    if is_xl != (cfg.arch == "sdxl"):
+        found = "SDXL" if is_xl else "SD1.5-style"
+        raise ModelLoadError(f"model.arch: {cfg.base!r} is an {found} model but model.arch is {cfg.arch!r}; "
+                             f"pass --model.arch {'sdxl' if is_xl else 'sd15'}")
+    unet_ctx = pipe.unet.config.cross_attention_dim
+    cn_ctx = pipe.controlnet.config.cross_attention_dim
+    if unet_ctx != cn_ctx:
+        raise ModelLoadError(f"model.controlnet: {cfg.controlnet!r} expects text context {cn_ctx} but the base model "
+                             f"gives {unet_ctx}; use a ControlNet made for this base model")
+
+
+def load_lora(pipe: Any, path: str, scale: float) -> None:
+    """Load a kohya- or diffusers-format LoRA file into the pipeline at the given strength."""
+    try:
+        pipe.load_lora_weights(path, adapter_name="loaded")
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ModelLoadError(f"model.lora: could not load {path!r}: {e}. Expected a kohya "
+                             "(lora_unet_...) or diffusers (unet....lora_A) LoRA for this base model.") from e
+    pipe.set_adapters(["loaded"], adapter_weights=[scale])

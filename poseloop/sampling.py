@@ -1,0 +1,255 @@
+"""The trajectory-recording DDIM sampler shared by generation and policy training.
+
+A DDIM step with eta > 0 is a Gaussian policy, x_{t-1} ~ N(mu_theta(x_t, t), sigma_t^2 I) (DDPO).
+The sampler records every latent and the log-probability of every transition. Latents are rounded
+to float16 as they are produced, so the stored trajectory is exactly the one that was sampled and
+re-scoring a stored step with the same weights reproduces its stored log-probability.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from poseloop.config import SampleConfig
+from poseloop.models import Components
+
+STORE_DTYPE = torch.float16
+
+
+@dataclass
+class Conditioning:
+    """Text and pose conditioning of a batch of B images."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    negative_embeds: torch.Tensor | None  # [B, L, D]; None when CFG is off
+    control: torch.Tensor  # [B, 3, H, W], pose images in 0..1
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds [B, P], time_ids [B, 6]
+    negative_added: dict[str, torch.Tensor] | None = None
+
+    def select(self, index: torch.Tensor | slice) -> Conditioning:
+        """The conditioning of a subset of the batch."""
+        def pick(d: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if d is None else {k: v[index] for k, v in d.items()}
+
+        return Conditioning(
+            prompt_embeds=self.prompt_embeds[index],
+            negative_embeds=None if self.negative_embeds is None else self.negative_embeds[index],
+            control=self.control[index], added=pick(self.added), negative_added=pick(self.negative_added),
+        )
+
+
+@dataclass
+class SampleOutput:
+    """What one sampler call produced for B images over T steps."""
+
+    latents: torch.Tensor  # [B, T+1, C, h, w] float16: x_T ... x_0
+    log_probs: torch.Tensor  # [B, T] float32: log p(x_{t-1} | x_t)
+    timesteps: torch.Tensor  # [T] int64
+    images: list[Image.Image]
+
+
+def _sigma_and_alphas(scheduler: object, timestep: torch.Tensor, eta: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha_bar_t, alpha_bar_{t-1} and sigma_t for DDIM (scheduler's own schedule), as float32 [B]."""
+    alphas = scheduler.alphas_cumprod.to(torch.float32)  # type: ignore[attr-defined]
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # type: ignore[attr-defined]
+    t = timestep.to("cpu", torch.long)
+    prev_t = t - step
+    alpha_t = alphas[t]
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)  # type: ignore[attr-defined]
+    alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    return alpha_t, alpha_prev, eta * variance.sqrt()
+
+
+def ddim_step_with_logprob(
+    scheduler: object,
+    noise_pred: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and its Gaussian log-probability (mean over C, H, W).
+
+    With prev_sample given, scores that recorded transition instead of sampling one. The new
+    sample is rounded to float16, the precision trajectories are stored in. Returns
+    (prev_sample [B, C, h, w] float32, log_prob [B] float32).
+    """
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0 to compute log-probabilities (got {eta}); DDIM with eta = 0 is deterministic")
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep).reshape(-1).expand(batch) if torch.as_tensor(timestep).numel() == 1 \
+        else torch.as_tensor(timestep)
+    alpha_t, alpha_prev, sigma = (x.to(sample.device).view(batch, 1, 1, 1) for x in _sigma_and_alphas(scheduler, t, eta))
+    x_t = sample.float()
+    eps = noise_pred.float()
+    pred_x0 = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
+    mean = alpha_prev.sqrt() * pred_x0 + direction  # [B, C, h, w]
+    if prev_sample is None:
+        if noise is None:
+            raise ValueError("pass either prev_sample (to score a transition) or noise (to sample one)")
+        prev_sample = (mean + sigma * noise.to(mean)).to(STORE_DTYPE).float()
+    prev_sample = prev_sample.float()
+    # Gaussian log-density of the recorded x_{t-1}; gradients flow through the mean only.
+    log_prob = (
+        -((prev_sample.detach() - mean) ** 2) / (2 * sigma**2)
+        - torch.log(sigma)
+        - math.log(math.sqrt(2 * math.pi))
+    )
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def encode_prompts(comp: Components, prompts: Sequence[str], negative_prompt: str, do_cfg: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None,
+                              dict[str, torch.Tensor] | None]:
+    """Text embeddings for a batch (and the negative ones for CFG); SDXL also pooled embeds."""
+    pipe = comp.pipe
+    negatives = [negative_prompt] * len(prompts)
+    with torch.no_grad():
+        if comp.arch == "sd15":
+            pos, neg = pipe.encode_prompt(list(prompts), comp.device, 1, do_cfg, negative_prompt=negatives)
+            return pos, (neg if do_cfg else None), None, None
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=list(prompts), device=comp.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg, negative_prompt=negatives,
+        )
+    return pos, (neg if do_cfg else None), {"text_embeds": pooled}, ({"text_embeds": neg_pooled} if do_cfg else None)
+
+
+def sdxl_time_ids(batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SDXL's added time ids (original size, crop top-left, target size): [B, 6]."""
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    return ids.repeat(batch, 1)
+
+
+def make_conditioning(comp: Components, prompts: Sequence[str], control_images: Sequence[Image.Image],
+                      cfg: SampleConfig, width: int, height: int) -> Conditioning:
+    """Encode prompts and preprocess pose images for one batch."""
+    if len(prompts) != len(control_images):
+        raise ValueError(f"{len(prompts)} prompts but {len(control_images)} pose images")
+    do_cfg = cfg.guidance_scale > 1.0
+    pos, neg, added, neg_added = encode_prompts(comp, prompts, cfg.negative_prompt, do_cfg)
+    if comp.arch == "sdxl":
+        ids = sdxl_time_ids(len(prompts), height, width, pos.dtype, comp.device)
+        assert added is not None
+        added["time_ids"] = ids
+        if neg_added is not None:
+            neg_added["time_ids"] = ids
+    control = comp.pipe.control_image_processor.preprocess(list(control_images), height=height, width=width)
+    return Conditioning(prompt_embeds=pos, negative_embeds=neg,
+                        control=control.to(comp.device, comp.dtype), added=added, negative_added=neg_added)
+
+
+def predict_noise(comp: Components, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+                  guidance_scale: float, controlnet_scale: float) -> torch.Tensor:
+    """ControlNet + UNet noise prediction with classifier-free guidance: [B, C, h, w]."""
+    do_cfg = cond.negative_embeds is not None
+    x = latents.to(comp.dtype)
+    if do_cfg:
+        assert cond.negative_embeds is not None
+        x = torch.cat([x, x])  # [2B, C, h, w]: uncond half first, as diffusers does
+        context = torch.cat([cond.negative_embeds, cond.prompt_embeds])
+        control = torch.cat([cond.control, cond.control])
+        added = None if cond.added is None else {
+            k: torch.cat([cond.negative_added[k], v]) for k, v in cond.added.items()  # type: ignore[index]
+        }
+    else:
+        context, control, added = cond.prompt_embeds, cond.control, cond.added
+    x = comp.scheduler.scale_model_input(x, timestep)
+    down, mid = comp.controlnet(x, timestep, encoder_hidden_states=context, controlnet_cond=control,
+                                conditioning_scale=controlnet_scale, added_cond_kwargs=added, return_dict=False)
+    eps = comp.unet(x, timestep, encoder_hidden_states=context, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, added_cond_kwargs=added, return_dict=False)[0]
+    if do_cfg:
+        uncond, text = eps.chunk(2)
+        eps = uncond + guidance_scale * (text - uncond)
+    return eps
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for each image from its own CPU generator, so an image depends on its seed alone.
+
+    Returns (x_T [B, C, h, w] float32 rounded to float16, the generators for the step noise).
+    """
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return x.to(STORE_DTYPE).float(), gens
+
+
+@torch.no_grad()
+def decode_latents(comp: Components, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in 0..1 (float32)."""
+    vae = comp.vae
+    needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if needs_upcast:
+        vae.to(torch.float32)
+    try:
+        z = latents.to(comp.device, vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(z, return_dict=False)[0]
+    finally:
+        if needs_upcast:
+            vae.to(torch.float16)
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in 0..1 -> PIL RGB images."""
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Image.Image], seeds: Sequence[int],
+           cfg: SampleConfig, width: int, height: int,
+           on_step: Callable[[int], None] | None = None) -> SampleOutput:
+    """Denoise a batch with DDIM (eta > 0), recording latents and log-probabilities of every step."""
+    if not (len(prompts) == len(control_images) == len(seeds)):
+        raise ValueError("prompts, control_images and seeds must have the same length")
+    if width % comp.resolution_multiple or height % comp.resolution_multiple:
+        raise ValueError(f"{width}x{height}: this model needs sizes that are multiples of {comp.resolution_multiple}")
+    cond = make_conditioning(comp, prompts, control_images, cfg, width, height)
+    scheduler = comp.scheduler
+    scheduler.set_timesteps(cfg.steps, device=comp.device)
+    shape = (comp.latent_channels, height // comp.vae_scale_factor, width // comp.vae_scale_factor)
+    x, gens = initial_noise(seeds, shape)
+    x = x.to(comp.device) * scheduler.init_noise_sigma
+    all_latents = [x]
+    all_log_probs = []
+    for i, t in enumerate(scheduler.timesteps):
+        eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
+        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, cfg.eta, noise=noise)
+        all_latents.append(x)
+        all_log_probs.append(log_prob)
+        if on_step is not None:
+            on_step(i)
+    images = decode_latents(comp, x)
+    return SampleOutput(
+        latents=torch.stack(all_latents, dim=1).to("cpu", STORE_DTYPE),  # [B, T+1, C, h, w]
+        log_probs=torch.stack(all_log_probs, dim=1).cpu(),  # [B, T]
+        timesteps=scheduler.timesteps.detach().to("cpu", torch.long),  # [T]
+        images=to_pil(images),
+    )
+
+
+def rescore(comp: Components, cond: Conditioning, latents: torch.Tensor, timesteps: torch.Tensor, step: int,
+            cfg: SampleConfig) -> torch.Tensor:
+    """Log-probability [B] of the recorded transition `step` (x_t -> x_{t-1}) under the current weights.
+
+    latents: [B, T+1, C, h, w] as stored. Differentiable w.r.t. the trainable weights.
+    """
+    comp.scheduler.set_timesteps(cfg.steps, device=comp.device)
+    x_t = latents[:, step].to(comp.device).float()
+    x_prev = latents[:, step + 1].to(comp.device).float()
+    t = timesteps[step].to(comp.device)
+    eps = predict_noise(comp, x_t, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
+    _, log_prob = ddim_step_with_logprob(comp.scheduler, eps, t, x_t, cfg.eta, prev_sample=x_prev)
+    return log_prob
