@@ -1,0 +1,199 @@
+"""A generation round: plan groups, sample with trajectories, store files, then register rows.
+
+Order of work guarantees that the database never points at a missing or half-written file: files
+are written atomically first, rows are inserted after. A re-run of an interrupted round finds the
+slots that have no row yet and regenerates exactly those (same seeds), overwriting any file an
+interrupted run left behind; files that no row references are removed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm.auto import tqdm
+
+from poseloop import db
+from poseloop.config import GenerateConfig
+from poseloop.configlib import ConfigError, to_dict
+from poseloop.inputs import GroupSpec, build_groups
+from poseloop.models import Components, load_components
+from poseloop.poses import render_pose
+from poseloop.sampling import sample
+from poseloop.store import SampleStore, Trajectory, save_png, save_trajectory
+
+
+@dataclass
+class GenerateResult:
+    """What a generate run did."""
+
+    round_name: str
+    samples_total: int
+    samples_new: int
+    seconds: float
+    round_dir: Path
+    db_url: str
+
+    def summary(self) -> str:
+        """The one-line summary printed at the end."""
+        per = self.seconds / self.samples_new if self.samples_new else 0.0
+        resumed = self.samples_total - self.samples_new
+        return (f"{self.round_name}: {self.samples_new} new images ({resumed} already stored, "
+                f"{self.samples_total} in the round) in {self.seconds:.1f} s, {per:.2f} s/image -> "
+                f"{self.round_dir} (db {self.db_url})")
+
+
+def sample_seed(base_seed: int, round_name: str, group_index: int, sample_index: int) -> int:
+    """Deterministic per-image seed: resumes reproduce it, a new round gets fresh ones."""
+    digest = hashlib.sha256(f"{base_seed}/{round_name}/{group_index}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def plan_hash(cfg: GenerateConfig, specs: list[GroupSpec], width: int, height: int) -> str:
+    """Hash of everything that determines a round's content (not where it is stored)."""
+    plan = {"model": to_dict(cfg.model), "sample": to_dict(cfg.sample), "size": [width, height],
+            "groups": [s.fingerprint() for s in specs]}
+    plan["sample"].pop("batch_size")  # batching does not change what is generated
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_size(cfg: GenerateConfig, comp: Components) -> tuple[int, int]:
+    """The image size, checked against what the model can take."""
+    width = cfg.sample.width or comp.native_size
+    height = cfg.sample.height or comp.native_size
+    m = comp.resolution_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value % m:
+            raise ConfigError(f"sample.{name}: {value} is not a multiple of {m}, which this model needs "
+                              f"(VAE x{comp.vae_scale_factor}, UNet downsampling); try {max(m, round(value / m) * m)}")
+    return width, height
+
+
+def open_round(session: Session, cfg: GenerateConfig, phash: str, planned: int) -> db.Round:
+    """The round to fill: the named one, the unfinished one with this plan, or a new one."""
+    if cfg.store.round:
+        rnd = session.scalar(select(db.Round).where(db.Round.name == cfg.store.round))
+        if rnd is not None:
+            if rnd.plan_hash != phash:
+                raise ConfigError(f"store.round: round {rnd.name!r} exists with a different plan (prompts, poses, "
+                                  "model or sampler settings); pick a new --store.round name")
+            return rnd
+        name = cfg.store.round
+    else:
+        rnd = session.scalar(select(db.Round).where(db.Round.status == "running", db.Round.plan_hash == phash)
+                             .order_by(db.Round.id.desc()))
+        if rnd is not None:
+            return rnd
+        count = session.scalar(select(func.count(db.Round.id))) or 0
+        name = f"round-{count + 1:04d}"
+        while session.scalar(select(db.Round.id).where(db.Round.name == name)) is not None:
+            count += 1
+            name = f"round-{count + 1:04d}"
+    rnd = db.Round(name=name, arch=cfg.model.arch, base_model=cfg.model.base, controlnet_model=cfg.model.controlnet,
+                   lora_path=cfg.model.lora or None, lora_scale=cfg.model.lora_scale if cfg.model.lora else None,
+                   plan_hash=phash, config_json=json.dumps(to_dict(cfg)), planned_samples=planned)
+    session.add(rnd)
+    session.flush()
+    return rnd
+
+
+def condition_image(spec: GroupSpec, width: int, height: int, draw_hands: bool, draw_face: bool) -> Image.Image:
+    """The pose image of a group: the given one resized, or the keypoints rendered as OpenPose."""
+    if spec.condition_image is not None:
+        with Image.open(spec.condition_image) as im:
+            return im.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    assert spec.poses is not None
+    return render_pose(spec.poses, width, height, draw_hands=draw_hands, draw_face=draw_face)
+
+
+def write_groups(factory: sessionmaker[Session], store: SampleStore, round_id: int, round_name: str,
+                 specs: list[GroupSpec], cfg: GenerateConfig, width: int, height: int) -> dict[int, tuple[int, Image.Image]]:
+    """Pose images then group rows (missing ones only); returns {group index: (group id, pose image)}."""
+    out: dict[int, tuple[int, Image.Image]] = {}
+    with db.session_scope(factory) as session:
+        existing = {g.index: g for g in session.scalars(select(db.Group).where(db.Group.round_id == round_id))}
+        for index, spec in enumerate(specs):
+            image = condition_image(spec, width, height, cfg.data.draw_hands, cfg.data.draw_face)
+            group = existing.get(index)
+            if group is None:
+                path = store.pose_path(round_name, index)
+                save_png(image, path)
+                group = db.Group(
+                    round_id=round_id, index=index, prompt=spec.prompt, pose_name=spec.pose_name,
+                    keypoints_json=None if spec.poses is None else json.dumps([p.to_dict() for p in spec.poses]),
+                    condition_path=store.rel(path),
+                    source_image_path=str(spec.source_image.resolve()) if spec.source_image else None,
+                )
+                session.add(group)
+                session.flush()
+            out[index] = (group.id, image)
+    return out
+
+
+def generate(cfg: GenerateConfig) -> GenerateResult:
+    """Run (or resume) one generation round and return what it did."""
+    start = time.perf_counter()
+    cfg.validate()
+    # Inputs are parsed before the model loads so that bad files fail in a second, not a minute.
+    specs = build_groups(cfg.data, cfg.sample.width or None, cfg.sample.height or None)
+    comp = load_components(cfg.model)
+    width, height = resolve_size(cfg, comp)
+    k = cfg.sample.images_per_group
+    phash = plan_hash(cfg, specs, width, height)
+
+    store = SampleStore(cfg.store.samples_dir)
+    db_url = cfg.store.db_url or db.default_db_url(store.root)
+    factory = db.open_db(db_url)
+    with db.session_scope(factory) as session:
+        rnd = open_round(session, cfg, phash, planned=len(specs) * k)
+        round_id, round_name = rnd.id, rnd.name
+    groups = write_groups(factory, store, round_id, round_name, specs, cfg, width, height)
+    with db.session_scope(factory) as session:
+        done = set(session.execute(select(db.Group.index, db.Sample.index).join(db.Sample.group)
+                                   .where(db.Sample.round_id == round_id)).tuples())
+    todo = [(g, s) for g in range(len(specs)) for s in range(k) if (g, s) not in done]
+
+    bar = tqdm(total=len(specs) * k, initial=len(done), desc=f"generate {round_name}", unit="img")
+    for i in range(0, len(todo), cfg.sample.batch_size):
+        batch = todo[i : i + cfg.sample.batch_size]
+        seeds = [sample_seed(cfg.sample.seed, round_name, g, s) for g, s in batch]
+        out = sample(comp, [specs[g].prompt for g, _ in batch], [groups[g][1] for g, _ in batch], seeds,
+                     cfg.sample, width, height)
+        rows = []
+        for j, (g, s) in enumerate(batch):
+            image_path = store.image_path(round_name, g, s)
+            traj_path = store.trajectory_path(round_name, g, s)
+            save_png(out.images[j], image_path)
+            meta = {"seed": seeds[j], "prompt": specs[g].prompt, "negative_prompt": cfg.sample.negative_prompt,
+                    "guidance_scale": cfg.sample.guidance_scale, "controlnet_scale": cfg.sample.controlnet_scale,
+                    "eta": cfg.sample.eta, "steps": cfg.sample.steps, "width": width, "height": height,
+                    "round": round_name, "base_model": cfg.model.base, "controlnet": cfg.model.controlnet,
+                    "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale}
+            save_trajectory(Trajectory(out.latents[j], out.log_probs[j], out.timesteps,
+                                       {key: str(v) for key, v in meta.items()}), traj_path)
+            rows.append(db.Sample(
+                round_id=round_id, group_id=groups[g][0], index=s, seed=seeds[j],
+                image_path=store.rel(image_path), trajectory_path=store.rel(traj_path), width=width, height=height,
+                num_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
+                controlnet_scale=cfg.sample.controlnet_scale, eta=cfg.sample.eta,
+            ))
+        with db.session_scope(factory) as session:
+            session.add_all(rows)
+        bar.update(len(batch))
+    bar.close()
+
+    with db.session_scope(factory) as session:
+        referenced = [p for row in session.execute(
+            select(db.Sample.image_path, db.Sample.trajectory_path).where(db.Sample.round_id == round_id)
+        ).tuples() for p in row if p]
+        referenced += session.scalars(select(db.Group.condition_path).where(db.Group.round_id == round_id)).all()
+        store.remove_orphans(round_name, referenced)
+        session.get(db.Round, round_id).status = "complete"  # type: ignore[union-attr]
+    return GenerateResult(round_name=round_name, samples_total=len(specs) * k, samples_new=len(todo),
+                          seconds=time.perf_counter() - start, round_dir=store.root / round_name, db_url=db_url)
