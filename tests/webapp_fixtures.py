@@ -1,0 +1,138 @@
+"""Shared fixtures of the webapp tests: a temporary samples dir + SQLite DB with two small rounds."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image, ImageDraw
+
+from poseloop.db import Group, Round, Sample, default_db_url, open_db, session_scope
+
+PROMPTS = ["a dancer <b>on</b> a \"stage\" & friends", "a climber on a wall", "a runner at dawn"]
+K = 4
+
+
+@dataclass
+class Env:
+    """A built samples dir: where it is and the ids of its rows."""
+
+    samples_dir: Path
+    db_url: str
+    rounds: list[int] = field(default_factory=list)
+    groups: dict[int, list[int]] = field(default_factory=dict)  # round id -> group ids
+    samples: dict[int, list[int]] = field(default_factory=dict)  # group id -> sample ids (index order)
+    file_names: dict[int, str] = field(default_factory=dict)  # sample id -> file name
+
+
+def _png(path: Path, color: tuple[int, int, int], label: str, size: int = 64) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (size, size), color)
+    ImageDraw.Draw(img).text((4, 4), label, fill=(255, 255, 255))
+    img.save(path)
+
+
+def build_samples(root: Path, n_rounds: int = 2, n_groups: int = 3, k: int = K) -> Env:
+    """Write PNGs and rows for `n_rounds` rounds of `n_groups` groups with `k` samples each."""
+    samples_dir = root / "samples"
+    samples_dir.mkdir(parents=True)
+    env = Env(samples_dir, default_db_url(samples_dir))
+    factory = open_db(env.db_url)
+    with session_scope(factory) as s:
+        for r in range(n_rounds):
+            rnd = Round(name=f"round{r}", status="complete", arch="sd15", base_model="tiny", controlnet_model="tiny",
+                        plan_hash="0" * 64, config_json=json.dumps({"r": r}), planned_samples=n_groups * k)
+            s.add(rnd)
+            s.flush()
+            env.rounds.append(rnd.id)
+            env.groups[rnd.id] = []
+            for g in range(n_groups):
+                cond = f"round{r}/poses/group{g:03d}.png"
+                _png(samples_dir / cond, (0, 0, 0), f"pose{g}")
+                grp = Group(round_id=rnd.id, index=g, prompt=PROMPTS[g % len(PROMPTS)], pose_name=f"pose_{g}",
+                            condition_path=cond)
+                s.add(grp)
+                s.flush()
+                env.groups[rnd.id].append(grp.id)
+                env.samples[grp.id] = []
+                for i in range(k):
+                    rel = f"round{r}/images/g{g:03d}_s{i}.png"
+                    _png(samples_dir / rel, (40 * i + 40, 30 * g + 60, 90 + 50 * r), f"r{r}g{g}s{i}")
+                    smp = Sample(round_id=rnd.id, group_id=grp.id, index=i, seed=1000 + i, image_path=rel,
+                                 width=64, height=64, num_steps=4, guidance_scale=7.5, controlnet_scale=1.0, eta=1.0)
+                    s.add(smp)
+                    s.flush()
+                    env.samples[grp.id].append(smp.id)
+                    env.file_names[smp.id] = f"g{g:03d}_s{i}.png"
+    factory.kw["bind"].dispose()
+    return env
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> Env:
+    """Two rounds x 3 groups x 4 samples in a fresh temporary samples dir."""
+    return build_samples(tmp_path)
+
+
+@pytest.fixture()
+def app(env: Env) -> Iterator[Flask]:
+    """The app over `env`, without a token."""
+    from webapp import create_app
+
+    application = create_app({"samples_dir": env.samples_dir, "db_url": env.db_url})
+    application.testing = True
+    yield application
+    application.extensions["poseloop_store"].dispose()
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    """A Flask test client of `app`."""
+    return app.test_client()
+
+
+def post_json(client: FlaskClient, path: str, body: Any, **kw: Any) -> Any:
+    """POST a JSON body the way the page does."""
+    return client.post(path, data=json.dumps(body), content_type="application/json", **kw)
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app served by waitress on loopback in a background thread."""
+
+    def __init__(self, app: Flask, threads: int = 8) -> None:
+        from waitress.server import create_server
+
+        self.server = create_server(app, host="127.0.0.1", port=free_port(), threads=threads)
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture()
+def live_server(app: Flask) -> Iterator[LiveServer]:
+    """`app` on a real HTTP port."""
+    with LiveServer(app) as srv:
+        yield srv

@@ -1,0 +1,45 @@
+"""Browser rating app: scores and pairwise preferences from several raters (see docs/WEBAPP.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .config import AppConfig, ConfigError, config_from_mapping
+from .store import ApiError, Store
+
+__all__ = ["AppConfig", "ConfigError", "create_app"]
+
+
+def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None) -> Flask:
+    """Build the Flask app from an AppConfig or a mapping of AppConfig field overrides."""
+    cfg = config_from_mapping(config_or_overrides).validate()
+    app = Flask(__name__)
+    app.config["POSELOOP"] = cfg
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url)
+
+    from . import api, pages, security
+
+    security.install(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> tuple[Response, int]:
+        return jsonify(error=exc.message, **exc.details), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response | HTTPException:
+        # API clients always get JSON, also for 404/405/413 raised by Flask itself.
+        if request.path.startswith(("/api/", "/media/")):
+            resp = jsonify(error=f"{exc.name}: {exc.description}")
+            resp.status_code = exc.code or 500
+            return resp
+        return exc
+
+    return app

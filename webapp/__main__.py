@@ -1,0 +1,28 @@
+"""`python -m webapp`: run the rating app (flags: python -m webapp --help)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from . import create_app
+from .config import ConfigError, parse_args
+from .server import serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, build the app and serve it; config errors exit with status 2."""
+    try:
+        cfg = parse_args(argv)
+        app = create_app(cfg)
+        print(f"poseloop rating app on http://{cfg.host}:{cfg.port}/  (database {cfg.resolved_db_url})",
+              flush=True)
+        serve(app, cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

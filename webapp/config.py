@@ -1,0 +1,154 @@
+"""Typed configuration of the rating app; every field is also a command-line flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOKEN_ENV = "POSELOOP_TOKEN"
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag and says how to fix it."""
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (samples_dir -> --samples-dir)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to anything; treat it as exposed.
+        return False
+
+
+@dataclass
+class AppConfig:
+    """Settings of `python -m webapp`."""
+
+    samples_dir: Path = field(
+        default=Path("samples"),
+        metadata={"help": "Samples directory; image paths in the database are relative to it."},
+    )
+    db_url: str | None = field(
+        default=None,
+        metadata={"help": "SQLAlchemy database URL (default: sqlite:///<samples-dir>/feedback.sqlite)."},
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address to bind. A non-loopback address (LAN sharing) requires --token."},
+    )
+    port: int = field(default=8765, metadata={"help": "TCP port to listen on."})
+    token: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Shared access token; raters open http://HOST:PORT/?token=TOKEN once. "
+            f"Also read from ${TOKEN_ENV} so it stays out of the process list."
+        },
+    )
+    score_min: int = field(default=-5, metadata={"help": "Lowest score on the scale (>= -9)."})
+    score_max: int = field(default=5, metadata={"help": "Highest score on the scale (<= 10)."})
+    server: str = field(
+        default="waitress",
+        metadata={
+            "help": "WSGI server: 'waitress' (multi-threaded, production-grade) or 'werkzeug' "
+            "(Flask's threaded development server).",
+            "choices": ("waitress", "werkzeug"),
+        },
+    )
+    threads: int = field(default=8, metadata={"help": "Worker threads of the WSGI server."})
+
+    def validate(self) -> AppConfig:
+        """Check every field; raise ConfigError naming the offending flag."""
+        self.samples_dir = Path(self.samples_dir)
+        if not self.samples_dir.is_dir():
+            raise ConfigError(f"--samples-dir: {self.samples_dir} is not a directory (run generate.py first "
+                              f"or point --samples-dir at an existing samples folder)")
+        if self.db_url is not None and "://" not in self.db_url:
+            raise ConfigError(f"--db-url: {self.db_url!r} is not an SQLAlchemy URL (e.g. sqlite:///path/to.db)")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port: {self.port} is outside 1..65535")
+        if self.token is not None and len(self.token) < 8:
+            raise ConfigError("--token: use at least 8 characters so it cannot be guessed quickly")
+        if not is_loopback(self.host) and not self.token:
+            raise ConfigError(
+                f"--host: {self.host} is not a loopback address, so anyone on the network could read and "
+                f"change the labels; pass --token SECRET (or set ${TOKEN_ENV}) to share on a LAN, "
+                f"or bind to 127.0.0.1"
+            )
+        if self.score_min < -9 or self.score_max > 10:
+            raise ConfigError("--score-min/--score-max: the keyboard scale supports -9..10 (digit keys)")
+        if self.score_min >= self.score_max:
+            raise ConfigError(f"--score-min ({self.score_min}) must be below --score-max ({self.score_max})")
+        if self.server not in ("waitress", "werkzeug"):
+            raise ConfigError(f"--server: {self.server!r} is not one of waitress, werkzeug")
+        if not 1 <= self.threads <= 64:
+            raise ConfigError(f"--threads: {self.threads} is outside 1..64")
+        return self
+
+    @property
+    def resolved_db_url(self) -> str:
+        """The database URL, defaulting to the SQLite file in the samples directory."""
+        from poseloop.db import default_db_url
+
+        return self.db_url or default_db_url(self.samples_dir)
+
+
+def _field_type(tp: Any) -> type:
+    """The scalar type of an annotation such as `str | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def config_from_mapping(overrides: Mapping[str, Any] | AppConfig | None) -> AppConfig:
+    """An AppConfig from a mapping of field names (unknown names are an error)."""
+    if isinstance(overrides, AppConfig):
+        return overrides
+    known = {f.name for f in dataclasses.fields(AppConfig)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return AppConfig(**dict(overrides or {}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argument parser with one flag per AppConfig field."""
+    parser = argparse.ArgumentParser(
+        prog="python -m webapp",
+        description="Browser rating app: scores and pairwise preferences for poseloop samples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(AppConfig)
+    for f in dataclasses.fields(AppConfig):
+        kind = _field_type(hints[f.name])
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            type=kind,
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=f.metadata["help"],
+        )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
+    """Parse flags (and $POSELOOP_TOKEN) into a validated AppConfig."""
+    ns = build_parser().parse_args(argv)
+    cfg = AppConfig(**vars(ns))
+    if cfg.token is None and os.environ.get(TOKEN_ENV):
+        cfg.token = os.environ[TOKEN_ENV]
+    return cfg.validate()

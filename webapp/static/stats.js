@@ -1,0 +1,78 @@
+// poseloop stats page: renders /api/stats for one round.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, children) {
+  const e = document.createElement(tag);
+  Object.assign(e, props || {});
+  for (const c of children || []) e.append(c);
+  return e;
+}
+
+async function getJson(path) {
+  const r = await fetch(path, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
+}
+
+function bar(done, total) {
+  const fill = el("span");
+  fill.style.width = total ? `${(100 * done) / total}%` : "0";
+  return el("div", { className: "mini" }, [
+    el("div", { className: "progress-bar" }, [fill]),
+    el("span", { textContent: `${done} / ${total}` }),
+  ]);
+}
+
+function histogram(hist) {
+  const entries = Object.entries(hist);
+  const max = Math.max(1, ...entries.map(([, n]) => n));
+  return el("div", { className: "hist" }, entries.map(([score, n]) => {
+    const b = el("span", { title: `${score}: ${n}` });
+    b.style.height = `${(100 * n) / max}%`;
+    return el("div", {}, [b, el("small", { textContent: score })]);
+  }));
+}
+
+const fmt = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+
+function setExports(roundId) {
+  const q = `round_id=${roundId}`;
+  $("exp-scores").href = `/api/export/scores.json?${q}`;
+  $("exp-d3po").href = `/api/export/d3po.zip?${q}`;
+  $("exp-jsonl").href = `/api/export/labels.jsonl?${q}`;
+  $("exp-history").href = `/api/export/labels.jsonl?${q}&history=1`;
+}
+
+async function show(roundId) {
+  setExports(roundId);
+  const s = await getJson(`/api/stats?round_id=${roundId}`);
+  $("rater-table").tBodies[0].replaceChildren(...s.raters.map((r) => el("tr", {}, [
+    el("td", { textContent: r.rater }),
+    el("td", {}, [bar(r.scored, r.score_total)]),
+    el("td", {}, [bar(r.pairs, r.pair_total)]),
+    el("td", { textContent: fmt(r.mean_score, 2) }),
+    el("td", {}, [histogram(r.histogram)]),
+  ])));
+  $("no-raters").hidden = s.raters.length > 0;
+  const pairRow = (r, value) => el("tr", {}, [
+    el("td", { textContent: `${r.a} · ${r.b}` }), el("td", { textContent: String(r.shared) }), el("td", { textContent: value }),
+  ]);
+  $("spearman-table").tBodies[0].replaceChildren(...s.agreement.spearman.map((r) => pairRow(r, fmt(r.spearman, 3))));
+  $("pair-table").tBodies[0].replaceChildren(...s.agreement.pairs.map((r) =>
+    pairRow(r, r.agreement === null ? "–" : `${(100 * r.agreement).toFixed(1)}%`)));
+}
+
+async function main() {
+  const data = await getJson("/api/rounds");
+  const sel = $("round");
+  sel.replaceChildren(...data.rounds.map((r) => el("option", { value: r.id, textContent: r.name })));
+  const saved = Number(localStorage.getItem("poseloop:round"));
+  if (data.rounds.some((r) => r.id === saved)) sel.value = String(saved);
+  sel.addEventListener("change", () => show(Number(sel.value)));
+  if (data.rounds.length) await show(Number(sel.value));
+}
+
+main().catch((e) => document.querySelector("main").prepend(el("p", { className: "error", textContent: e.message })));

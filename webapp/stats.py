@@ -1,0 +1,110 @@
+"""Per-rater progress, score histograms and agreement between raters."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from itertools import combinations
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from poseloop.db import Preference, Rater, Rating, Sample
+
+from .store import _round_pairs, get_round
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n with ties given their average rank (as Spearman requires)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman rank correlation (Pearson of tie-averaged ranks); None when undefined."""
+    if len(x) != len(y) or len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return None
+    return cov / math.sqrt(vx * vy)
+
+
+def round_stats(session: Session, round_id: int | None, score_range: tuple[int, int]) -> dict[str, Any]:
+    """Progress, histograms and agreement of every rater, for one round or all rounds."""
+    samples_q = select(Sample.id)
+    if round_id is not None:
+        get_round(session, round_id)
+        samples_q = samples_q.where(Sample.round_id == round_id)
+    sample_ids = set(session.scalars(samples_q))
+    if round_id is not None:
+        pair_total = sum(len(p) for p in _round_pairs(session, round_id).values())
+    else:
+        pair_total = 0
+        for rid in set(session.scalars(select(Sample.round_id).distinct())):
+            pair_total += sum(len(p) for p in _round_pairs(session, rid).values())
+
+    names = dict(session.execute(select(Rater.id, Rater.name)).all())
+    scores: dict[int, dict[int, float]] = defaultdict(dict)
+    for rid, sid, score in session.execute(select(Rating.rater_id, Rating.sample_id, Rating.score)):
+        if sid in sample_ids:
+            scores[rid][sid] = score
+    prefs: dict[int, dict[tuple[int, int], str]] = defaultdict(dict)
+    for rid, a, b, choice in session.execute(
+        select(Preference.rater_id, Preference.sample_a_id, Preference.sample_b_id, Preference.choice)
+    ):
+        if a in sample_ids:
+            prefs[rid][(a, b)] = choice
+
+    lo, hi = score_range
+    raters = []
+    for rid in sorted(set(scores) | set(prefs), key=lambda r: names[r].lower()):
+        vals = list(scores[rid].values())
+        hist = Counter(int(round(v)) for v in vals)
+        choices = Counter(prefs[rid].values())
+        raters.append({
+            "rater": names[rid],
+            "scored": len(vals),
+            "score_total": len(sample_ids),
+            "mean_score": round(sum(vals) / len(vals), 3) if vals else None,
+            "histogram": {str(s): hist.get(s, 0) for s in range(min([lo, *hist]), max([hi, *hist]) + 1)},
+            "pairs": len(prefs[rid]),
+            "pair_total": pair_total,
+            "choices": {"left_or_right": choices["a"] + choices["b"], "tie": choices["tie"], "skip": choices["skip"]},
+        })
+
+    spearman_rows = []
+    for r1, r2 in combinations(sorted(scores, key=lambda r: names[r].lower()), 2):
+        shared = sorted(set(scores[r1]) & set(scores[r2]))
+        rho = spearman([scores[r1][s] for s in shared], [scores[r2][s] for s in shared])
+        spearman_rows.append({"a": names[r1], "b": names[r2], "shared": len(shared),
+                              "spearman": None if rho is None else round(rho, 4)})
+    pair_rows = []
+    for r1, r2 in combinations(sorted(prefs, key=lambda r: names[r].lower()), 2):
+        shared = [p for p in set(prefs[r1]) & set(prefs[r2]) if "skip" not in (prefs[r1][p], prefs[r2][p])]
+        agree = sum(1 for p in shared if prefs[r1][p] == prefs[r2][p])
+        pair_rows.append({"a": names[r1], "b": names[r2], "shared": len(shared),
+                          "agreement": round(agree / len(shared), 4) if shared else None})
+    return {
+        "round_id": round_id,
+        "score_range": [lo, hi],
+        "samples": len(sample_ids),
+        "pairs": pair_total,
+        "raters": raters,
+        "agreement": {"spearman": spearman_rows, "pairs": pair_rows},
+    }
+

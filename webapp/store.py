@@ -1,0 +1,558 @@
+"""Database access of the rating app: short write transactions, idempotent labels, undo, pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from poseloop.db import (
+    Group,
+    LabelEvent,
+    Preference,
+    Rater,
+    Rating,
+    Round,
+    Sample,
+    get_or_create_rater,
+    init_db,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+CHOICES = ("left", "right", "tie", "skip")
+MAX_REQUEST_ID = 64
+
+
+class ApiError(Exception):
+    """A request the app refuses; becomes a JSON error with this HTTP status."""
+
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+def _immediate_transactions(engine: Engine) -> None:
+    """Make every transaction on this SQLite engine take the write lock at BEGIN.
+
+    A deferred transaction that reads and then writes cannot wait for the lock in WAL mode: SQLite
+    answers "database is locked" at once instead of honouring busy_timeout. BEGIN IMMEDIATE queues
+    the writer at the start, where busy_timeout applies, so concurrent raters wait instead of failing.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event, not the sqlite3 module, decide how a transaction starts.
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@dataclass
+class Store:
+    """Read and write session factories over one database."""
+
+    read_factory: sessionmaker[Session]
+    write_factory: sessionmaker[Session]
+    engines: tuple[Engine, ...]
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Open (and create tables in) the database at `url`."""
+        read_engine = make_engine(url)
+        init_db(read_engine)
+        if read_engine.dialect.name == "sqlite" and ":memory:" not in url:
+            write_engine = make_engine(url)
+            _immediate_transactions(write_engine)
+            engines: tuple[Engine, ...] = (read_engine, write_engine)
+        else:
+            write_engine = read_engine
+            engines = (read_engine,)
+        return cls(make_session_factory(read_engine), make_session_factory(write_engine), engines)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        for engine in self.engines:
+            engine.dispose()
+
+    def read(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn` in a read transaction."""
+        with session_scope(self.read_factory) as session:
+            return fn(session)
+
+    def write(self, fn: Callable[[Session], T], attempts: int = 8) -> T:
+        """Run `fn` in a short write transaction, retrying lock timeouts and unique-key races."""
+        for attempt in range(attempts):
+            try:
+                with session_scope(self.write_factory) as session:
+                    return fn(session)
+            except OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or attempt == attempts - 1:
+                    raise
+            except IntegrityError:
+                # Two requests created the same rater or request id at once; the retry sees the winner.
+                if attempt == attempts - 1:
+                    raise
+            time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def clean_rater_name(value: Any) -> str:
+    """A valid rater name or ApiError."""
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(400, "'rater' is required: a non-empty name")
+    name = value.strip()
+    if len(name) > 100:
+        raise ApiError(400, "'rater' must be at most 100 characters")
+    return name
+
+
+def clean_request_id(value: Any) -> str | None:
+    """A valid client request id (or None) or ApiError."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID:
+        raise ApiError(400, f"'request_id' must be a string of 1..{MAX_REQUEST_ID} characters")
+    return value
+
+
+def clean_int(value: Any, name: str) -> int:
+    """An integer field (booleans and floats with a fraction refused) or ApiError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ApiError(400, f"'{name}' must be an integer, got {value!r}")
+    return int(value)
+
+
+def find_rater(session: Session, name: str | None) -> Rater | None:
+    """The rater with this name, or None (reads never create raters)."""
+    if not name:
+        return None
+    return session.scalar(select(Rater).where(Rater.name == name.strip()))
+
+
+def get_round(session: Session, round_id: int) -> Round:
+    """The round or a 404 ApiError."""
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise ApiError(404, f"unknown round {round_id}")
+    return rnd
+
+
+# ---------------------------------------------------------------- serialisation
+
+
+def event_json(ev: LabelEvent, rater_name: str | None = None) -> dict[str, Any]:
+    """A label event as JSON."""
+    out: dict[str, Any] = {
+        "event_id": ev.id,
+        "kind": ev.kind,
+        "round_id": ev.round_id,
+        "rater": rater_name if rater_name is not None else ev.rater.name,
+        "request_id": ev.request_id,
+        "created_at": iso(ev.created_at),
+        "undone": ev.undone_at is not None,
+    }
+    if ev.kind == "score":
+        out.update(sample_id=ev.sample_id, old_score=_int_or_none(ev.old_score), score=_int_or_none(ev.new_score))
+    else:
+        out.update(
+            sample_a_id=ev.sample_a_id,
+            sample_b_id=ev.sample_b_id,
+            old_choice=ev.old_choice,
+            choice=ev.new_choice,
+            left_sample_id=ev.new_left_id,
+        )
+    return out
+
+
+def iso(t: datetime | None) -> str | None:
+    """ISO-8601 time in UTC (SQLite hands back naive datetimes; they were stored as UTC)."""
+    if t is None:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat()
+
+
+def _int_or_none(x: float | None) -> int | float | None:
+    if x is None:
+        return None
+    return int(x) if float(x).is_integer() else x
+
+
+def round_json(rnd: Round, n_groups: int = 0, n_samples: int = 0) -> dict[str, Any]:
+    """A round as JSON."""
+    return {
+        "id": rnd.id,
+        "name": rnd.name,
+        "status": rnd.status,
+        "arch": rnd.arch,
+        "created_at": iso(rnd.created_at),
+        "groups": n_groups,
+        "samples": n_samples,
+    }
+
+
+# ---------------------------------------------------------------- reads
+
+
+def list_rounds(session: Session) -> list[dict[str, Any]]:
+    """Every round with its group and sample counts, newest first."""
+    g_counts = dict(session.execute(select(Group.round_id, func.count()).group_by(Group.round_id)).all())
+    s_counts = dict(session.execute(select(Sample.round_id, func.count()).group_by(Sample.round_id)).all())
+    rounds = session.scalars(select(Round).order_by(Round.id.desc())).all()
+    return [round_json(r, g_counts.get(r.id, 0), s_counts.get(r.id, 0)) for r in rounds]
+
+
+def round_samples(session: Session, round_id: int) -> list[tuple[Sample, Group]]:
+    """(sample, group) of a round in rating order: group index, then sample index."""
+    rows = session.execute(
+        select(Sample, Group)
+        .join(Group, Sample.group_id == Group.id)
+        .where(Sample.round_id == round_id)
+        .order_by(Group.index, Sample.index)
+    ).all()
+    return [(s, g) for s, g in rows]
+
+
+def rater_scores(session: Session, rater_id: int | None, round_id: int) -> dict[int, float]:
+    """{sample id: score} of one rater in one round."""
+    if rater_id is None:
+        return {}
+    rows = session.execute(
+        select(Rating.sample_id, Rating.score)
+        .join(Sample, Rating.sample_id == Sample.id)
+        .where(Rating.rater_id == rater_id, Sample.round_id == round_id)
+    ).all()
+    return dict(rows)
+
+
+def score_progress(session: Session, rater_id: int | None, round_id: int) -> dict[str, int]:
+    """How many samples of the round this rater has scored."""
+    total = session.scalar(select(func.count()).select_from(Sample).where(Sample.round_id == round_id)) or 0
+    done = 0
+    if rater_id is not None:
+        done = session.scalar(
+            select(func.count())
+            .select_from(Rating)
+            .join(Sample, Rating.sample_id == Sample.id)
+            .where(Rating.rater_id == rater_id, Sample.round_id == round_id)
+        ) or 0
+    return {"done": done, "total": total}
+
+
+def item_json(sample: Sample, group: Group, score: float | None) -> dict[str, Any]:
+    """One sample as an item of the rating page."""
+    return {
+        "sample_id": sample.id,
+        "group_id": group.id,
+        "group_index": group.index,
+        "index": sample.index,
+        "prompt": group.prompt,
+        "pose_name": group.pose_name,
+        "image_url": f"/media/sample/{sample.id}",
+        "condition_url": f"/media/condition/{group.id}",
+        "file_name": sample.image_path.replace("\\", "/").rsplit("/", 1)[-1],
+        "width": sample.width,
+        "height": sample.height,
+        "score": _int_or_none(score),
+    }
+
+
+def list_items(session: Session, round_id: int, rater_name: str | None, only_unrated: bool) -> dict[str, Any]:
+    """The samples of a round for score mode, with this rater's scores and progress."""
+    rnd = get_round(session, round_id)
+    rater = find_rater(session, rater_name)
+    scores = rater_scores(session, rater.id if rater else None, round_id)
+    items = [item_json(s, g, scores.get(s.id)) for s, g in round_samples(session, round_id)]
+    progress = {"done": sum(1 for it in items if it["score"] is not None), "total": len(items)}
+    if only_unrated:
+        items = [it for it in items if it["score"] is None]
+    return {"round": round_json(rnd), "items": items, "progress": progress}
+
+
+# ---------------------------------------------------------------- pairs
+
+
+def _stable_hash(*parts: object) -> int:
+    """A hash that is the same in every process (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+def _round_pairs(session: Session, round_id: int) -> dict[int, list[tuple[int, int]]]:
+    """{group id: every canonical pair (a < b) of its samples}."""
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for gid, sid in session.execute(
+        select(Sample.group_id, Sample.id).where(Sample.round_id == round_id).order_by(Sample.id)
+    ):
+        by_group[gid].append(sid)
+    return {
+        gid: [(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids))]
+        for gid, ids in by_group.items()
+    }
+
+
+def _round_preferences(session: Session, round_id: int) -> list[tuple[int, int, int, str]]:
+    """(rater id, a, b, choice) of every preference in the round."""
+    rows = session.execute(
+        select(Preference.rater_id, Preference.sample_a_id, Preference.sample_b_id, Preference.choice)
+        .join(Sample, Preference.sample_a_id == Sample.id)
+        .where(Sample.round_id == round_id)
+    ).all()
+    return [(r, a, b, c) for r, a, b, c in rows]
+
+
+def pair_progress(session: Session, rater_id: int | None, round_id: int) -> dict[str, int]:
+    """How many pairs of the round this rater has judged (skips included) out of all pairs."""
+    pairs = _round_pairs(session, round_id)
+    total = sum(len(p) for p in pairs.values())
+    done = 0
+    if rater_id is not None:
+        done = session.scalar(
+            select(func.count())
+            .select_from(Preference)
+            .join(Sample, Preference.sample_a_id == Sample.id)
+            .where(Preference.rater_id == rater_id, Sample.round_id == round_id)
+        ) or 0
+    return {"done": done, "total": total}
+
+
+def next_pairs(
+    session: Session, round_id: int, rater_name: str | None, count: int, exclude: Iterable[tuple[int, int]] = ()
+) -> dict[str, Any]:
+    """The next `count` pairs this rater has not judged, spread over groups.
+
+    The group this rater has judged least comes first (ties: the group all raters judged least), then
+    the pair judged least by anyone; the remaining ties are broken by a per-rater hash so two raters
+    working at once see different pairs, and a reload shows the same pair on the same side.
+    """
+    get_round(session, round_id)
+    rater = find_rater(session, rater_name)
+    rater_key = rater_name or ""
+    pairs_by_group = _round_pairs(session, round_id)
+    group_of = {p: gid for gid, ps in pairs_by_group.items() for p in ps}
+    done: set[tuple[int, int]] = set(exclude)
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    group_counts: Counter[int] = Counter()
+    rater_group_counts: Counter[int] = Counter()
+    for rid, a, b, _choice in _round_preferences(session, round_id):
+        pair_counts[(a, b)] += 1
+        group_counts[group_of.get((a, b), -1)] += 1
+        if rater is not None and rid == rater.id:
+            done.add((a, b))
+            rater_group_counts[group_of.get((a, b), -1)] += 1
+    for p in exclude:
+        rater_group_counts[group_of.get(p, -1)] += 1
+
+    chosen: list[tuple[int, int, int]] = []
+    for _ in range(max(count, 0)):
+        best: tuple[Any, ...] | None = None
+        for gid, ps in pairs_by_group.items():
+            open_pairs = [p for p in ps if p not in done]
+            if not open_pairs:
+                continue
+            pair = min(open_pairs, key=lambda p: (pair_counts[p], _stable_hash(rater_key, *p)))
+            key = (rater_group_counts[gid], group_counts[gid] / len(ps), _stable_hash(rater_key, gid))
+            if best is None or key < best[0]:
+                best = (key, gid, pair)
+        if best is None:
+            break
+        _key, gid, pair = best
+        chosen.append((gid, *pair))
+        done.add(pair)
+        rater_group_counts[gid] += 1
+        group_counts[gid] += 1
+
+    samples = {s.id: s for s in session.scalars(select(Sample).where(Sample.id.in_({x for c in chosen for x in c[1:]})))}
+    groups = {g.id: g for g in session.scalars(select(Group).where(Group.id.in_({c[0] for c in chosen})))}
+    out = []
+    for gid, a, b in chosen:
+        left, right = (a, b) if _stable_hash(rater_key, "side", a, b) % 2 == 0 else (b, a)
+        g = groups[gid]
+        out.append({
+            "group_id": gid,
+            "group_index": g.index,
+            "prompt": g.prompt,
+            "pose_name": g.pose_name,
+            "condition_url": f"/media/condition/{gid}",
+            "left": item_json(samples[left], g, None),
+            "right": item_json(samples[right], g, None),
+        })
+    return {"pairs": out, "progress": pair_progress(session, rater.id if rater else None, round_id)}
+
+
+# ---------------------------------------------------------------- writes
+
+
+def _existing_event(session: Session, rater_id: int, request_id: str | None) -> LabelEvent | None:
+    if request_id is None:
+        return None
+    return session.scalar(
+        select(LabelEvent).where(LabelEvent.rater_id == rater_id, LabelEvent.request_id == request_id)
+    )
+
+
+def submit_score(
+    session: Session,
+    rater_name: str,
+    sample_id: int,
+    score: int,
+    request_id: str | None,
+    score_range: tuple[int, int],
+    source: str = "web",
+) -> dict[str, Any]:
+    """Store (or change) a rater's score of a sample; a repeated request id returns the first result."""
+    lo, hi = score_range
+    if not lo <= score <= hi:
+        raise ApiError(400, f"score {score} is outside the scale {lo}..{hi}")
+    sample = session.get(Sample, sample_id)
+    if sample is None:
+        raise ApiError(404, f"unknown sample {sample_id}")
+    rater = get_or_create_rater(session, rater_name)
+    prior = _existing_event(session, rater.id, request_id)
+    if prior is not None:
+        if prior.kind != "score" or prior.sample_id != sample_id or prior.new_score != score:
+            raise ApiError(409, f"request_id {request_id!r} was already used for a different label")
+        return {"event": event_json(prior, rater.name), "duplicate": True}
+    rating = session.scalar(select(Rating).where(Rating.rater_id == rater.id, Rating.sample_id == sample_id))
+    old = rating.score if rating is not None else None
+    if rating is None:
+        session.add(Rating(rater_id=rater.id, sample_id=sample_id, score=score))
+    else:
+        rating.score = score
+        rating.updated_at = utcnow()
+    ev = LabelEvent(
+        rater_id=rater.id, round_id=sample.round_id, kind="score", sample_id=sample_id,
+        old_score=old, new_score=score, source=source, request_id=request_id,
+    )
+    session.add(ev)
+    session.flush()
+    return {"event": event_json(ev, rater.name), "duplicate": False}
+
+
+def submit_preference(
+    session: Session,
+    rater_name: str,
+    left_id: int,
+    right_id: int,
+    choice: str,
+    request_id: str | None,
+) -> dict[str, Any]:
+    """Store (or change) a rater's judgement of two samples of one group."""
+    if choice not in CHOICES:
+        raise ApiError(400, f"'choice' must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if left_id == right_id:
+        raise ApiError(400, f"a pair needs two different samples, got {left_id} twice")
+    left, right = session.get(Sample, left_id), session.get(Sample, right_id)
+    for sid, s in ((left_id, left), (right_id, right)):
+        if s is None:
+            raise ApiError(404, f"unknown sample {sid}")
+    assert left is not None and right is not None
+    if left.group_id != right.group_id:
+        raise ApiError(
+            400,
+            f"samples {left_id} and {right_id} are in different groups ({left.group_id} and {right.group_id}); "
+            f"a pair must share prompt and pose",
+        )
+    a, b = min(left_id, right_id), max(left_id, right_id)
+    stored = {"left": "a" if left_id == a else "b", "right": "a" if right_id == a else "b"}.get(choice, choice)
+    rater = get_or_create_rater(session, rater_name)
+    prior = _existing_event(session, rater.id, request_id)
+    if prior is not None:
+        if (prior.kind, prior.sample_a_id, prior.sample_b_id, prior.new_choice, prior.new_left_id) != (
+            "preference", a, b, stored, left_id
+        ):
+            raise ApiError(409, f"request_id {request_id!r} was already used for a different label")
+        return {"event": event_json(prior, rater.name), "duplicate": True}
+    pref = session.scalar(
+        select(Preference).where(
+            Preference.rater_id == rater.id, Preference.sample_a_id == a, Preference.sample_b_id == b
+        )
+    )
+    old_choice, old_left = (pref.choice, pref.left_sample_id) if pref is not None else (None, None)
+    if pref is None:
+        session.add(Preference(rater_id=rater.id, sample_a_id=a, sample_b_id=b, choice=stored, left_sample_id=left_id))
+    else:
+        pref.choice, pref.left_sample_id, pref.updated_at = stored, left_id, utcnow()
+    ev = LabelEvent(
+        rater_id=rater.id, round_id=left.round_id, kind="preference", sample_a_id=a, sample_b_id=b,
+        old_choice=old_choice, new_choice=stored, old_left_id=old_left, new_left_id=left_id,
+        request_id=request_id,
+    )
+    session.add(ev)
+    session.flush()
+    return {"event": event_json(ev, rater.name), "duplicate": False}
+
+
+def undo_last(
+    session: Session, rater_name: str, round_id: int | None, kind: str | None, request_id: str | None
+) -> dict[str, Any]:
+    """Revert this rater's latest label (optionally within a round / of one kind) to its prior value."""
+    if kind not in (None, "score", "preference"):
+        raise ApiError(400, f"'kind' must be 'score' or 'preference', got {kind!r}")
+    if round_id is not None:
+        get_round(session, round_id)
+    rater = find_rater(session, rater_name)
+    if rater is None:
+        return {"undone": None, "duplicate": False}
+    if request_id is not None:
+        prior = session.scalar(
+            select(LabelEvent).where(LabelEvent.rater_id == rater.id, LabelEvent.undo_request_id == request_id)
+        )
+        if prior is not None:
+            return {"undone": event_json(prior, rater.name), "duplicate": True}
+    q = select(LabelEvent).where(LabelEvent.rater_id == rater.id, LabelEvent.undone_at.is_(None))
+    if round_id is not None:
+        q = q.where(LabelEvent.round_id == round_id)
+    if kind is not None:
+        q = q.where(LabelEvent.kind == kind)
+    ev = session.scalar(q.order_by(LabelEvent.id.desc()).limit(1))
+    if ev is None:
+        return {"undone": None, "duplicate": False}
+    if ev.kind == "score":
+        rating = session.scalar(select(Rating).where(Rating.rater_id == rater.id, Rating.sample_id == ev.sample_id))
+        if ev.old_score is None:
+            if rating is not None:
+                session.delete(rating)
+        elif rating is None:
+            session.add(Rating(rater_id=rater.id, sample_id=ev.sample_id, score=ev.old_score))
+        else:
+            rating.score, rating.updated_at = ev.old_score, utcnow()
+    else:
+        pref = session.scalar(
+            select(Preference).where(
+                Preference.rater_id == rater.id,
+                Preference.sample_a_id == ev.sample_a_id,
+                Preference.sample_b_id == ev.sample_b_id,
+            )
+        )
+        if ev.old_choice is None:
+            if pref is not None:
+                session.delete(pref)
+        elif pref is None:
+            session.add(Preference(rater_id=rater.id, sample_a_id=ev.sample_a_id, sample_b_id=ev.sample_b_id,
+                                   choice=ev.old_choice, left_sample_id=ev.old_left_id))
+        else:
+            pref.choice, pref.left_sample_id, pref.updated_at = ev.old_choice, ev.old_left_id, utcnow()
+    ev.undone_at = utcnow()
+    ev.undo_request_id = request_id
+    session.flush()
+    return {"undone": event_json(ev, rater.name), "duplicate": False}
