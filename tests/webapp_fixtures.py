@@ -136,3 +136,17 @@ def live_server(app: Flask) -> Iterator[LiveServer]:
     """`app` on a real HTTP port."""
     with LiveServer(app) as srv:
         yield srv
+
+
+def make_chrome(user_data_dir: Path, width: int = 1400, height: int = 900) -> Any:
+    """Headless Debian Chromium via the system chromedriver; nothing is downloaded."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                f"--user-data-dir={user_data_dir}", f"--window-size={width},{height}"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)

@@ -86,7 +86,8 @@ def get_items(round_id: int) -> Response:
 def get_pairs(round_id: int) -> Response:
     """The next pairs this rater has not judged (count=1..10; exclude=a-b,c-d to skip pending ones)."""
     rater = request.args.get("rater")
-    count = arg_int("count") or 1
+    count = arg_int("count")
+    count = 1 if count is None else count
     if not 1 <= count <= 10:
         raise ApiError(400, "query parameter 'count' must be in 1..10")
     exclude = []

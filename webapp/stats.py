@@ -73,16 +73,17 @@ def round_stats(session: Session, round_id: int | None, score_range: tuple[int, 
     lo, hi = score_range
     raters = []
     for rid in sorted(set(scores) | set(prefs), key=lambda r: names[r].lower()):
-        vals = list(scores[rid].values())
+        # .get: indexing the defaultdicts here would add empty raters to the agreement tables.
+        vals = list(scores.get(rid, {}).values())
         hist = Counter(int(round(v)) for v in vals)
-        choices = Counter(prefs[rid].values())
+        choices = Counter(prefs.get(rid, {}).values())
         raters.append({
             "rater": names[rid],
             "scored": len(vals),
             "score_total": len(sample_ids),
             "mean_score": round(sum(vals) / len(vals), 3) if vals else None,
-            "histogram": {str(s): hist.get(s, 0) for s in range(min([lo, *hist]), max([hi, *hist]) + 1)},
-            "pairs": len(prefs[rid]),
+            "histogram": [{"score": s, "count": hist.get(s, 0)} for s in range(min([lo, *hist]), max([hi, *hist]) + 1)],
+            "pairs": len(prefs.get(rid, {})),
             "pair_total": pair_total,
             "choices": {"left_or_right": choices["a"] + choices["b"], "tie": choices["tie"], "skip": choices["skip"]},
         })

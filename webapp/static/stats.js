@@ -27,12 +27,11 @@ function bar(done, total) {
 }
 
 function histogram(hist) {
-  const entries = Object.entries(hist);
-  const max = Math.max(1, ...entries.map(([, n]) => n));
-  return el("div", { className: "hist" }, entries.map(([score, n]) => {
-    const b = el("span", { title: `${score}: ${n}` });
-    b.style.height = `${(100 * n) / max}%`;
-    return el("div", {}, [b, el("small", { textContent: score })]);
+  const max = Math.max(1, ...hist.map((h) => h.count));
+  return el("div", { className: "hist" }, hist.map((h) => {
+    const b = el("span", { title: `${h.score}: ${h.count}` });
+    b.style.height = `${(100 * h.count) / max}%`;
+    return el("div", {}, [b, el("small", { textContent: String(h.score) })]);
   }));
 }
 
