@@ -141,7 +141,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     start = time.perf_counter()
     cfg.validate()
     # Inputs are parsed before the model loads so that bad files fail in a second, not a minute.
-    specs = build_groups(cfg.data, cfg.sample.width or None, cfg.sample.height or None)
+    specs = build_groups(cfg.data)
     comp = load_components(cfg.model)
     width, height = resolve_size(cfg, comp)
     k = cfg.sample.images_per_group

@@ -54,7 +54,7 @@ def _resolve(base: Path, value: str) -> Path:
     return base / p if (base / p).exists() or not p.exists() else p
 
 
-def read_jsonl(path: str | Path, width: int | None, height: int | None) -> list[GroupSpec]:
+def read_jsonl(path: str | Path) -> list[GroupSpec]:
     """Read the pose-ControlNet dataset format: one {"image", "condition_image", "text"} a line.
 
     An optional "keypoints" key names a keypoint JSON file with the ground-truth pose.
@@ -97,7 +97,9 @@ def read_jsonl(path: str | Path, width: int | None, height: int | None) -> list[
                 kp = _resolve(base, obj["keypoints"])
                 if not kp.is_file():
                     raise InputError(f'{where}: keypoints file {obj["keypoints"]!r} not found')
-                poses = _load_keypoints(kp, width, height)
+                # Pixel keypoints of a dataset line refer to its condition image.
+                with Image.open(condition) as im:
+                    poses = _load_keypoints(kp, im.width, im.height)
             specs.append(GroupSpec(prompt=obj["text"].strip(), pose_name=condition.stem, poses=poses,
                                    condition_image=condition, source_image=source))
     if not specs:
@@ -106,6 +108,7 @@ def read_jsonl(path: str | Path, width: int | None, height: int | None) -> list[
 
 
 def _load_keypoints(path: Path, width: int | None, height: int | None) -> list[Pose]:
+    """Poses of a keypoint file; width/height (pixels) override the file's own canvas size."""
     try:
         poses = load_keypoint_file(path, width or None, height or None)
     except ValueError as e:
@@ -125,7 +128,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def pose_sources(data: DataConfig, width: int | None, height: int | None) -> list[tuple[str, list[Pose], Path | None]]:
+def pose_sources(data: DataConfig) -> list[tuple[str, list[Pose], Path | None]]:
     """(name, poses, source photo) for every pose from the library, keypoint files and photos."""
     out: list[tuple[str, list[Pose], Path | None]] = []
     names = list(BUILTIN_POSES) if data.poses == ["all"] else data.poses
@@ -135,7 +138,8 @@ def pose_sources(data: DataConfig, width: int | None, height: int | None) -> lis
         except ValueError as e:
             raise InputError(f"data.poses: {e}") from None
     for file in data.keypoints:
-        out.append((Path(file).stem, _load_keypoints(Path(file), width, height), None))
+        # Pixel coordinates need the file's own canvas size (canvas_width / canvas_height).
+        out.append((Path(file).stem, _load_keypoints(Path(file), None, None), None))
     if data.photos:
         from poseloop.poses import detect_poses, load_openpose_detector
 
@@ -151,16 +155,16 @@ def pose_sources(data: DataConfig, width: int | None, height: int | None) -> lis
     return out
 
 
-def build_groups(data: DataConfig, width: int | None = None, height: int | None = None) -> list[GroupSpec]:
+def build_groups(data: DataConfig) -> list[GroupSpec]:
     """All groups of a round: the jsonl's pairs, or every prompt x every pose."""
     if data.dataset:
-        specs = read_jsonl(data.dataset, width, height)
+        specs = read_jsonl(data.dataset)
     else:
         prompts = read_prompts_file(data.prompts_file) if data.prompts_file else list(data.prompts)
         if any(not p.strip() for p in prompts):
             raise InputError("data.prompts: empty prompt; remove it or write some text")
         specs = [GroupSpec(prompt=p.strip(), pose_name=name, poses=poses, source_image=src)
-                 for p in prompts for name, poses, src in pose_sources(data, width, height)]
+                 for p in prompts for name, poses, src in pose_sources(data)]
     if data.max_groups:
         specs = specs[: data.max_groups]
     return specs

@@ -1,0 +1,231 @@
+"""generate.py end to end on the tiny models: files, rows, resume, every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import func, select
+
+import generate as generate_script
+from poseloop import db, generation, sampling
+from poseloop.config import GenerateConfig
+from poseloop.configlib import ConfigError
+from poseloop.generation import generate
+from poseloop.inputs import InputError
+from poseloop.models import load_components
+from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.store import SampleStore, load_trajectory
+
+
+def session_for(cfg: GenerateConfig):  # -> sessionmaker
+    return db.open_db(cfg.store.db_url or db.default_db_url(cfg.store.samples_dir))
+
+
+def snapshot(cfg: GenerateConfig) -> tuple[dict[str, int], list[str]]:
+    """Row counts and the list of files: what 'nothing stored is touched' compares."""
+    factory = session_for(cfg)
+    with db.session_scope(factory) as s:
+        counts = {t.__tablename__: s.scalar(select(func.count()).select_from(t))
+                  for t in (db.Round, db.Group, db.Sample)}
+    root = Path(cfg.store.samples_dir)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "feedback" not in p.name)
+    return counts, files
+
+
+def assert_round_is_consistent(cfg: GenerateConfig, round_name: str, expected_samples: int) -> None:
+    """Every row points at a complete file and every file belongs to a row."""
+    store = SampleStore(cfg.store.samples_dir)
+    with db.session_scope(session_for(cfg)) as s:
+        rnd = s.scalar(select(db.Round).where(db.Round.name == round_name))
+        assert rnd is not None and rnd.status == "complete"
+        samples = s.scalars(select(db.Sample).where(db.Sample.round_id == rnd.id)).all()
+        groups = s.scalars(select(db.Group).where(db.Group.round_id == rnd.id)).all()
+        assert len(samples) == expected_samples
+        assert len({(x.group_id, x.index) for x in samples}) == expected_samples
+        referenced = {store.abs(g.condition_path) for g in groups}
+        for x in samples:
+            image = store.abs(x.image_path)
+            with Image.open(image) as im:
+                assert im.size == (x.width, x.height)
+            traj = load_trajectory(store.abs(x.trajectory_path))  # type: ignore[arg-type]
+            assert traj.latents.shape[0] == x.num_steps + 1
+            assert traj.metadata["seed"] == str(x.seed)
+            referenced |= {image, store.abs(x.trajectory_path)}  # type: ignore[arg-type]
+    on_disk = {p.resolve() for p in (store.root / round_name).rglob("*") if p.is_file()}
+    assert on_disk == referenced
+
+
+def test_generate_writes_files_then_rows_and_trajectories_rescore_exactly(tiny_cfg: GenerateConfig) -> None:
+    result = generate(tiny_cfg)
+    assert result.samples_new == result.samples_total == 4
+    assert "4 new images" in result.summary() and "s/image" in result.summary()
+    assert_round_is_consistent(tiny_cfg, result.round_name, 4)
+
+    store = SampleStore(tiny_cfg.store.samples_dir)
+    comp = load_components(tiny_cfg.model)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        sample = s.scalars(select(db.Sample).order_by(db.Sample.id)).all()[3]
+        group = sample.group
+        assert group.pose_name == "sitting"
+        assert group.keypoints == [get_builtin_pose("sitting").to_dict()]
+        traj = load_trajectory(store.abs(sample.trajectory_path))  # type: ignore[arg-type]
+        pose_image = Image.open(store.abs(group.condition_path)).convert("RGB")
+        image = Image.open(store.abs(sample.image_path)).convert("RGB")
+        prompt = group.prompt
+    # The stored final latent decodes to the stored image.
+    decoded = sampling.to_pil(sampling.decode_latents(comp, traj.latents[-1:].float()))[0]
+    diff = torch.tensor(list(decoded.getdata())) - torch.tensor(list(image.getdata()))
+    assert diff.abs().max().item() <= 1
+    # Re-scoring a stored transition with the same weights reproduces the stored log-prob.
+    cond = sampling.make_conditioning(comp, [prompt], [pose_image], tiny_cfg.sample, 64, 64)
+    with torch.no_grad():
+        for step in (0, 3):
+            lp = sampling.rescore(comp, cond, traj.latents[None], traj.timesteps, step, tiny_cfg.sample)
+            assert lp.item() == pytest.approx(traj.log_probs[step].item(), abs=1e-5)
+
+
+def test_sdxl_generates_and_stores_a_round(tiny_sdxl_cfg: GenerateConfig) -> None:
+    tiny_sdxl_cfg.data.poses = ["arms_raised"]
+    result = generate(tiny_sdxl_cfg)
+    assert_round_is_consistent(tiny_sdxl_cfg, result.round_name, 2)
+    with db.session_scope(session_for(tiny_sdxl_cfg)) as s:
+        rnd = s.scalar(select(db.Round))
+        assert rnd is not None and rnd.arch == "sdxl"
+
+
+def test_an_interrupted_run_resumes_without_duplicates_or_orphans(
+    tiny_cfg: GenerateConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_cfg.sample.batch_size = 2
+    real_save = generation.save_trajectory
+    calls = {"n": 0}
+
+    def crash_on_third(traj, path):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:  # second batch: its first image file is written, its trajectory is not
+            raise KeyboardInterrupt
+        real_save(traj, path)
+
+    monkeypatch.setattr(generation, "save_trajectory", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tiny_cfg)
+    counts, files = snapshot(tiny_cfg)
+    assert counts["samples"] == 2  # the first batch only
+    assert any(f.endswith("g00001_s0.png") for f in files)  # a file without a row
+    monkeypatch.setattr(generation, "save_trajectory", real_save)
+
+    resumed = generate(tiny_cfg)
+    assert resumed.round_name == "round-0001"
+    assert resumed.samples_new == 2
+    assert_round_is_consistent(tiny_cfg, "round-0001", 4)
+
+    # The resumed round equals one that was never interrupted (same seeds, same latents).
+    tiny_cfg.store.samples_dir = str(tmp_path / "clean")
+    generate(tiny_cfg)
+    a, b = SampleStore(tmp_path / "samples"), SampleStore(tmp_path / "clean")
+    for g in range(2):
+        for k in range(2):
+            ta = load_trajectory(a.trajectory_path("round-0001", g, k))
+            tb = load_trajectory(b.trajectory_path("round-0001", g, k))
+            assert ta.metadata["seed"] == tb.metadata["seed"]
+            torch.testing.assert_close(ta.latents.float(), tb.latents.float(), atol=0.1, rtol=0)
+
+    # A second plain run starts a new round with new seeds instead of repeating the first.
+    again = generate(tiny_cfg)
+    assert again.round_name == "round-0002"
+
+
+def write_jsonl(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_dataset_uses_condition_images_as_given(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
+    render_pose(get_builtin_pose("waving"), 64, 64).save(tmp_path / "cond.png")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "photo.png")
+    tiny_cfg.data.dataset = str(write_jsonl(tmp_path, [
+        json.dumps({"image": "photo.png", "condition_image": "cond.png", "text": "a waving man"}),
+        "",
+        json.dumps({"condition_image": "cond.png", "text": "a waving woman"}),
+    ]))
+    result = generate(tiny_cfg)
+    assert_round_is_consistent(tiny_cfg, result.round_name, 4)
+    store = SampleStore(tiny_cfg.store.samples_dir)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        groups = s.scalars(select(db.Group).order_by(db.Group.index)).all()
+        assert [g.prompt for g in groups] == ["a waving man", "a waving woman"]
+        assert groups[0].source_image_path == str((tmp_path / "photo.png").resolve())
+        assert groups[1].source_image_path is None
+        assert groups[0].keypoints is None  # only an image was given
+        stored = Image.open(store.abs(groups[0].condition_path)).convert("RGB")
+    assert list(stored.getdata()) == list(Image.open(tmp_path / "cond.png").convert("RGB").getdata())
+
+
+def test_keypoint_files_become_ground_truth(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
+    body = get_builtin_pose("t_pose").body
+    flat = []
+    for x, y, c in body.tolist():
+        flat += [x * 640, y * 480, c]
+    (tmp_path / "kp.json").write_text(json.dumps({"canvas_width": 640, "canvas_height": 480,
+                                                  "people": [{"pose_keypoints_2d": flat}]}))
+    tiny_cfg.data.poses = []
+    tiny_cfg.data.keypoints = [str(tmp_path / "kp.json")]
+    generate(tiny_cfg)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        group = s.scalar(select(db.Group))
+        assert group is not None and group.pose_name == "kp"
+        got = torch.tensor(group.keypoints[0]["body"])  # type: ignore[index]
+    torch.testing.assert_close(got, torch.tensor(body), atol=1e-4, rtol=0)
+
+
+def _bad_inputs(tmp_path: Path) -> list[tuple[str, dict[str, object], type[Exception], str]]:
+    render_pose(get_builtin_pose("standing"), 64, 64).save(tmp_path / "ok.png")
+    (tmp_path / "bad_kp.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": [0.5] * 51}]}))
+    malformed = write_jsonl(tmp_path, [json.dumps({"condition_image": "ok.png", "text": "x"}), '{"text": "oops"'])
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"condition_image": "nope.png", "text": "x"}) + "\n")
+    return [
+        ("malformed jsonl line", {"dataset": str(malformed)}, InputError, "data.jsonl:2"),
+        ("missing condition image", {"dataset": str(tmp_path / "missing.jsonl")}, InputError, "nope.png"),
+        ("unknown pose", {"poses": ["moonwalk"]}, InputError, "moonwalk"),
+        ("keypoints of the wrong shape", {"poses": [], "keypoints": [str(tmp_path / "bad_kp.json")]},
+         InputError, "bad_kp.json"),
+    ]
+
+
+def test_each_bad_input_fails_before_work_and_touches_nothing(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
+    generate(tiny_cfg)
+    before = snapshot(tiny_cfg)
+    for label, data_overrides, exc, needle in _bad_inputs(tmp_path):
+        for key, value in data_overrides.items():
+            setattr(tiny_cfg.data, key, value)
+        with pytest.raises(exc) as info:
+            generate(tiny_cfg)
+        assert needle in str(info.value), label
+        assert snapshot(tiny_cfg) == before, label
+        tiny_cfg.data.dataset, tiny_cfg.data.poses, tiny_cfg.data.keypoints = "", ["standing"], []
+    # A resolution the model cannot take (tiny model: multiples of 16).
+    tiny_cfg.sample.width = 72
+    with pytest.raises(ConfigError, match="sample.width: 72 is not a multiple of 16"):
+        generate(tiny_cfg)
+    assert snapshot(tiny_cfg) == before
+
+
+def test_main_runs_in_process_and_reports_errors_cleanly(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--model.base", str(models_dir / "tiny-sd15"), "--model.controlnet",
+            str(models_dir / "tiny-sd15" / "controlnet"), "--store.samples_dir", str(tmp_path / "s"),
+            "--set", "sample.steps=2", "--set", "sample.width=64", "--set", "sample.height=64",
+            "--data.poses", "jumping", "--data.prompts", "a jumping kid", "--set", "sample.images_per_group=2"]
+    assert generate_script.main(base) == 0
+    assert "round-0001: 2 new images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        generate_script.main([*base, "--data.poses", "moonwalk"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "moonwalk" in err and "Traceback" not in err
