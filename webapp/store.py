@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -72,6 +73,9 @@ class Store:
     read_factory: sessionmaker[Session]
     write_factory: sessionmaker[Session]
     engines: tuple[Engine, ...]
+    # SQLite has one writer at a time anyway; queueing this process's writers on a Python lock wakes
+    # the next one the moment the previous commits, where SQLite's busy handler would sleep and poll.
+    write_lock: threading.Lock | None = None
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -85,7 +89,8 @@ class Store:
         else:
             write_engine = read_engine
             engines = (read_engine,)
-        return cls(make_session_factory(read_engine), make_session_factory(write_engine), engines)
+        lock = threading.Lock() if read_engine.dialect.name == "sqlite" else None
+        return cls(make_session_factory(read_engine), make_session_factory(write_engine), engines, lock)
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -101,7 +106,10 @@ class Store:
         """Run `fn` in a short write transaction, retrying lock timeouts and unique-key races."""
         for attempt in range(attempts):
             try:
-                with session_scope(self.write_factory) as session:
+                if self.write_lock is None:
+                    with session_scope(self.write_factory) as session:
+                        return fn(session)
+                with self.write_lock, session_scope(self.write_factory) as session:
                     return fn(session)
             except OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc) or attempt == attempts - 1:

@@ -1,0 +1,72 @@
+"""Many threads posting labels to a real server: every label stored once, no lock errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections import Counter
+
+from sqlalchemy import func, select
+
+from poseloop.db import LabelEvent, Preference, Rating, open_db, session_scope
+from webapp_fixtures import Env, LiveServer, app, env  # noqa: F401  (pytest fixtures)
+
+RATERS = 25
+LABELS = 24  # per rater: 12 scores (each sample of a round once) and 12 preferences
+
+
+def test_fifty_threads_store_each_label_exactly_once(app, env: Env) -> None:  # noqa: F811
+    rid = env.rounds[0]
+    samples = [s for g in env.groups[rid] for s in env.samples[g]]
+    pairs = [(ids[i], ids[j]) for g in env.groups[rid] for ids in [env.samples[g]]
+             for i in range(len(ids)) for j in range(i + 1, len(ids))][:12]
+    statuses: Counter[int] = Counter()
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(2 * RATERS)
+
+    def worker(rater: int, port: int) -> None:
+        # Two threads per rater send the same requests (same request ids) at the same time: a worst-case
+        # double submission. Exactly one copy of each must be stored.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        start.wait()
+        for k in range(LABELS):
+            if k % 2 == 0:
+                path = "/api/scores"
+                body = {"rater": f"r{rater}", "sample_id": samples[k // 2], "score": (rater + k) % 11 - 5}
+            else:
+                a, b = pairs[k // 2]
+                path = "/api/preferences"
+                body = {"rater": f"r{rater}", "left_id": b, "right_id": a, "choice": ["left", "right", "tie"][k % 3]}
+            body["request_id"] = f"r{rater}-{k}"
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            with lock:
+                statuses[resp.status] += 1
+                if resp.status not in (200, 201):
+                    errors.append(f"{resp.status} {data[:200]!r}")
+        conn.close()
+
+    with LiveServer(app, threads=8) as srv:
+        threads = [threading.Thread(target=worker, args=(r, srv.port)) for r in range(RATERS) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors[:5]
+    total = RATERS * LABELS
+    assert statuses[201] == total and statuses[200] == total  # one stored, one recognised as a retry
+
+    factory = open_db(env.db_url)
+    with session_scope(factory) as s:
+        assert s.scalar(select(func.count()).select_from(LabelEvent)) == total
+        assert s.scalar(select(func.count()).select_from(Rating)) == RATERS * 12
+        assert s.scalar(select(func.count()).select_from(Preference)) == RATERS * 12
+        dup_events = s.execute(
+            select(LabelEvent.rater_id, LabelEvent.request_id).group_by(LabelEvent.rater_id, LabelEvent.request_id)
+            .having(func.count() > 1)
+        ).all()
+        assert dup_events == []
+    factory.kw["bind"].dispose()
