@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from poseloop.config import PRESETS
+from poseloop.config import PRESETS, GenerateConfig
 from poseloop.configlib import parse_config
 from poseloop.generation import generate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run one round, print a one-line summary."""
-    cfg, _ = parse_config(type(PRESETS["tiny"]()), PRESETS, "tiny", argv, description=__doc__, prog="generate.py")
+    cfg, _ = parse_config(GenerateConfig, PRESETS, "tiny", argv, description=__doc__, prog="generate.py")
     from poseloop.errors import user_errors
 
     with user_errors():

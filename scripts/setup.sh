@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up (or update) the project's virtual environment in .venv; idempotent.
+#   bash scripts/setup.sh          runtime dependencies
+#   bash scripts/setup.sh --test   plus test dependencies and Debian's chromium for browser tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+extras=""
+if [ "${1:-}" = "--test" ]; then
+  extras="[test]"
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium chromium-driver
+  fi
+fi
+# torch and torchvision are pinned as a pair that imports cleanly together (see docs/ARCHITECTURE.md).
+.venv/bin/python -m pip install -q -e ".${extras}"
