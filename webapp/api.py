@@ -123,7 +123,8 @@ def post_score() -> tuple[Response, int]:
     score = store.clean_int(body.get("score"), "score")
     request_id = store.clean_request_id(body.get("request_id"))
     result = _store().write(
-        lambda s: store.submit_score(s, rater, sample_id, score, request_id, _score_range())
+        lambda s: store.submit_score(s, rater, sample_id, score, request_id, _score_range(),
+                                     cache=_store().cache)
     )
     return jsonify(result), 200 if result["duplicate"] else 201
 

@@ -8,11 +8,11 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, bindparam, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -76,6 +76,7 @@ class Store:
     # SQLite has one writer at a time anyway; queueing this process's writers on a Python lock wakes
     # the next one the moment the previous commits, where SQLite's busy handler would sleep and poll.
     write_lock: threading.Lock | None = None
+    cache: IdCache = field(default_factory=lambda: IdCache())
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -116,6 +117,8 @@ class Store:
                     raise
             except IntegrityError:
                 # Two requests created the same rater or request id at once; the retry sees the winner.
+                # A constraint failure may also mean cached rows were deleted elsewhere.
+                self.cache.clear()
                 if attempt == attempts - 1:
                     raise
             time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
@@ -418,6 +421,53 @@ def _existing_event(session: Session, rater_id: int, request_id: str | None) -> 
     )
 
 
+class IdCache:
+    """Process-wide memo of rater ids and sample rounds, so a label write is three small statements.
+
+    Only rows read from committed data are remembered (a rater created in a transaction that later
+    rolls back must not be), and the whole memo is dropped whenever a write fails on a constraint.
+    """
+
+    def __init__(self) -> None:
+        self.raters: dict[str, int] = {}
+        self.sample_rounds: dict[int, int] = {}
+
+    def clear(self) -> None:
+        """Forget everything (e.g. after rows were deleted by another program)."""
+        self.raters.clear()
+        self.sample_rounds.clear()
+
+    def sample_round(self, session: Session, sample_id: int) -> int | None:
+        """The round of a sample, or None when there is no such sample."""
+        rid = self.sample_rounds.get(sample_id)
+        if rid is None:
+            rid = session.scalar(select(Sample.round_id).where(Sample.id == sample_id))
+            if rid is not None:
+                self.sample_rounds[sample_id] = rid
+        return rid
+
+    def rater_id(self, session: Session, name: str) -> int:
+        """The id of this rater, created if new."""
+        rid = self.raters.get(name)
+        if rid is None:
+            rid = session.scalar(select(Rater.id).where(Rater.name == name))
+            if rid is None:
+                return get_or_create_rater(session, name).id
+            self.raters[name] = rid
+        return rid
+
+
+_EVENTS = LabelEvent.__table__
+_RATINGS = Rating.__table__
+# Built once: constructing statements costs more than running them on SQLite.
+_SEL_PRIOR = select(_EVENTS).where(_EVENTS.c.rater_id == bindparam("b_rid"), _EVENTS.c.request_id == bindparam("b_req"))
+_RATING_KEY = (_RATINGS.c.rater_id == bindparam("b_rid"), _RATINGS.c.sample_id == bindparam("b_sid"))
+_SEL_SCORE = select(_RATINGS.c.score).where(*_RATING_KEY)
+_UPD_SCORE = update(_RATINGS).where(*_RATING_KEY).values(score=bindparam("b_score"), updated_at=bindparam("b_now"))
+_INS_RATING = insert(_RATINGS)
+_INS_EVENT = insert(_EVENTS)
+
+
 def submit_score(
     session: Session,
     rater_name: str,
@@ -426,34 +476,37 @@ def submit_score(
     request_id: str | None,
     score_range: tuple[int, int],
     source: str = "web",
+    cache: IdCache | None = None,
 ) -> dict[str, Any]:
     """Store (or change) a rater's score of a sample; a repeated request id returns the first result."""
     lo, hi = score_range
     if not lo <= score <= hi:
         raise ApiError(400, f"score {score} is outside the scale {lo}..{hi}")
-    sample = session.get(Sample, sample_id)
-    if sample is None:
+    cache = cache or IdCache()
+    round_id = cache.sample_round(session, sample_id)
+    if round_id is None:
         raise ApiError(404, f"unknown sample {sample_id}")
-    rater = get_or_create_rater(session, rater_name)
-    prior = _existing_event(session, rater.id, request_id)
-    if prior is not None:
-        if prior.kind != "score" or prior.sample_id != sample_id or prior.new_score != score:
-            raise ApiError(409, f"request_id {request_id!r} was already used for a different label")
-        return {"event": event_json(prior, rater.name), "duplicate": True}
-    rating = session.scalar(select(Rating).where(Rating.rater_id == rater.id, Rating.sample_id == sample_id))
-    old = rating.score if rating is not None else None
-    if rating is None:
-        session.add(Rating(rater_id=rater.id, sample_id=sample_id, score=score))
+    rater_id = cache.rater_id(session, rater_name)
+    # Core statements on the session's connection, not ORM objects: this is the hot path of every keypress.
+    conn = session.connection()
+    if request_id is not None:
+        prior = conn.execute(_SEL_PRIOR, {"b_rid": rater_id, "b_req": request_id}).first()
+        if prior is not None:
+            if prior.kind != "score" or prior.sample_id != sample_id or prior.new_score != score:
+                raise ApiError(409, f"request_id {request_id!r} was already used for a different label")
+            return {"event": event_json(prior, rater_name), "duplicate": True}  # type: ignore[arg-type]
+    old = conn.execute(_SEL_SCORE, {"b_rid": rater_id, "b_sid": sample_id}).scalar()
+    now = utcnow()
+    if old is None:
+        conn.execute(_INS_RATING, {"rater_id": rater_id, "sample_id": sample_id, "score": score,
+                                   "created_at": now, "updated_at": now})
     else:
-        rating.score = score
-        rating.updated_at = utcnow()
-    ev = LabelEvent(
-        rater_id=rater.id, round_id=sample.round_id, kind="score", sample_id=sample_id,
-        old_score=old, new_score=score, source=source, request_id=request_id,
-    )
-    session.add(ev)
-    session.flush()
-    return {"event": event_json(ev, rater.name), "duplicate": False}
+        conn.execute(_UPD_SCORE, {"b_rid": rater_id, "b_sid": sample_id, "b_score": score, "b_now": now})
+    values = dict(rater_id=rater_id, round_id=round_id, kind="score", sample_id=sample_id, old_score=old,
+                  new_score=score, source=source, request_id=request_id, created_at=now)
+    event_id = conn.execute(_INS_EVENT, values).inserted_primary_key[0]
+    ev = LabelEvent(id=event_id, undone_at=None, **values)
+    return {"event": event_json(ev, rater_name), "duplicate": False}
 
 
 def submit_preference(
