@@ -62,7 +62,7 @@ def d3po_loss(log_prob_w: torch.Tensor, log_prob_l: torch.Tensor, ref_log_prob_w
     """D3PO per-step loss: -log sigmoid(beta (log r_w - log r_l)), r = pi_theta / pi_ref.
 
     With clamp_eps the ratios are clamped to [1 - eps, 1 + eps] as published; with beta 0.1 and
-    eps 0.1 the loss then cannot leave about [0.684, 0.703]. clamp_eps=None drops the clamp.
+    eps 0.1 the loss then cannot leave [0.6832, 0.7032]. clamp_eps=None drops the clamp.
     """
     log_r_w = log_prob_w - ref_log_prob_w
     log_r_l = log_prob_l - ref_log_prob_l
