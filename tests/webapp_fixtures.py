@@ -127,7 +127,10 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.close()
+        # Closing only the listening socket leaves browser keep-alive connections running the loop.
+        for channel in list(self.server._map.values()):
+            channel.close()
+        self.server.task_dispatcher.shutdown()
         self.thread.join(timeout=5)
 
 
