@@ -1,4 +1,4 @@
-// poseloop rating page: plain JS, no build step. Every label goes through the JSON API (docs/WEBAPP.md).
+// poseloop rating page: plain JS, no build step. Every label goes through the JSON API (README.md).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
