@@ -37,15 +37,17 @@ class GenerateResult:
     samples_total: int
     samples_new: int
     seconds: float
+    sampling_seconds: float  # denoising + decoding + writing, without model loading
     round_dir: Path
     db_url: str
 
     def summary(self) -> str:
         """The one-line summary printed at the end."""
-        per = self.seconds / self.samples_new if self.samples_new else 0.0
+        per = self.sampling_seconds / self.samples_new if self.samples_new else 0.0
         resumed = self.samples_total - self.samples_new
         return (f"{self.round_name}: {self.samples_new} new images ({resumed} already stored, "
-                f"{self.samples_total} in the round) in {self.seconds:.1f} s, {per:.2f} s/image -> "
+                f"{self.samples_total} in the round) in {self.seconds:.1f} s, {per:.2f} s/image "
+                f"excluding model loading -> "
                 f"{self.round_dir} (db {self.db_url})")
 
 
@@ -159,6 +161,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
                                    .where(db.Sample.round_id == round_id)).tuples())
     todo = [(g, s) for g in range(len(specs)) for s in range(k) if (g, s) not in done]
 
+    sampling_start = time.perf_counter()
     bar = tqdm(total=len(specs) * k, initial=len(done), desc=f"generate {round_name}", unit="img")
     for i in range(0, len(todo), cfg.sample.batch_size):
         batch = todo[i : i + cfg.sample.batch_size]
@@ -187,6 +190,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
             session.add_all(rows)
         bar.update(len(batch))
     bar.close()
+    sampling_seconds = time.perf_counter() - sampling_start
 
     with db.session_scope(factory) as session:
         referenced = [p for row in session.execute(
@@ -196,4 +200,4 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
         store.remove_orphans(round_name, referenced)
         session.get(db.Round, round_id).status = "complete"  # type: ignore[union-attr]
     return GenerateResult(round_name=round_name, samples_total=len(specs) * k, samples_new=len(todo),
-                          seconds=time.perf_counter() - start, round_dir=store.root / round_name, db_url=db_url)
+                          seconds=time.perf_counter() - start, sampling_seconds=sampling_seconds, round_dir=store.root / round_name, db_url=db_url)

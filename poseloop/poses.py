@@ -9,6 +9,8 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -71,6 +73,19 @@ _WEIGHTS_HINT = (
 # Index permutation that mirrors a body: every right point trades places with its left twin.
 _BODY_FLIP = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)
 
+
+
+def _import_controlnet_aux() -> None:
+    """Import controlnet_aux once with its import-time warnings silenced.
+
+    Importing any part of it imports every detector it ships (timm, mediapipe, ...), which print a
+    screenful of deprecation warnings that say nothing about this program.
+    """
+    if "controlnet_aux.open_pose" in sys.modules:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import controlnet_aux.open_pose  # noqa: F401
 
 def _face_flip() -> tuple[int, ...]:
     """Index permutation mirroring the 68-point (iBUG/Multi-PIE) face layout."""
@@ -606,6 +621,7 @@ def load_keypoint_file(path: str | Path, width: int | None = None, height: int |
 
 def pose_to_result(pose: Pose) -> PoseResult:
     """Convert a Pose to controlnet_aux's PoseResult (normalised coordinates, None for missing body points)."""
+    _import_controlnet_aux()
     from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
 
     body = [Keypoint(float(x), float(y), float(c), i) if c > 0 else None for i, (x, y, c) in enumerate(pose.body)]
@@ -685,6 +701,7 @@ def render_pose(
     pose: Pose | list[Pose], width: int, height: int, draw_hands: bool = True, draw_face: bool = True
 ) -> Image.Image:
     """Render the standard OpenPose skeleton image (RGB, black background) that OpenPose ControlNets expect."""
+    _import_controlnet_aux()
     from controlnet_aux.open_pose import util
 
     if int(width) <= 0 or int(height) <= 0:
@@ -715,6 +732,7 @@ def load_openpose_detector(weights_dir: str | Path, device: str | None = None) -
             f"OpenPose weights missing from {weights_dir} ({where}): {', '.join(missing)}. "
             + _WEIGHTS_HINT.format(dir=weights_dir)
         )
+    _import_controlnet_aux()
     from controlnet_aux.open_pose import OpenposeDetector
     from controlnet_aux.open_pose.body import Body
     from controlnet_aux.open_pose.face import Face
@@ -742,6 +760,7 @@ def detect_poses(
 ) -> list[Pose]:
     """Detect every person in ``image`` and return their Poses (normalised coordinates, real body confidences)."""
     import torch
+    _import_controlnet_aux()
     from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
