@@ -53,25 +53,24 @@ def tiny_sdxl_cfg(models_dir: Path, tmp_path: Path):  # -> GenerateConfig
     return _cfg("tiny-sdxl", models_dir, tmp_path)
 
 
+def _components(preset: str, models_dir: Path):  # -> Components
+    from poseloop.config import PRESETS
+    from poseloop.models import load_components
+
+    cfg = PRESETS[preset]()
+    name = "tiny-sd15" if preset == "tiny" else "tiny-sdxl"
+    cfg.model.base = str(models_dir / name)
+    cfg.model.controlnet = str(models_dir / name / "controlnet")
+    return load_components(cfg.model)
+
+
 @pytest.fixture(scope="session")
 def sd15_components(models_dir: Path):  # -> Components
     """Loaded tiny SD1.5 components (shared: tests must not modify them)."""
-    from poseloop.config import tiny
-    from poseloop.models import load_components
-
-    cfg = tiny()
-    cfg.model.base = str(models_dir / "tiny-sd15")
-    cfg.model.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
-    return load_components(cfg.model)
+    return _components("tiny", models_dir)
 
 
 @pytest.fixture(scope="session")
 def sdxl_components(models_dir: Path):  # -> Components
     """Loaded tiny SDXL components (shared: tests must not modify them)."""
-    from poseloop.config import tiny_sdxl
-    from poseloop.models import load_components
-
-    cfg = tiny_sdxl()
-    cfg.model.base = str(models_dir / "tiny-sdxl")
-    cfg.model.controlnet = str(models_dir / "tiny-sdxl" / "controlnet")
-    return load_components(cfg.model)
+    return _components("tiny-sdxl", models_dir)
