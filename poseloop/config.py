@@ -100,7 +100,7 @@ class GenerateConfig:
 def validate_model(m: ModelConfig) -> None:
     """Model fields that can be checked without loading anything."""
     if not m.base:
-        raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base runwayml/stable-diffusion-v1-5")
+        raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base stable-diffusion-v1-5/stable-diffusion-v1-5")
     if not m.controlnet:
         raise ConfigError("model.controlnet: give an OpenPose ControlNet, e.g. lllyasviel/sd-controlnet-openpose")
     if m.lora and not Path(m.lora).is_file():
