@@ -1,0 +1,339 @@
+"""The learned reward model: a small CNN ensemble on the sampler's final latents (no training code here).
+
+A version on disk (models/reward/<version>/) holds:
+    weights.safetensors   every ensemble member's parameters ("members.<i>.<name>")
+    config.json           model hyper-parameters, latent shape, ensemble size, the training config
+    metrics.json          held-out numbers (written by poseloop.reward_training)
+    training_curve.png, calibration.png
+and models/reward/latest is a small JSON file {"version": "<name>"} naming the newest version.
+
+Latent convention: what the sampler stores as x_0, i.e. the VAE latent times vae.config.scaling_factor
+(minus shift_factor where a VAE has one); images are brought there by `encode_images`.
+
+Public API used by other modules (keep stable): `load_reward_model(...)` and `LatentRewardModel.score(latents)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from poseloop.configlib import ConfigError, field
+
+REWARD_FORMAT = "poseloop.reward/1"
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+LATEST_FILE = "latest"
+ARCHES = ("almostperfect", "improved")
+
+
+class LatentShapeError(ValueError):
+    """Latents do not match what a reward model was trained on (channel count or rank)."""
+
+
+@dataclass
+class RewardModelConfig:
+    """Hyper-parameters of one ensemble member (the latent shape comes from the data, not from here)."""
+
+    arch: str = field("improved", help="almostperfect = AlmostPerfect's CNN (conv 4-8-16-32 + max-pool, adaptive "
+                      "pool 8x8, MLP 2048-1024-1); improved = per-channel input normalisation, GroupNorm, "
+                      "global mean+max pooling, dropout", choices=ARCHES)
+    width: int = field(32, help="improved: channels of the first conv stage (the second has twice as many)")
+    hidden: int = field(64, help="improved: width of the MLP head")
+    dropout: float = field(0.2, help="improved: dropout before each head layer (0 disables)")
+    normalize_input: bool = field(True, help="improved: standardise each latent channel with the training "
+                                  "data's mean/std (stored in the weights)")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field."""
+        if self.arch not in ARCHES:
+            raise ConfigError(f"model.arch: {self.arch!r} is not one of {', '.join(ARCHES)}")
+        if self.width < 1 or self.hidden < 1:
+            raise ConfigError(f"model.width / model.hidden: must be >= 1 (got {self.width}, {self.hidden})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout: must be in [0, 1) (got {self.dropout})")
+
+
+class AlmostPerfectNet(nn.Module):
+    """AlmostPerfect's reward CNN: conv C-8-16-32 (3x3, ReLU, max-pool 2), adaptive pool 8x8, MLP 2048-1024-1."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        chans = (in_channels, 8, 16, 32)
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            # ceil_mode keeps tiny latents (e.g. 4x4) from pooling to nothing; identical on even sizes.
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 1024), nn.ReLU(), nn.Linear(1024, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B]."""
+        return self.head(self.pool(self.features(x))).squeeze(-1)
+
+
+class ImprovedNet(nn.Module):
+    """Input standardisation, two GroupNorm conv stages, global mean+max pooling, dropout MLP head.
+
+    Global pooling makes the head's size independent of the latent size (SD 64x64, SDXL 128x128, tiny 8x8)
+    and far smaller than AlmostPerfect's 2M-parameter Linear(2048, 1024), which overfits a few hundred labels.
+    """
+
+    def __init__(self, in_channels: int, cfg: RewardModelConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        self.normalize_input = cfg.normalize_input
+        # Set from the training latents by the trainer (set_input_stats); identity until then.
+        self.register_buffer("in_mean", torch.zeros(in_channels))
+        self.register_buffer("in_std", torch.ones(in_channels))
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
+
+        self.stage1 = nn.Sequential(*block(in_channels, w), *block(w, w))
+        self.stage2 = nn.Sequential(*block(w, 2 * w), *block(2 * w, 2 * w))
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(4 * w, cfg.hidden), nn.SiLU(),
+                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1))
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store per-channel statistics of the training latents ([C] each)."""
+        self.in_mean.copy_(mean)
+        self.in_std.copy_(std.clamp(min=1e-4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B]."""
+        if self.normalize_input:
+            x = (x - self.in_mean[:, None, None]) / self.in_std[:, None, None]
+        h = self.stage1(x)
+        # Downsample only while the map is large: tiny latents (8x8) keep their resolution.
+        if min(h.shape[-2:]) > 8:
+            h = F.avg_pool2d(h, 2)
+        h = self.stage2(h)
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # [B, 4w]
+        return self.head(pooled).squeeze(-1)
+
+
+def build_member(cfg: RewardModelConfig, in_channels: int) -> nn.Module:
+    """One ensemble member of the configured architecture."""
+    if cfg.arch == "almostperfect":
+        return AlmostPerfectNet(in_channels)
+    if cfg.arch == "improved":
+        return ImprovedNet(in_channels, cfg)
+    raise ConfigError(f"model.arch: {cfg.arch!r} is not one of {', '.join(ARCHES)}")
+
+
+def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in 0..1 -> latents [B, C, H/f, W/f] as the sampler stores them (mean x scaling)."""
+    x = images.to(vae.device, vae.dtype) * 2 - 1
+    # The posterior mean, not a sample: scoring must be deterministic.
+    z = vae.encode(x).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z - shift
+    return z * vae.config.scaling_factor
+
+
+class LatentRewardModel(nn.Module):
+    """An ensemble of reward CNNs on final latents; score() is the ensemble mean and is differentiable."""
+
+    def __init__(self, cfg: RewardModelConfig, latent_shape: Sequence[int], ensemble_size: int = 1,
+                 version: str = "", extra_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if len(latent_shape) != 3:
+            raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
+        if ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1 (got {ensemble_size})")
+        self.config = cfg
+        self.latent_shape: tuple[int, int, int] = tuple(int(s) for s in latent_shape)  # type: ignore[assignment]
+        self.version = version
+        # The training config and anything else saved next to the weights (config.json "training").
+        self.extra_config = dict(extra_config or {})
+        self.members = nn.ModuleList(build_member(cfg, self.latent_shape[0]) for _ in range(ensemble_size))
+
+    @property
+    def ensemble_size(self) -> int:
+        return len(self.members)
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """Raise LatentShapeError unless latents are [B, C, h, w] with this model's channel count."""
+        c = self.latent_shape[0]
+        if latents.ndim != 4:
+            raise LatentShapeError(f"reward model {self.version or '(unsaved)'}: expected latents [B, {c}, h, w], got "
+                                   f"shape {tuple(latents.shape)}")
+        if latents.shape[1] != c:
+            raise LatentShapeError(
+                f"reward model {self.version or '(unsaved)'} was trained on {c}-channel latents "
+                f"{list(self.latent_shape)} but got {latents.shape[1]}-channel latents {tuple(latents.shape)}: it "
+                "belongs to another VAE / model family. Train a reward model on samples of this model "
+                "(python train_reward.py --data.rounds ...) or use another reward.")
+
+    def member_scores(self, latents: torch.Tensor) -> torch.Tensor:
+        """Every member's reward: latents [B, C, h, w] -> [E, B]."""
+        self.check_latents(latents)
+        p = next(self.parameters())
+        x = latents.to(p.device, p.dtype)
+        return torch.stack([m(x) for m in self.members])  # [E, B]
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Same as score()."""
+        return self.member_scores(latents).mean(0)
+
+    def score(self, latents: torch.Tensor) -> torch.Tensor:
+        """Reward per latent [B, C, h, w] -> [B]: the ensemble mean; differentiable with respect to latents."""
+        return self.member_scores(latents).mean(0)
+
+    def score_with_uncertainty(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [B], std [B]) over ensemble members; std is 0 for a single-member model."""
+        s = self.member_scores(latents)
+        std = s.std(0, unbiased=False) if s.shape[0] > 1 else torch.zeros_like(s[0])
+        return s.mean(0), std
+
+    @torch.no_grad()
+    def rank(self, latents: torch.Tensor) -> torch.Tensor:
+        """Indices of latents [B, C, h, w], best first."""
+        return torch.argsort(self.score(latents), descending=True)
+
+    def prefer_prob(self, latents_a: torch.Tensor, latents_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """P(a beats b) = sigmoid(r_a - r_b) per member -> (ensemble mean [B], ensemble std [B])."""
+        p = torch.sigmoid(self.member_scores(latents_a) - self.member_scores(latents_b))  # [E, B]
+        std = p.std(0, unbiased=False) if p.shape[0] > 1 else torch.zeros_like(p[0])
+        return p.mean(0), std
+
+    def score_images(self, images: torch.Tensor, vae: Any) -> torch.Tensor:
+        """Reward of images [B, 3, H, W] in 0..1: VAE-encode (posterior mean x scaling) then score -> [B]."""
+        return self.score(encode_images(vae, images))
+
+    def config_dict(self) -> dict[str, Any]:
+        """What config.json holds (without the training config when none was given)."""
+        return {"format": REWARD_FORMAT, "version": self.version, "model": asdict(self.config),
+                "latent_shape": list(self.latent_shape), "ensemble_size": self.ensemble_size,
+                "latent_convention": "final sampler latent x_0 = VAE posterior mean * scaling_factor",
+                "training": self.extra_config}
+
+
+@dataclass
+class PairSuggestion:
+    """A candidate pair to ask raters about, with the model's preference and its uncertainty."""
+
+    a: int
+    b: int
+    p_a: float  # ensemble-mean P(a beats b)
+    std: float  # ensemble std of P(a beats b): disagreement between members
+
+
+@torch.no_grad()
+def suggest_pairs(model: LatentRewardModel, latents: torch.Tensor, pairs: Sequence[tuple[int, int]],
+                  top_k: int | None = None) -> list[PairSuggestion]:
+    """Candidate pairs (indices into latents [N, C, h, w]) sorted by ensemble std of P(a beats b), most uncertain first."""
+    if not pairs:
+        return []
+    idx = torch.as_tensor(list(pairs), dtype=torch.long)  # [P, 2]
+    member = model.member_scores(latents)  # [E, N]: each latent scored once, however many pairs it is in
+    p = torch.sigmoid(member[:, idx[:, 0]] - member[:, idx[:, 1]])  # [E, P]
+    std = p.std(0, unbiased=False) if p.shape[0] > 1 else torch.zeros_like(p[0])
+    mean = p.mean(0)
+    # Ties in std (e.g. a single-member model) fall back to closeness of P to 0.5.
+    order = sorted(range(len(pairs)), key=lambda i: (-float(std[i]), abs(float(mean[i]) - 0.5)))
+    out = [PairSuggestion(int(idx[i, 0]), int(idx[i, 1]), float(mean[i]), float(std[i])) for i in order]
+    return out if top_k is None else out[:top_k]
+
+
+# ---- save / load --------------------------------------------------------------------------------
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    """Write text via a temporary file in the same folder and os.replace (readers never see half a file)."""
+    from poseloop.store import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_reward_model(model: LatentRewardModel, folder: str | Path) -> None:
+    """Write weights.safetensors and config.json into folder (the caller makes the folder atomic)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": REWARD_FORMAT})
+    (folder / CONFIG_FILE).write_text(json.dumps(model.config_dict(), indent=2))
+
+
+def reward_root(models_dir: str | Path) -> Path:
+    """Folder holding every reward model version: <models_dir>/reward."""
+    return Path(models_dir) / "reward"
+
+
+def write_latest(models_dir: str | Path, version: str) -> Path:
+    """Point <models_dir>/reward/latest at version, atomically (temp file + os.replace)."""
+    path = reward_root(models_dir) / LATEST_FILE
+    _atomic_text(path, json.dumps({"version": version}) + "\n")
+    return path
+
+
+def read_latest(models_dir: str | Path) -> str:
+    """The version named by <models_dir>/reward/latest."""
+    path = reward_root(models_dir) / LATEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no reward model yet: {path} does not exist; train one with `python train_reward.py`")
+    try:
+        return str(json.loads(path.read_text())["version"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: expected JSON {{\"version\": \"<name>\"}}; re-run train_reward.py or "
+                         "write the file by hand") from None
+
+
+def resolve_reward_path(path_or_version: str | Path, models_dir: str | Path = "models") -> Path:
+    """A version folder from a folder path, a version name under <models_dir>/reward, or 'latest'."""
+    p = Path(path_or_version)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    if str(path_or_version) == "latest":
+        return reward_root(models_dir) / read_latest(models_dir)
+    candidate = reward_root(models_dir) / str(path_or_version)
+    if (candidate / CONFIG_FILE).is_file():
+        return candidate
+    root = reward_root(models_dir)
+    known = sorted(d.name for d in root.iterdir() if (d / CONFIG_FILE).is_file()) if root.is_dir() else []
+    raise FileNotFoundError(f"reward model {str(path_or_version)!r} not found (neither a folder with {CONFIG_FILE} "
+                            f"nor a version in {root}); known versions: {', '.join(known) or 'none'}")
+
+
+def load_reward_model(path_or_version: str | Path = "latest", models_dir: str | Path = "models",
+                      device: str | torch.device = "cpu") -> LatentRewardModel:
+    """Load a saved version (folder, version name or 'latest') in eval mode with frozen parameters."""
+    folder = resolve_reward_path(path_or_version, models_dir)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder / WEIGHTS_FILE} is missing; the version is incomplete, re-train it")
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    if data.get("format") != REWARD_FORMAT:
+        raise ValueError(f"{folder / CONFIG_FILE}: not a poseloop reward model (format {data.get('format')!r})")
+    cfg = RewardModelConfig(**data["model"])
+    model = LatentRewardModel(cfg, data["latent_shape"], data["ensemble_size"], version=data.get("version") or folder.name,
+                              extra_config=data.get("training"))
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    model.to(device)
+    model.eval()
+    # Rewards are frozen functions for the policy trainer; gradients still flow to the input latents.
+    model.requires_grad_(False)
+    return model
+
+
+def load_metrics(path_or_version: str | Path = "latest", models_dir: str | Path = "models") -> dict[str, Any]:
+    """The metrics.json of a saved version."""
+    return json.loads((resolve_reward_path(path_or_version, models_dir) / METRICS_FILE).read_text())
+
+
+__all__ = [
+    "LatentRewardModel", "LatentShapeError", "PairSuggestion", "RewardModelConfig", "encode_images",
+    "load_metrics", "load_reward_model", "read_latest", "resolve_reward_path", "save_reward_model",
+    "suggest_pairs", "write_latest",
+]
