@@ -27,6 +27,9 @@ class ModelConfig:
     vae: str = field("", help="optional VAE override (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     lora: str = field("", help="optional LoRA to load: a .safetensors file in kohya or diffusers format")
     lora_scale: float = field(1.0, help="strength of the loaded LoRA")
+    policy: str = field("", help="a policy trained by train_policy.py: a version under <models_dir>/policies or "
+                        "'latest'; loads its LoRA (and its ControlNet when that was trained)")
+    models_dir: str = field("models", help="folder of trained reward models and policies")
     dtype: str = field("auto", help="weights dtype; auto = float16 on CUDA, float32 on CPU",
                        choices=("auto", "float32", "float16", "bfloat16"))
     device: str = field("auto", help="torch device; auto = cuda if available, else cpu")
@@ -48,6 +51,8 @@ class SampleConfig:
     images_per_group: int = field(4, help="images per (prompt, pose) group, so that raters can compare them")
     batch_size: int = field(8, help="images denoised together")
     seed: int = field(0, help="base seed; each image's seed is derived from it, its group and its index")
+    seed_namespace: str = field("", help="mixed into every image's seed; empty = the round name, so each round gets "
+                                "fresh seeds; rounds that share a namespace share seeds (baseline vs candidate)")
 
 
 @dataclass
@@ -103,6 +108,8 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base stable-diffusion-v1-5/stable-diffusion-v1-5")
     if not m.controlnet:
         raise ConfigError("model.controlnet: give an OpenPose ControlNet, e.g. lllyasviel/sd-controlnet-openpose")
+    if m.policy and m.lora:
+        raise ConfigError("model.policy: give either model.policy or model.lora, not both")
     if m.lora and not Path(m.lora).is_file():
         raise ConfigError(f"model.lora: file {m.lora!r} does not exist; pass a .safetensors LoRA file")
     if m.lora_scale < 0:

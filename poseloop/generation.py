@@ -8,6 +8,7 @@ interrupted run left behind; files that no row references are removed at the end
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -23,7 +24,7 @@ from poseloop import db
 from poseloop.config import GenerateConfig
 from poseloop.configlib import ConfigError, to_dict
 from poseloop.inputs import GroupSpec, build_groups
-from poseloop.models import Components, load_components
+from poseloop.models import Components, load_components, resolve_policy
 from poseloop.poses import render_pose
 from poseloop.sampling import sample
 from poseloop.store import SampleStore, Trajectory, save_png, save_trajectory
@@ -51,9 +52,9 @@ class GenerateResult:
                 f"{self.round_dir} (db {self.db_url})")
 
 
-def sample_seed(base_seed: int, round_name: str, group_index: int, sample_index: int) -> int:
-    """Deterministic per-image seed: resumes reproduce it, a new round gets fresh ones."""
-    digest = hashlib.sha256(f"{base_seed}/{round_name}/{group_index}/{sample_index}".encode()).digest()
+def sample_seed(base_seed: int, namespace: str, group_index: int, sample_index: int) -> int:
+    """Deterministic per-image seed: resumes reproduce it; a new namespace (by default the round name) gets fresh ones."""
+    digest = hashlib.sha256(f"{base_seed}/{namespace}/{group_index}/{sample_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
@@ -99,7 +100,7 @@ def open_round(session: Session, cfg: GenerateConfig, phash: str, planned: int) 
             name = f"round-{count + 1:04d}"
     rnd = db.Round(name=name, arch=cfg.model.arch, base_model=cfg.model.base, controlnet_model=cfg.model.controlnet,
                    lora_path=cfg.model.lora or None, lora_scale=cfg.model.lora_scale if cfg.model.lora else None,
-                   plan_hash=phash, config_json=json.dumps(to_dict(cfg)), planned_samples=planned)
+                   policy_version=cfg.model.policy or None, plan_hash=phash, config_json=json.dumps(to_dict(cfg)), planned_samples=planned)
     session.add(rnd)
     session.flush()
     return rnd
@@ -142,6 +143,8 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     """Run (or resume) one generation round and return what it did."""
     start = time.perf_counter()
     cfg.validate()
+    # The caller's config is left as given: 'latest' is resolved on a copy.
+    cfg = dataclasses.replace(cfg, model=resolve_policy(cfg.model))
     # Inputs are parsed before the model loads so that bad files fail in a second, not a minute.
     specs = build_groups(cfg.data)
     comp = load_components(cfg.model)
@@ -165,7 +168,8 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     bar = tqdm(total=len(specs) * k, initial=len(done), desc=f"generate {round_name}", unit="img")
     for i in range(0, len(todo), cfg.sample.batch_size):
         batch = todo[i : i + cfg.sample.batch_size]
-        seeds = [sample_seed(cfg.sample.seed, round_name, g, s) for g, s in batch]
+        namespace = cfg.sample.seed_namespace or round_name
+        seeds = [sample_seed(cfg.sample.seed, namespace, g, s) for g, s in batch]
         out = sample(comp, [specs[g].prompt for g, _ in batch], [groups[g][1] for g, _ in batch], seeds,
                      cfg.sample, width, height)
         rows = []
@@ -177,7 +181,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
                     "guidance_scale": cfg.sample.guidance_scale, "controlnet_scale": cfg.sample.controlnet_scale,
                     "eta": cfg.sample.eta, "steps": cfg.sample.steps, "width": width, "height": height,
                     "round": round_name, "base_model": cfg.model.base, "controlnet": cfg.model.controlnet,
-                    "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale}
+                    "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale, "policy": cfg.model.policy}
             save_trajectory(Trajectory(out.latents[j], out.log_probs[j], out.timesteps,
                                        {key: str(v) for key, v in meta.items()}), traj_path)
             rows.append(db.Sample(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from poseloop.config import ModelConfig
+from poseloop.configlib import ConfigError
 from poseloop.tiny import ensure_embedded, is_embedded
 
 
@@ -58,6 +60,44 @@ class Components:
     @property
     def latent_channels(self) -> int:
         return int(self.unet.config.in_channels)
+
+
+POLICY_LORA_FILES = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
+
+
+def policy_versions(models_dir: str | Path) -> list[str]:
+    """Versions of trained policies under <models_dir>/policies, oldest first."""
+    root = Path(models_dir) / "policies"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+def resolve_policy(cfg: ModelConfig) -> ModelConfig:
+    """Turn model.policy ('latest' or a version) into concrete LoRA / ControlNet paths.
+
+    The result names the concrete version, so a round records (and its plan hash pins) the exact
+    weights even after 'latest' moves on. Idempotent; a config without a policy is returned as is.
+    """
+    if not cfg.policy:
+        return cfg
+    root = Path(cfg.models_dir) / "policies"
+    version = cfg.policy
+    if version == "latest":
+        ref = root / "latest"
+        if not ref.is_file():
+            raise ConfigError(f"model.policy: no {ref} yet; train one with train_policy.py, or name a version "
+                              f"({', '.join(policy_versions(cfg.models_dir)) or 'none found'})")
+        version = ref.read_text(encoding="utf-8").strip()
+    folder = root / version
+    if not folder.is_dir():
+        raise ConfigError(f"model.policy: {folder} does not exist; available: "
+                          f"{', '.join(policy_versions(cfg.models_dir)) or 'none'}")
+    lora = next((folder / f for f in POLICY_LORA_FILES if (folder / f).is_file()), None)
+    controlnet = folder / "controlnet"
+    if lora is None and not controlnet.is_dir():
+        raise ConfigError(f"model.policy: {folder} holds neither a LoRA ({' or '.join(POLICY_LORA_FILES)}) "
+                          "nor a controlnet/ folder; was the export interrupted? Pick another version")
+    return dataclasses.replace(cfg, policy=version, lora=str(lora) if lora else "",
+                               controlnet=str(controlnet) if controlnet.is_dir() else cfg.controlnet)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +155,7 @@ def load_components(cfg: ModelConfig) -> Components:
     # Per-component loading bars drown the one progress bar that matters.
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+    cfg = resolve_policy(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     extra: dict[str, Any] = {"controlnet": _load(ControlNetModel, cfg.controlnet, "model.controlnet", cfg,

@@ -229,3 +229,52 @@ def test_main_runs_in_process_and_reports_errors_cleanly(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "moonwalk" in err and "Traceback" not in err
+
+
+def test_generate_with_a_trained_policy_records_its_version(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    from poseloop.export import save_kohya_lora
+
+    comp = load_components(tiny_cfg.model)
+    torch.manual_seed(0)
+    comp.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    version_dir = tmp_path / "models" / "policies" / "run-0001"
+    save_kohya_lora(comp.unet, version_dir / "lora_kohya.safetensors")
+    (tmp_path / "models" / "policies" / "latest").write_text("run-0001\n")
+    tiny_cfg.model.models_dir = str(tmp_path / "models")
+    tiny_cfg.data.poses = ["standing"]
+
+    tiny_cfg.sample.seed_namespace = "eval"
+    tiny_cfg.store.round = "baseline"
+    generate(tiny_cfg)
+    tiny_cfg.model.policy = "latest"
+    tiny_cfg.store.round = "candidate"
+    generate(tiny_cfg)
+    assert tiny_cfg.model.policy == "latest" and tiny_cfg.model.lora == ""  # caller's config untouched
+
+    store = SampleStore(tiny_cfg.store.samples_dir)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        rounds = {r.name: r for r in s.scalars(select(db.Round))}
+        assert rounds["baseline"].policy_version is None
+        assert rounds["candidate"].policy_version == "run-0001"
+        assert rounds["candidate"].lora_path == str(version_dir / "lora_kohya.safetensors")
+        by_round = {name: sorted((x.group.index, x.index, x.seed, x.trajectory_path) for x in r.samples)
+                    for name, r in rounds.items()}
+    # Same seed namespace: the same seeds, so the two rounds differ only by the weights.
+    assert [x[:3] for x in by_round["baseline"]] == [x[:3] for x in by_round["candidate"]]
+    base = load_trajectory(store.abs(by_round["baseline"][0][3]))
+    cand = load_trajectory(store.abs(by_round["candidate"][0][3]))
+    assert torch.equal(base.latents[0], cand.latents[0])  # same x_T
+    assert not torch.allclose(base.latents[-1].float(), cand.latents[-1].float(), atol=1e-2)
+
+
+def test_an_unknown_policy_version_lists_the_available_ones(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
+    (tmp_path / "models" / "policies" / "run-0001").mkdir(parents=True)
+    tiny_cfg.model.models_dir = str(tmp_path / "models")
+    tiny_cfg.model.policy = "run-9999"
+    with pytest.raises(ConfigError, match="available: run-0001"):
+        generate(tiny_cfg)
+    tiny_cfg.model.policy = "latest"
+    with pytest.raises(ConfigError, match="train one with train_policy.py"):
+        generate(tiny_cfg)
