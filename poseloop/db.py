@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     DateTime,
     Engine,
@@ -300,4 +301,55 @@ class LabelEvent(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
+    rater: Mapped[Rater] = relationship()
+
+
+# ---- evaluation tables ----
+
+
+class Comparison(Base):
+    """A blind comparison of a candidate policy with a baseline on the same prompts, poses and seeds.
+
+    Both rounds come from one evaluation plan, so group index i and sample index k of the baseline
+    round pair with the same group and sample index of the candidate round (same seed, same pose).
+    """
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    baseline_round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    candidate_round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    baseline_round: Mapped[Round] = relationship(foreign_keys=[baseline_round_id])
+    candidate_round: Mapped[Round] = relationship(foreign_keys=[candidate_round_id])
+
+
+class BlindJudgement(Base):
+    """A rater's blind verdict on one baseline/candidate pair of a comparison.
+
+    The page shows the two images in an order the rater cannot relate to their origin;
+    `left_is_candidate` records that order, `outcome` what it meant.
+    """
+
+    __tablename__ = "blind_judgements"
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "rater_id", "baseline_sample_id", name="uq_blind_rater_pair"),
+        UniqueConstraint("rater_id", "request_id", name="uq_blind_rater_request"),
+        CheckConstraint("outcome IN ('candidate', 'baseline', 'tie', 'skip')", name="ck_blind_outcome"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), index=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id", ondelete="CASCADE"), index=True)
+    baseline_sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"))
+    candidate_sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"))
+    left_is_candidate: Mapped[bool] = mapped_column(Boolean)
+    outcome: Mapped[str] = mapped_column(String(10))
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    comparison: Mapped[Comparison] = relationship()
     rater: Mapped[Rater] = relationship()
