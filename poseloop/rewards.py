@@ -22,8 +22,9 @@ Spec grammar (see docs/REWARDS.md)::
     option  := key "=" value | value          (a bare value is the reward's positional option)
     value   := text without "," | "..." | '...'
 
-A "+" only separates terms when a known reward name follows it, so file names such as
-``sac+logos+ava1-l14-linearMSE.pth`` survive unquoted. Heavy libraries (controlnet_aux, open_clip)
+A "+" with whitespace on both sides always separates terms; a bare "+" only when a known reward
+name (optionally "weight*") follows it, so file names such as ``sac+logos+ava1-l14-linearMSE.pth``
+survive unquoted. Heavy libraries (controlnet_aux, open_clip)
 are imported when a reward that needs them is built.
 """
 
@@ -599,8 +600,10 @@ def _unknown_name(name: str) -> ValueError:
     return ValueError(f"unknown reward {name!r}; available rewards: {', '.join(_REGISTRY)} ({listing})")
 
 
-def _split_outside_quotes(text: str, sep: str, accept: Callable[[str], bool] = lambda rest: True) -> list[str]:
-    """Split ``text`` at ``sep`` outside quotes, where ``accept(text after sep)`` holds."""
+def _split_outside_quotes(
+    text: str, sep: str, accept: Callable[[str, str], bool] = lambda before, rest: True
+) -> list[str]:
+    """Split ``text`` at ``sep`` outside quotes, where ``accept(text before sep, text after sep)`` holds."""
     parts, start, quote = [], 0, ""
     for i, ch in enumerate(text):
         if quote:
@@ -608,7 +611,7 @@ def _split_outside_quotes(text: str, sep: str, accept: Callable[[str], bool] = l
                 quote = ""
         elif ch in "\"'":
             quote = ch
-        elif ch == sep and accept(text[i + 1 :]):
+        elif ch == sep and accept(text[:i], text[i + 1 :]):
             parts.append(text[start:i])
             start = i + 1
     if quote:
@@ -617,10 +620,18 @@ def _split_outside_quotes(text: str, sep: str, accept: Callable[[str], bool] = l
     return parts
 
 
-def _starts_term(rest: str) -> bool:
-    """True when ``rest`` begins like a new term: [weight *] known reward name, then ':', '*', '+' or the end."""
-    m = re.match(rf"\s*(?:{_NUMBER}\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*(?=$|[:*+])", rest)
-    return bool(m) and m.group(1) in _REGISTRY
+def _split_terms(spec: str) -> list[str]:
+    """Split a spec at its term-separating '+' signs (see the module doc for which ones separate)."""
+
+    def accept(before: str, rest: str) -> bool:
+        # " + " (spaces both sides) always separates, so a misspelt name still reaches the unknown-name error;
+        # a bare "+" separates only before [weight*] a known reward name (file names may contain "+").
+        if before[-1:].isspace() and rest[:1].isspace():
+            return True
+        m = re.match(rf"\s*(?:{_NUMBER}\s*\*\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*(?=$|[:*+])", rest)
+        return bool(m) and m.group(1) in _REGISTRY
+
+    return _split_outside_quotes(spec, "+", accept)
 
 
 def _unquote(v: str) -> str:
@@ -635,7 +646,7 @@ def parse_reward_spec(spec: str) -> list[RewardTerm]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty reward spec; available rewards: {', '.join(_REGISTRY)}")
     terms = []
-    for raw in _split_outside_quotes(spec, "+", _starts_term):
+    for raw in _split_terms(spec):
         text = raw.strip()
         if not text:
             raise ValueError(f"empty term in reward spec {spec!r} (a stray '+'?)")
@@ -652,7 +663,8 @@ def parse_reward_spec(spec: str) -> list[RewardTerm]:
         name = name.strip()
         if not _NAME.match(name):
             raise ValueError(
-                f"cannot parse term {raw.strip()!r} of reward spec {spec!r}: expected [weight*]name[:key=value,...][*weight]"
+                f"cannot parse term {raw.strip()!r} of reward spec {spec!r}: expected [weight*]name[:key=value,...][*weight] "
+                f"joined by ' + '; available rewards: {', '.join(_REGISTRY)}"
             )
         if name not in _REGISTRY:
             raise _unknown_name(name)
