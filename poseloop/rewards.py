@@ -429,9 +429,8 @@ class LatentReward:
                 raise ImportError(
                     f"the 'latent' reward needs poseloop.reward_model.load_reward_model, which failed to import: {e}"
                 ) from e
-            model = load_reward_model(version, models_dir=models_dir)
-            if hasattr(model, "to"):
-                model = model.to(device) or model  # some wrappers return None from .to()
+            # Loaded frozen and in eval mode by reward_model; gradients still reach the input latents.
+            model = load_reward_model(version, models_dir=models_dir, device=device)
         self.version = version
         self.model = model
 
@@ -566,7 +565,7 @@ _REGISTRY: dict[str, _Entry] = {
         },
     ),
     "latent": _Entry(
-        "learned reward model on final latents (poseloop.reward_model); latent:latest or latent:<model dir>; "
+        "learned reward model on final latents (poseloop.reward_model); latent:latest, latent:<version> or latent:<folder>; "
         "needs no decoded images",
         lambda o, d, m: LatentReward(o["version"], models_dir=m, device=d),
         {"version": _Option(str, "latest", "'latest' or a saved reward model's path/version")},

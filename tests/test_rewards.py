@@ -235,7 +235,7 @@ def test_latent_reward_injected_model() -> None:
 def test_latent_reward_built_through_reward_model_module(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def load_reward_model(spec: str, models_dir: str = "models") -> _FakeRewardModel:
+    def load_reward_model(spec: str, models_dir: str = "models", device: str = "cpu") -> _FakeRewardModel:
         calls.append((spec, models_dir))
         return _FakeRewardModel()
 
@@ -246,6 +246,31 @@ def test_latent_reward_built_through_reward_model_module(monkeypatch: pytest.Mon
     R.build_reward("latent")
     assert calls[-1] == ("latest", "models")
     assert r(None, torch.ones(1, 4, 2, 2), ["p"], _meta(1)).tolist() == [16.0]
+
+
+def test_latent_reward_real_saved_model(tmp_path: Path) -> None:
+    """End to end with poseloop.reward_model: a saved ensemble, found via 'latest' and by version name."""
+    from poseloop import reward_model as RM
+
+    torch.manual_seed(0)
+    model = RM.LatentRewardModel(RM.RewardModelConfig(), (4, 8, 8), ensemble_size=2, version="v1").eval()
+    RM.save_reward_model(model, tmp_path / "reward" / "v1")
+    RM.write_latest(tmp_path, "v1")
+    lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.score(lat)
+    for spec in ("latent:latest", "latent", "latent:v1", f"latent:{tmp_path / 'reward' / 'v1'}"):
+        r = R.build_reward(spec, models_dir=str(tmp_path))
+        assert isinstance(r, R.LatentReward) and r.needs_images is False
+        with torch.no_grad():
+            out = r(None, lat, ["a", "b", "c"], _meta(3))
+        assert out.shape == (3,) and torch.allclose(out, expected, atol=1e-6), spec
+    # Differentiable in the latents (the model itself is frozen).
+    g = lat.clone().requires_grad_(True)
+    r(None, g, ["a", "b", "c"], _meta(3)).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match="v9"):
+        R.build_reward("latent:v9", models_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
