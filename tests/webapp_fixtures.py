@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
+from sqlalchemy import select
 
 from poseloop.db import Group, Round, Sample, default_db_url, open_db, session_scope
 
@@ -153,3 +154,88 @@ def make_chrome(user_data_dir: Path, width: int = 1400, height: int = 900) -> An
                 f"--user-data-dir={user_data_dir}", f"--window-size={width},{height}"):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+# ---------------------------------------------------------------- blind comparisons
+
+# Distinctive strings and ids, so a test can search everything the blind page receives for them.
+BASE_ROUND = "baselineRoundQ7"
+CAND_ROUND = "candidateRoundZ9"
+CAND_POLICY = "policyVersionX3"
+BASE_ID0, CAND_ID0, GROUP_ID0 = 7_000_101, 8_000_201, 9_000_301
+CMP_PROMPTS = ["a skater mid-jump", "a yogi in tree pose"]
+
+
+@dataclass
+class Blind:
+    """A comparison built by `build_comparison`: ids, secrets and where the files are."""
+
+    comparison_id: int
+    name: str
+    baseline_round_id: int
+    candidate_round_id: int
+    # token "g-s" -> (baseline sample id, candidate sample id)
+    pairs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    files: dict[int, Path] = field(default_factory=dict)  # sample id -> image file
+    group_ids: list[int] = field(default_factory=list)
+
+    def secrets(self) -> list[str]:
+        """Every string that would tell the sides apart if the blind page received it."""
+        ids = [i for p in self.pairs.values() for i in p] + self.group_ids
+        return [BASE_ROUND, CAND_ROUND, CAND_POLICY, *map(str, ids), *(f.name for f in self.files.values())]
+
+
+def build_comparison(env: Env, n_groups: int = 2, k: int = 3, name: str = "eval-0001") -> Blind:
+    """A baseline round and a candidate round with matching groups/samples and a Comparison row.
+
+    The candidate round has one extra group (index n_groups) that the baseline lacks: it is no pair.
+    """
+    from poseloop.db import Comparison
+
+    factory = open_db(env.db_url)
+    gid, ids = GROUP_ID0, {"b": BASE_ID0, "c": CAND_ID0}
+    with session_scope(factory) as s:
+        rounds = {}
+        for side, rname, policy, extra in (("b", BASE_ROUND, None, 0), ("c", CAND_ROUND, CAND_POLICY, 1)):
+            rnd = Round(name=rname, status="complete", arch="sd15", base_model="tiny", controlnet_model="tiny",
+                        policy_version=policy, plan_hash="1" * 64, config_json="{}",
+                        planned_samples=(n_groups + extra) * k)
+            s.add(rnd)
+            s.flush()
+            rounds[side] = rnd.id
+            for g in range(n_groups + extra):
+                cond = f"{rname}/poses/p{g}.png"
+                _png(env.samples_dir / cond, (0, 0, 0), f"pose{g}")
+                grp = Group(id=gid, round_id=rnd.id, index=g, prompt=CMP_PROMPTS[g % 2], pose_name=f"pose_{g}",
+                            condition_path=cond)
+                gid += 1
+                s.add(grp)
+                s.flush()
+                for i in range(k):
+                    rel = f"{rname}/images/{rname}_{g}_{i}.png"
+                    color = (200, 60 + 40 * i, 60) if side == "c" else (60, 60 + 40 * i, 200)
+                    _png(env.samples_dir / rel, color, f"{side}{g}{i}")
+                    smp = Sample(id=ids[side], round_id=rnd.id, group_id=grp.id, index=i, seed=500 + i,
+                                 image_path=rel, width=64, height=64, num_steps=4, guidance_scale=7.5,
+                                 controlnet_scale=1.0, eta=1.0)
+                    ids[side] += 1
+                    s.add(smp)
+                    s.flush()
+        comp = Comparison(name=name, baseline_round_id=rounds["b"], candidate_round_id=rounds["c"])
+        s.add(comp)
+        s.flush()
+        blind = Blind(comp.id, name, rounds["b"], rounds["c"], group_ids=list(range(GROUP_ID0, gid)))
+        for smp in s.scalars(select(Sample).where(Sample.round_id.in_(rounds.values()))):
+            blind.files[smp.id] = env.samples_dir / smp.image_path
+        base = {(smp.group.index, smp.index): smp.id for smp in s.scalars(select(Sample).where(Sample.round_id == rounds["b"]))}
+        cand = {(smp.group.index, smp.index): smp.id for smp in s.scalars(select(Sample).where(Sample.round_id == rounds["c"]))}
+        for key in sorted(base):
+            blind.pairs[f"{key[0]}-{key[1]}"] = (base[key], cand[key])
+    factory.kw["bind"].dispose()
+    return blind
+
+
+@pytest.fixture()
+def cmp(env: Env) -> Blind:
+    """A blind comparison (2 groups x 3 samples = 6 pairs) added to `env` before the app opens it."""
+    return build_comparison(env)

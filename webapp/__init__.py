@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .blind import load_key
 from .config import AppConfig, ConfigError, config_from_mapping
 from .store import ApiError, Store
 
@@ -22,6 +23,7 @@ def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None)
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url)
+    app.extensions["poseloop_blind_key"] = load_key(cfg.samples_dir)
 
     from . import api, pages, security
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import exchange, stats, store
+from . import blind, exchange, stats, store
 from .config import AppConfig
 from .store import ApiError, Store
 
@@ -209,3 +209,56 @@ def import_scores() -> tuple[Response, int]:
         lambda s: exchange.import_scores_json(s, scores, body.get("rater"), round_id, _score_range())
     )
     return jsonify(result), 201
+
+
+# ---------------------------------------------------------------- blind comparisons
+
+
+def _blind_key() -> bytes:
+    return current_app.extensions["poseloop_blind_key"]
+
+
+@bp.get("/comparisons")
+def get_comparisons() -> Response:
+    """Every blind comparison: {id, name, pairs, created_at}; nothing about the rounds behind it."""
+    return jsonify(comparisons=_store().read(blind.list_comparisons))
+
+
+@bp.get("/comparisons/<int:comparison_id>/pairs")
+def get_blind_pairs(comparison_id: int) -> Response:
+    """The next pairs this rater has not judged (count=1..10; exclude=3-1,0-2 leaves out pending ones)."""
+    rater = store.clean_rater_name(request.args.get("rater"))
+    count = arg_int("count")
+    count = 1 if count is None else count
+    if not 1 <= count <= 10:
+        raise ApiError(400, "query parameter 'count' must be in 1..10")
+    exclude = {blind.clean_token(t) for t in filter(None, request.args.get("exclude", "").split(","))}
+    return jsonify(_store().read(lambda s: blind.next_pairs(s, comparison_id, rater, count, exclude)))
+
+
+@bp.post("/comparisons/<int:comparison_id>/judgements")
+def post_judgement(comparison_id: int) -> tuple[Response, int]:
+    """Record a blind verdict: {rater, pair, choice: left|right|tie|skip, request_id?}."""
+    body = json_body()
+    rater = store.clean_rater_name(body.get("rater"))
+    request_id = store.clean_request_id(body.get("request_id"))
+    token, choice = body.get("pair"), body.get("choice")
+    result = _store().write(
+        lambda s: blind.submit(s, _blind_key(), comparison_id, rater, token, choice, request_id)
+    )
+    return jsonify(result), 200 if result["duplicate"] else 201
+
+
+@bp.post("/comparisons/<int:comparison_id>/undo")
+def post_blind_undo(comparison_id: int) -> Response:
+    """Take back the rater's verdict on `pair` (or the latest one): {rater, pair?, request_id?}."""
+    body = json_body()
+    rater = store.clean_rater_name(body.get("rater"))
+    store.clean_request_id(body.get("request_id"))
+    return jsonify(_store().write(lambda s: blind.undo(s, comparison_id, rater, body.get("pair"))))
+
+
+@bp.get("/comparisons/<int:comparison_id>/results")
+def get_comparison_results(comparison_id: int) -> Response:
+    """Verdict counts per rater and in total, with both rounds named (for after judging, not the blind page)."""
+    return jsonify(_store().read(lambda s: blind.results(s, comparison_id)))

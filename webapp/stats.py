@@ -10,9 +10,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from poseloop.db import Preference, Rater, Rating, Sample
+from poseloop.db import BlindJudgement, Comparison, Preference, Rater, Rating, Round, Sample
 
-from .store import _round_pairs, get_round
+from . import blind
+
+from .store import _round_pairs, get_round, iso
 
 
 def _ranks(values: list[float]) -> list[float]:
@@ -107,5 +109,86 @@ def round_stats(session: Session, round_id: int | None, score_range: tuple[int, 
         "pairs": pair_total,
         "raters": raters,
         "agreement": {"spearman": spearman_rows, "pairs": pair_rows},
+        "rounds": round_means(session),
+        "cross_round": cross_round(session),
+        "comparisons": [blind.results(session, cid)
+                        for cid in session.scalars(select(Comparison.id).order_by(Comparison.id.desc()))],
     }
+
+
+def _r4(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def round_means(session: Session) -> list[dict[str, Any]]:
+    """Every round (oldest first) with its policy version, the mean of all raters' current scores, and the
+    mean of per-rater z-scores (each rater's scores over all rounds centred on the rater's mean and divided
+    by the rater's standard deviation; a rater whose scores never vary contributes 0)."""
+    rows = session.execute(
+        select(Rating.rater_id, Sample.round_id, Rating.score).join(Sample, Rating.sample_id == Sample.id)
+    ).all()
+    by_rater: dict[int, list[float]] = defaultdict(list)
+    for rid, _round, score in rows:
+        by_rater[rid].append(score)
+    norm: dict[int, tuple[float, float]] = {}
+    for rid, vals in by_rater.items():
+        mean = sum(vals) / len(vals)
+        norm[rid] = (mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)))
+    raw: dict[int, list[float]] = defaultdict(list)
+    z: dict[int, list[float]] = defaultdict(list)
+    raters: dict[int, set[int]] = defaultdict(set)
+    for rid, round_id, score in rows:
+        mean, sd = norm[rid]
+        raw[round_id].append(score)
+        z[round_id].append((score - mean) / sd if sd > 0 else 0.0)
+        raters[round_id].add(rid)
+    out = []
+    for r in session.scalars(select(Round).order_by(Round.created_at, Round.id)):
+        vals = raw.get(r.id, [])
+        out.append({
+            "round_id": r.id,
+            "name": r.name,
+            "policy_version": r.policy_version,
+            "created_at": iso(r.created_at),
+            "n_scores": len(vals),
+            "n_raters": len(raters.get(r.id, ())),
+            "mean_score": _r4(sum(vals) / len(vals)) if vals else None,
+            "mean_z": _r4(sum(z[r.id]) / len(z[r.id])) if vals else None,
+        })
+    return out
+
+
+def cross_round(session: Session) -> list[dict[str, Any]]:
+    """How often the newer round (later created_at) wins, over blind verdicts and preferences whose two
+    samples come from different rounds; ties count half, skips are left out."""
+    rounds = {r.id: r for r in session.scalars(select(Round))}
+    order = {rid: (r.created_at, rid) for rid, r in rounds.items()}
+    tallies: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
+
+    def add(r1: int, r2: int, winner: int | None) -> None:
+        """One verdict between rounds r1 and r2; winner is a round id or None for a tie."""
+        older, newer = sorted((r1, r2), key=order.__getitem__)
+        tallies[(older, newer)]["tie" if winner is None else "newer" if winner == newer else "older"] += 1
+
+    for base, cand, outcome in session.execute(
+        select(Comparison.baseline_round_id, Comparison.candidate_round_id, BlindJudgement.outcome)
+        .join(Comparison, BlindJudgement.comparison_id == Comparison.id)
+    ):
+        if outcome != "skip" and base != cand:
+            add(base, cand, {"candidate": cand, "baseline": base}.get(outcome))
+    round_of = dict(session.execute(select(Sample.id, Sample.round_id)).all())
+    for a, b, choice in session.execute(select(Preference.sample_a_id, Preference.sample_b_id, Preference.choice)):
+        ra, rb = round_of.get(a), round_of.get(b)
+        if choice != "skip" and ra is not None and rb is not None and ra != rb:
+            add(ra, rb, {"a": ra, "b": rb}.get(choice))
+    out = []
+    for (older, newer), c in sorted(tallies.items(), key=lambda kv: (order[kv[0][1]], order[kv[0][0]])):
+        n = c["newer"] + c["older"] + c["tie"]
+        out.append({
+            "older": rounds[older].name, "older_round_id": older,
+            "newer": rounds[newer].name, "newer_round_id": newer,
+            "n": n, "newer_wins": c["newer"], "older_wins": c["older"], "ties": c["tie"],
+            "newer_win_rate": _r4((c["newer"] + 0.5 * c["tie"]) / n) if n else None,
+        })
+    return out
 
