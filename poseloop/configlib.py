@@ -141,10 +141,15 @@ def from_dict(cfg_cls: type[C], data: dict[str, Any]) -> C:
 
 
 def build_parser(cfg_cls: type, presets: dict[str, Callable[[], Any]], default_preset: str,
-                 description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with --preset, --set and one --section.field flag per config field."""
+                 description: str, prog: str | None = None,
+                 aliases: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with --preset, --set and one --section.field flag per config field.
+
+    aliases maps a short flag name to a field, e.g. {"policy": "eval.policy"} adds --policy.
+    """
+    aliases = aliases or {}
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default=default_preset, choices=sorted(presets),
                         help="starting configuration; any field below overrides it")
@@ -165,17 +170,18 @@ def build_parser(cfg_cls: type, presets: dict[str, Callable[[], Any]], default_p
                                       metavar=_scalar_type(tp).__name__.upper())
         if _is_list(tp):
             kwargs["nargs"] = "*"
-        group.add_argument(f"--{name}", **kwargs)
+        short = [f"--{a}" for a, target in aliases.items() if target == name]
+        group.add_argument(f"--{name}", *short, **kwargs)
         # Show the default preset's value in --help without making argparse apply it.
         group._group_actions[-1].help = f"{help_text} [{default_preset}: {get_field(defaults, name)!r}]"
     return parser
 
 
 def parse_config(cfg_cls: type[C], presets: dict[str, Callable[[], C]], default_preset: str,
-                 argv: Sequence[str] | None, description: str, prog: str | None = None
-                 ) -> tuple[C, argparse.Namespace]:
+                 argv: Sequence[str] | None, description: str, prog: str | None = None,
+                 aliases: dict[str, str] | None = None) -> tuple[C, argparse.Namespace]:
     """Parse argv into a validated config: preset, then --section.field flags, then --set overrides."""
-    parser = build_parser(cfg_cls, presets, default_preset, description, prog)
+    parser = build_parser(cfg_cls, presets, default_preset, description, prog, aliases)
     args = parser.parse_args(argv)
     cfg = presets[args.preset]()
     try:

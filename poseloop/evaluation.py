@@ -1,0 +1,453 @@
+"""Did the new weights help? Baseline vs candidate on the same prompts, poses and seeds.
+
+evaluate() generates two rounds from one plan (one seed namespace, so image k of group g has the
+same seed and pose in both), registers them as a blind Comparison for the rating app, scores every
+image with the requested metrics, and writes a report beside the candidate policy:
+
+    models/policies/<version>/eval/<name>/report.md, metrics.json, metrics.png, grid.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from poseloop import db
+from poseloop.config import PRESETS as GENERATE_PRESETS
+from poseloop.config import DataConfig, GenerateConfig, ModelConfig, SampleConfig, StoreConfig
+from poseloop.configlib import ConfigError, field, to_dict
+from poseloop.generation import generate
+from poseloop.models import resolve_policy
+from poseloop.store import SampleStore, atomic_write, load_trajectory, save_png
+
+
+@dataclass
+class EvalSettings:
+    """What to compare and how to measure it."""
+
+    policy: str = field("latest", help="candidate: a policy version under <models_dir>/policies, or 'latest'")
+    baseline: str = field("base", help="baseline: 'base' (the model without a policy) or a policy version")
+    metrics: list[str] = field(default_factory=lambda: ["auto"],
+                               help="reward specs to report (see README 'Rewards'); 'auto' = every metric whose "
+                               "weights are present: pose accuracy, text alignment, the learned reward, LPIPS")
+    detector_weights: str = field("", help="OpenPose weights folder for pose accuracy (auto metrics); empty = "
+                                  "data.detector_weights or <models_dir>/annotators")
+    clip: str = field("", help="text alignment option string for auto metrics, e.g. "
+                      "'arch=ViT-L-14,weights=models/clip/open_clip_model.safetensors'")
+    lpips_weights: str = field("", help="LPIPS backbone weights; empty = random backbone (distances not meaningful)")
+    name: str = field("", help="evaluation name; empty = eval-<candidate>-vs-<baseline>")
+    bootstrap: int = field(2000, help="bootstrap resamples for confidence intervals")
+    confidence: float = field(0.95, help="confidence level of the intervals")
+    grid_rows: int = field(8, help="rows (condition / baseline / candidate / prompt) in the side-by-side grid")
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything evaluate.py needs: a generation config plus the evaluation settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, help="base model (the policy is applied on top)")
+    sample: SampleConfig = field(default_factory=SampleConfig, help="sampler (seeds shared by both sides)")
+    data: DataConfig = field(default_factory=DataConfig, help="prompts and poses to evaluate on")
+    store: StoreConfig = field(default_factory=StoreConfig, help="where the two rounds are stored")
+    eval: EvalSettings = field(default_factory=EvalSettings, help="comparison and metrics")
+
+    def validate(self) -> None:
+        """Check fields before anything loads."""
+        GenerateConfig(self.model, self.sample, self.data, self.store).validate()
+        if self.model.policy or self.model.lora:
+            raise ConfigError("model.policy / model.lora: set the candidate with --eval.policy and the baseline "
+                              "with --eval.baseline; the model section is the base model")
+        if not self.eval.policy:
+            raise ConfigError("eval.policy: name the candidate policy version, or 'latest'")
+        if self.eval.bootstrap < 100:
+            raise ConfigError(f"eval.bootstrap: use at least 100 resamples (got {self.eval.bootstrap})")
+        if not 0.5 < self.eval.confidence < 1:
+            raise ConfigError(f"eval.confidence: must be between 0.5 and 1 (got {self.eval.confidence})")
+        if not self.eval.metrics:
+            raise ConfigError("eval.metrics: give at least one metric, or 'auto'")
+
+
+def _preset(name: str) -> EvaluateConfig:
+    g = GENERATE_PRESETS[name]()
+    # Two images per (prompt, pose) keep an evaluation quick while still pairing every seed.
+    g.sample.images_per_group = 2
+    return EvaluateConfig(model=g.model, sample=g.sample, data=g.data, store=g.store)
+
+
+PRESETS = {name: (lambda n=name: _preset(n)) for name in GENERATE_PRESETS}
+
+
+@dataclass
+class MetricSummary:
+    """One metric over all pairs."""
+
+    name: str
+    spec: str
+    baseline_mean: float
+    baseline_ci: tuple[float, float]
+    candidate_mean: float
+    candidate_ci: tuple[float, float]
+    diff_mean: float
+    diff_ci: tuple[float, float]
+    win_rate: float  # candidate better than baseline, ties count half
+    n: int
+    note: str = ""
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation produced."""
+
+    name: str
+    candidate: str
+    baseline: str
+    pairs: int
+    metrics: list[MetricSummary]
+    skipped: dict[str, str]
+    blind: dict[str, Any] | None
+    report_dir: Path
+    seconds: float
+
+    def summary(self) -> str:
+        """The one-line terminal summary."""
+        parts = [f"{m.name} {m.baseline_mean:.3g} -> {m.candidate_mean:.3g} (win {m.win_rate:.0%})" for m in self.metrics]
+        if self.blind and self.blind["n"]:
+            parts.append(f"blind win {self.blind['win_rate']:.0%} of {self.blind['n']}")
+        return (f"{self.name}: {self.candidate} vs {self.baseline} on {self.pairs} pairs: "
+                f"{'; '.join(parts) or 'no metrics'} in {self.seconds:.0f} s -> {self.report_dir / 'report.md'}")
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int, confidence: float, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    if values.size == 0:
+        return (math.nan, math.nan)
+    if values.size == 1:
+        return (float(values[0]), float(values[0]))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def win_rate(candidate: np.ndarray, baseline: np.ndarray) -> float:
+    """Fraction of pairs where the candidate scores higher; ties count half."""
+    if candidate.size == 0:
+        return math.nan
+    return float(np.mean((candidate > baseline) + 0.5 * (candidate == baseline)))
+
+
+def summarize(name: str, spec: str, baseline: np.ndarray, candidate: np.ndarray, n_boot: int, confidence: float,
+              note: str = "") -> MetricSummary:
+    """Means, intervals, paired difference and win rate of one metric."""
+    return MetricSummary(
+        name=name, spec=spec, baseline_mean=float(baseline.mean()), baseline_ci=bootstrap_ci(baseline, n_boot, confidence),
+        candidate_mean=float(candidate.mean()), candidate_ci=bootstrap_ci(candidate, n_boot, confidence),
+        diff_mean=float((candidate - baseline).mean()),
+        diff_ci=bootstrap_ci(candidate - baseline, n_boot, confidence), win_rate=win_rate(candidate, baseline),
+        n=int(baseline.size), note=note,
+    )
+
+
+# ---- the pairs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """The baseline and candidate sample that share a group index, sample index and seed."""
+
+    baseline_id: int
+    candidate_id: int
+    prompt: str
+    keypoints: list[dict[str, Any]] | None
+    condition_path: str
+    source_image_path: str | None
+    baseline_image: str
+    candidate_image: str
+    baseline_trajectory: str | None
+    candidate_trajectory: str | None
+    width: int
+    height: int
+
+
+def load_pairs(session: Session, baseline_round_id: int, candidate_round_id: int) -> list[Pair]:
+    """Match the two rounds' samples by (group index, sample index); the seeds must agree."""
+    def by_slot(round_id: int) -> dict[tuple[int, int], db.Sample]:
+        rows = session.scalars(select(db.Sample).where(db.Sample.round_id == round_id)).all()
+        return {(s.group.index, s.index): s for s in rows}
+
+    base, cand = by_slot(baseline_round_id), by_slot(candidate_round_id)
+    if set(base) != set(cand):
+        raise ValueError("the baseline and candidate rounds do not have the same groups and samples")
+    pairs = []
+    for slot in sorted(base):
+        b, c = base[slot], cand[slot]
+        if b.seed != c.seed:
+            raise ValueError(f"sample {slot}: seeds differ ({b.seed} vs {c.seed}); the rounds were not made "
+                             "from one evaluation plan")
+        pairs.append(Pair(b.id, c.id, b.group.prompt, b.group.keypoints, b.group.condition_path,
+                          b.group.source_image_path, b.image_path, c.image_path, b.trajectory_path,
+                          c.trajectory_path, b.width, b.height))
+    return pairs
+
+
+def ensure_comparison(session: Session, name: str, baseline_round_id: int, candidate_round_id: int) -> db.Comparison:
+    """The Comparison row of this evaluation, created once."""
+    comp = session.scalar(select(db.Comparison).where(db.Comparison.name == name))
+    if comp is None:
+        comp = db.Comparison(name=name, baseline_round_id=baseline_round_id, candidate_round_id=candidate_round_id)
+        session.add(comp)
+        session.flush()
+    elif (comp.baseline_round_id, comp.candidate_round_id) != (baseline_round_id, candidate_round_id):
+        raise ConfigError(f"eval.name: comparison {name!r} already exists for other rounds; pick another --eval.name")
+    return comp
+
+
+def blind_results(session: Session, comparison_id: int) -> dict[str, Any]:
+    """Counts of the rating app's blind verdicts for this comparison (skips left out of the rate)."""
+    rows = session.scalars(select(db.BlindJudgement.outcome).where(db.BlindJudgement.comparison_id == comparison_id)).all()
+    counts = {k: rows.count(k) for k in ("candidate", "baseline", "tie", "skip")}
+    n = counts["candidate"] + counts["baseline"] + counts["tie"]
+    rate = (counts["candidate"] + 0.5 * counts["tie"]) / n if n else math.nan
+    return {**counts, "n": n, "win_rate": rate}
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def _image_tensor(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != size:
+            im = im.resize(size, Image.Resampling.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W]
+
+
+def auto_metrics(cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
+    """Metric specs whose weights are present, and why the others were skipped."""
+    specs, skipped = [], {}
+    models = Path(cfg.model.models_dir)
+    detector = cfg.eval.detector_weights or cfg.data.detector_weights or str(models / "annotators")
+    if (Path(detector) / "body_pose_model.pth").is_file():
+        specs.append(f"pose_accuracy:weights={detector}")
+    else:
+        skipped["pose_accuracy"] = (f"no OpenPose weights in {detector}; download body_pose_model.pth, "
+                                    "hand_pose_model.pth, facenet.pth from lllyasviel/Annotators and pass "
+                                    "--eval.detector_weights DIR")
+    if cfg.eval.clip:
+        specs.append(f"text_alignment:{cfg.eval.clip}")
+    else:
+        skipped["text_alignment"] = ("no CLIP weights given; pass e.g. --eval.clip "
+                                     "'arch=ViT-L-14,weights=PATH' (open_clip weights)")
+    if (models / "reward" / "latest").exists():
+        specs.append("latent:latest")
+    else:
+        skipped["latent"] = "no learned reward model yet; train one with train_reward.py"
+    return specs, skipped
+
+
+def compute_metric(spec: str, pairs: list[Pair], store: SampleStore, models_dir: str, batch: int = 8
+                   ) -> tuple[str, np.ndarray, np.ndarray]:
+    """(name, baseline values, candidate values) of one reward spec over all pairs."""
+    from poseloop.rewards import build_reward
+
+    reward = build_reward(spec, models_dir=models_dir)
+    out: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    for side in ("baseline", "candidate"):
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i : i + batch]
+            images = torch.stack([_image_tensor(store.abs(getattr(p, f"{side}_image"))) for p in chunk])
+            trajs = [getattr(p, f"{side}_trajectory") for p in chunk]
+            latents = (torch.stack([load_trajectory(store.abs(t)).latents[-1].float() for t in trajs])
+                       if all(trajs) else None)
+            meta = [{"keypoints": p.keypoints, "width": p.width, "height": p.height,
+                     "source_image": p.source_image_path} for p in chunk]
+            with torch.no_grad():
+                values = reward(images, latents, [p.prompt for p in chunk], meta)
+            out[side].extend(values.float().cpu().tolist())
+    return reward.name, np.asarray(out["baseline"]), np.asarray(out["candidate"])
+
+
+def compute_lpips(pairs: list[Pair], store: SampleStore, weights: str) -> tuple[np.ndarray, np.ndarray]:
+    """LPIPS of each image to its group's source photo (lower = closer), baseline and candidate."""
+    from poseloop.metrics import lpips_distance
+
+    with_source = [p for p in pairs if p.source_image_path]
+    out = {}
+    for side in ("baseline", "candidate"):
+        a = torch.stack([_image_tensor(store.abs(getattr(p, f"{side}_image"))) for p in with_source])
+        b = torch.stack([_image_tensor(Path(p.source_image_path), (p.width, p.height)) for p in with_source])  # type: ignore[arg-type]
+        with torch.no_grad():
+            out[side] = lpips_distance(a, b, lpips_weights=weights or None).cpu().numpy()
+    return out["baseline"], out["candidate"]
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def render_grid(pairs: list[Pair], store: SampleStore, rows: int, cell: int = 192) -> Image.Image:
+    """Rows of condition | baseline | candidate | prompt, one row per pair (first `rows` pairs)."""
+    chosen = pairs[:rows]
+    text_w = 2 * cell
+    grid = Image.new("RGB", (3 * cell + text_w, cell * len(chosen) + 24), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, title in enumerate(("condition", "baseline", "candidate", "prompt")):
+        draw.text((col * cell + 6, 6), title, fill="black")
+    for r, p in enumerate(chosen):
+        y = 24 + r * cell
+        for col, path in enumerate((store.abs(p.condition_path), store.abs(p.baseline_image), store.abs(p.candidate_image))):
+            with Image.open(path) as im:
+                grid.paste(im.convert("RGB").resize((cell, cell)), (col * cell, y))
+        words, line, lines = p.prompt.split(), "", []
+        for w in words:  # wrap by character count: the default bitmap font is ~6 px wide
+            if len(line) + len(w) + 1 > text_w // 7:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        draw.multiline_text((3 * cell + 8, y + 8), "\n".join(lines), fill="black")
+    return grid
+
+
+def plot_metrics(metrics: list[MetricSummary], path: Path) -> None:
+    """Paired difference (candidate - baseline) of each metric with its interval, against zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(metrics), 1)
+    fig, axes = plt.subplots(1, n, figsize=(2.8 * n, 3.0), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        # The means of both sides are often close; the paired difference shows what changed.
+        lo, hi = m.diff_ci
+        ax.errorbar([0], [m.diff_mean], yerr=[[m.diff_mean - lo], [hi - m.diff_mean]], fmt="o", color="#2f6fde",
+                    capsize=8)
+        ax.axhline(0.0, color="#8a8f98", lw=1, ls="--")
+        ax.set_xticks([])
+        ax.set_title(f"{m.name}\ncandidate - baseline\nwin rate {m.win_rate:.0%} (n={m.n})", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_report(result: EvalResult, cfg: EvaluateConfig, pairs: list[Pair], store: SampleStore) -> None:
+    """report.md, metrics.json, metrics.png and grid.png in the report folder (each written atomically)."""
+    out = result.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plot_metrics(result.metrics, out / "metrics.png")
+    save_png(render_grid(pairs, store, cfg.eval.grid_rows), out / "grid.png")
+    pct = int(cfg.eval.confidence * 100)
+    lines = [f"# Evaluation {result.name}", "",
+             f"Candidate **{result.candidate}** against baseline **{result.baseline}** on {result.pairs} image pairs "
+             f"(same prompt, pose and seed on both sides; {cfg.sample.steps} DDIM steps, guidance "
+             f"{cfg.sample.guidance_scale}, base model `{cfg.model.base}`).", "",
+             f"| metric | baseline (mean, {pct}% CI) | candidate (mean, {pct}% CI) | difference ({pct}% CI) | candidate win rate | n |",
+             "|---|---|---|---|---|---|"]
+    for m in result.metrics:
+        lines.append(f"| {m.name} | {m.baseline_mean:.4g} [{m.baseline_ci[0]:.4g}, {m.baseline_ci[1]:.4g}] | "
+                     f"{m.candidate_mean:.4g} [{m.candidate_ci[0]:.4g}, {m.candidate_ci[1]:.4g}] | "
+                     f"{m.diff_mean:+.4g} [{m.diff_ci[0]:+.4g}, {m.diff_ci[1]:+.4g}] | {m.win_rate:.0%} | {m.n} |")
+    notes = [f"- **{m.name}**: {m.note}" for m in result.metrics if m.note]
+    notes += [f"- **{name}** skipped: {why}" for name, why in result.skipped.items()]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    lines += ["", "Win rate: the fraction of pairs where the candidate's value is higher (ties count half); for "
+              "LPIPS lower is better, so its win rate counts pairs where the candidate is closer to the source.",
+              f"Intervals: percentile bootstrap over pairs ({cfg.eval.bootstrap} resamples).", ""]
+    blind = result.blind
+    lines += ["## Blind human comparison", ""]
+    if blind and blind["n"]:
+        lines.append(f"{blind['n']} verdicts in the rating app's blind mode: candidate preferred {blind['candidate']}, "
+                     f"baseline {blind['baseline']}, ties {blind['tie']} (skips {blind['skip']}): candidate win rate "
+                     f"{blind['win_rate']:.0%} (ties count half).")
+    else:
+        lines.append(f"No blind verdicts yet. Open the rating app (`python -m webapp`), choose blind mode and the "
+                     f"comparison `{result.name}`, then run `python evaluate.py --eval.name {result.name}` again: "
+                     "existing rounds are reused and the report is refreshed.")
+    lines += ["", "![paired differences](metrics.png)", "", "![condition / baseline / candidate / prompt](grid.png)", ""]
+    data = {"name": result.name, "candidate": result.candidate, "baseline": result.baseline, "pairs": result.pairs,
+            "metrics": [dataclasses.asdict(m) for m in result.metrics], "skipped": result.skipped,
+            "blind": result.blind, "config": to_dict(cfg)}
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+# ---- the whole evaluation -------------------------------------------------------------------------
+
+
+def evaluate(cfg: EvaluateConfig) -> EvalResult:
+    """Generate both sides (or reuse them), score every pair, write the report."""
+    start = time.perf_counter()
+    cfg.validate()
+    candidate = resolve_policy(dataclasses.replace(cfg.model, policy=cfg.eval.policy)).policy
+    baseline = "base" if cfg.eval.baseline == "base" else \
+        resolve_policy(dataclasses.replace(cfg.model, policy=cfg.eval.baseline)).policy
+    if candidate == baseline:
+        raise ConfigError(f"eval.baseline: the candidate and the baseline are the same ({candidate})")
+    name = cfg.eval.name or f"eval-{candidate}-vs-{baseline}"
+    want_lpips = cfg.eval.metrics == ["auto"] or "lpips" in cfg.eval.metrics
+    if cfg.eval.metrics == ["auto"]:
+        specs, skipped = auto_metrics(cfg)
+    else:
+        specs, skipped = [m for m in cfg.eval.metrics if m != "lpips"], {}
+    from poseloop.rewards import build_reward
+
+    for spec in specs:  # a bad spec or a missing weights file fails here, before any image is generated
+        try:
+            build_reward(spec, models_dir=cfg.model.models_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"eval.metrics: {spec!r}: {e}") from None
+
+    round_ids = {}
+    for side, policy in (("baseline", baseline), ("candidate", candidate)):
+        gcfg = GenerateConfig(
+            model=dataclasses.replace(cfg.model, policy="" if policy == "base" else policy),
+            sample=dataclasses.replace(cfg.sample, seed_namespace=name),
+            data=cfg.data, store=dataclasses.replace(cfg.store, round=f"{name}-{side}"),
+        )
+        round_ids[side] = generate(gcfg).round_name
+    store = SampleStore(cfg.store.samples_dir)
+    factory = db.open_db(cfg.store.db_url or db.default_db_url(store.root))
+    with db.session_scope(factory) as session:
+        ids = {side: session.scalar(select(db.Round.id).where(db.Round.name == rn)) for side, rn in round_ids.items()}
+        comparison = ensure_comparison(session, name, ids["baseline"], ids["candidate"])
+        pairs = load_pairs(session, ids["baseline"], ids["candidate"])
+        blind = blind_results(session, comparison.id)
+
+    summaries = []
+    for spec in specs:
+        metric_name, b, c = compute_metric(spec, pairs, store, cfg.model.models_dir)
+        summaries.append(summarize(metric_name, spec, b, c, cfg.eval.bootstrap, cfg.eval.confidence))
+    if want_lpips and any(p.source_image_path for p in pairs):
+        b, c = compute_lpips(pairs, store, cfg.eval.lpips_weights)
+        # Lower LPIPS is better: negate for the win rate, report the distances themselves.
+        s = summarize("lpips_to_source", "lpips", b, c, cfg.eval.bootstrap, cfg.eval.confidence,
+                      note="" if cfg.eval.lpips_weights else
+                      "computed with a random AlexNet backbone (no weights given): not a meaningful distance; "
+                      "pass --eval.lpips_weights")
+        s.win_rate = win_rate(-c, -b)
+        summaries.append(s)
+    elif want_lpips:
+        skipped["lpips_to_source"] = "no group has a source image (use a jsonl dataset with \"image\")"
+
+    report_dir = Path(cfg.model.models_dir) / "policies" / candidate / "eval" / name
+    result = EvalResult(name=name, candidate=candidate, baseline=baseline, pairs=len(pairs), metrics=summaries,
+                        skipped=skipped, blind=blind, report_dir=report_dir, seconds=time.perf_counter() - start)
+    write_report(result, cfg, pairs, store)
+    return result

@@ -1,0 +1,121 @@
+"""evaluate.py: both sides on the same seeds, metrics with intervals, report, blind results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import select
+
+import evaluate as evaluate_script
+from poseloop import db
+from poseloop.evaluation import bootstrap_ci, win_rate
+from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.store import SampleStore
+
+
+def test_win_rate_counts_ties_half() -> None:
+    assert win_rate(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.0, 5.0, 1.0])) == pytest.approx(2.5 / 4)
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n() -> None:
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(size=20), rng.normal(size=2000)
+    lo, hi = bootstrap_ci(small, 2000, 0.95)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_ci(large, 2000, 0.95)
+    assert (hi2 - lo2) < (hi - lo) / 4
+    assert bootstrap_ci(np.array([3.0]), 100, 0.95) == (3.0, 3.0)
+
+
+def make_policy(models_dir: Path, tiny_model_cfg, version: str) -> None:  # type: ignore[no-untyped-def]
+    from peft import LoraConfig
+
+    from poseloop.export import save_kohya_lora
+    from poseloop.models import load_components
+
+    comp = load_components(tiny_model_cfg)
+    torch.manual_seed(len(version))
+    comp.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    save_kohya_lora(comp.unet, models_dir / "policies" / version / "lora_kohya.safetensors")
+    (models_dir / "policies" / "latest").write_text(version)
+
+
+def test_evaluate_end_to_end_on_the_tiny_model(tiny_cfg, tmp_path: Path, models_dir: Path,  # type: ignore[no-untyped-def]
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    trained = tmp_path / "trained"
+    make_policy(trained, tiny_cfg.model, "run-0001")
+    render_pose(get_builtin_pose("waving"), 64, 64).save(tmp_path / "cond.png")
+    Image.new("RGB", (96, 96), (200, 40, 40)).save(tmp_path / "photo.png")
+    lines = [json.dumps({"image": "photo.png", "condition_image": "cond.png", "text": t}) for t in ("a man", "a woman")]
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--model.base", tiny_cfg.model.base, "--model.controlnet", tiny_cfg.model.controlnet,
+            "--model.models_dir", str(trained), "--store.samples_dir", tiny_cfg.store.samples_dir,
+            "--data.dataset", str(tmp_path / "eval.jsonl"), "--set", "sample.steps=3", "--set", "sample.width=64",
+            "--set", "sample.height=64", "--eval.metrics", "brightness", "jpeg_compressibility", "lpips",
+            "--set", "eval.bootstrap=200", "--policy", "latest"]
+    assert evaluate_script.main(argv) == 0
+    summary = capsys.readouterr().out
+    assert "eval-run-0001-vs-base: run-0001 vs base on 4 pairs" in summary
+
+    report_dir = trained / "policies" / "run-0001" / "eval" / "eval-run-0001-vs-base"
+    for name in ("report.md", "metrics.json", "metrics.png", "grid.png"):
+        assert (report_dir / name).is_file(), name
+    data = json.loads((report_dir / "metrics.json").read_text())
+    metrics = {m["name"]: m for m in data["metrics"]}
+    assert set(metrics) == {"brightness", "jpeg_compressibility", "lpips_to_source"}
+    assert "random AlexNet backbone" in metrics["lpips_to_source"]["note"]
+
+    # The reported brightness equals the mean brightness of the stored images, side by side.
+    store = SampleStore(tiny_cfg.store.samples_dir)
+    factory = db.open_db(db.default_db_url(store.root))
+    with db.session_scope(factory) as s:
+        rounds = {r.name: r for r in s.scalars(select(db.Round))}
+        comparison = s.scalar(select(db.Comparison))
+        assert comparison is not None and comparison.name == "eval-run-0001-vs-base"
+        means = {}
+        for side in ("baseline", "candidate"):
+            rnd = rounds[f"eval-run-0001-vs-base-{side}"]
+            assert rnd.policy_version == (None if side == "baseline" else "run-0001")
+            values = [np.asarray(Image.open(store.abs(x.image_path)).convert("RGB"), dtype=np.float32).mean() / 255
+                      for x in rnd.samples]
+            means[side] = float(np.mean(values))
+        b_sample = rounds["eval-run-0001-vs-base-baseline"].samples[0]
+        c_sample = next(x for x in rounds["eval-run-0001-vs-base-candidate"].samples
+                        if (x.group.index, x.index) == (b_sample.group.index, b_sample.index))
+        assert b_sample.seed == c_sample.seed
+        rater = db.get_or_create_rater(s, "ann")
+        s.add(db.BlindJudgement(comparison_id=comparison.id, rater_id=rater.id, baseline_sample_id=b_sample.id,
+                                candidate_sample_id=c_sample.id, left_is_candidate=True, outcome="candidate"))
+    assert metrics["brightness"]["baseline_mean"] == pytest.approx(means["baseline"], abs=1e-4)
+    assert metrics["brightness"]["candidate_mean"] == pytest.approx(means["candidate"], abs=1e-4)
+    assert metrics["brightness"]["baseline_mean"] != pytest.approx(metrics["brightness"]["candidate_mean"], abs=1e-5)
+    assert "No blind verdicts yet" in (report_dir / "report.md").read_text()
+
+    # A second run reuses both rounds and reports the blind verdict.
+    assert evaluate_script.main(argv) == 0
+    report = (report_dir / "report.md").read_text()
+    assert "1 verdicts in the rating app's blind mode: candidate preferred 1" in report
+    assert "| brightness |" in report
+    with db.session_scope(factory) as s:
+        assert len(s.scalars(select(db.Round)).all()) == 2
+
+
+def test_evaluate_refuses_bad_input_before_generating(tiny_cfg, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    trained = tmp_path / "trained"
+    make_policy(trained, tiny_cfg.model, "run-0001")
+    base = ["--model.base", tiny_cfg.model.base, "--model.controlnet", tiny_cfg.model.controlnet,
+            "--model.models_dir", str(trained), "--store.samples_dir", str(tmp_path / "s")]
+    for extra, needle in ((["--eval.metrics", "moonlight"], "moonlight"),
+                          (["--baseline", "run-0001"], "the candidate and the baseline are the same"),
+                          (["--policy", "run-0042"], "available: run-0001")):
+        with pytest.raises(SystemExit) as exc:
+            evaluate_script.main(base + extra)
+        assert exc.value.code == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.png"))
