@@ -382,6 +382,15 @@ def load_aesthetic_head(path: str | Path) -> torch.nn.Module:
     return head.eval().requires_grad_(False)
 
 
+def _clip_embed_dim(model: Any) -> int | None:
+    """Image embedding width of an open_clip model, or None if it cannot be told without running it."""
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if dim is None:
+        proj = getattr(model, "text_projection", None)
+        dim = proj.shape[1] if isinstance(proj, torch.Tensor) else None
+    return None if dim is None else int(dim)
+
+
 class AestheticReward:
     """LAION aesthetic score: an MLP (or linear) head on L2-normalised CLIP image embeddings; differentiable."""
 
@@ -390,7 +399,7 @@ class AestheticReward:
 
     def __init__(self, clip: OpenClipEmbedder, head: torch.nn.Module) -> None:
         in_dim = head.in_features if isinstance(head, torch.nn.Linear) else getattr(head, "input_size", None)
-        embed_dim = getattr(clip.model, "embed_dim", None) or clip.model.text_projection.shape[1]
+        embed_dim = _clip_embed_dim(clip.model)
         if in_dim is not None and embed_dim is not None and in_dim != embed_dim:
             raise ValueError(
                 f"aesthetic head expects {in_dim}-dim CLIP embeddings but {clip.arch} gives {embed_dim}; "

@@ -46,10 +46,14 @@ def openpose_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("annotators")
     torch.manual_seed(0)
-    for model, fname in ((bodypose_model(), "body_pose_model.pth"), (handpose_model(), "hand_pose_model.pth")):
-        # Published body/hand files drop the first key component ("model0."); controlnet_aux adds it back.
-        torch.save({k.split(".", 1)[1]: v.half() for k, v in model.state_dict().items()}, d / fname)
-    torch.save({k: v.half() for k, v in FaceNet().state_dict().items()}, d / "facenet.pth")
+    # Only the body net runs in these tests, so the hand and face nets get zeros: their shapes come from
+    # a meta-device build, which skips the (slow) random initialisation of ~40 M unused parameters.
+    torch.save({k.split(".", 1)[1]: v.half() for k, v in bodypose_model().state_dict().items()}, d / "body_pose_model.pth")
+    with torch.device("meta"):
+        hand, face = handpose_model().state_dict(), FaceNet().state_dict()
+    # Published body/hand files drop the first key component ("model0."); controlnet_aux adds it back.
+    torch.save({k.split(".", 1)[1]: torch.zeros(v.shape, dtype=torch.half) for k, v in hand.items()}, d / "hand_pose_model.pth")
+    torch.save({k: torch.zeros(v.shape, dtype=torch.half) for k, v in face.items()}, d / "facenet.pth")
     return d
 
 
@@ -314,12 +318,13 @@ class _ScriptedDetector:
 def test_pose_accuracy_real_loader_random_weights(openpose_dir: Path) -> None:
     r = R.build_reward(f"pose_accuracy:weights={openpose_dir}")
     assert isinstance(r, R.PoseAccuracyReward) and r.needs_images
-    gt = [[BUILTIN_POSES["standing"]], [BUILTIN_POSES["t_pose"], BUILTIN_POSES["sitting"]]]
-    out = r(_rand_images(2), None, ["a", "b"], _meta(2, gt))
-    # Random weights find nobody (or junk): the values must still be finite OKS values in 0..1.
-    assert out.shape == (2,) and out.dtype == torch.float32
+    # One image only: the body net always works at 184 px height whatever the input size (~3 s on CPU).
+    gt = [[BUILTIN_POSES["t_pose"], BUILTIN_POSES["sitting"]]]
+    out = r(_rand_images(1), None, ["a"], _meta(1, gt))
+    # Random weights find nobody (or junk): the value must still be a finite OKS value in 0..1.
+    assert out.shape == (1,) and out.dtype == torch.float32
     assert torch.all(torch.isfinite(out)) and torch.all((out >= 0) & (out <= 1))
-    assert len(r.last_detections) == 2
+    assert len(r.last_detections) == 1
 
 
 def test_pose_accuracy_scores_with_known_detections() -> None:
