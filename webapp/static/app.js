@@ -8,8 +8,9 @@ const S = {
   cfg: { score_min: -5, score_max: 5 },
   rater: LS.getItem("poseloop:rater") || "",
   roundId: null,
-  mode: LS.getItem("poseloop:mode") || "score", // score | pairs | grid
-  lastLabelMode: "score", // the mode grid returns to and whose labels undo reverts
+  mode: LS.getItem("poseloop:mode") || "score", // score | pairs | grid | blind
+  lastLabelMode: "score", // score or pairs: the mode grid and blind return to, whose labels undo reverts
+  roundsLoaded: false, // blind mode drops every round, item and pair from the page, so it can name none
   items: [],
   pos: 0,
   gridSel: 0,
@@ -20,6 +21,13 @@ const S = {
   pairProgress: { done: 0, total: 0 },
   pendingPairs: new Set(), // "a-b" keys submitted but not yet confirmed
   refilling: false,
+  // blind mode: the page holds only opaque pair tokens, prompts and /media/blind URLs
+  compId: null,
+  blind: [], // queue of upcoming blind pairs; blind[0] is on screen
+  blindShown: [], // judged blind pairs of this session, newest last, so undo can bring one back
+  blindProgress: { done: 0, total: 0 },
+  pendingBlind: new Set(), // pair tokens submitted but not yet confirmed
+  blindRefilling: false,
   minusArmed: false,
   zoom: false,
   writes: Promise.resolve(), // labels are sent one after another, in key order
@@ -132,6 +140,18 @@ async function loadRounds() {
   const found = data.rounds.find((r) => r.id === saved) || data.rounds[0];
   S.roundId = found ? found.id : null;
   if (found) sel.value = String(found.id);
+  S.roundsLoaded = true;
+}
+
+async function loadComparisons() {
+  const data = await api("GET", "/api/comparisons");
+  const sel = $("comparison");
+  sel.replaceChildren(...data.comparisons.map((c) =>
+    el("option", { value: c.id, textContent: `${c.name} · ${c.pairs} pairs` })));
+  const saved = Number(LS.getItem("poseloop:comparison"));
+  const found = data.comparisons.find((c) => c.id === saved) || data.comparisons[0];
+  S.compId = found ? found.id : null;
+  if (found) sel.value = String(found.id);
 }
 
 function askRater() {
@@ -150,6 +170,16 @@ function setRater(name) {
 // ------------------------------------------------------------------ loading
 
 async function reload() {
+  if (S.mode === "blind") {
+    if (S.rater) {
+      try { await loadBlind(true); } catch (e) { toast(`Could not load: ${e.message}`, true); }
+    }
+    render();
+    return;
+  }
+  if (!S.roundsLoaded) {
+    try { await loadRounds(); } catch (e) { toast(`Could not load: ${e.message}`, true); return; }
+  }
   if (!S.rater || S.roundId === null) {
     showEmpty(S.roundId === null ? "No rounds in the database yet. Run generate.py first." : "");
     return;
@@ -203,10 +233,46 @@ async function refillPairs() {
   }
 }
 
+async function loadBlind(reset) {
+  if (reset) { S.blind = []; S.blindShown = []; S.pendingBlind.clear(); S.blindProgress = { done: 0, total: 0 }; }
+  await refillBlind();
+}
+
+async function refillBlind() {
+  if (S.blindRefilling || S.compId === null || !S.rater) return;
+  const cid = S.compId;
+  S.blindRefilling = true;
+  try {
+    const exclude = [...S.blind.map((p) => p.pair), ...S.pendingBlind].join(",");
+    const data = await api("GET", `/api/comparisons/${cid}/pairs?${qs({ rater: S.rater, count: 3, exclude })}`);
+    if (cid !== S.compId) return;
+    const have = new Set(S.blind.map((p) => p.pair));
+    for (const p of data.pairs) if (!have.has(p.pair)) S.blind.push(p);
+    S.blindProgress = { done: data.progress.done + S.pendingBlind.size, total: data.progress.total };
+    for (const p of S.blind.slice(1, 3)) preload([p.left_url, p.right_url]);
+  } finally {
+    S.blindRefilling = false;
+  }
+}
+
+// Blind mode must not show anything that could tell the two models apart, so entering it drops every
+// round name, sample id and image URL of the other modes from the page; leaving it loads them again.
+function sealRounds() {
+  S.items = []; S.pairs = []; S.pairsShown = []; S.pendingPairs.clear();
+  S.roundsLoaded = false;
+  $("round").replaceChildren();
+  $("grid").replaceChildren();
+  for (const id of ["score-img", "score-overlay", "score-pose", "pair-left", "pair-right", "pair-left-overlay",
+                    "pair-right-overlay", "pair-pose"]) $(id).removeAttribute("src");
+  for (const id of ["score-meta", "score-prompt", "score-pose-name", "score-badge", "pair-prompt", "pair-pose-name"]) {
+    $(id).textContent = "";
+  }
+}
+
 // ------------------------------------------------------------------ rendering
 
 function showEmpty(msg) {
-  for (const v of ["score", "pairs", "grid"]) $(`view-${v}`).hidden = true;
+  for (const v of ["score", "pairs", "grid", "blind"]) $(`view-${v}`).hidden = true;
   $("empty").hidden = !msg;
   $("empty").textContent = msg;
 }
@@ -216,10 +282,12 @@ function render() {
   $("overlay-toggle").checked = S.overlay;
   $("only-unrated").checked = S.onlyUnrated;
   for (const b of document.querySelectorAll(".modes button")) b.classList.toggle("active", b.dataset.mode === S.mode);
+  document.body.classList.toggle("blind-mode", S.mode === "blind");
+  if (S.mode === "blind") return renderBlind();
   if (!S.rater || S.roundId === null) return;
   if (!S.items.length) return showEmpty("This round has no images.");
   $("empty").hidden = true;
-  for (const v of ["score", "pairs", "grid"]) $(`view-${v}`).hidden = v !== S.mode;
+  for (const v of ["score", "pairs", "grid", "blind"]) $(`view-${v}`).hidden = v !== S.mode;
   if (S.mode === "score") renderScore();
   else if (S.mode === "pairs") renderPairs();
   else renderGrid();
@@ -285,6 +353,27 @@ function renderPairs() {
   $("pair-pose-name").textContent = `${p.pose_name} · group ${p.group_index}`;
 }
 
+function renderBlind() {
+  if (!S.rater) return;
+  if (S.compId === null) return showEmpty("No blind comparisons yet. Run evaluate.py first.");
+  setProgress(S.blindProgress.done, S.blindProgress.total);
+  const p = S.blind[0];
+  if (!p) {
+    if (S.blindRefilling) return showEmpty("Loading pairs…");
+    return showEmpty(S.blindProgress.total ? "You have judged every pair of this comparison. Thank you!"
+                                           : "This comparison has no pairs.");
+  }
+  $("empty").hidden = true;
+  for (const v of ["score", "pairs", "grid", "blind"]) $(`view-${v}`).hidden = v !== "blind";
+  $("blind-prompt").textContent = p.prompt;
+  $("blind-left").src = p.left_url;
+  $("blind-right").src = p.right_url;
+  $("blind-left-overlay").src = p.pose_url;
+  $("blind-right-overlay").src = p.pose_url;
+  $("blind-pose").src = p.pose_url;
+  renderLightbox();
+}
+
 function visibleGridItems() {
   return S.items.map((it, i) => [it, i]).filter(([it]) => !S.onlyUnrated || it.score === null);
 }
@@ -325,7 +414,8 @@ function renderLightbox() {
   const box = $("lightbox");
   if (box.hidden) return;
   let urls = [];
-  if (S.mode === "pairs" && S.pairs[0]) urls = [S.pairs[0].left.image_url, S.pairs[0].right.image_url];
+  if (S.mode === "blind") urls = S.blind[0] ? [S.blind[0].left_url, S.blind[0].right_url] : [];
+  else if (S.mode === "pairs" && S.pairs[0]) urls = [S.pairs[0].left.image_url, S.pairs[0].right.image_url];
   else if (S.items.length) urls = [S.items[S.mode === "grid" ? S.gridSel : S.pos].image_url];
   box.classList.toggle("zoom", S.zoom);
   box.replaceChildren(...urls.map((u) => el("img", { src: u, alt: "fullscreen" })));
@@ -334,7 +424,22 @@ function renderLightbox() {
 // ------------------------------------------------------------------ actions
 
 function setMode(mode) {
+  const was = S.mode;
   S.mode = mode;
+  LS.setItem("poseloop:mode", mode);
+  if (mode === "blind") {
+    if (was !== "blind") {
+      sealRounds();
+      toggleLightbox(false);
+      loadComparisons().then(() => loadBlind(true)).then(render, (e) => toast(e.message, true));
+    }
+    return render();
+  }
+  if (!S.roundsLoaded) {
+    if (mode !== "grid") S.lastLabelMode = mode;
+    toggleLightbox(false);
+    return reload();
+  }
   if (mode !== "grid") S.lastLabelMode = mode;
   LS.setItem("poseloop:mode", mode);
   if (mode === "grid") S.gridSel = S.pos;
@@ -396,6 +501,53 @@ function flash(value) {
   if (b) { b.classList.add("pressed"); setTimeout(() => b.classList.remove("pressed"), 180); }
 }
 
+function judge(choice) {
+  const p = S.blind.shift();
+  if (!p) return;
+  const cid = S.compId;
+  S.pendingBlind.add(p.pair);
+  S.blindShown.push(p);
+  S.blindProgress.done++;
+  render();
+  write(`/api/comparisons/${cid}/judgements`, { rater: S.rater, pair: p.pair, choice })
+    .then(() => S.pendingBlind.delete(p.pair))
+    .catch((e) => {
+      S.pendingBlind.delete(p.pair);
+      if (cid !== S.compId) return;
+      S.blindShown = S.blindShown.filter((x) => x !== p);
+      if (e.status === 409) { toast(`Already judged: ${e.message}`, true); return; } // e.g. in another tab
+      S.blindProgress.done--;
+      S.blind.unshift(p);
+      toast(`Choice not saved: ${e.message}`, true);
+      render();
+    })
+    .finally(() => {
+      if (S.blind.length < 3 && S.mode === "blind") refillBlind().then(render, () => {});
+    });
+  if (S.blind.length < 2) refillBlind().then(render, () => {});
+}
+
+async function undoBlind() {
+  const cid = S.compId;
+  if (cid === null) return;
+  try {
+    await S.writes; // let earlier verdicts land first
+    const last = S.blindShown.pop();
+    const body = { rater: S.rater };
+    if (last) body.pair = last.pair; // naming the pair makes a retried undo harmless
+    const res = await write(`/api/comparisons/${cid}/undo`, body);
+    if (cid !== S.compId) return;
+    if (!res.undone) { toast("Nothing to undo"); return; }
+    const p = res.undone.pair;
+    S.blind = [p, ...S.blind.filter((x) => x.pair !== p.pair)];
+    S.blindProgress = { done: res.progress.done + S.pendingBlind.size, total: res.progress.total };
+    toast(`Undone (${res.undone.choice}): the pair is back`);
+    render();
+  } catch (e) {
+    toast(`Undo failed: ${e.message}`, true);
+  }
+}
+
 function choose(choice) {
   const p = S.pairs.shift();
   if (!p) return;
@@ -420,6 +572,7 @@ function choose(choice) {
 }
 
 async function undo() {
+  if (S.mode === "blind") return undoBlind();
   const kind = S.lastLabelMode === "pairs" ? "preference" : "score";
   try {
     await S.writes; // let earlier labels land first, so undo reverts the newest one
@@ -501,7 +654,10 @@ function onKey(e) {
 
   if (k === "?") { handled(); return toggleHelp(); }
   if (k === "Escape") { handled(); S.minusArmed = false; return toggleLightbox(false); }
-  if (!S.rater || !S.items.length) return;
+  if (!S.rater) return;
+  if (k === "b") { handled(); return setMode(S.mode === "blind" ? S.lastLabelMode : "blind"); }
+  if (S.mode === "blind") return onBlindKey(e, k, handled);
+  if (!S.items.length) return;
   if (k === "f") { handled(); return toggleLightbox(); }
   if (k === "z") { handled(); if ($("lightbox").hidden) toggleLightbox(true); S.zoom = !S.zoom; return renderLightbox(); }
   if (k === "m") { handled(); return setMode(S.mode === "pairs" ? "score" : "pairs"); }
@@ -541,6 +697,18 @@ function onKey(e) {
     const nxt = nextUnrated(S.pos);
     if (nxt >= 0) { S.pos = nxt; render(); } else toast("Every image has a score");
   }
+}
+
+function onBlindKey(e, k, handled) {
+  if (k === "f") { handled(); return toggleLightbox(); }
+  if (k === "z") { handled(); if ($("lightbox").hidden) toggleLightbox(true); S.zoom = !S.zoom; return renderLightbox(); }
+  if (k === "o") { handled(); S.overlay = !S.overlay; LS.setItem("poseloop:overlay", S.overlay ? "1" : "0"); return render(); }
+  if (k === "u") { handled(); return undoBlind(); }
+  if (k === "m") { handled(); return setMode(S.lastLabelMode); }
+  if (k === "g") { handled(); return setMode("grid"); }
+  const choice = { ArrowLeft: "left", a: "left", ArrowRight: "right", d: "right",
+                   ArrowDown: "tie", t: "tie", ArrowUp: "skip", s: "skip" }[k];
+  if (choice) { handled(); if (!e.repeat) judge(choice); }
 }
 
 function gridColumns() {
@@ -594,7 +762,14 @@ function wire() {
   });
   $("prev").addEventListener("click", () => move(-1));
   $("next").addEventListener("click", () => move(1));
-  for (const b of document.querySelectorAll(".choices button")) b.addEventListener("click", () => choose(b.dataset.choice));
+  for (const b of document.querySelectorAll("#view-pairs .choices button")) b.addEventListener("click", () => choose(b.dataset.choice));
+  for (const b of document.querySelectorAll("#view-blind .choices button")) b.addEventListener("click", () => judge(b.dataset.choice));
+  $("comparison").addEventListener("change", (e) => {
+    S.compId = Number(e.target.value);
+    LS.setItem("poseloop:comparison", String(S.compId));
+    e.target.blur();
+    loadBlind(true).then(render, (err) => toast(err.message, true));
+  });
   $("score-img").addEventListener("click", () => toggleLightbox(true));
   $("lightbox").addEventListener("click", () => { S.zoom = !S.zoom; renderLightbox(); });
   $("help-btn").addEventListener("click", toggleHelp);
@@ -615,12 +790,15 @@ async function main() {
   wire();
   try {
     S.cfg = await api("GET", "/api/config");
-    await loadRounds();
+    // Blind mode loads no rounds at all: nothing on the page may name the models it compares.
+    if (S.mode === "blind") await loadComparisons();
+    else await loadRounds();
   } catch (e) {
     showEmpty(`Cannot reach the server: ${e.message}`);
     return;
   }
-  if (S.mode !== "grid") S.lastLabelMode = S.mode;
+  if (S.mode === "score" || S.mode === "pairs") S.lastLabelMode = S.mode;
+  else if (!["grid", "blind"].includes(S.mode)) S.mode = "score";
   $("rater-btn").textContent = S.rater || "set rater";
   if (!S.rater) askRater();
   else reload();

@@ -48,6 +48,7 @@ function setExports(roundId) {
 async function show(roundId) {
   setExports(roundId);
   const s = await getJson(`/api/stats?round_id=${roundId}`);
+  showAcrossRounds(s);
   $("rater-table").tBodies[0].replaceChildren(...s.raters.map((r) => el("tr", {}, [
     el("td", { textContent: r.rater }),
     el("td", {}, [bar(r.scored, r.score_total)]),
@@ -64,6 +65,37 @@ async function show(roundId) {
     pairRow(r, r.agreement === null ? "–" : `${(100 * r.agreement).toFixed(1)}%`)));
 }
 
+const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
+const td = (text, cls) => el("td", { textContent: String(text), className: cls || "" });
+const roundLabel = (r) => `${r.name}${r.policy_version ? ` (${r.policy_version})` : ""}`;
+
+function showAcrossRounds(s) {
+  $("rounds-table").tBodies[0].replaceChildren(...s.rounds.map((r) => el("tr", {}, [
+    td(r.name), td(r.policy_version || "base model"), td((r.created_at || "").slice(0, 16).replace("T", " ")),
+    td(r.n_scores), td(r.n_raters), td(fmt(r.mean_score, 2)), td(fmt(r.mean_z, 2)),
+  ])));
+  $("cross-table").tBodies[0].replaceChildren(...s.cross_round.map((c) => el("tr", {}, [
+    td(`${c.older} → ${c.newer}`), td(c.n), td(c.newer_wins), td(c.older_wins), td(c.ties), td(pct(c.newer_win_rate)),
+  ])));
+  $("no-cross").hidden = s.cross_round.length > 0;
+  const rows = [];
+  for (const c of s.comparisons) {
+    const t = c.total;
+    rows.push(el("tr", { className: "group-row" }, [
+      td(`${c.name} · ${c.pairs} pairs`), td(roundLabel(c.baseline)), td(roundLabel(c.candidate)), td(t.n),
+      td(t.candidate_wins), td(t.baseline_wins), td(t.ties), td(t.skips), td(pct(t.candidate_win_rate)),
+    ]));
+    for (const r of c.raters) {
+      rows.push(el("tr", { className: "sub-row" }, [
+        td(r.rater, "indent"), td(""), td(""), td(r.n), td(r.candidate_wins), td(r.baseline_wins), td(r.ties),
+        td(r.skips), td(pct(r.candidate_win_rate)),
+      ]));
+    }
+  }
+  $("blind-table").tBodies[0].replaceChildren(...rows);
+  $("no-blind").hidden = s.comparisons.length > 0;
+}
+
 async function main() {
   const data = await getJson("/api/rounds");
   const sel = $("round");
@@ -72,6 +104,7 @@ async function main() {
   if (data.rounds.some((r) => r.id === saved)) sel.value = String(saved);
   sel.addEventListener("change", () => show(Number(sel.value)));
   if (data.rounds.length) await show(Number(sel.value));
+  else showAcrossRounds(await getJson("/api/stats"));
 }
 
 main().catch((e) => document.querySelector("main").prepend(el("p", { className: "error", textContent: e.message })));
