@@ -11,8 +11,8 @@ The result lives on the device of the inputs (``images`` if given, else ``latent
 
 Rewards never switch autograd off themselves: text_alignment, aesthetic and (if its model allows)
 latent are differentiable w.r.t. their inputs (for ReFL); call them under ``torch.no_grad()`` when
-only values are needed. pose_accuracy, the JPEG rewards and brightness's consumers get no gradient
-from the non-differentiable ones (JPEG encoding, keypoint detection).
+only values are needed. pose_accuracy and the JPEG rewards are not differentiable (keypoint
+detection, JPEG encoding); brightness is, trivially.
 
 Spec grammar (see docs/REWARDS.md)::
 
