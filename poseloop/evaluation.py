@@ -430,10 +430,21 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
         pairs = load_pairs(session, ids["baseline"], ids["candidate"])
         blind = blind_results(session, comparison.id)
 
+    from poseloop.rewards import parse_reward_spec
+
     summaries = []
     for spec in specs:
-        metric_name, b, c = compute_metric(spec, pairs, store, cfg.model.models_dir)
-        summaries.append(summarize(metric_name, spec, b, c, cfg.eval.bootstrap, cfg.eval.confidence))
+        usable, note = pairs, ""
+        if any(t.name == "pose_accuracy" for t in parse_reward_spec(spec)):
+            # Pose accuracy is defined against the condition's keypoints; image-only conditions have none.
+            usable = [p for p in pairs if p.keypoints]
+            if not usable:
+                skipped[spec] = "no pair has ground-truth keypoints (the conditions were given as images only)"
+                continue
+            if len(usable) < len(pairs):
+                note = f"over the {len(usable)} of {len(pairs)} pairs whose condition has known keypoints"
+        metric_name, b, c = compute_metric(spec, usable, store, cfg.model.models_dir)
+        summaries.append(summarize(metric_name, spec, b, c, cfg.eval.bootstrap, cfg.eval.confidence, note=note))
     if want_lpips and any(p.source_image_path for p in pairs):
         b, c = compute_lpips(pairs, store, cfg.eval.lpips_weights)
         # Lower LPIPS is better: negate for the win rate, report the distances themselves.
