@@ -266,16 +266,18 @@ def undo(session: Session, comparison_id: int, rater_name: str, token: Any) -> d
     """
     comp = get_comparison(session, comparison_id)
     pairs = comparison_pairs(session, comp)
+    target = None
+    if token is not None:
+        target = pairs.get(clean_token(token))
+        if target is None:
+            raise ApiError(404, f"unknown pair {token!r} in comparison {comparison_id}")
     rater = find_rater(session, rater_name)
     none = {"undone": None, "progress": progress(session, comparison_id, rater.id if rater else None, len(pairs))}
     if rater is None:
         return none
     q = select(BlindJudgement).where(BlindJudgement.comparison_id == comparison_id, BlindJudgement.rater_id == rater.id)
-    if token is not None:
-        pair = pairs.get(clean_token(token))
-        if pair is None:
-            raise ApiError(404, f"unknown pair {token!r} in comparison {comparison_id}")
-        q = q.where(BlindJudgement.baseline_sample_id == pair.baseline_sample_id)
+    if target is not None:
+        q = q.where(BlindJudgement.baseline_sample_id == target.baseline_sample_id)
     # Verdicts are never changed in place (a new verdict needs an undo first), so the highest id is the latest.
     j = session.scalar(q.order_by(BlindJudgement.id.desc()).limit(1))
     if j is None:
