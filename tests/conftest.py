@@ -74,3 +74,27 @@ def sd15_components(models_dir: Path):  # -> Components
 def sdxl_components(models_dir: Path):  # -> Components
     """Loaded tiny SDXL components (shared: tests must not modify them)."""
     return _components("tiny-sdxl", models_dir)
+
+
+@pytest.fixture(scope="session")
+def openpose_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three OpenPose networks saved the way lllyasviel/Annotators ships them: random body weights.
+
+    The hand and face nets get zeros of the right shapes: built on the meta device, which skips the
+    slow random initialisation of ~40 M parameters that no test runs.
+    """
+    import torch
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+
+    d = tmp_path_factory.mktemp("annotators")
+    torch.manual_seed(0)
+    # Published body/hand files drop the first key component ("model0."); controlnet_aux adds it back.
+    torch.save({k.split(".", 1)[1]: v.half() for k, v in bodypose_model().state_dict().items()},
+               d / "body_pose_model.pth")
+    with torch.device("meta"):
+        hand, face = handpose_model().state_dict(), FaceNet().state_dict()
+    torch.save({k.split(".", 1)[1]: torch.zeros(v.shape, dtype=torch.half) for k, v in hand.items()},
+               d / "hand_pose_model.pth")
+    torch.save({k: torch.zeros(v.shape, dtype=torch.half) for k, v in face.items()}, d / "facenet.pth")
+    return d

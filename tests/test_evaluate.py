@@ -119,3 +119,30 @@ def test_evaluate_refuses_bad_input_before_generating(tiny_cfg, tmp_path: Path, 
         assert exc.value.code == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.png"))
+
+
+def test_pose_accuracy_is_measured_only_where_keypoints_are_known(
+    tiny_cfg, tmp_path: Path, openpose_weights: Path  # type: ignore[no-untyped-def]
+) -> None:
+    from poseloop.evaluation import EvaluateConfig, evaluate
+
+    trained = tmp_path / "trained"
+    make_policy(trained, tiny_cfg.model, "run-0001")
+    pose = get_builtin_pose("t_pose")
+    render_pose(pose, 64, 64).save(tmp_path / "cond.png")
+    (tmp_path / "kp.json").write_text(json.dumps(pose.to_dict()))
+    (tmp_path / "eval.jsonl").write_text(
+        json.dumps({"condition_image": "cond.png", "text": "a", "keypoints": "kp.json"}) + "\n"
+        + json.dumps({"condition_image": "cond.png", "text": "b"}) + "\n")
+    cfg = EvaluateConfig(model=tiny_cfg.model, sample=tiny_cfg.sample, data=tiny_cfg.data, store=tiny_cfg.store)
+    cfg.model.models_dir = str(trained)
+    cfg.sample.steps = 2
+    cfg.data.dataset = str(tmp_path / "eval.jsonl")
+    cfg.eval.metrics = [f"pose_accuracy:weights={openpose_weights}"]
+    cfg.eval.bootstrap = 100
+    result = evaluate(cfg)
+    assert result.pairs == 4
+    (metric,) = result.metrics
+    assert metric.name == "pose_accuracy" and metric.n == 2
+    assert "2 of 4 pairs" in metric.note
+    assert 0.0 <= metric.baseline_mean <= 1.0

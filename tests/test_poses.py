@@ -287,23 +287,10 @@ def test_result_round_trip() -> None:
     assert P.pose_from_result(result) == pose
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three OpenPose networks with random weights, saved the way lllyasviel/Annotators ships them."""
-    import torch
-    from controlnet_aux.open_pose.face import FaceNet
-    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
-
-    d = tmp_path_factory.mktemp("annotators")
-    torch.manual_seed(0)
-    for model, fname in ((bodypose_model(), "body_pose_model.pth"), (handpose_model(), "hand_pose_model.pth")):
-        # The published body/hand files lack the first component of each key ("model0.conv1_1.weight" is
-        # stored as "conv1_1.weight"); controlnet_aux's util.transfer adds it back when loading.
-        sd = {k.split(".", 1)[1]: v.half() for k, v in model.state_dict().items()}
-        torch.save(sd, d / fname)
-    # The face net's file is a plain state dict with its own key names.
-    torch.save({k: v.half() for k, v in FaceNet().state_dict().items()}, d / "facenet.pth")
-    return d
+@pytest.fixture
+def random_weights(openpose_weights: Path) -> Path:
+    """OpenPose weight files with random weights (tests/conftest.py)."""
+    return openpose_weights
 
 
 def test_detector_with_random_weights(random_weights: Path) -> None:

@@ -38,23 +38,10 @@ def _rand_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 # Fixtures: tiny random models saved to files, so the real loading code runs
 
 
-@pytest.fixture(scope="module")
-def openpose_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three OpenPose networks with random weights, saved the way lllyasviel/Annotators ships them."""
-    from controlnet_aux.open_pose.face import FaceNet
-    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
-
-    d = tmp_path_factory.mktemp("annotators")
-    torch.manual_seed(0)
-    # Only the body net runs in these tests, so the hand and face nets get zeros: their shapes come from
-    # a meta-device build, which skips the (slow) random initialisation of ~40 M unused parameters.
-    torch.save({k.split(".", 1)[1]: v.half() for k, v in bodypose_model().state_dict().items()}, d / "body_pose_model.pth")
-    with torch.device("meta"):
-        hand, face = handpose_model().state_dict(), FaceNet().state_dict()
-    # Published body/hand files drop the first key component ("model0."); controlnet_aux adds it back.
-    torch.save({k.split(".", 1)[1]: torch.zeros(v.shape, dtype=torch.half) for k, v in hand.items()}, d / "hand_pose_model.pth")
-    torch.save({k: torch.zeros(v.shape, dtype=torch.half) for k, v in face.items()}, d / "facenet.pth")
-    return d
+@pytest.fixture
+def openpose_dir(openpose_weights: Path) -> Path:
+    """OpenPose weight files with random weights (tests/conftest.py)."""
+    return openpose_weights
 
 
 @pytest.fixture(scope="module")
