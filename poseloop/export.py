@@ -51,3 +51,123 @@ def save_kohya_lora(model: torch.nn.Module, path: str | Path, metadata: dict[str
     meta = {"format": "pt", "ss_network_module": "networks.lora", **(metadata or {})}
     atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     return path
+
+
+# ---- versioned policy exports ------------------------------------------------------------------
+
+LATEST_FILE = "latest"
+KOHYA_NAME = "lora_kohya.safetensors"
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+CONTROLNET_DIR = "controlnet"
+
+
+def save_diffusers_lora(pipe: Any, unet: torch.nn.Module, folder: str | Path, adapter: str = "default") -> Path:
+    """Write the UNet adapter with the pipeline class's save_lora_weights, keeping lora_alpha.
+
+    Without unet_lora_adapter_metadata diffusers reloads the file with alpha = rank, i.e. at the
+    wrong strength whenever lora_alpha != r.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+    type(pipe).save_lora_weights(folder, unet_lora_layers=layers,
+                                 unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
+    return folder / DIFFUSERS_LORA_NAME
+
+
+def readme_text(version: str, files: list[str], arch: str, base: str, controlnet: str) -> str:
+    """How to load an exported policy in ComfyUI, A1111 and diffusers."""
+    lines = [f"# Policy {version}", "", f"Base model: `{base}` ({arch}); ControlNet: `{controlnet}`.", "",
+             "Files: " + ", ".join(f"`{f}`" for f in files), ""]
+    pipe = "StableDiffusionXLControlNetPipeline" if arch == "sdxl" else "StableDiffusionControlNetPipeline"
+    if KOHYA_NAME in files:
+        lines += [
+            "## LoRA", "",
+            f"- ComfyUI: copy `{KOHYA_NAME}` into `ComfyUI/models/loras/` and use a *Load LoRA* node at "
+            "strength 1.0 (the file's alpha gives the trained strength).",
+            f"- A1111 / Forge: copy `{KOHYA_NAME}` into `stable-diffusion-webui/models/Lora/` and add "
+            f"`<lora:{Path(KOHYA_NAME).stem}:1>` to the prompt (rename the file to tell versions apart).",
+            f"- poseloop: `python generate.py --model.lora models/policies/{version}/{KOHYA_NAME}`.",
+            "- diffusers:", "", "```python",
+            f"pipe = {pipe}.from_pretrained(base, controlnet=controlnet)",
+            f'pipe.load_lora_weights("models/policies/{version}", weight_name="{DIFFUSERS_LORA_NAME}")',
+            "```", "",
+        ]
+    if CONTROLNET_DIR in files:
+        lines += [
+            "## ControlNet", "",
+            f"- ComfyUI: copy `{CONTROLNET_DIR}/diffusion_pytorch_model.safetensors` into "
+            "`ComfyUI/models/controlnet/` (rename it) and load it with *Load ControlNet Model*.",
+            f"- A1111 (sd-webui-controlnet): copy the same file into `extensions/sd-webui-controlnet/models/`.",
+            f"- poseloop: `python generate.py --model.controlnet models/policies/{version}/{CONTROLNET_DIR}`.",
+            f'- diffusers: `ControlNetModel.from_pretrained("models/policies/{version}/{CONTROLNET_DIR}")`.', "",
+        ]
+    return "\n".join(lines)
+
+
+def export_policy(policy: Any, root: str | Path, version: str, config: dict[str, Any],
+                  extra_metadata: dict[str, str] | None = None) -> Path:
+    """Export a trained policy to <root>/<version>/ atomically and point <root>/latest at it.
+
+    The folder is written under a temporary name and renamed, so a reader (ComfyUI, the next
+    generate.py) never sees half an export; re-exporting a version replaces it whole.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    comp = policy.comp
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=root))
+    try:
+        files: list[str] = []
+        meta = {"poseloop_version": version, "ss_base_model_version": comp.arch,
+                **{k: str(v) for k, v in (extra_metadata or {}).items()}}
+        if policy.target == "unet_lora":
+            save_kohya_lora(comp.unet, tmp / KOHYA_NAME, metadata=meta)
+            save_diffusers_lora(comp.pipe, comp.unet, tmp)
+            files += [KOHYA_NAME, DIFFUSERS_LORA_NAME]
+        else:
+            # ComfyUI loads diffusers-format ControlNets, not ControlNet LoRAs: export full weights.
+            policy.merged_controlnet().save_pretrained(tmp / CONTROLNET_DIR, safe_serialization=True)
+            files.append(CONTROLNET_DIR)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model = config.get("model", {})
+        (tmp / "README.md").write_text(readme_text(version, files, comp.arch, str(model.get("base", "")),
+                                                   str(model.get("controlnet", ""))))
+        final = root / version
+        if final.exists():
+            old = root / f".{version}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_latest(root, version)
+    return final
+
+
+def write_latest(root: str | Path, version: str) -> None:
+    """Atomically write <root>/latest, a one-line file naming the newest version."""
+    atomic_write(Path(root) / LATEST_FILE, lambda tmp: tmp.write_text(version + "\n"))
+
+
+def resolve_latest(root: str | Path) -> Path:
+    """The folder <root>/latest names; FileNotFoundError with a hint when there is none."""
+    root = Path(root)
+    marker = root / LATEST_FILE
+    if not marker.is_file():
+        raise FileNotFoundError(f"{marker} does not exist: no policy has been exported to {root} yet "
+                                "(run train_policy.py first)")
+    folder = root / marker.read_text().strip()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{marker} names {folder.name!r} but {folder} is missing")
+    return folder
