@@ -1,8 +1,9 @@
-"""End to end in headless Chromium: rate images and pairs with the keyboard, reload, check the database."""
+"""End to end in headless Chromium: rate images, pairs and blind pairs with the keyboard, reload, check the database."""
 
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from poseloop.db import Preference, Rater, Rating, open_db, session_scope
-from webapp_fixtures import Env, LiveServer, app, env, live_server, make_chrome  # noqa: F401  (fixtures)
+from poseloop.db import BlindJudgement, Preference, Rater, Rating, open_db, session_scope
+from webapp_fixtures import Blind, Env, LiveServer, app, cmp, env, live_server, make_chrome  # noqa: F401  (fixtures)
 
 RATER = 'Zoë <img src=x onerror="window.pwned=1">'
 
@@ -160,3 +161,112 @@ def test_keyboard_rating_survives_reload(browser: Any, live_server: LiveServer, 
     wait_for(lambda: d.find_element(By.ID, "help-dialog").is_displayed())
     assert "Shift+1" in d.find_element(By.ID, "help-dialog").text
     assert db_labels(env)[0] == expected
+
+
+def blind_token(driver: Any) -> str:
+    """The pair token of the blind pair on screen (from /media/blind/<cmp>/<token>/left?rater=...)."""
+    return src(driver, "blind-left").split("/media/blind/", 1)[1].split("/")[1]
+
+
+def db_blind(env: Env) -> dict[int, tuple[bool, str]]:
+    """This rater's blind verdicts: {baseline sample id: (left_is_candidate, outcome)}."""
+    factory = open_db(env.db_url)
+    with session_scope(factory) as s:
+        rows = s.execute(select(BlindJudgement.baseline_sample_id, BlindJudgement.left_is_candidate,
+                                BlindJudgement.outcome).join(Rater, BlindJudgement.rater_id == Rater.id)
+                         .where(Rater.name == RATER)).all()
+    factory.kw["bind"].dispose()
+    return {b: (lc, o) for b, lc, o in rows}
+
+
+# Injected before the page's own scripts: keeps a copy of every fetch answer the page receives (POSTs too).
+RECORD_FETCHES = """
+window.__answers = [];
+const realFetch = window.fetch;
+window.fetch = async (...args) => {
+  const resp = await realFetch(...args);
+  resp.clone().text().then((t) => window.__answers.push([String(args[0]), t]));
+  return resp;
+};
+"""
+
+
+def assert_page_blind(driver: Any, cmp: Blind) -> None:
+    """Neither the DOM nor anything this page fetched (since the last clear) names a round, policy, sample or group."""
+    dom = driver.execute_script("return document.documentElement.outerHTML")
+    for secret in cmp.secrets():
+        assert secret not in dom, secret
+    answers = driver.execute_script("return window.__answers")
+    entries = driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => [e.name, e.initiatorType])")
+    urls = [u for u, _kind in entries] + [driver.current_url]
+    assert any("/api/comparisons/" in u for u, _t in answers) and any("/media/blind/" in u for u in urls)
+    # Images, scripts and the page itself are fetched again here (GETs); fetch() answers were recorded.
+    replayed = []
+    for u, kind in [*entries, (driver.current_url, "navigation")]:
+        if kind == "fetch":
+            continue
+        with urllib.request.urlopen(u) as resp:
+            body = resp.read()
+            replayed.append((u, str(resp.headers) + (body.decode() if resp.headers.get_content_type() != "image/png" else "")))
+    for u, body in [*answers, *replayed]:
+        assert "/api/rounds" not in u and "/media/sample/" not in u and "/media/condition/" not in u, u
+        for secret in cmp.secrets():
+            assert secret not in u and secret not in body, (secret, u)
+
+
+def test_blind_mode_keyboard_reload_undo_and_hidden_identity(browser: Any, live_server: LiveServer, env: Env,
+                                                             cmp: Blind) -> None:
+    d = browser
+    d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_FETCHES})
+    d.get(live_server.url + "/")
+    WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input")).send_keys(RATER + Keys.ENTER)
+    wait_for(lambda: "/media/sample/" in src(d, "score-img"))
+    assert "candidateRoundZ9" in d.page_source  # score mode lists every round ...
+    # From here on, only what blind mode fetches.
+    d.execute_script("performance.clearResourceTimings(); window.__answers = []")
+    keys(d, "b")
+    wait_for(lambda: "/media/blind/" in src(d, "blind-left"))
+    assert_page_blind(d, cmp)  # ... blind mode has dropped them from the page
+
+    # Judge three pairs: left, right (d), tie (t); each verdict is stored as what the side meant.
+    shown = []
+    for k, choice in ((Keys.ARROW_LEFT, "left"), ("d", "right"), ("t", "tie")):
+        token = blind_token(d)
+        with urllib.request.urlopen(src(d, "blind-left")) as resp:
+            left_bytes = resp.read()
+        base_id, cand_id = cmp.pairs[token]
+        left_is_cand = left_bytes == cmp.files[cand_id].read_bytes()
+        assert left_is_cand or left_bytes == cmp.files[base_id].read_bytes()
+        shown.append((token, base_id, left_is_cand, choice))
+        keys(d, k)
+        wait_for(lambda token=token: len(db_blind(env)) == len(shown) and blind_token(d) != token)
+    assert len({t for t, *_ in shown}) == 3
+    for _token, base_id, left_is_cand, choice in shown:
+        want = "tie" if choice == "tie" else "candidate" if (choice == "left") == left_is_cand else "baseline"
+        assert db_blind(env)[base_id] == (left_is_cand, want)
+    assert text(d, "progress-text") == "3 / 6"
+    on_screen = (blind_token(d), src(d, "blind-left"), src(d, "blind-right"))
+
+    # Reload: the page boots straight into blind mode, with the same pair on the same side.
+    d.refresh()
+    wait_for(lambda: "/media/blind/" in src(d, "blind-left"))
+    assert (blind_token(d), src(d, "blind-left"), src(d, "blind-right")) == on_screen
+    wait_for(lambda: text(d, "progress-text") == "3 / 6")
+    assert_page_blind(d, cmp)
+
+    # Undo takes back the latest verdict (the tie) and shows that pair again; then skip it.
+    keys(d, "u")
+    wait_for(lambda: len(db_blind(env)) == 2)
+    wait_for(lambda: blind_token(d) == shown[2][0])
+    assert text(d, "progress-text") == "2 / 6"
+    keys(d, "s")
+    wait_for(lambda: db_blind(env).get(shown[2][1], (None, None))[1] == "skip")
+    wait_for(lambda: text(d, "progress-text") == "3 / 6")
+    assert blind_token(d) not in {t for t, *_ in shown}  # judged pairs are not shown again
+    assert d.execute_script("return window.pwned === undefined")
+    assert_page_blind(d, cmp)
+
+    # b leaves blind mode: the rounds come back.
+    keys(d, "b")
+    wait_for(lambda: "/media/sample/" in src(d, "score-img"))
