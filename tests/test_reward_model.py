@@ -264,3 +264,29 @@ def test_score_images_encodes_with_the_vae(labelled: dict) -> None:
     with torch.no_grad():
         latents = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor
         assert torch.allclose(model.score_images(images, vae), model.score(latents), atol=1e-5)
+
+
+def test_images_without_trajectory_are_vae_encoded(labelled: dict, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from poseloop.reward_model import encode_images
+
+    samples = tmp_path / "samples"
+    shutil.copytree(labelled["samples_dir"], samples)
+    factory = db.open_db(db.default_db_url(samples))
+    with db.session_scope(factory) as s:
+        row = s.scalar(select(db.Sample).order_by(db.Sample.id))
+        row.trajectory_path = None  # an imported image: only the PNG is known
+        sid, image_path = row.id, row.image_path
+    (samples / "round-0001" / "trajectories" / "g00000_s0.safetensors").unlink()
+    # vae=None: the VAE of the model that made the round is loaded from the round's config.
+    labels = load_labels(_cfg(samples, tmp_path).data)
+    got = labels.latents[labels.sample_ids.index(sid)]
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(labelled["root"] / "tiny-sd15" / "vae")).eval()
+    img = torch.from_numpy(np.asarray(Image.open(samples / image_path).convert("RGB"), dtype=np.float32) / 255)
+    with torch.no_grad():
+        want = encode_images(vae, img.permute(2, 0, 1)[None])[0]
+    assert got.shape == (4, 8, 8) and torch.allclose(got, want, atol=1e-4)
