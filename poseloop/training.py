@@ -722,7 +722,7 @@ class PolicyTrainer:
                     if self.first_ratio is None:
                         self.first_ratio = float((torch.exp(lp.detach() - old) - 1).abs().max())
                     self.accelerator.backward(loss / (len(steps) * cfg.grad_accum))
-                    stats["loss"].append(float(loss))
+                    stats["loss"].append(float(loss.detach()))
                     for key in ("approx_kl", "clipfrac", "ratio"):
                         stats[key].append(float(info[key]))
                 micro += 1
@@ -846,13 +846,39 @@ class PolicyTrainer:
                 self.accelerator.backward(loss / (len(steps) * cfg.grad_accum))
                 with torch.no_grad():
                     margin = (lp_w - ref_w) - (lp_l - ref_l)
-                    stats["loss"].append(float(loss))
+                    stats["loss"].append(float(loss.detach()))
                     stats["pair_accuracy"].append(float((margin > 0).float().mean()))
                     stats["margin"].append(float(margin.mean()))
                     stats["approx_kl"].append(float(0.5 * ((lp - ref_j) ** 2).mean()))
             if (pos + 1) % cfg.grad_accum == 0 or pos == len(order) - 1:
                 self._optimizer_step()
         return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+
+    def pair_margins(self) -> torch.Tensor:
+        """Per stored pair, mean over steps of log r_w - log r_l (r = pi_theta / pi_ref): > 0 = winner favoured."""
+        if self.pair_data is None:
+            self.pair_data = self._load_pair_data()
+        out = []
+        for batch in self.pair_data:
+            with torch.no_grad():
+                lp = self._policy_log_probs(batch)
+            ref = batch.extra["ref"]
+            n = lp.shape[0] // 2
+            log_r = lp - ref  # [2N, T]
+            out.append((log_r[:n] - log_r[n:]).mean(dim=1))
+        return torch.cat(out)
+
+    def _policy_log_probs(self, batch: _Batch) -> torch.Tensor:
+        """log-probs [N, T] under the current policy (no grad)."""
+        n, num_steps = batch.log_probs.shape
+        out = torch.empty(n, num_steps)
+        bs = self.cfg.sample.batch_size
+        for i in range(0, n, bs):
+            sl = slice(i, i + bs)
+            cond = batch.cond.select(sl)
+            for j in range(num_steps):
+                out[sl, j] = self._rescore(cond, batch.latents[sl], batch.timesteps, j, batch.sample_cfg).cpu()
+        return out
 
     def d3po_epoch(self, epoch: int) -> dict[str, float]:
         """One D3PO epoch: stored human pairs, or fresh samples with a reward picking winner and loser."""

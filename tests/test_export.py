@@ -1,0 +1,128 @@
+"""Policy exports: kohya + diffusers LoRA (alpha != rank) and ControlNet folders reload and reproduce the model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from poseloop import sampling
+from poseloop.config import ModelConfig, SampleConfig, tiny
+from poseloop.export import KOHYA_NAME, LATEST_FILE, export_policy, resolve_latest
+from poseloop.models import Components, load_components
+from poseloop.policy import Policy
+from poseloop.poses import get_builtin_pose, render_pose
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # The CPUs are shared: one thread is several times faster than two under load.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def model_cfg(models_dir: Path, **overrides: object) -> ModelConfig:
+    cfg = tiny().model
+    cfg.base = str(models_dir / "tiny-sd15")
+    cfg.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def eps_of(comp: Components) -> torch.Tensor:
+    """Noise prediction (CFG + ControlNet) for fixed inputs."""
+    pose = render_pose(get_builtin_pose("walking"), 64, 64)
+    cfg = SampleConfig(guidance_scale=3.0)
+    cond = sampling.make_conditioning(comp, ["a walking robot", "a cat"], [pose, pose], cfg, 64, 64)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return sampling.predict_noise(comp, x, torch.tensor(501), cond, cfg.guidance_scale, 1.0)
+
+
+def perturb_lora(policy: Policy) -> None:
+    """Stand-in for training: lora_B starts at zero, so give it values that change the output."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.named_trainable().items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Path, tmp_path: Path) -> None:
+    comp = load_components(model_cfg(models_dir))
+    base = eps_of(comp)
+    policy = Policy(comp, "unet_lora", rank=4, alpha=8.0)  # alpha != rank: strength 2
+    assert torch.equal(eps_of(comp), base), "a fresh LoRA (B = 0) must not change the model"
+    perturb_lora(policy)
+    trained = eps_of(comp)
+    assert (trained - base).abs().max() > 1e-3
+
+    folder = export_policy(policy, tmp_path / "policies", "run-e0003", {"model": {"base": "b", "controlnet": "c"}})
+    assert folder == tmp_path / "policies" / "run-e0003"
+    assert (tmp_path / "policies" / LATEST_FILE).read_text().strip() == "run-e0003"
+    assert resolve_latest(tmp_path / "policies") == folder
+    assert json.loads((folder / "config.json").read_text())["model"]["base"] == "b"
+    readme = (folder / "README.md").read_text()
+    assert "ComfyUI" in readme and "A1111" in readme and "load_lora_weights" in readme
+    assert not [p for p in (tmp_path / "policies").iterdir() if p.name.endswith(".tmp")]
+
+    with safe_open(str(folder / KOHYA_NAME), framework="pt") as f:
+        keys = list(f.keys())
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert alphas == {8.0}
+
+    for name in (KOHYA_NAME, "pytorch_lora_weights.safetensors"):
+        reloaded = load_components(model_cfg(models_dir, lora=str(folder / name)))
+        torch.testing.assert_close(eps_of(reloaded), trained, atol=1e-5, rtol=1e-4, msg=name)
+
+    # Re-exporting a version replaces it whole; 'latest' follows the newest export.
+    export_policy(policy, tmp_path / "policies", "run-e0006", {"model": {}})
+    assert resolve_latest(tmp_path / "policies").name == "run-e0006"
+
+
+@pytest.mark.parametrize("target", ["controlnet_lora", "controlnet"])
+def test_controlnet_export_reloads_with_from_pretrained(models_dir: Path, tmp_path: Path, target: str) -> None:
+    from diffusers import ControlNetModel
+
+    comp = load_components(model_cfg(models_dir))
+    # The tiny ControlNet comes from ControlNetModel.from_unet with zero convolutions, which hide any
+    # change inside it; give them values, as a trained ControlNet has.
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in comp.controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    base = eps_of(comp)
+    policy = Policy(comp, target, rank=4, alpha=2.0)
+    if target == "controlnet_lora":
+        perturb_lora(policy)
+    else:
+        with torch.no_grad():
+            comp.controlnet.controlnet_mid_block.bias.add_(0.5)  # a zero-conv bias: visible in the output
+    trained = eps_of(comp)
+    assert (trained - base).abs().max() > 1e-3
+    # The reference (model before fine-tuning) is still reachable.
+    with policy.reference():
+        torch.testing.assert_close(eps_of(comp), base, atol=1e-6, rtol=0)
+
+    folder = export_policy(policy, tmp_path / "policies", "cn-e0001", {"model": {}})
+    assert not (folder / KOHYA_NAME).exists()
+    cn = ControlNetModel.from_pretrained(str(folder / "controlnet"))
+    assert not any("lora" in k for k in cn.state_dict())
+    with safe_open(str(folder / "controlnet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert "controlnet_cond_embedding.conv_in.weight" in f.keys()  # what ComfyUI detects
+    reloaded = load_components(model_cfg(models_dir, controlnet=str(folder / "controlnet")))
+    torch.testing.assert_close(eps_of(reloaded), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_resolve_latest_without_exports_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train_policy.py"):
+        resolve_latest(tmp_path)

@@ -1,0 +1,242 @@
+"""Policy training on the tiny model: exact first PPO ratio, DDPO and D3PO learn, resume is exact, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from poseloop.configlib import ConfigError
+from poseloop.inputs import InputError
+from poseloop.training import PolicyConfig, PolicyTrainer, tiny, train
+
+# SD1.5's linear latent -> RGB preview factors: the brightness of the preview image. The tiny model's
+# random VAE maps every latent to nearly the same grey (mean 0.509..0.513), so decoded brightness
+# carries almost no signal; the preview keeps the meaning "make the image brighter".
+PREVIEW_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                            [-0.184, -0.271, -0.473]])
+
+
+class Brightness:
+    """Synthetic reward: mean brightness of the final latents' RGB preview."""
+
+    name = "test_brightness"
+    needs_images = False
+
+    def __call__(self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str],
+                 metadata: list[dict]) -> torch.Tensor:
+        assert latents is not None and len(prompts) == len(metadata) == latents.shape[0]
+        return torch.einsum("bchw,cr->brhw", latents.float(), PREVIEW_RGB).mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # The CPUs are shared: one thread is several times faster than two under load.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def policy_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig:
+    cfg = tiny()
+    cfg.model.base = str(models_dir / "tiny-sd15")
+    cfg.model.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
+    cfg.sample.width = cfg.sample.height = 64
+    cfg.sample.steps = 4
+    cfg.sample.images_per_group = 2
+    cfg.data.prompts = ["a dancer"]
+    cfg.data.poses = ["standing", "sitting"]
+    cfg.train.groups_per_epoch = 2
+    cfg.train.batch_size = 2
+    cfg.train.epochs = 1
+    cfg.output.root = str(tmp / "policies")
+    cfg.output.runs_dir = str(tmp / "runs")
+    cfg.output.grid_every = cfg.output.export_every = 0
+    cfg.d3po.samples_dir = str(tmp / "samples")
+    for key, value in overrides.items():
+        obj = cfg
+        *parents, last = key.split("__")
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return cfg
+
+
+def fixed_seed_reward(trainer: PolicyTrainer, n: int = 8) -> float:
+    """Mean reward of fixed seeds on the groups in turn, under the trainer's current policy."""
+    groups = [i % len(trainer.specs) for i in range(n)]
+    _, rewards, _ = trainer._sample_groups(groups, [1000 + i for i in range(n)], Brightness())
+    assert rewards is not None
+    return float(rewards.mean())
+
+
+# ---- DDPO ----------------------------------------------------------------------------------------
+
+
+def test_first_ppo_ratio_is_exactly_one(models_dir: Path, tmp_path: Path) -> None:
+    trainer = PolicyTrainer(policy_cfg(models_dir, tmp_path), reward=Brightness(), progress=False)
+    row = trainer.ddpo_epoch(0)
+    assert trainer.first_ratio == 0.0  # re-scoring with unchanged weights reproduces the sampled log-probs
+    assert np.isfinite(row["loss"]) and row["samples"] == 4
+
+
+def test_ddpo_raises_the_reward(models_dir: Path, tmp_path: Path) -> None:
+    # 32 trajectories an epoch: fewer make the policy gradient too noisy to rise reliably in 6 epochs.
+    cfg = policy_cfg(models_dir, tmp_path, train__epochs=6, train__groups_per_epoch=4, sample__images_per_group=8,
+                     train__batch_size=8, optim__lr=1e-2, train__clip_range=0.2)
+    trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    before = fixed_seed_reward(trainer)
+    result = trainer.run()
+    after = fixed_seed_reward(trainer)
+    assert after > before + 0.2, (before, after, [round(r["reward_mean"], 3) for r in result.history])
+    assert result.export_dir is not None and (result.export_dir / "lora_kohya.safetensors").is_file()
+    assert (result.run_dir / "metrics.csv").read_text().startswith("epoch,reward_mean,reward_std")
+    assert (result.run_dir / "metrics.png").is_file()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(models_dir: Path, tmp_path: Path) -> None:
+    def run(epochs: int, name: str) -> dict[str, torch.Tensor]:
+        cfg = policy_cfg(models_dir, tmp_path, train__epochs=epochs, optim__lr=1e-2)
+        cfg.output.run_name = name
+        result = train(cfg, reward=Brightness(), progress=False)
+        assert result.epochs_done == epochs
+        return load_file(str(result.run_dir / "checkpoint" / "weights.safetensors"))
+
+    straight = run(4, "straight")
+    run(2, "split")  # stands in for a run interrupted after epoch 2
+    resumed = run(4, "split")
+    assert straight.keys() == resumed.keys()
+    assert any(v.abs().max() > 0 for k, v in straight.items() if "lora_B" in k), "training changed nothing"
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+# ---- D3PO ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rated_round(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated tiny round (2 groups x 4 images) with every pair rated: the brighter image wins."""
+    from sqlalchemy import select
+
+    from poseloop import db
+    from poseloop.config import tiny as gen_tiny
+    from poseloop.generation import generate
+    from poseloop.store import SampleStore, load_trajectory
+
+    root = tmp_path_factory.mktemp("rated")
+    cfg = gen_tiny()
+    cfg.model.base = str(models_dir / "tiny-sd15")
+    cfg.model.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
+    cfg.sample.width = cfg.sample.height = 64
+    cfg.sample.steps, cfg.sample.images_per_group, cfg.sample.batch_size = 4, 4, 8
+    cfg.data.prompts, cfg.data.poses = ["a dancer"], ["standing", "sitting"]
+    cfg.store.samples_dir = str(root / "samples")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    generate(cfg)
+    torch.set_num_threads(before)
+    store = SampleStore(root / "samples")
+    factory = db.open_db(db.default_db_url(store.root))
+    with db.session_scope(factory) as session:
+        rater = db.get_or_create_rater(session, "synthetic")
+        samples = list(session.scalars(select(db.Sample).order_by(db.Sample.id)))
+        bright = {s.id: float(Brightness()(None, load_trajectory(store.abs(s.trajectory_path)).latents[-1:],
+                                            ["p"], [{}])) for s in samples}
+        for a in samples:
+            for b in samples:
+                if a.group_id == b.group_id and a.id < b.id:
+                    session.add(db.Preference(rater_id=rater.id, sample_a_id=a.id, sample_b_id=b.id,
+                                              choice="a" if bright[a.id] > bright[b.id] else "b"))
+        # A tie and a skip: must be ignored.
+        a, b, c = samples[0], samples[1], samples[2]
+        other = db.get_or_create_rater(session, "other")
+        session.add(db.Preference(rater_id=other.id, sample_a_id=a.id, sample_b_id=b.id, choice="tie"))
+        session.add(db.Preference(rater_id=other.id, sample_a_id=a.id, sample_b_id=c.id, choice="skip"))
+    return root / "samples"
+
+
+def d3po_cfg(models_dir: Path, tmp: Path, samples: Path, **overrides: object) -> PolicyConfig:
+    settings: dict[str, object] = {"algo": "d3po", "train__epochs": 4, "optim__lr": 3e-3, "train__batch_size": 4}
+    cfg = policy_cfg(models_dir, tmp, **{**settings, **overrides})
+    cfg.d3po.samples_dir = str(samples)
+    return cfg
+
+
+def test_d3po_from_human_preferences_favours_the_winners(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
+    trainer = PolicyTrainer(d3po_cfg(models_dir, tmp_path, rated_round), progress=False)
+    assert len(trainer.pairs) == 12  # 2 groups x C(4, 2); the tie and the skip are ignored
+    start = trainer.pair_margins()
+    assert start.abs().max() < 1e-6  # the policy starts as the reference
+    result = trainer.run()
+    margins = trainer.pair_margins()
+    assert trainer.first_ratio == 0.0
+    assert margins.mean() > 0 and (margins > 0).float().mean() >= 0.75, margins
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_d3po_faithful_defaults_cannot_move_the_loss(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
+    cfg = d3po_cfg(models_dir, tmp_path, rated_round, d3po__beta=0.1, d3po__clamp_eps=0.1, train__epochs=2)
+    result = train(cfg, progress=False)
+    for row in result.history:
+        assert 0.6832 <= row["loss"] <= 0.7032  # the published clamp bounds the loss (REFERENCE.md)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_no_preferences_yet(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
+    from poseloop import db
+
+    samples = tmp_path / "samples"
+    shutil.copytree(rated_round, samples)
+    factory = db.open_db(db.default_db_url(samples))
+    with db.session_scope(factory) as session:
+        session.query(db.Preference).delete()
+    with pytest.raises(InputError, match="no preferences yet"):
+        PolicyTrainer(d3po_cfg(models_dir, tmp_path, samples), progress=False)
+    with pytest.raises(InputError, match="no database"):
+        PolicyTrainer(d3po_cfg(models_dir, tmp_path, tmp_path / "empty"), progress=False)
+
+
+def test_missing_trajectory_is_named(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
+    samples = tmp_path / "samples"
+    shutil.copytree(rated_round, samples)
+    victim = sorted(samples.glob("*/trajectories/*.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(InputError, match=victim.name):
+        PolicyTrainer(d3po_cfg(models_dir, tmp_path, samples), progress=False)
+
+
+def test_unknown_reward_name(models_dir: Path, tmp_path: Path) -> None:
+    cfg = policy_cfg(models_dir, tmp_path, reward="no_such_reward")
+    with pytest.raises(ConfigError, match="no_such_reward"):
+        PolicyTrainer(cfg, progress=False)
+
+
+def test_reward_model_for_another_latent_shape(models_dir: Path, tmp_path: Path) -> None:
+    class OtherLatents(Brightness):
+        latent_shape = (16, 8, 8)  # e.g. a reward model trained on SD3 / Flux latents
+
+    with pytest.raises(ConfigError, match="16 channels"):
+        PolicyTrainer(policy_cfg(models_dir, tmp_path), reward=OtherLatents(), progress=False)
+
+
+def test_cli_reports_bad_input_without_traceback(models_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import train_policy
+
+    argv = ["--algo", "d3po", "--model.base", str(models_dir / "tiny-sd15"),
+            "--model.controlnet", str(models_dir / "tiny-sd15" / "controlnet"),
+            "--d3po.samples_dir", str(tmp_path / "nothing"), "--output.runs_dir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as e:
+        train_policy.main(argv)
+    assert e.value.code == 2
+    assert "no database" in capsys.readouterr().err
