@@ -1,0 +1,187 @@
+"""DDPO speed and memory: poseloop's trainer vs trl 0.23.1's DDPOTrainer on the same tiny SD model.
+
+    python bench/bench_policy.py                  # both sides, interleaved, 2 repeats each
+    python bench/bench_policy.py --epochs 3 --steps 10 --samples 8
+
+Each side runs in its own child process (so its peak memory is its own): it builds the trainer,
+runs one warm-up epoch, then times `--epochs` epochs of sampling + reward + PPO update and reports
+seconds per trained sample and the process's peak RSS (resource.getrusage ru_maxrss, which counts
+model loading too; the delta over the loaded state is reported beside it).
+
+Same settings on both sides: the embedded tiny SD1.5-architecture UNet/VAE/text encoder, 128 px
+(trl samples at the UNet's native size), DDIM with eta 1, CFG 5, LoRA r=4 on to_q/to_k/to_v/to_out.0,
+all timesteps trained, one inner epoch, per-prompt stat tracking, brightness reward, one CPU thread.
+trl handles a plain StableDiffusionPipeline only, so trl gets a plain pipeline built from the same
+components, while poseloop runs its ControlNet pipeline with controlnet_scale 0: the ControlNet
+still runs on our side (a cost trl does not pay).
+
+trl is a peer, not a dependency: install it beside the project without touching the venv:
+    pip download trl==0.23.1 --no-deps -d /tmp/trl_wheels
+    pip install --no-deps --target bench/.peers trl==0.23.1 pandas
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "bench" / ".peers"
+PROMPTS = ["a dancer", "an astronaut"]
+
+
+def maxrss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(args: argparse.Namespace, out: dict) -> None:
+    """poseloop's DDPO: time epochs after a warm-up."""
+    import torch
+
+    from poseloop.training import PolicyTrainer, tiny
+
+    class Brightness:
+        name, needs_images = "brightness", True
+
+        def __call__(self, images, latents, prompts, metadata):  # type: ignore[no-untyped-def]
+            return images.mean(dim=(1, 2, 3))
+
+    cfg = tiny()
+    cfg.model.base, cfg.model.controlnet = args.model, f"{args.model}/controlnet"
+    cfg.sample.width = cfg.sample.height = 128
+    cfg.sample.steps, cfg.sample.controlnet_scale = args.steps, 0.0
+    cfg.sample.images_per_group, cfg.sample.batch_size = args.samples // len(PROMPTS), args.samples
+    cfg.data.prompts, cfg.data.poses = PROMPTS, ["standing"]
+    cfg.train.groups_per_epoch, cfg.train.batch_size = len(PROMPTS), args.samples
+    cfg.output.grid_every = cfg.output.export_every = 0
+    tmp = tempfile.mkdtemp()
+    cfg.output.root, cfg.output.runs_dir = f"{tmp}/p", f"{tmp}/r"
+    trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    loaded = maxrss_mb()
+    trainer.ddpo_epoch(0)  # warm-up
+    t0 = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        trainer.ddpo_epoch(epoch)
+    out["seconds_per_sample"] = (time.perf_counter() - t0) / (args.epochs * args.samples)
+    out["rss_loaded_mb"], out["rss_peak_mb"] = loaded, maxrss_mb()
+    assert torch.get_num_threads() == 1
+
+
+def run_trl(args: argparse.Namespace, out: dict) -> None:
+    """trl's DDPOTrainer on a plain StableDiffusionPipeline built from the same components."""
+    sys.path.insert(0, str(PEERS))
+    try:
+        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+    except Exception as e:  # noqa: BLE001 (any import failure means: peer absent or broken)
+        out["error"] = f"trl 0.23.1 not importable from {PEERS} ({type(e).__name__}: {e})"
+        return
+    from diffusers import StableDiffusionPipeline
+
+    from poseloop.config import ModelConfig
+    from poseloop.models import load_components
+
+    comp = load_components(ModelConfig(base=args.model, controlnet=f"{args.model}/controlnet", device="cpu"))
+    p = comp.pipe
+    plain = tempfile.mkdtemp()
+    StableDiffusionPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
+                            scheduler=p.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(plain)
+    del comp, p
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # trl's pipeline logs through accelerate before its trainer creates the state
+    pipeline = DefaultDDPOStableDiffusionPipeline(plain, use_lora=True)
+    cfg = DDPOConfig(num_epochs=args.epochs + 1, sample_num_steps=args.steps, sample_eta=1.0, sample_guidance_scale=5.0,
+                     sample_batch_size=args.samples, sample_num_batches_per_epoch=1, train_batch_size=args.samples,
+                     train_gradient_accumulation_steps=1, train_timestep_fraction=1.0, train_num_inner_epochs=1,
+                     train_learning_rate=3e-4, mixed_precision="no", log_with=None, per_prompt_stat_tracking=True,
+                     per_prompt_stat_tracking_buffer_size=16, per_prompt_stat_tracking_min_count=8,
+                     save_freq=10**6, logdir=tempfile.mkdtemp(), accelerator_kwargs={"cpu": True})
+    counter = {"i": 0}
+
+    def prompt_fn():  # type: ignore[no-untyped-def]
+        counter["i"] += 1
+        return PROMPTS[counter["i"] % len(PROMPTS)], {}
+
+    def reward_fn(images, prompts, metadata):  # type: ignore[no-untyped-def]
+        return images.float().mean(dim=(1, 2, 3)), {}
+
+    trainer = DDPOTrainer(cfg, reward_fn, prompt_fn, pipeline)
+    loaded = maxrss_mb()
+    step = trainer.step(0, 0)  # warm-up
+    t0 = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        step = trainer.step(epoch, step)
+    out["seconds_per_sample"] = (time.perf_counter() - t0) / (args.epochs * args.samples)
+    out["rss_loaded_mb"], out["rss_peak_mb"] = loaded, maxrss_mb()
+
+
+def child(side: str, args: argparse.Namespace) -> dict:
+    """Run one side in a fresh process and return its JSON report."""
+    cmd = [sys.executable, __file__, "--side", side, "--epochs", str(args.epochs), "--steps", str(args.steps),
+           "--samples", str(args.samples), "--model", args.model]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": f"{side} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"}
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    """Interleave the two sides, print a side-by-side table and the ratio."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per side (after one warm-up epoch)")
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    ap.add_argument("--samples", type=int, default=8, help="trajectories per epoch (= sample and train batch)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; medians are reported")
+    ap.add_argument("--model", default=str(ROOT / "models" / "tiny-sd15"), help="tiny model folder")
+    args = ap.parse_args()
+    if args.side:
+        import torch
+
+        torch.set_num_threads(1)
+        out: dict = {"side": args.side}
+        (run_ours if args.side == "ours" else run_trl)(args, out)
+        print(json.dumps(out))
+        return 0
+    from poseloop.tiny import ensure_embedded
+
+    ensure_embedded(args.model)
+    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for _ in range(args.repeats):
+        for side in ("ours", "trl"):
+            results[side].append(child(side, args))
+    print(f"DDPO on the tiny SD model, 128 px, {args.steps} steps, {args.samples} samples/epoch, "
+          f"{args.epochs} timed epochs, 1 CPU thread, medians of {args.repeats} interleaved runs")
+    print(f"{'side':<10}{'s/sample':>10}{'peak RSS MiB':>14}{'RSS over loaded':>17}")
+    med: dict[str, float] = {}
+    for side, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            print(f"{side:<10}  unavailable: {runs[0]['error']}")
+            continue
+        sps = statistics.median(r["seconds_per_sample"] for r in ok)
+        peak = statistics.median(r["rss_peak_mb"] for r in ok)
+        delta = statistics.median(r["rss_peak_mb"] - r["rss_loaded_mb"] for r in ok)
+        med[side] = sps
+        print(f"{side:<10}{sps:>10.3f}{peak:>14.0f}{delta:>17.0f}")
+    if len(med) == 2:
+        print(f"time ratio ours / trl = {med['ours'] / med['trl']:.2f} (target <= 0.80); ours runs the ControlNet too "
+              "(controlnet_scale 0)")
+    print("memory: resource.getrusage(RUSAGE_SELF).ru_maxrss of each child process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
