@@ -164,8 +164,10 @@ def predict_noise(comp: Components, latents: torch.Tensor, timestep: torch.Tenso
     else:
         context, control, added = cond.prompt_embeds, cond.control, cond.added
     x = comp.scheduler.scale_model_input(x, timestep)
-    down, mid = comp.controlnet(x, timestep, encoder_hidden_states=context, controlnet_cond=control,
-                                conditioning_scale=controlnet_scale, added_cond_kwargs=added, return_dict=False)
+    down, mid = None, None
+    if controlnet_scale != 0:  # at scale 0 its residuals are all zero: skip the whole forward pass
+        down, mid = comp.controlnet(x, timestep, encoder_hidden_states=context, controlnet_cond=control,
+                                    conditioning_scale=controlnet_scale, added_cond_kwargs=added, return_dict=False)
     eps = comp.unet(x, timestep, encoder_hidden_states=context, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid, added_cond_kwargs=added, return_dict=False)[0]
     if do_cfg:

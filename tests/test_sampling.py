@@ -124,3 +124,22 @@ def test_sdxl_conditioning_has_pooled_embeds_and_time_ids(sdxl_components) -> No
     assert cond.prompt_embeds.shape == (2, 77, 64)  # both text encoders concatenated
     assert cond.added is not None and cond.added["text_embeds"].shape == (2, 32)
     assert cond.added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+
+
+def test_controlnet_scale_zero_skips_the_controlnet_and_matches_its_zero_residuals(
+    sd15_components, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    prompts, controls = _inputs(2, 64)
+    cfg = SampleConfig(guidance_scale=3.0)
+    cond = sampling.make_conditioning(sd15_components, prompts, controls, cfg, 64, 64)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(501)
+    with torch.no_grad():
+        tiny_scale = sampling.predict_noise(sd15_components, x, t, cond, 3.0, 1e-12)
+        calls = []
+        real = type(sd15_components.controlnet).forward
+        monkeypatch.setattr(type(sd15_components.controlnet), "forward",
+                            lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+        skipped = sampling.predict_noise(sd15_components, x, t, cond, 3.0, 0.0)
+    assert calls == []
+    torch.testing.assert_close(skipped, tiny_scale, atol=1e-6, rtol=0)
