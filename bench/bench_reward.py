@@ -181,6 +181,7 @@ def quality(args: argparse.Namespace, comp, root: Path) -> None:  # noqa: ANN001
             for seed in range(args.splits):
                 cfg = make()
                 cfg.train.seed = seed
+                cfg.data.samples_dir = str(samples)
                 labels = load_labels(cfg.data)
                 split = split_groups(labels, cfg.train.holdout_fraction, seed)
                 model, hist = fit_ensemble(labels, split, cfg, progress=False)
