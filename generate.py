@@ -12,14 +12,13 @@ from collections.abc import Sequence
 
 from poseloop.config import PRESETS, GenerateConfig
 from poseloop.configlib import parse_config
+from poseloop.errors import user_errors
 from poseloop.generation import generate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run one round, print a one-line summary."""
     cfg, _ = parse_config(GenerateConfig, PRESETS, "tiny", argv, description=__doc__, prog="generate.py")
-    from poseloop.errors import user_errors
-
     with user_errors():
         result = generate(cfg)
     print(result.summary())

@@ -17,15 +17,13 @@ import sys
 from collections.abc import Sequence
 
 from poseloop.configlib import parse_config
-from poseloop.training import PRESETS, PolicyConfig
+from poseloop.errors import user_errors
+from poseloop.training import PRESETS, PolicyConfig, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, train, print a one-line summary."""
     cfg, _ = parse_config(PolicyConfig, PRESETS, "tiny", argv, description=__doc__, prog="train_policy.py")
-    from poseloop.errors import user_errors
-    from poseloop.training import train
-
     try:
         with user_errors():
             result = train(cfg)

@@ -14,21 +14,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from poseloop.configlib import parse_config
+from poseloop.errors import user_errors
+from poseloop.reward_training import PRESETS, TrainRewardConfig, train_reward
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, train one version, print a one-line summary."""
-    from poseloop.configlib import parse_config
-    from poseloop.reward_training import PRESETS, LabelDataError, TrainRewardConfig, train_reward
-
     cfg, _ = parse_config(TrainRewardConfig, PRESETS, "default", argv, description=__doc__, prog="train_reward.py")
-    from poseloop.errors import user_errors
-
-    with user_errors():
-        try:
-            result = train_reward(cfg)
-        except LabelDataError as e:  # not one of user_errors' classes: bad labels, not bad config
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+    with user_errors():  # LabelDataError is an InputError: bad labels print one line and exit 2
+        result = train_reward(cfg)
     print(result.summary())
     return 0
 

@@ -37,6 +37,7 @@ class GenerateResult:
     round_name: str
     samples_total: int
     samples_new: int
+    samples_repaired: int
     seconds: float
     sampling_seconds: float  # denoising + decoding + writing, without model loading
     round_dir: Path
@@ -44,9 +45,11 @@ class GenerateResult:
 
     def summary(self) -> str:
         """The one-line summary printed at the end."""
-        per = self.sampling_seconds / self.samples_new if self.samples_new else 0.0
-        resumed = self.samples_total - self.samples_new
-        return (f"{self.round_name}: {self.samples_new} new images ({resumed} already stored, "
+        made = self.samples_new + self.samples_repaired
+        per = self.sampling_seconds / made if made else 0.0
+        resumed = self.samples_total - made
+        repaired = f", {self.samples_repaired} missing files regenerated" if self.samples_repaired else ""
+        return (f"{self.round_name}: {self.samples_new} new images ({resumed} already stored{repaired}, "
                 f"{self.samples_total} in the round) in {self.seconds:.1f} s, {per:.2f} s/image "
                 f"excluding model loading -> "
                 f"{self.round_dir} (db {self.db_url})")
@@ -160,12 +163,18 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
         round_id, round_name = rnd.id, rnd.name
     groups = write_groups(factory, store, round_id, round_name, specs, cfg, width, height)
     with db.session_scope(factory) as session:
-        done = set(session.execute(select(db.Group.index, db.Sample.index).join(db.Sample.group)
-                                   .where(db.Sample.round_id == round_id)).tuples())
-    todo = [(g, s) for g in range(len(specs)) for s in range(k) if (g, s) not in done]
+        stored = session.execute(select(db.Group.index, db.Sample.index, db.Sample.image_path,
+                                        db.Sample.trajectory_path).join(db.Sample.group)
+                                 .where(db.Sample.round_id == round_id)).tuples().all()
+    done = {(g, s) for g, s, _, _ in stored}
+    # Rows whose files went missing (a deleted or partly copied folder) are regenerated in place from
+    # their seeds; the rows, and the labels that point at them, stay.
+    repair = {(g, s) for g, s, image, traj in stored
+              if not store.abs(image).is_file() or (traj is not None and not store.abs(traj).is_file())}
+    todo = [(g, s) for g in range(len(specs)) for s in range(k) if (g, s) not in done or (g, s) in repair]
 
     sampling_start = time.perf_counter()
-    bar = tqdm(total=len(specs) * k, initial=len(done), desc=f"generate {round_name}", unit="img")
+    bar = tqdm(total=len(specs) * k, initial=len(done) - len(repair), desc=f"generate {round_name}", unit="img")
     for i in range(0, len(todo), cfg.sample.batch_size):
         batch = todo[i : i + cfg.sample.batch_size]
         namespace = cfg.sample.seed_namespace or round_name
@@ -184,6 +193,8 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
                     "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale, "policy": cfg.model.policy}
             save_trajectory(Trajectory(out.latents[j], out.log_probs[j], out.timesteps,
                                        {key: str(v) for key, v in meta.items()}), traj_path)
+            if (g, s) in repair:
+                continue
             rows.append(db.Sample(
                 round_id=round_id, group_id=groups[g][0], index=s, seed=seeds[j],
                 image_path=store.rel(image_path), trajectory_path=store.rel(traj_path), width=width, height=height,
@@ -203,5 +214,6 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
         referenced += session.scalars(select(db.Group.condition_path).where(db.Group.round_id == round_id)).all()
         store.remove_orphans(round_name, referenced)
         session.get(db.Round, round_id).status = "complete"  # type: ignore[union-attr]
-    return GenerateResult(round_name=round_name, samples_total=len(specs) * k, samples_new=len(todo),
+    return GenerateResult(round_name=round_name, samples_total=len(specs) * k, samples_new=len(todo) - len(repair),
+                          samples_repaired=len(repair),
                           seconds=time.perf_counter() - start, sampling_seconds=sampling_seconds, round_dir=store.root / round_name, db_url=db_url)

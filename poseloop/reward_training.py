@@ -32,6 +32,7 @@ from sqlalchemy import select
 from tqdm.auto import tqdm
 
 from poseloop import db
+from poseloop.inputs import InputError
 from poseloop.configlib import ConfigError, field, to_dict
 from poseloop.losses import bradley_terry_loss, normalize_per_rater, score_mse_loss
 from poseloop.reward_model import (
@@ -50,7 +51,7 @@ LABEL_KINDS = ("scores", "prefs", "both")
 CHOICE_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
-class LabelDataError(ValueError):
+class LabelDataError(InputError):
     """The labels cannot be trained on (none yet, too few groups, mixed latent shapes); says how to fix it."""
 
 

@@ -80,7 +80,9 @@ def load_trajectory(path: str | Path) -> Trajectory:
     """Load a trajectory saved by save_trajectory; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"trajectory file {path} is missing; re-run generate.py for its round to recreate it")
+        raise FileNotFoundError(f"trajectory file {path} is missing; run generate.py again with the settings of its "
+                                "round and --store.round <round name>: missing files of existing rows are "
+                                "regenerated from their seeds")
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     if metadata.get("format") != TRAJECTORY_FORMAT:

@@ -278,3 +278,26 @@ def test_an_unknown_policy_version_lists_the_available_ones(tiny_cfg: GenerateCo
     tiny_cfg.model.policy = "latest"
     with pytest.raises(ConfigError, match="train one with train_policy.py"):
         generate(tiny_cfg)
+
+
+def test_rerunning_a_round_regenerates_missing_files_and_keeps_rows(tiny_cfg: GenerateConfig) -> None:
+    first = generate(tiny_cfg)
+    store = SampleStore(tiny_cfg.store.samples_dir)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        sample = s.scalars(select(db.Sample).order_by(db.Sample.id)).first()
+        assert sample is not None
+        sample_id, traj_rel, image_rel = sample.id, sample.trajectory_path, sample.image_path
+        rater = db.get_or_create_rater(s, "ann")
+        s.add(db.Rating(rater_id=rater.id, sample_id=sample_id, score=3))
+    before = load_trajectory(store.abs(traj_rel))  # type: ignore[arg-type]
+    store.abs(traj_rel).unlink()  # type: ignore[arg-type]
+    store.abs(image_rel).unlink()
+    tiny_cfg.store.round = first.round_name
+    again = generate(tiny_cfg)
+    assert (again.samples_new, again.samples_repaired) == (0, 1)
+    assert "1 missing files regenerated" in again.summary()
+    assert_round_is_consistent(tiny_cfg, first.round_name, 4)
+    after = load_trajectory(store.abs(traj_rel))  # type: ignore[arg-type]
+    torch.testing.assert_close(after.latents.float(), before.latents.float(), atol=0.1, rtol=0)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        assert s.scalar(select(db.Rating.sample_id)) == sample_id  # the label survived
