@@ -201,12 +201,6 @@ def _lpips_model(net: str, weights: str | Path | None, device: str) -> Any:
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             torch.manual_seed(0)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        if weights is None:
-            warnings.warn(
-                "LPIPS is using a RANDOM backbone (no lpips_weights given): distances are 0 for identical images "
-                "but not perceptually meaningful. Pass lpips_weights for real values.",
-                stacklevel=3,
-            )
         else:
             sd = torch.load(str(weights), map_location="cpu", weights_only=True)
             own = model.state_dict()
@@ -238,6 +232,12 @@ def lpips_distance(
     if a.shape != b.shape or a.ndim != 4 or a.shape[1] != 3:
         raise ValueError(f"lpips_distance expects two [B, 3, H, W] batches of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
     model = _lpips_model(net, lpips_weights, device)
+    if lpips_weights is None:  # on every call, not only when the cached model is built: callers must know
+        warnings.warn(
+            "LPIPS is using a RANDOM backbone (no lpips_weights given): distances are 0 for identical images "
+            "but not perceptually meaningful. Pass lpips_weights for real values.",
+            stacklevel=2,
+        )
     # normalize=True maps 0..1 to LPIPS' expected -1..1.
     d = model(a.to(device).float(), b.to(device).float(), normalize=True)
     return d.reshape(a.shape[0])
