@@ -201,7 +201,7 @@ def _lpips_model(net: str, weights: str | Path | None, device: str) -> Any:
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             torch.manual_seed(0)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        else:
+        if weights is not None:
             sd = torch.load(str(weights), map_location="cpu", weights_only=True)
             own = model.state_dict()
             if any(k.startswith("net.") for k in sd):  # a full LPIPS state dict
