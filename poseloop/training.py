@@ -44,6 +44,7 @@ from poseloop.config import (
     validate_model,
     validate_sample,
 )
+from poseloop import config as generate_presets
 from poseloop.configlib import ConfigError, field, to_dict
 from poseloop.inputs import InputError
 from poseloop.policy import DEFAULT_LORA_MODULES, TARGETS
@@ -115,8 +116,10 @@ class D3POConfig:
 class OutputConfig:
     """Where checkpoints, logs and exports go."""
 
-    root: str = field("models/policies", help="exports: <root>/<version>/ plus <root>/latest naming the newest")
-    runs_dir: str = field("models/policy_runs", help="checkpoints, metrics.csv, plots, grids and TensorBoard logs")
+    root: str = field("", help="exports: <root>/<version>/ plus <root>/latest naming the newest; "
+                      "empty = <model.models_dir>/policies, where generate.py --model.policy looks")
+    runs_dir: str = field("", help="checkpoints, metrics.csv, plots, grids and TensorBoard logs; "
+                          "empty = <model.models_dir>/policy_runs")
     run_name: str = field("", help="run folder name; empty = <algo>-<hash of the config>, so re-running the same "
                           "command resumes")
     export_every: int = field(10, help="export every N epochs (and always at the end); 0 = at the end only")
@@ -147,7 +150,6 @@ class PolicyConfig:
     reward: str = field("latest", help="reward spec for DDPO (and d3po.source=reward): latest (= latent:latest, the "
                         "learned reward model), brightness, jpeg_compressibility, pose_accuracy, text_alignment, or a "
                         "weighted mix such as 'pose_accuracy*0.5 + text_alignment*0.5'")
-    models_dir: str = field("models", help="folder the reward models are looked up in")
     model: ModelConfig = field(default_factory=ModelConfig, help="model weights")
     sample: SampleConfig = field(default_factory=SampleConfig, help="sampler (also the training pass: CFG, eta)")
     data: DataConfig = field(default_factory=DataConfig, help="prompts and poses of online sampling")
@@ -157,6 +159,16 @@ class PolicyConfig:
     d3po: D3POConfig = field(default_factory=D3POConfig, help="D3PO")
     output: OutputConfig = field(default_factory=OutputConfig, help="outputs")
     guard: GuardConfig = field(default_factory=GuardConfig, help="guards")
+
+    @property
+    def export_root(self) -> Path:
+        """Where policy versions are exported."""
+        return Path(self.output.root or Path(self.model.models_dir) / "policies")
+
+    @property
+    def runs_root(self) -> Path:
+        """Where run folders (checkpoints, logs, plots) live."""
+        return Path(self.output.runs_dir or Path(self.model.models_dir) / "policy_runs")
 
     @property
     def online(self) -> bool:
@@ -241,9 +253,8 @@ def tiny_faithful() -> PolicyConfig:
 def sd15() -> PolicyConfig:
     """SD1.5 + OpenPose ControlNet at 512 px with DDPO's published settings (one 16-24 GB GPU)."""
     cfg = PolicyConfig()
-    cfg.model.base = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    cfg.model.controlnet = "lllyasviel/sd-controlnet-openpose"
-    cfg.sample.width = cfg.sample.height = 512
+    base = generate_presets.sd15()
+    cfg.model, cfg.sample = base.model, base.sample  # the same weights and size as generate.py --preset sd15
     cfg.sample.steps, cfg.sample.eta, cfg.sample.guidance_scale = 50, 1.0, 5.0
     cfg.sample.batch_size = 8
     cfg.train.groups_per_epoch = 8  # 8 groups x 4 images = 32 trajectories per epoch and GPU
@@ -265,11 +276,9 @@ def sd15_faithful() -> PolicyConfig:
 def sdxl() -> PolicyConfig:
     """SDXL + OpenPose ControlNet at 1024 px; gradient checkpointing so it fits one 24 GB GPU."""
     cfg = sd15()
-    cfg.model.arch = "sdxl"
-    cfg.model.base = "stabilityai/stable-diffusion-xl-base-1.0"
-    cfg.model.controlnet = "thibaud/controlnet-openpose-sdxl-1.0"
-    cfg.model.vae = "madebyollin/sdxl-vae-fp16-fix"
-    cfg.sample.width = cfg.sample.height = 1024
+    base = generate_presets.sdxl()
+    cfg.model = base.model
+    cfg.sample.width, cfg.sample.height = base.sample.width, base.sample.height
     cfg.sample.batch_size = 2
     cfg.train.batch_size, cfg.train.grad_accum = 1, 16
     cfg.target.gradient_checkpointing = True
@@ -536,7 +545,7 @@ class PolicyTrainer:
         self.cfg = cfg
         self.progress = progress
         self.run_name = cfg.output.run_name or f"{cfg.algo}-{config_hash(cfg)}"
-        self.run_dir = Path(cfg.output.runs_dir) / self.run_name
+        self.run_dir = cfg.runs_root / self.run_name
         # Inputs before the model: a missing file fails in a second, not after a minute of loading.
         self.pairs: list[PreferencePair] = []
         self.specs: list[Any] = []
@@ -551,11 +560,11 @@ class PolicyTrainer:
             self.specs = build_groups(data)
         self.reward = reward
         if self.reward is None and cfg.online:
-            self.reward = resolve_reward(cfg.reward, device=_reward_device(cfg.model.device), models_dir=cfg.models_dir)
+            self.reward = resolve_reward(cfg.reward, device=_reward_device(cfg.model.device), models_dir=cfg.model.models_dir)
         self.heldout = heldout_reward
         if self.heldout is None and cfg.guard.heldout_reward:
             self.heldout = resolve_reward(cfg.guard.heldout_reward, device=_reward_device(cfg.model.device),
-                                          models_dir=cfg.models_dir)
+                                          models_dir=cfg.model.models_dir)
         if cfg.optim.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -1021,7 +1030,7 @@ class PolicyTrainer:
         version = f"{self.run_name}-e{self.epoch:04d}"
         meta = {"poseloop_algo": self.cfg.algo, "poseloop_epoch": str(self.epoch),
                 "poseloop_reward": self.cfg.reward if self.cfg.online else "human preferences"}
-        self.export_dir = export_policy(self.policy, self.cfg.output.root, version, to_dict(self.cfg), meta)
+        self.export_dir = export_policy(self.policy, self.cfg.export_root, version, to_dict(self.cfg), meta)
         plot_history(self.history, self.run_dir / "metrics.png", self.cfg.algo)
         return self.export_dir
 

@@ -68,15 +68,15 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
 
     # 4. D3PO from the human preferences, then DDPO against the learned reward.
     policy = [*model, *sampler, "--set", "sample.images_per_group=2", "--data.poses", "standing", "sitting",
-              "--data.prompts", "a dancer", "--output.root", str(models / "policies"),
-              "--output.runs_dir", str(models / "policy_runs"), "--models_dir", str(models),
+              "--data.prompts", "a dancer",
               "--set", "train.epochs=1", "--set", "train.groups_per_epoch=2", "--set", "train.batch_size=2"]
     assert train_policy_script.main([*policy, "--algo", "d3po", "--d3po.samples_dir", str(samples)]) == 0
     assert train_policy_script.main([*policy, "--algo", "ddpo", "--reward", "latest"]) == 0
     capsys.readouterr()
     latest = (models / "policies" / "latest").read_text().strip()
     assert latest.startswith("ddpo")
-    assert (models / "policies" / latest / "lora_kohya.safetensors").is_file()
+    assert (models / "policies" / latest / "lora_kohya.safetensors").is_file()  # under model.models_dir
+    assert (models / "policy_runs").is_dir()
 
     # 5. The next round generates with the new weights and records them.
     assert generate_script.main([*model, *sampler, *data, "--store.samples_dir", str(samples),
