@@ -34,7 +34,6 @@ import torch
 from PIL import Image
 
 from poseloop.config import (
-    DEFAULT_PROMPTS,
     EMBEDDED_SD15,
     EMBEDDED_SDXL,
     DataConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,14 @@ def openpose_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
                d / "hand_pose_model.pth")
     torch.save({k: torch.zeros(v.shape, dtype=torch.half) for k, v in face.items()}, d / "facenet.pth")
     return d
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: on the shared 2-core machines one thread is several times faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

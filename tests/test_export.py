@@ -3,47 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from poseloop import sampling
-from poseloop.config import ModelConfig, SampleConfig, tiny
 from poseloop.export import KOHYA_NAME, LATEST_FILE, export_policy, resolve_latest
-from poseloop.models import Components, load_components
+from poseloop.models import load_components
 from poseloop.policy import Policy
-from poseloop.poses import get_builtin_pose, render_pose
+from tiny_helpers import eps_of, model_cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The CPUs are shared: one thread is several times faster than two under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_cfg(models_dir: Path, **overrides: object) -> ModelConfig:
-    cfg = tiny().model
-    cfg.base = str(models_dir / "tiny-sd15")
-    cfg.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def eps_of(comp: Components) -> torch.Tensor:
-    """Noise prediction (CFG + ControlNet) for fixed inputs."""
-    pose = render_pose(get_builtin_pose("walking"), 64, 64)
-    cfg = SampleConfig(guidance_scale=3.0)
-    cond = sampling.make_conditioning(comp, ["a walking robot", "a cat"], [pose, pose], cfg, 64, 64)
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return sampling.predict_noise(comp, x, torch.tensor(501), cond, cfg.guidance_scale, 1.0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb_lora(policy: Policy) -> None:

@@ -6,32 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from poseloop import sampling
-from poseloop.config import ModelConfig, SampleConfig, tiny
 from poseloop.export import save_kohya_lora
 from poseloop.models import Components, ModelLoadError, load_components
-from poseloop.poses import get_builtin_pose, render_pose
-
-
-def model_cfg(models_dir: Path, **overrides: object) -> ModelConfig:
-    cfg = tiny().model
-    cfg.base = str(models_dir / "tiny-sd15")
-    cfg.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def eps_of(comp: Components) -> torch.Tensor:
-    """Noise prediction for fixed inputs: what a LoRA must reproduce after a save/load round trip."""
-    pose = render_pose(get_builtin_pose("walking"), 64, 64)
-    cfg = SampleConfig(guidance_scale=3.0)
-    cond = sampling.make_conditioning(comp, ["a walking robot", "a cat"], [pose, pose], cfg, 64, 64)
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return sampling.predict_noise(comp, x, torch.tensor(501), cond, cfg.guidance_scale, 1.0)
+from tiny_helpers import eps_of, model_cfg
 
 
 def add_random_lora(comp: Components, r: int, alpha: int) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from poseloop.configlib import ConfigError
@@ -35,13 +33,7 @@ class Brightness:
         return torch.einsum("bchw,cr->brhw", latents.float(), PREVIEW_RGB).mean(dim=(1, 2, 3))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The CPUs are shared: one thread is several times faster than two under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def policy_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig:
