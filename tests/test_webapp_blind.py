@@ -323,3 +323,12 @@ def test_png_text_chunks_are_dropped(tmp_path: Path) -> None:
     (tmp_path / "b.png").write_bytes(clean)
     with Image.open(tmp_path / "b.png") as im:
         assert im.getpixel((0, 0)) == (1, 2, 3) and "parameters" not in im.info
+
+
+def test_rounds_mark_the_sides_of_a_comparison_so_the_page_does_not_open_them_first(
+    client: FlaskClient, cmp: Blind
+) -> None:
+    rounds = client.get("/api/rounds").get_json()["rounds"]
+    flags = {r["id"]: r["in_comparison"] for r in rounds}
+    assert flags[cmp.baseline_round_id] is True and flags[cmp.candidate_round_id] is True
+    assert False in flags.values()  # the fixture's ordinary rounds

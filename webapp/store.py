@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from poseloop.db import (
+    Comparison,
     Group,
     LabelEvent,
     Preference,
@@ -209,8 +210,8 @@ def _int_or_none(x: float | None) -> int | float | None:
     return int(x) if float(x).is_integer() else x
 
 
-def round_json(rnd: Round, n_groups: int = 0, n_samples: int = 0) -> dict[str, Any]:
-    """A round as JSON."""
+def round_json(rnd: Round, n_groups: int = 0, n_samples: int = 0, in_comparison: bool = False) -> dict[str, Any]:
+    """A round as JSON; in_comparison marks a side of a blind comparison (the page does not open it first)."""
     return {
         "id": rnd.id,
         "name": rnd.name,
@@ -219,6 +220,7 @@ def round_json(rnd: Round, n_groups: int = 0, n_samples: int = 0) -> dict[str, A
         "created_at": iso(rnd.created_at),
         "groups": n_groups,
         "samples": n_samples,
+        "in_comparison": in_comparison,
     }
 
 
@@ -230,7 +232,9 @@ def list_rounds(session: Session) -> list[dict[str, Any]]:
     g_counts = dict(session.execute(select(Group.round_id, func.count()).group_by(Group.round_id)).all())
     s_counts = dict(session.execute(select(Sample.round_id, func.count()).group_by(Sample.round_id)).all())
     rounds = session.scalars(select(Round).order_by(Round.id.desc())).all()
-    return [round_json(r, g_counts.get(r.id, 0), s_counts.get(r.id, 0)) for r in rounds]
+    compared = {rid for pair in session.execute(select(Comparison.baseline_round_id, Comparison.candidate_round_id))
+                for rid in pair}
+    return [round_json(r, g_counts.get(r.id, 0), s_counts.get(r.id, 0), r.id in compared) for r in rounds]
 
 
 def round_samples(session: Session, round_id: int) -> list[tuple[Sample, Group]]:

@@ -137,7 +137,9 @@ async function loadRounds() {
   sel.replaceChildren(...data.rounds.map((r) =>
     el("option", { value: r.id, textContent: `${r.name} · ${r.groups} groups · ${r.samples} images` })));
   const saved = Number(LS.getItem("poseloop:round"));
-  const found = data.rounds.find((r) => r.id === saved) || data.rounds[0];
+  // Evaluation rounds are judged blind first: never open one by default, only when chosen.
+  const found = data.rounds.find((r) => r.id === saved)
+    || data.rounds.find((r) => !r.in_comparison) || data.rounds[0];
   S.roundId = found ? found.id : null;
   if (found) sel.value = String(found.id);
   S.roundsLoaded = true;
