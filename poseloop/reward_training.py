@@ -51,6 +51,10 @@ LABEL_KINDS = ("scores", "prefs", "both")
 CHOICE_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
+# Below this many decided held-out pairs, held-out accuracy is reported with a warning.
+MIN_RELIABLE_HELDOUT_PAIRS = 20
+
+
 class LabelDataError(InputError):
     """The labels cannot be trained on (none yet, too few groups, mixed latent shapes); says how to fix it."""
 
@@ -720,6 +724,11 @@ def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, hist
     elif held_acc is None:
         warning = ("no decided held-out pairs: held-out accuracy is undefined. Label more images of more groups or "
                    "raise --train.holdout_fraction.")
+    elif metrics["heldout_pairs"] < MIN_RELIABLE_HELDOUT_PAIRS:
+        # With a handful of pairs an accuracy of 1.0 (or 0.0) says nothing; say so instead of letting it pass.
+        warning = (f"the held-out numbers rest on {metrics['heldout_pairs']} pairs (fewer than "
+                   f"{MIN_RELIABLE_HELDOUT_PAIRS}) and are not reliable. Label more images of more groups before "
+                   "trusting this model.")
     metrics["warning"] = warning
     return metrics
 

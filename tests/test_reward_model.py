@@ -291,3 +291,17 @@ def test_images_without_trajectory_are_vae_encoded(labelled: dict, tmp_path: Pat
     with torch.no_grad():
         want = encode_images(vae, img.permute(2, 0, 1)[None])[0]
     assert got.shape == (4, 8, 8) and torch.allclose(got, want, atol=1e-4)
+
+
+def test_a_handful_of_held_out_pairs_is_flagged_as_unreliable(labelled: dict, tmp_path: Path) -> None:
+    samples = tmp_path / "samples"
+    shutil.copytree(labelled["samples_dir"], samples)
+    factory = db.open_db(db.default_db_url(samples))
+    with db.session_scope(factory) as s:
+        two_groups = select(db.Sample.id).join(db.Group).where(db.Group.index < 2)
+        s.execute(delete(db.Rating).where(db.Rating.sample_id.not_in(two_groups)))
+        s.execute(delete(db.Preference).where(db.Preference.sample_a_id.not_in(two_groups)))
+    result = train_reward(_cfg(samples, tmp_path / "models", ensemble_size=1, epochs=3), progress=False)
+    metrics = json.loads((result.folder / "metrics.json").read_text())
+    assert metrics["heldout_pairs"] < 20
+    assert "not reliable" in metrics["warning"]
