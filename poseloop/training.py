@@ -1191,10 +1191,14 @@ def save_grid(poses: list[Image.Image], images: list[Image.Image], path: Path, l
     from poseloop.store import save_png
 
     w, h = images[0].size
+    scale = max(1, -(-160 // min(w, h)))  # small renders are enlarged so that a person can see them
+    w, h = w * scale, h * scale
     grid = Image.new("RGB", (w * len(images), 2 * h), "white")
+    draw = ImageDraw.Draw(grid)
     for i, (p, im) in enumerate(zip(poses, images)):
         grid.paste(p.resize((w, h)), (i * w, 0))
-        grid.paste(im, (i * w, h))
+        grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (i * w, h))
         if labels:
-            ImageDraw.Draw(grid).text((i * w + 2, h + 2), labels[i], fill=(255, 255, 0))
+            draw.rectangle((i * w, h, i * w + 7 * len(labels[i]) + 6, h + 14), fill=(0, 0, 0))
+            draw.text((i * w + 3, h + 2), labels[i], fill=(255, 255, 0))
     save_png(grid, path)
