@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from poseloop.config import ModelConfig
 from poseloop.export import KOHYA_NAME, LATEST_FILE, export_policy, resolve_latest
 from poseloop.models import load_components
 from poseloop.policy import Policy
@@ -98,3 +99,25 @@ def test_controlnet_export_reloads_with_from_pretrained(models_dir: Path, tmp_pa
 def test_resolve_latest_without_exports_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train_policy.py"):
         resolve_latest(tmp_path)
+
+
+def test_sdxl_unet_lora_export_reloads_and_reproduces_the_trained_model(models_dir: Path, tmp_path: Path) -> None:
+    from poseloop.config import tiny_sdxl
+
+    def sdxl_cfg(**overrides: object) -> ModelConfig:
+        cfg = tiny_sdxl().model
+        cfg.base, cfg.controlnet = str(models_dir / "tiny-sdxl"), str(models_dir / "tiny-sdxl" / "controlnet")
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    comp = load_components(sdxl_cfg())
+    base = eps_of(comp)
+    policy = Policy(comp, "unet_lora", rank=4, alpha=2.0)
+    perturb_lora(policy)
+    trained = eps_of(comp)
+    assert (trained - base).abs().max() > 1e-3
+    folder = export_policy(policy, tmp_path / "policies", "xl-e0001", {"model": {}})
+    for name in (KOHYA_NAME, "pytorch_lora_weights.safetensors"):
+        reloaded = load_components(sdxl_cfg(lora=str(folder / name)))
+        torch.testing.assert_close(eps_of(reloaded), trained, atol=1e-5, rtol=1e-4, msg=name)
