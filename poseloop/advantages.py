@@ -46,10 +46,6 @@ class PerPromptStatTracker:
             advantages[idx] = (rewards[idx] - mean) / std
         return advantages.astype(np.float32)
 
-    def stats(self) -> dict[str, int]:
-        """{key: number of buffered rewards}."""
-        return {k: len(v) for k, v in self.buffers.items()}
-
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state, for checkpoints."""
         return {"buffer_size": self.buffer_size, "min_count": self.min_count, "eps": self.eps,

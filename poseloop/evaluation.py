@@ -29,6 +29,7 @@ from poseloop.config import DataConfig, GenerateConfig, ModelConfig, SampleConfi
 from poseloop.configlib import ConfigError, field, to_dict
 from poseloop.generation import generate
 from poseloop.models import resolve_policy
+from poseloop.sampling import pil_to_tensor
 from poseloop.store import SampleStore, atomic_write, load_trajectory, save_png
 
 
@@ -229,12 +230,12 @@ def blind_results(session: Session, comparison_id: int) -> dict[str, Any]:
 
 
 def _image_tensor(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as [3, H, W] in 0..1, resized to `size` when given."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         if size is not None and im.size != size:
             im = im.resize(size, Image.Resampling.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W]
+        return pil_to_tensor([im])[0]
 
 
 def auto_metrics(cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
@@ -260,12 +261,9 @@ def auto_metrics(cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
     return specs, skipped
 
 
-def compute_metric(spec: str, pairs: list[Pair], store: SampleStore, models_dir: str, batch: int = 8
+def compute_metric(reward: Any, pairs: list[Pair], store: SampleStore, batch: int = 8
                    ) -> tuple[str, np.ndarray, np.ndarray]:
-    """(name, baseline values, candidate values) of one reward spec over all pairs."""
-    from poseloop.rewards import build_reward
-
-    reward = build_reward(spec, models_dir=models_dir)
+    """(name, baseline values, candidate values) of one reward over all pairs."""
     out: dict[str, list[float]] = {"baseline": [], "candidate": []}
     for side in ("baseline", "candidate"):
         for i in range(0, len(pairs), batch):
@@ -408,9 +406,10 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
         specs, skipped = [m for m in cfg.eval.metrics if m != "lpips"], {}
     from poseloop.rewards import build_reward
 
+    rewards = {}
     for spec in specs:  # a bad spec or a missing weights file fails here, before any image is generated
         try:
-            build_reward(spec, models_dir=cfg.model.models_dir)
+            rewards[spec] = build_reward(spec, models_dir=cfg.model.models_dir)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"eval.metrics: {spec!r}: {e}") from None
 
@@ -443,7 +442,7 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
                 continue
             if len(usable) < len(pairs):
                 note = f"over the {len(usable)} of {len(pairs)} pairs whose condition has known keypoints"
-        metric_name, b, c = compute_metric(spec, usable, store, cfg.model.models_dir)
+        metric_name, b, c = compute_metric(rewards[spec], usable, store)
         summaries.append(summarize(metric_name, spec, b, c, cfg.eval.bootstrap, cfg.eval.confidence, note=note))
     if want_lpips and any(p.source_image_path for p in pairs):
         b, c = compute_lpips(pairs, store, cfg.eval.lpips_weights)

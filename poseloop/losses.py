@@ -11,9 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log P(label) with P(a beats b) = sigmoid(r_a - r_b); target 1 = a preferred, 0 = b, 0.5 = tie."""
-    return F.binary_cross_entropy_with_logits(reward_a - reward_b, target.to(reward_a.dtype))
+def bradley_terry_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, target: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """-log P(label) with P(a beats b) = sigmoid(r_a - r_b); target 1 = a preferred, 0 = b, 0.5 = tie.
+
+    With `weight` [B] each pair's term is scaled before the mean: mean(w_i * l_i).
+    """
+    return F.binary_cross_entropy_with_logits(
+        reward_a - reward_b, target.to(reward_a.dtype), weight=None if weight is None else weight.to(reward_a.dtype)
+    )
 
 
 def normalize_per_rater(scores: torch.Tensor, rater_ids: Sequence[int] | torch.Tensor, eps: float = 1e-6

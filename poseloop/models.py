@@ -11,6 +11,7 @@ import torch
 
 from poseloop.config import ModelConfig
 from poseloop.configlib import ConfigError
+from poseloop.export import CONTROLNET_DIR, DIFFUSERS_LORA_NAME, KOHYA_NAME, resolve_latest
 from poseloop.tiny import ensure_embedded, is_embedded
 
 
@@ -62,7 +63,8 @@ class Components:
         return int(self.unet.config.in_channels)
 
 
-POLICY_LORA_FILES = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
+# Preferred first: the diffusers file carries its adapter metadata; the kohya file is for ComfyUI / A1111.
+POLICY_LORA_FILES = (DIFFUSERS_LORA_NAME, KOHYA_NAME)
 
 
 def policy_versions(models_dir: str | Path) -> list[str]:
@@ -82,17 +84,17 @@ def resolve_policy(cfg: ModelConfig) -> ModelConfig:
     root = Path(cfg.models_dir) / "policies"
     version = cfg.policy
     if version == "latest":
-        ref = root / "latest"
-        if not ref.is_file():
-            raise ConfigError(f"model.policy: no {ref} yet; train one with train_policy.py, or name a version "
-                              f"({', '.join(policy_versions(cfg.models_dir)) or 'none found'})")
-        version = ref.read_text(encoding="utf-8").strip()
+        try:
+            version = resolve_latest(root).name
+        except FileNotFoundError as e:
+            raise ConfigError(f"model.policy: {e}; train one with train_policy.py, or name a version "
+                              f"({', '.join(policy_versions(cfg.models_dir)) or 'none found'})") from None
     folder = root / version
     if not folder.is_dir():
         raise ConfigError(f"model.policy: {folder} does not exist; available: "
                           f"{', '.join(policy_versions(cfg.models_dir)) or 'none'}")
     lora = next((folder / f for f in POLICY_LORA_FILES if (folder / f).is_file()), None)
-    controlnet = folder / "controlnet"
+    controlnet = folder / CONTROLNET_DIR
     if lora is None and not controlnet.is_dir():
         raise ConfigError(f"model.policy: {folder} holds neither a LoRA ({' or '.join(POLICY_LORA_FILES)}) "
                           "nor a controlnet/ folder; was the export interrupted? Pick another version")

@@ -106,10 +106,6 @@ class Policy:
         """{name: parameter} of the trainable weights (stable names, for checkpoints)."""
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
-    def num_trainable(self) -> int:
-        """Number of trainable scalars."""
-        return sum(p.numel() for p in self.parameters())
-
     @contextmanager
     def reference(self) -> Iterator[None]:
         """Within this block the pipeline computes with the model before fine-tuning."""

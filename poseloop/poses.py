@@ -6,7 +6,6 @@ controlnet_aux is imported lazily inside functions: importing it pulls in every 
 
 from __future__ import annotations
 
-import colorsys
 import json
 import math
 import sys
@@ -668,56 +667,18 @@ def pose_from_result(result: Any, name: str = "") -> Pose:
     )
 
 
-def _draw_handpose(canvas: np.ndarray, keypoints: list[Any] | None) -> np.ndarray:
-    """Same drawing as controlnet_aux.open_pose.util.draw_handpose, minus its matplotlib import."""
-    # controlnet_aux 0.0.10 imports matplotlib (not one of its declared dependencies, and not installed
-    # here) at the top of draw_handpose, so draw_poses(..., draw_hand=True) raises ModuleNotFoundError.
-    import cv2
-
-    if not keypoints:
-        return canvas
-    eps = 0.01
-    h, w = canvas.shape[:2]
-    edges = [[0, 1], [1, 2], [2, 3], [3, 4], [0, 5], [5, 6], [6, 7], [7, 8], [0, 9], [9, 10],
-             [10, 11], [11, 12], [0, 13], [13, 14], [14, 15], [15, 16], [0, 17], [17, 18], [18, 19], [19, 20]]  # fmt: skip
-    for ie, (e1, e2) in enumerate(edges):
-        k1, k2 = keypoints[e1], keypoints[e2]
-        if k1 is None or k2 is None:
-            continue
-        x1, y1, x2, y2 = int(k1.x * w), int(k1.y * h), int(k2.x * w), int(k2.y * h)
-        if x1 > eps and y1 > eps and x2 > eps and y2 > eps:
-            color = [c * 255 for c in colorsys.hsv_to_rgb(ie / float(len(edges)), 1.0, 1.0)]
-            cv2.line(canvas, (x1, y1), (x2, y2), color, thickness=2)
-    for kp in keypoints:
-        if kp is None:
-            continue
-        x, y = int(kp.x * w), int(kp.y * h)
-        if x > eps and y > eps:
-            cv2.circle(canvas, (x, y), 4, (0, 0, 255), thickness=-1)
-    return canvas
-
-
 def render_pose(
     pose: Pose | list[Pose], width: int, height: int, draw_hands: bool = True, draw_face: bool = True
 ) -> Image.Image:
     """Render the standard OpenPose skeleton image (RGB, black background) that OpenPose ControlNets expect."""
     _import_controlnet_aux()
-    from controlnet_aux.open_pose import util
+    from controlnet_aux.open_pose import draw_poses
 
     if int(width) <= 0 or int(height) <= 0:
         raise ValueError(f"render_pose needs a positive size; got width={width}, height={height}")
     poses = [pose] if isinstance(pose, Pose) else list(pose)
-    canvas = np.zeros((int(height), int(width), 3), dtype=np.uint8)
-    # Mirrors controlnet_aux's draw_poses (body, hands, face per person, same order and colours) but
-    # with our matplotlib-free hand drawing; see _draw_handpose.
-    for p in poses:
-        result = pose_to_result(p)
-        canvas = util.draw_bodypose(canvas, result.body.keypoints)
-        if draw_hands:
-            canvas = _draw_handpose(canvas, result.left_hand)
-            canvas = _draw_handpose(canvas, result.right_hand)
-        if draw_face:
-            canvas = util.draw_facepose(canvas, result.face)
+    canvas = draw_poses([pose_to_result(p) for p in poses], int(height), int(width),
+                        draw_body=True, draw_hand=draw_hands, draw_face=draw_face)
     return Image.fromarray(canvas, mode="RGB")
 
 

@@ -250,11 +250,12 @@ def _encode_image_files(paths: list[Path], vae: Any) -> torch.Tensor:
     """PNG files -> latents [N, C, h, w] float32 (posterior mean x scaling factor)."""
     from PIL import Image
 
+    from poseloop.sampling import pil_to_tensor
+
     out = []
     for p in paths:
         with Image.open(p) as im:
-            arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
-        out.append(encode_images(vae, arr.permute(2, 0, 1)[None]).float().cpu())
+            out.append(encode_images(vae, pil_to_tensor([im])).float().cpu())
     return torch.cat(out)
 
 
@@ -489,12 +490,9 @@ def _objective(r: torch.Tensor, items: Items, s_rows: torch.Tensor, p_rows: torc
     if ns:
         total = total + ns * score_mse_loss(r[:ns], items.s_target[s_rows])
     if np_:
-        w = items.p_weight[p_rows]
         ra, rb = r[ns:ns + np_], r[ns + np_:]
-        # bradley_terry_loss is a batch mean; per-pair weights need the per-pair terms, so weight via grouping.
-        for wv in w.unique():
-            sel = w == wv
-            total = total + float(wv) * int(sel.sum()) * bradley_terry_loss(ra[sel], rb[sel], items.p_target[p_rows][sel])
+        # np_ * mean(w_i * l_i) = sum(w_i * l_i): every pair weighs as much as one score, times its weight.
+        total = total + np_ * bradley_terry_loss(ra, rb, items.p_target[p_rows], weight=items.p_weight[p_rows])
     return total / max(1, ns + np_)
 
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -51,6 +52,7 @@ class SampleOutput:
     log_probs: torch.Tensor  # [B, T] float32: log p(x_{t-1} | x_t)
     timesteps: torch.Tensor  # [T] int64
     images: list[Image.Image]
+    cond: Conditioning  # what the batch was conditioned on, for re-scoring it (policy training)
 
 
 def _sigma_and_alphas(scheduler: object, timestep: torch.Tensor, eta: float
@@ -202,6 +204,12 @@ def decode_latents(comp: Components, latents: torch.Tensor) -> torch.Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def pil_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images (one size) -> [B, 3, H, W] float32 in 0..1."""
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])  # [B, H, W, 3] uint8
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in 0..1 -> PIL RGB images."""
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
@@ -239,6 +247,7 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
         log_probs=torch.stack(all_log_probs, dim=1).cpu(),  # [B, T]
         timesteps=scheduler.timesteps.detach().to("cpu", torch.long),  # [T]
         images=to_pil(images),
+        cond=cond,
     )
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ from poseloop.config import (
 from poseloop import config as generate_presets
 from poseloop.configlib import ConfigError, field, to_dict
 from poseloop.inputs import InputError
+from poseloop.models import resolve_device
 from poseloop.policy import DEFAULT_LORA_MODULES, TARGETS
+from poseloop.sampling import pil_to_tensor
 
 # ---- configuration -------------------------------------------------------------------------------
 
@@ -293,13 +295,6 @@ PRESETS: dict[str, Callable[[], PolicyConfig]] = {
 # ---- rewards -------------------------------------------------------------------------------------
 
 
-class RewardFn(Protocol):
-    """A reward: images [B,3,H,W] 0..1 and/or final latents [B,C,h,w] -> scores [B]."""
-
-    def __call__(self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str],
-                 metadata: list[dict[str, Any]]) -> torch.Tensor: ...
-
-
 def resolve_reward(spec: str, device: str = "cpu", models_dir: str = "models") -> Any:
     """build_reward(spec) with 'latest' meaning the newest learned reward model; ConfigError when unknown."""
     spec = spec.strip()
@@ -339,18 +334,12 @@ def check_reward_fits(reward: Any, latent_channels: int, name: str = "reward") -
                           "channels; train a reward model on this model's samples")
 
 
-def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL images -> [B, 3, H, W] float32 in 0..1."""
-    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])  # [B, H, W, 3] uint8
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-
-
 def score(reward: Any, images: Sequence[Image.Image], latents: torch.Tensor, prompts: list[str],
           metadata: list[dict[str, Any]]) -> torch.Tensor:
     """Call a reward on a batch; returns float32 [B] on CPU."""
     needs_images = getattr(reward, "needs_images", True)
     with torch.no_grad():
-        out = reward(images_to_tensor(images) if needs_images else None, latents.float(), prompts, metadata)
+        out = reward(pil_to_tensor(images) if needs_images else None, latents.float(), prompts, metadata)
     out = torch.as_tensor(out).detach().float().reshape(-1).cpu()
     if out.shape[0] != len(prompts):
         raise ValueError(f"reward {getattr(reward, 'name', reward)!r} returned {out.shape[0]} scores for "
@@ -484,7 +473,8 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
                                  "or use --algo ddpo with a reward")
     if missing:
         raise TrainingInputError(f"{len(missing)} trajectory file(s) of preferred pairs are missing, e.g. "
-                                 f"{missing[0]}; restore the samples folder or re-run generate.py for that round")
+                                 f"{missing[0]}; restore the samples folder, or run generate.py again with that round's settings "
+                                 "and --store.round <round name>: it regenerates missing files from their seeds")
     for p in pairs:
         if not p.condition_path.is_file():
             raise TrainingInputError(f"pose image {p.condition_path} of a preferred pair is missing")
@@ -548,6 +538,7 @@ class PolicyTrainer:
         # Inputs before the model: a missing file fails in a second, not after a minute of loading.
         self.pairs: list[PreferencePair] = []
         self.specs: list[Any] = []
+        self.group_images: dict[int, Image.Image] = {}
         if cfg.algo == "d3po" and cfg.d3po.source == "db":
             self.pairs = load_preference_pairs(cfg.d3po)
         if cfg.online or cfg.output.grid_every:
@@ -559,10 +550,10 @@ class PolicyTrainer:
             self.specs = build_groups(data)
         self.reward = reward
         if self.reward is None and cfg.online:
-            self.reward = resolve_reward(cfg.reward, device=_reward_device(cfg.model.device), models_dir=cfg.model.models_dir)
+            self.reward = resolve_reward(cfg.reward, device=str(resolve_device(cfg.model.device)), models_dir=cfg.model.models_dir)
         self.heldout = heldout_reward
         if self.heldout is None and cfg.guard.heldout_reward:
-            self.heldout = resolve_reward(cfg.guard.heldout_reward, device=_reward_device(cfg.model.device),
+            self.heldout = resolve_reward(cfg.guard.heldout_reward, device=str(resolve_device(cfg.model.device)),
                                           models_dir=cfg.model.models_dir)
         if cfg.optim.use_8bit_adam:
             try:
@@ -571,9 +562,7 @@ class PolicyTrainer:
                 raise ConfigError("optim.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
                                   "(CUDA only) or drop --optim.use_8bit_adam") from None
 
-        self.tb = _tensorboard_available()
-        self.accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision,
-                                       log_with="tensorboard" if self.tb else None,
+        self.accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, log_with="tensorboard",
                                        project_dir=str(self.run_dir))
         acc = self.accelerator
         self.comp = self._load_model()
@@ -623,10 +612,14 @@ class PolicyTrainer:
     # -- sampling --
 
     def _group_image(self, g: int) -> Image.Image:
+        """The pose image of group g, rendered once per run (every epoch and grid reuses it)."""
         from poseloop.generation import condition_image
 
-        spec = self.specs[g]
-        return condition_image(spec, self.width, self.height, self.cfg.data.draw_hands, self.cfg.data.draw_face)
+        if g not in self.group_images:
+            spec = self.specs[g]
+            self.group_images[g] = condition_image(spec, self.width, self.height, self.cfg.data.draw_hands,
+                                                   self.cfg.data.draw_face)
+        return self.group_images[g]
 
     def _metadata(self, g: int) -> dict[str, Any]:
         spec = self.specs[g]
@@ -636,7 +629,7 @@ class PolicyTrainer:
     def _sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None
                        ) -> tuple[_Batch, torch.Tensor | None, list[Image.Image]]:
         """Sample one image per (group, seed) with the current policy; score with `reward`."""
-        from poseloop.sampling import make_conditioning, sample
+        from poseloop.sampling import sample
 
         cfg = self.cfg
         lat, lps, conds, rewards, images = [], [], [], [], []
@@ -647,8 +640,7 @@ class PolicyTrainer:
             prompts = [self.specs[g].prompt for g in gs]
             poses = [self._group_image(g) for g in gs]
             out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height)
-            with torch.no_grad():
-                conds.append(make_conditioning(self.comp, prompts, poses, cfg.sample, self.width, self.height))
+            conds.append(out.cond)
             lat.append(out.latents)
             lps.append(out.log_probs)
             timesteps = out.timesteps
@@ -966,8 +958,7 @@ class PolicyTrainer:
         if not self.accelerator.is_main_process:
             return
         write_csv(self.run_dir / "metrics.csv", self.history)
-        if self.tb:
-            self.accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        self.accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
     # -- checkpoints and exports --
 
@@ -1041,8 +1032,6 @@ class PolicyTrainer:
 
         cfg, acc = self.cfg, self.accelerator
         start = time.perf_counter()
-        if not self.tb and acc.is_main_process:
-            print("note: tensorboard is not installed; metrics go to metrics.csv only (pip install tensorboard)")
         resumed = cfg.train.resume and self.load_checkpoint()
         if not resumed:
             random.seed(cfg.train.seed)
@@ -1052,8 +1041,7 @@ class PolicyTrainer:
                 shutil.rmtree(self.run_dir / "checkpoint")
             if acc.is_main_process and self.run_dir.exists():
                 (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-        if self.tb:
-            acc.init_trackers("policy", config={k: str(v) for k, v in _flat(to_dict(cfg)).items()})
+        acc.init_trackers("policy", config={k: str(v) for k, v in _flat(to_dict(cfg)).items()})
         first_epoch = self.epoch
         stopped = ""
         if cfg.output.grid_every and not resumed:
@@ -1088,8 +1076,7 @@ class PolicyTrainer:
         bar.close()
         if self.export_dir is None and self.epoch > 0:
             self.export()  # a resumed run that had nothing left to do still reports (and refreshes) its export
-        if self.tb:
-            acc.end_training()
+        acc.end_training()
         key = "reward_mean" if cfg.online else "pair_accuracy"
         values = [r[key] for r in self.history if key in r and not math.isnan(r[key])]
         return TrainResult(algo=cfg.algo, run_dir=self.run_dir, epochs_done=self.epoch,
@@ -1109,24 +1096,6 @@ def train(cfg: PolicyConfig, reward: Any = None, heldout_reward: Any = None, pro
 
 
 # ---- files: csv, plots, grids --------------------------------------------------------------------
-
-
-def _reward_device(model_device: str) -> str:
-    """Rewards run where the model runs."""
-    if model_device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return model_device
-
-
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError:
-            return False
-    return True
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

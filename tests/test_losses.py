@@ -90,3 +90,11 @@ def test_diffusion_dpo_on_hand_computed_values() -> None:
 
 def test_refl_loss() -> None:
     assert losses.refl_loss(torch.tensor([0.5, 2.0]), margin=1.0, scale=2.0).item() == pytest.approx(0.5)
+
+
+def test_bradley_terry_weights_scale_each_pair() -> None:
+    ra, rb = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    target = torch.tensor([1.0, 0.0])
+    l1, l2 = -math.log(sig(1.0)), -math.log(1 - sig(-1.0))
+    weighted = losses.bradley_terry_loss(ra, rb, target, weight=torch.tensor([3.0, 0.5]))
+    assert weighted.item() == pytest.approx((3.0 * l1 + 0.5 * l2) / 2, rel=1e-6)
