@@ -431,13 +431,8 @@ class LatentReward:
         self, version: str = "latest", *, models_dir: str | Path = "models", device: str = "cpu", model: Any = None
     ) -> None:
         if model is None:
-            try:
-                # Imported here: reward_model.py is developed separately and this module must import without it.
-                from poseloop.reward_model import load_reward_model
-            except ImportError as e:
-                raise ImportError(
-                    f"the 'latent' reward needs poseloop.reward_model.load_reward_model, which failed to import: {e}"
-                ) from e
+            from poseloop.reward_model import load_reward_model
+
             # Loaded frozen and in eval mode by reward_model; gradients still reach the input latents.
             model = load_reward_model(version, models_dir=models_dir, device=device)
         self.version = version

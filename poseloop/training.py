@@ -539,6 +539,7 @@ class PolicyTrainer:
         self.pairs: list[PreferencePair] = []
         self.specs: list[Any] = []
         self.group_images: dict[int, Image.Image] = {}
+        self.reward_components: dict[str, float] = {}  # member means of the last scored batch (weighted mixes)
         if cfg.algo == "d3po" and cfg.d3po.source == "db":
             self.pairs = load_preference_pairs(cfg.d3po)
         if cfg.online or cfg.output.grid_every:
@@ -633,6 +634,7 @@ class PolicyTrainer:
 
         cfg = self.cfg
         lat, lps, conds, rewards, images = [], [], [], [], []
+        components: dict[str, list[torch.Tensor]] = {}
         timesteps = torch.empty(0)
         bs = cfg.sample.batch_size
         for i in range(0, len(groups), bs):
@@ -647,6 +649,10 @@ class PolicyTrainer:
             images += out.images
             if reward is not None:
                 rewards.append(score(reward, out.images, out.latents[:, -1], prompts, [self._metadata(g) for g in gs]))
+                # A weighted mix keeps each member's values: logged beside the total (reward_<member>).
+                for label, value in getattr(reward, "last_components", {}).items():
+                    components.setdefault(label, []).append(value.detach().float().cpu())
+        self.reward_components = {label: float(torch.cat(v).mean()) for label, v in components.items()}
         batch = _Batch(torch.cat(lat), torch.cat(lps), timesteps, cat_conditioning(conds), cfg.sample)
         return batch, (torch.cat(rewards) if reward is not None else None), images
 
@@ -742,9 +748,10 @@ class PolicyTrainer:
         adv_all = torch.from_numpy(self.tracker.update(all_keys, all_rewards.numpy()))
         per = len(keys)
         adv = adv_all[self.accelerator.process_index * per:(self.accelerator.process_index + 1) * per]
+        members = {f"reward_{label}": v for label, v in self.reward_components.items()}
         info = self._ppo_update(batch, adv, epoch)
         return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
-                **info, "samples": float(all_rewards.numel()), "sample_seconds": t_sample,
+                **members, **info, "samples": float(all_rewards.numel()), "sample_seconds": t_sample,
                 "seconds": time.perf_counter() - t0}
 
     def _gather_keys(self, keys: list[str]) -> list[str]:

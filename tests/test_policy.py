@@ -232,3 +232,19 @@ def test_cli_reports_bad_input_without_traceback(models_dir: Path, tmp_path: Pat
         train_policy.main(argv)
     assert e.value.code == 2
     assert "no database" in capsys.readouterr().err
+
+
+def test_a_weighted_reward_logs_each_member(models_dir: Path, tmp_path: Path) -> None:
+    from poseloop.rewards import WeightedReward
+
+    class Constant:
+        name, needs_images = "constant", False
+
+        def __call__(self, images, latents, prompts, metadata):  # type: ignore[no-untyped-def]
+            return torch.full((len(prompts),), 2.0)
+
+    mix = WeightedReward([(Brightness(), 1.0), (Constant(), 0.5)])
+    trainer = PolicyTrainer(policy_cfg(models_dir, tmp_path), reward=mix, progress=False)
+    row = trainer.ddpo_epoch(0)
+    assert row["reward_constant"] == pytest.approx(2.0)
+    assert row["reward_mean"] == pytest.approx(row["reward_test_brightness"] + 1.0, abs=1e-5)

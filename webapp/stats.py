@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter, defaultdict
 from itertools import combinations
 from typing import Any
@@ -17,33 +18,16 @@ from . import blind
 from .store import _round_pairs, get_round, iso
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks 1..n with ties given their average rank (as Spearman requires)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman rank correlation (Pearson of tie-averaged ranks); None when undefined."""
+    """Spearman rank correlation (ties get their average rank); None when undefined (n < 2 or no spread)."""
+    from scipy.stats import spearmanr
+
     if len(x) != len(y) or len(x) < 2:
         return None
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    if vx == 0 or vy == 0:
-        return None
-    return cov / math.sqrt(vx * vy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: scipy warns and returns nan, reported here as None
+        rho = float(spearmanr(x, y).statistic)
+    return None if math.isnan(rho) else rho
 
 
 def round_stats(session: Session, round_id: int | None, score_range: tuple[int, int]) -> dict[str, Any]:
