@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from poseloop.config import SampleConfig
+from poseloop.configlib import ConfigError
 from poseloop.models import Components
 
 STORE_DTYPE = torch.float16
@@ -55,23 +57,80 @@ class SampleOutput:
     cond: Conditioning  # what the batch was conditioned on, for re-scoring it (policy training)
 
 
-def _sigma_and_alphas(scheduler: object, timestep: torch.Tensor, eta: float
+# DDIM fields whose step the log-probability models. diffusers' DDIMScheduler.step is the reference:
+# the policy mean must be exactly the mean of the step that produced the sample.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_scheduler(scheduler: object) -> None:
+    """Refuse DDIM settings this sampler does not model (ConfigError naming the scheduler field)."""
+    c = scheduler.config  # type: ignore[attr-defined]
+    where = "in the model's scheduler/scheduler_config.json"
+    pred = c.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise ConfigError(f"scheduler.prediction_type: {pred!r} {where} is not supported; use one of "
+                          f"{', '.join(PREDICTION_TYPES)}")
+    if c.get("thresholding", False):
+        # Dynamic thresholding (Imagen) rescales x0 by a per-image quantile; it is meant for pixel-space
+        # models, not latents, and its mean is not modelled here.
+        raise ConfigError(f"scheduler.thresholding: true {where} is not supported (dynamic thresholding is for "
+                          "pixel-space models); set it to false")
+    if c.get("clip_sample", False) and not c.get("clip_sample_range", 1.0) > 0:
+        raise ConfigError(f"scheduler.clip_sample_range: must be > 0 when clip_sample is true (got "
+                          f"{c.get('clip_sample_range')}) {where}")
+
+
+def _sigma_and_alphas(scheduler: object, timestep: torch.Tensor, eta: float, num_steps: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """alpha_bar_t, alpha_bar_{t-1} and sigma_t for DDIM (scheduler's own schedule), as float32 [B]."""
+    """alpha_bar_t, alpha_bar_{t-1} and sigma_t for DDIM (scheduler's own schedule), as float32 [B].
+
+    num_steps: the sampling steps; None = the scheduler's current num_inference_steps.
+    """
     alphas = scheduler.alphas_cumprod.to(torch.float32)  # type: ignore[attr-defined]
-    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # type: ignore[attr-defined]
+    num_steps = num_steps or scheduler.num_inference_steps  # type: ignore[attr-defined]
+    # diffusers' DDIMScheduler.step takes the previous timestep as t - T_train // steps whatever the spacing.
+    step = scheduler.config.num_train_timesteps // num_steps  # type: ignore[attr-defined]
     t = timestep.to("cpu", torch.long)
     prev_t = t - step
     alpha_t = alphas[t]
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)  # type: ignore[attr-defined]
     alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    return alpha_t, alpha_prev, eta * variance.sqrt()
+    # variance is exactly 0 only when alpha_bar_{t-1} = 1 (set_alpha_to_one's final step); clamp(0) removes
+    # a rounding-negative value elsewhere so that sqrt never gives NaN.
+    return alpha_t, alpha_prev, eta * variance.clamp(min=0).sqrt()
+
+
+def stochastic_steps(scheduler: object, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """Which steps [T] (bool) have sigma_t > 0, i.e. a log-probability that can be trained on.
+
+    With set_alpha_to_one=True the last step lands on alpha_bar = 1: its variance is 0 and x_0 is the
+    predicted x0 itself, a deterministic map with no density. Such a step is sampled but not trained on.
+    """
+    t = torch.as_tensor(timesteps).reshape(-1)  # [T], as recorded by sample()
+    return _sigma_and_alphas(scheduler, t, eta, num_steps=t.numel())[2] > 0
+
+
+def predicted_x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
+                         alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) [B, C, h, w] from the model output, as diffusers' DDIMScheduler.step derives them.
+
+    alpha_t is alpha_bar_t broadcastable to the sample ([B, 1, 1, 1]).
+    """
+    beta_t = 1 - alpha_t
+    if prediction_type == "epsilon":
+        return (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt(), model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_t.sqrt() * model_output) / beta_t.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_t.sqrt() * sample - beta_t.sqrt() * model_output, alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    raise ConfigError(f"scheduler.prediction_type: {prediction_type!r} is not supported; use one of "
+                      f"{', '.join(PREDICTION_TYPES)}")
 
 
 def ddim_step_with_logprob(
     scheduler: object,
-    noise_pred: torch.Tensor,
+    model_output: torch.Tensor,
     timestep: torch.Tensor | int,
     sample: torch.Tensor,
     eta: float,
@@ -80,19 +139,24 @@ def ddim_step_with_logprob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} and its Gaussian log-probability (mean over C, H, W).
 
-    With prev_sample given, scores that recorded transition instead of sampling one. The new
-    sample is rounded to float16, the precision trajectories are stored in. Returns
-    (prev_sample [B, C, h, w] float32, log_prob [B] float32).
+    Follows diffusers' DDIMScheduler.step for every prediction type and clip_sample (eps is not
+    re-derived from a clipped x0, as the pipelines call it). With prev_sample given, scores that
+    recorded transition instead of sampling one. The new sample is rounded to float16, the precision
+    trajectories are stored in. A step with sigma_t = 0 (see stochastic_steps) has log-probability 0.
+    Returns (prev_sample [B, C, h, w] float32, log_prob [B] float32).
     """
     if not eta > 0:
         raise ValueError(f"eta must be > 0 to compute log-probabilities (got {eta}); DDIM with eta = 0 is deterministic")
+    check_scheduler(scheduler)
+    c = scheduler.config  # type: ignore[attr-defined]
     batch = sample.shape[0]
     t = torch.as_tensor(timestep).reshape(-1).expand(batch) if torch.as_tensor(timestep).numel() == 1 \
         else torch.as_tensor(timestep)
     alpha_t, alpha_prev, sigma = (x.to(sample.device).view(batch, 1, 1, 1) for x in _sigma_and_alphas(scheduler, t, eta))
     x_t = sample.float()
-    eps = noise_pred.float()
-    pred_x0 = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    pred_x0, eps = predicted_x0_and_eps(c.get("prediction_type", "epsilon"), model_output.float(), x_t, alpha_t)
+    if c.get("clip_sample", False):
+        pred_x0 = pred_x0.clamp(-c.clip_sample_range, c.clip_sample_range)
     direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
     mean = alpha_prev.sqrt() * pred_x0 + direction  # [B, C, h, w]
     if prev_sample is None:
@@ -100,12 +164,17 @@ def ddim_step_with_logprob(
             raise ValueError("pass either prev_sample (to score a transition) or noise (to sample one)")
         prev_sample = (mean + sigma * noise.to(mean)).to(STORE_DTYPE).float()
     prev_sample = prev_sample.float()
-    # Gaussian log-density of the recorded x_{t-1}; gradients flow through the mean only.
+    # Gaussian log-density of the recorded x_{t-1}; gradients flow through the mean only. Where sigma = 0
+    # the density does not exist: compute with sigma 1 (finite values, so no NaN reaches the gradient
+    # through torch.where) and report 0, the log of the probability 1 of the only possible outcome.
+    stochastic = sigma > 0  # [B, 1, 1, 1]
+    safe_sigma = torch.where(stochastic, sigma, torch.ones_like(sigma))
     log_prob = (
-        -((prev_sample.detach() - mean) ** 2) / (2 * sigma**2)
-        - torch.log(sigma)
+        -((prev_sample.detach() - mean) ** 2) / (2 * safe_sigma**2)
+        - torch.log(safe_sigma)
         - math.log(math.sqrt(2 * math.pi))
     )
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
@@ -219,12 +288,18 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Image.Image], seeds: Sequence[int],
            cfg: SampleConfig, width: int, height: int,
-           on_step: Callable[[int], None] | None = None) -> SampleOutput:
-    """Denoise a batch with DDIM (eta > 0), recording latents and log-probabilities of every step."""
+           on_step: Callable[[int], None] | None = None,
+           autocast: Callable[[], AbstractContextManager[object]] = nullcontext) -> SampleOutput:
+    """Denoise a batch with DDIM (eta > 0), recording latents and log-probabilities of every step.
+
+    `autocast` wraps each noise prediction: the policy trainer passes the context its training pass
+    runs in (accelerate's autocast), so that re-scoring reproduces the sampled log-probabilities.
+    """
     if not (len(prompts) == len(control_images) == len(seeds)):
         raise ValueError("prompts, control_images and seeds must have the same length")
     if width % comp.resolution_multiple or height % comp.resolution_multiple:
         raise ValueError(f"{width}x{height}: this model needs sizes that are multiples of {comp.resolution_multiple}")
+    check_scheduler(comp.scheduler)  # before any work: an unsupported scheduler fails at once
     cond = make_conditioning(comp, prompts, control_images, cfg, width, height)
     scheduler = comp.scheduler
     scheduler.set_timesteps(cfg.steps, device=comp.device)
@@ -234,7 +309,8 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     all_latents = [x]
     all_log_probs = []
     for i, t in enumerate(scheduler.timesteps):
-        eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
+        with autocast():
+            eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
         x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, cfg.eta, noise=noise)
         all_latents.append(x)
@@ -252,15 +328,17 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
 
 
 def rescore(comp: Components, cond: Conditioning, latents: torch.Tensor, timesteps: torch.Tensor, step: int,
-            cfg: SampleConfig) -> torch.Tensor:
+            cfg: SampleConfig, autocast: Callable[[], AbstractContextManager[object]] = nullcontext) -> torch.Tensor:
     """Log-probability [B] of the recorded transition `step` (x_t -> x_{t-1}) under the current weights.
 
-    latents: [B, T+1, C, h, w] as stored. Differentiable w.r.t. the trainable weights.
+    latents: [B, T+1, C, h, w] as stored. Differentiable w.r.t. the trainable weights. `autocast`
+    wraps the noise prediction only, exactly as in sample(): the step's math stays float32 in both.
     """
     comp.scheduler.set_timesteps(cfg.steps, device=comp.device)
     x_t = latents[:, step].to(comp.device).float()
     x_prev = latents[:, step + 1].to(comp.device).float()
     t = timesteps[step].to(comp.device)
-    eps = predict_noise(comp, x_t, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
+    with autocast():
+        eps = predict_noise(comp, x_t, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
     _, log_prob = ddim_step_with_logprob(comp.scheduler, eps, t, x_t, cfg.eta, prev_sample=x_prev)
     return log_prob

@@ -641,7 +641,9 @@ class PolicyTrainer:
             gs, ss = list(groups[i:i + bs]), list(seeds[i:i + bs])
             prompts = [self.specs[g].prompt for g in gs]
             poses = [self._group_image(g) for g in gs]
-            out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height)
+            # Sampled in the training pass's numeric context (see _rescore): mixed precision stays consistent.
+            out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
+                         autocast=self.accelerator.autocast)
             conds.append(out.cond)
             lat.append(out.latents)
             lps.append(out.log_probs)
@@ -699,17 +701,43 @@ class PolicyTrainer:
 
     def _rescore(self, cond: Any, latents: torch.Tensor, timesteps: torch.Tensor, step: int,
                  sample_cfg: SampleConfig) -> torch.Tensor:
+        """log-probs [B] of recorded step `step` under the current weights, in the training pass's context.
+
+        The noise prediction runs under accelerate's autocast here AND when sampling (_sample_groups),
+        so the PPO ratio compares like with like. Sampling in fp32 but re-scoring under bf16 (CPU, tiny
+        model) gave mean |r - 1| 2.7e-3 before any update, 27x the clip range 1e-4: clip fraction 1.0,
+        nothing learned; with both under autocast r = 1 exactly. The alternative, re-computing the old
+        log-probs in this context under no_grad before the first update, costs one more forward pass per
+        trained step (+28% of an epoch, tiny model, 10 steps) and scores the samples under a policy
+        slightly different from the one that drew them; sampling under autocast cost +4% of sampling
+        time on CPU (GPUs sample faster under it) and is what ddpo-pytorch does.
+        """
         from poseloop.sampling import rescore
 
-        with self.accelerator.autocast():
-            return rescore(self.comp, cond, latents, timesteps, step, sample_cfg).float()
+        return rescore(self.comp, cond, latents, timesteps, step, sample_cfg,
+                       autocast=self.accelerator.autocast).float()
+
+    def _chosen_trainable_steps(self, batch: _Batch, gen: torch.Generator) -> list[int]:
+        """train.timestep_fraction of the steps that have a log-probability (sigma_t > 0), in order.
+
+        A deterministic step (set_alpha_to_one's last one: variance 0, no density) is never trained
+        on. When every step is stochastic this draws exactly what chosen_steps(T, ...) draws.
+        """
+        from poseloop.sampling import stochastic_steps
+
+        mask = stochastic_steps(self.comp.scheduler, batch.timesteps, batch.sample_cfg.eta)  # [T] bool
+        trainable = mask.nonzero().flatten().tolist()
+        if not trainable:
+            raise ConfigError(f"sample.steps: none of the {mask.numel()} step(s) is stochastic (the scheduler's "
+                              "set_alpha_to_one makes the last one deterministic); use more steps")
+        return [trainable[k] for k in chosen_steps(len(trainable), self.cfg.train.timestep_fraction, gen)]
 
     def _ppo_update(self, batch: _Batch, adv: torch.Tensor, epoch: int) -> dict[str, float]:
         """DDPO: PPO-clipped passes over the epoch's trajectories (CFG inside the training pass)."""
         from poseloop.losses import ppo_clip_loss
 
         cfg = self.cfg.train
-        n, num_steps = batch.log_probs.shape
+        n = batch.log_probs.shape[0]
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
         micro = 0
         for inner in range(cfg.inner_epochs):
@@ -718,7 +746,7 @@ class PolicyTrainer:
             perm = torch.randperm(n, generator=gen)
             minibatches = [perm[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             for mb_i, idx in enumerate(minibatches):
-                steps = chosen_steps(num_steps, cfg.timestep_fraction, gen)
+                steps = self._chosen_trainable_steps(batch, gen)
                 cond = batch.cond.select(idx)
                 lat = batch.latents[idx]
                 for j in steps:
@@ -841,7 +869,7 @@ class PolicyTrainer:
             cond = batch.cond.select(both)
             lat = batch.latents[both]
             ref = batch.extra["ref"][both]
-            steps = chosen_steps(batch.log_probs.shape[1], cfg.timestep_fraction, gen)
+            steps = self._chosen_trainable_steps(batch, gen)
             for j in steps:
                 lp = self._rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)
                 lp_w, lp_l = lp.chunk(2)
