@@ -667,6 +667,9 @@ def pose_from_result(result: Any, name: str = "") -> Pose:
     )
 
 
+_MIN_DRAW = 128
+
+
 def render_pose(
     pose: Pose | list[Pose], width: int, height: int, draw_hands: bool = True, draw_face: bool = True
 ) -> Image.Image:
@@ -677,9 +680,16 @@ def render_pose(
     if int(width) <= 0 or int(height) <= 0:
         raise ValueError(f"render_pose needs a positive size; got width={width}, height={height}")
     poses = [pose] if isinstance(pose, Pose) else list(pose)
-    canvas = draw_poses([pose_to_result(p) for p in poses], int(height), int(width),
+    width, height = int(width), int(height)
+    # controlnet_aux draws limbs 8 px wide whatever the canvas size, which merges a small skeleton
+    # into one blob; small canvases are drawn at >= _MIN_DRAW px and shrunk so proportions survive.
+    factor = max(1, math.ceil(_MIN_DRAW / min(width, height)))
+    canvas = draw_poses([pose_to_result(p) for p in poses], height * factor, width * factor,
                         draw_body=True, draw_hand=draw_hands, draw_face=draw_face)
-    return Image.fromarray(canvas, mode="RGB")
+    image = Image.fromarray(canvas, mode="RGB")
+    if factor > 1:
+        image = image.resize((width, height), Image.Resampling.BOX)
+    return image
 
 
 def load_openpose_detector(weights_dir: str | Path, device: str | None = None) -> OpenposeDetector:

@@ -1,8 +1,13 @@
 """The embedded default models: tiny SD1.5- and SDXL-architecture ControlNet pipelines built offline.
 
-They use diffusers' and transformers' real classes with small configs and random (seeded) weights,
-and are saved with save_pretrained so that they load through exactly the same from_pretrained path
-as a real checkpoint. Their images are noise-like: they exist to exercise the whole loop anywhere.
+tiny-sd15 is the embedded pose world's model: diffusers' real classes (AutoencoderKL, UNet,
+OpenPose ControlNet, a CLIP text encoder with CLIP's own tokenizer, SD's DDIM scheduler) trained by
+scripts/train_world.py on poseloop.world's rendered people. Its weights ship with the package
+(poseloop/world_weights, fp16) and are written out here with save_pretrained, so they load through
+exactly the same from_pretrained path as a real checkpoint. Its folder also holds the world's pose
+detector (pose_detector/). tiny-sdxl keeps random (seeded) weights: its images are noise-like and it
+exists to exercise the SDXL code paths. build_random_sd15 gives the SD1.5 architecture with random
+weights, for tests that need no picture.
 """
 
 from __future__ import annotations
@@ -67,26 +72,81 @@ def _scheduler():  # -> DDIMScheduler
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
-def build_tiny_sd15(out_dir: Path) -> None:
-    """Build and save the tiny SD1.5-architecture pipeline (+ ControlNet) into out_dir."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+WORLD_WEIGHTS = Path(__file__).parent / "world_weights"
+WORLD_SIZE = 64  # the embedded world's native resolution (16 x 16 latents)
+
+
+def world_text_config():  # -> CLIPTextConfig
+    """The embedded world's CLIP text encoder: 2 layers, hidden 64, CLIP's 49,408-token vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406,
+                          eos_token_id=49407, pad_token_id=49407)
+
+
+def world_modules(scaling_factor: float = 1.0) -> dict[str, torch.nn.Module]:
+    """Fresh (random) vae, unet, controlnet and text_encoder of the embedded world's architecture."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch.manual_seed(_SEED)
+    # Three VAE blocks: latents are 1/4 of the image (64 px -> 16 x 16), cheap enough for 2 cores.
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=32, sample_size=WORLD_SIZE,
+                        scaling_factor=scaling_factor)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+        sample_size=WORLD_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
     )
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32, 32))
+    # The conditioning embedding downsamples by 4 to meet the latents, as SD's does by 8.
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+    return {"vae": vae, "unet": unet, "controlnet": controlnet, "text_encoder": CLIPTextModel(world_text_config())}
+
+
+def _save_sd15(out_dir: Path, modules: dict[str, torch.nn.Module]) -> None:
+    from diffusers import StableDiffusionControlNetPipeline
+
     with tempfile.TemporaryDirectory() as tok_tmp:
-        tokenizer = _tokenizer(Path(tok_tmp), pad_token="<|endoftext|>")
         pipe = StableDiffusionControlNetPipeline(
-            vae=_vae(0.18215), text_encoder=CLIPTextModel(_text_config()), tokenizer=tokenizer, unet=unet,
-            controlnet=controlnet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+            vae=modules["vae"], text_encoder=modules["text_encoder"],
+            tokenizer=_tokenizer(Path(tok_tmp), pad_token="<|endoftext|>"), unet=modules["unet"],
+            controlnet=modules["controlnet"], scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.save_pretrained(out_dir)
+
+
+def load_world_modules(weights_dir: Path = WORLD_WEIGHTS) -> dict[str, torch.nn.Module]:
+    """The trained embedded world (fp16 files -> float32 modules); FileNotFoundError names a missing file."""
+    from safetensors.torch import load_file
+
+    meta_path = weights_dir / "world.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing; the trained embedded world ships with poseloop "
+                                "(rebuild it with: python scripts/train_world.py)")
+    meta = json.loads(meta_path.read_text())
+    modules = world_modules(float(meta["scaling_factor"]))
+    for name, module in modules.items():
+        path = weights_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; rebuild the embedded world with: python scripts/train_world.py")
+        module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return modules
+
+
+def build_tiny_sd15(out_dir: Path, weights_dir: Path = WORLD_WEIGHTS) -> None:
+    """Write the trained embedded world pipeline (+ ControlNet, + pose detector) into out_dir."""
+    _save_sd15(out_dir, load_world_modules(weights_dir))
+    shutil.copytree(weights_dir / "pose_detector", out_dir / "pose_detector")
+
+
+def build_random_sd15(out_dir: Path, seed: int = _SEED) -> None:
+    """The embedded SD1.5 architecture with random weights (for tests that need no picture)."""
+    torch.manual_seed(seed)
+    _save_sd15(out_dir, world_modules(0.18215))
 
 
 def build_tiny_sdxl(out_dir: Path) -> None:

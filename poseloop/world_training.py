@@ -1,0 +1,485 @@
+"""Training the embedded pose world: VAE, pose detector, then UNet + OpenPose ControlNet + text encoder.
+
+scripts/train_world.py runs it. Every stage is seeded, so a rebuild with the same config and thread
+count gives the same weights; each stage's result is kept in the run folder and a re-run skips
+finished stages. The result is written in fp16 to poseloop/world_weights (what ships) and
+poseloop.tiny turns it into the diffusers folder models/tiny-sd15.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from poseloop.configlib import ConfigError, field, to_dict
+from poseloop.poses import Pose
+from poseloop.tiny import WORLD_WEIGHTS, world_modules
+from poseloop.world import WorldBatch, make_examples, measure_attributes, parse_prompt
+from poseloop.world_detector import KeypointNet, save_detector, soft_argmax
+
+
+@dataclass
+class WorldConfig:
+    """What scripts/train_world.py trains and for how long (steps, not minutes, so it is deterministic)."""
+
+    size: int = field(64, help="image size in pixels (square; multiple of 4)")
+    seed: int = field(0, help="seed of the renders, the initial weights and the data order")
+    threads: int = field(2, help="torch threads; results are reproducible for a given thread count")
+    examples: int = field(24000, help="rendered training examples")
+    vae_steps: int = field(2000, help="VAE optimiser steps")
+    vae_batch: int = field(8, help="VAE batch size (small batches learned faster per minute on 2 cores)")
+    vae_lr: float = field(1e-3, help="VAE learning rate")
+    detector_steps: int = field(1500, help="pose detector optimiser steps")
+    detector_batch: int = field(32, help="pose detector batch size")
+    detector_lr: float = field(2e-3, help="pose detector learning rate")
+    unet_steps: int = field(3600, help="UNet + ControlNet + text encoder optimiser steps")
+    unet_batch: int = field(32, help="UNet batch size")
+    unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
+    prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")
+    ema: float = field(0.998, help="EMA decay of the exported diffusion weights")
+    snapshot_every: int = field(600, help="UNet steps between snapshots (weights + sample grid + metrics)")
+    run_dir: str = field("models/world_run", help="folder for stage checkpoints, loss plots and sample grids")
+    out: str = field(str(WORLD_WEIGHTS), help="where the shipped fp16 weights are written")
+
+    def validate(self) -> None:
+        """Check fields before any work starts."""
+        if self.size < 32 or self.size % 4:
+            raise ConfigError(f"size: {self.size} must be a multiple of 4 and >= 32 (the VAE downsamples by 4)")
+        for name in ("examples", "vae_batch", "detector_batch", "unet_batch", "threads", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+        for name in ("vae_steps", "detector_steps", "unet_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"prompt_dropout: must be in [0, 1) (got {self.prompt_dropout})")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema: must be in [0, 1) (got {self.ema})")
+
+
+def full() -> WorldConfig:
+    """The shipped embedded world (about 50 minutes on 2 cores)."""
+    return WorldConfig()
+
+
+def smoke() -> WorldConfig:
+    """A few steps of every stage: checks the script end to end in about a minute."""
+    return WorldConfig(examples=256, vae_steps=20, detector_steps=20, unet_steps=20, unet_batch=8,
+                       snapshot_every=10, run_dir="models/world_run_smoke", out="models/world_weights_smoke")
+
+
+PRESETS = {"full": full, "smoke": smoke}
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in -1..1."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _atomic_save(state: dict[str, torch.Tensor], path: Path, fp16: bool = False) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: (v.half() if fp16 and v.is_floating_point() else v).detach().contiguous()
+               for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ys in curves.items():
+        if ys:
+            k = max(1, len(ys) // 200)
+            smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _Ema:
+    """Exponential moving average of parameters (the exported weights)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm start, as diffusers' EMAModel
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+# ---- stages --------------------------------------------------------------------------------------
+
+
+def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Path) -> dict[str, float]:
+    """Fit the VAE on renders: L1 + MSE + image-gradient L1 + a tiny KL, as a soft SD-style autoencoder."""
+    torch.manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    curve: list[float] = []
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="world 1/3: VAE", unit="step", mininterval=2.0)
+    for step in bar:
+        x = _to_tensor(data.images[rng.integers(0, len(data.images), cfg.vae_batch)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        grad = (F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2)))
+        mse = F.mse_loss(rec, x)
+        loss = mse + F.l1_loss(rec, x) + 0.5 * grad + 1e-6 * post.kl().mean()
+        for g in opt.param_groups:  # cosine decay: the last steps sharpen
+            g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.vae_steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        curve.append(float(mse))
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{np.mean(curve[-50:]):.4f}")
+    bar.close()
+    vae.eval()
+    _plot({"mse (-1..1)": curve}, run / "vae_loss.png", "VAE reconstruction")
+    x = _to_tensor(data.images[-256:])
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x)))
+    print(f"VAE: {cfg.vae_steps} steps, PSNR {psnr:.1f} dB on 256 renders")
+    return {"vae_psnr_db": psnr}
+
+
+@torch.no_grad()
+def encode_all(vae: torch.nn.Module, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+    """Unscaled latent means [N, 4, h, w] and VAE round trips (uint8) of every image."""
+    lat, rec = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encoding renders", unit="batch", mininterval=2.0):
+        z = vae.encode(_to_tensor(images[i:i + batch])).latent_dist.mode()
+        lat.append(z)
+        r = vae.decode(z).sample.clamp(-1, 1)
+        rec.append(((r + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return torch.cat(lat), np.concatenate(rec)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur, noise and contrast jitter, so the detector also reads the generator's softer images."""
+    b = x.shape[0]
+    sigma = torch.rand(b, generator=gen) * 1.2
+    out = []
+    for i in range(b):
+        xi = x[i:i + 1]
+        if sigma[i] > 0.2:
+            k = torch.arange(-2, 3, dtype=torch.float32)
+            w = torch.exp(-(k ** 2) / (2 * float(sigma[i]) ** 2))
+            w = w / w.sum()
+            xi = F.conv2d(F.pad(xi, (2, 2, 0, 0), mode="replicate"), w.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+            xi = F.conv2d(F.pad(xi, (0, 0, 2, 2), mode="replicate"), w.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+        out.append(xi)
+    x = torch.cat(out)
+    scale = 0.8 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen)
+    shift = 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    return (x * scale + shift + 0.04 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)).clamp(-1.2, 1.2)
+
+
+def train_detector(cfg: WorldConfig, data: WorldBatch, recon: np.ndarray, run: Path) -> tuple[KeypointNet, dict]:
+    """Heatmap CNN on renders and their VAE round trips: cross-entropy to a Gaussian target + L1 of soft-argmax."""
+    torch.manual_seed(cfg.seed + 2)
+    rng = np.random.default_rng(cfg.seed + 2)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    net = KeypointNet(size=cfg.size)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.detector_lr, weight_decay=1e-4)
+    kps = torch.from_numpy(data.keypoints[:, :, :2])
+    hm = cfg.size // 2
+    grid = (torch.arange(hm, dtype=torch.float32) + 0.5) / hm
+    curve: list[float] = []
+    net.train()
+    bar = tqdm(range(cfg.detector_steps), desc="world 2/3: pose detector", unit="step", mininterval=2.0)
+    for step in bar:
+        idx = rng.integers(0, len(data.images), cfg.detector_batch)
+        use_rec = rng.random(cfg.detector_batch) < 0.5
+        imgs = np.where(use_rec[:, None, None, None], recon[idx], data.images[idx])
+        x = _augment(_to_tensor(imgs), gen)
+        target = kps[idx]  # [B, 18, 2]
+        logits = net(x)
+        # Gaussian target of std 1 heatmap cell around each true point.
+        gx = torch.exp(-((grid[None, None, :] - target[..., 0:1]) * hm) ** 2 / 2)
+        gy = torch.exp(-((grid[None, None, :] - target[..., 1:2]) * hm) ** 2 / 2)
+        tgt = (gy[..., :, None] * gx[..., None, :]).flatten(2)
+        tgt = tgt / tgt.sum(-1, keepdim=True).clamp_min(1e-8)
+        ce = -(tgt * logits.flatten(2).log_softmax(-1)).sum(-1).mean()
+        xy, _ = soft_argmax(logits)
+        l1 = (xy - target).abs().mean() * cfg.size
+        loss = ce + 0.5 * l1
+        for g in opt.param_groups:
+            g["lr"] = cfg.detector_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.detector_steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(float(l1))
+        if step % 50 == 0:
+            bar.set_postfix(px_err=f"{np.mean(curve[-50:]):.2f}")
+    bar.close()
+    net.eval()
+    _plot({"mean |error| (px)": curve}, run / "detector_loss.png", "pose detector")
+    return net, detector_heldout_oks(net, cfg.size, seed=cfg.seed + 1000)
+
+
+def detector_heldout_oks(net: KeypointNet, size: int, n: int = 256, seed: int = 1000) -> dict[str, float]:
+    """Mean OKS of the detector on fresh renders (never seen in training) against their true keypoints."""
+    from poseloop.metrics import oks
+    from poseloop.world_detector import WorldPoseDetector
+
+    fresh = make_examples(n, size, seed=seed)
+    found = WorldPoseDetector(net).detect(fresh.images)
+    scores = [oks(Pose(body=fresh.keypoints[i]), found[i][0], width=size, height=size) for i in range(n)]
+    result = {"detector_oks": float(np.mean(scores)), "detector_oks_min": float(np.min(scores)), "detector_n": n}
+    print(f"pose detector: held-out OKS {result['detector_oks']:.3f} on {n} fresh renders")
+    return result
+
+
+def _ddpm():  # -> DDPMScheduler
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@torch.no_grad()
+def sample_world(mods: dict[str, torch.nn.Module], tokenizer: Any, prompts: list[str], conds: np.ndarray,
+                 seed: int, steps: int = 20, guidance: float = 5.0) -> np.ndarray:
+    """DDIM (eta 1, CFG) samples of the diffusion weights as they are now: uint8 [N, H, W, 3]."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(steps)
+    n = len(prompts)
+    ids = tokenizer(list(prompts) + [""] * n, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    ctx = mods["text_encoder"](ids)[0]
+    cond = torch.from_numpy(conds).permute(0, 3, 1, 2).float() / 255.0
+    gen = torch.Generator().manual_seed(seed)
+    h = conds.shape[1] // 4
+    x = torch.randn(n, 4, h, h, generator=gen)
+    for t in sched.timesteps:
+        xin = torch.cat([x, x])
+        down, mid = mods["controlnet"](xin, t, encoder_hidden_states=ctx, controlnet_cond=torch.cat([cond, cond]),
+                                       return_dict=False)
+        eps = mods["unet"](xin, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid).sample
+        e_c, e_u = eps.chunk(2)
+        x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=1.0, generator=gen).prev_sample
+    vae = mods["vae"]
+    img = vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
+    return ((img + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _snapshot_metrics(images: np.ndarray, fresh: WorldBatch, detector: Any) -> dict[str, float]:
+    from poseloop.metrics import oks
+
+    n = len(images)
+    found = detector.detect(images)
+    own = [oks(Pose(body=fresh.keypoints[i]), found[i][0], width=images.shape[2], height=images.shape[1])
+           for i in range(n)]
+    other = [oks(Pose(body=fresh.keypoints[(i + 1) % n]), found[i][0], width=images.shape[2], height=images.shape[1])
+             for i in range(n)]
+    hits = {"shirt": [], "trousers": [], "background": []}
+    for i in range(n):
+        got, want = measure_attributes(images[i], Pose(body=fresh.keypoints[i])), parse_prompt(fresh.prompts[i])
+        for k in hits:
+            hits[k].append(getattr(got, k) == getattr(want, k))
+    return {"oks": float(np.mean(own)), "oks_shuffled": float(np.mean(other)),
+            **{f"{k}_acc": float(np.mean(v)) for k, v in hits.items()}}
+
+
+def _save_grid(images: np.ndarray, conds: np.ndarray, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    n, s = len(images), images.shape[1]
+    rows = math.ceil(n / cols)
+    canvas = Image.new("RGB", (cols * s * 2, rows * s * 2 * 2))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas.paste(Image.fromarray(conds[i]).resize((2 * s, 2 * s), Image.Resampling.NEAREST), (c * 2 * s, r * 4 * s))
+        canvas.paste(Image.fromarray(images[i]).resize((2 * s, 2 * s), Image.Resampling.NEAREST),
+                     (c * 2 * s, r * 4 * s + 2 * s))
+    canvas.save(path)
+
+
+def train_diffusion(cfg: WorldConfig, data: WorldBatch, latents: torch.Tensor, mods: dict[str, torch.nn.Module],
+                    tokenizer: Any, detector: Any, run: Path) -> dict[str, float]:
+    """UNet + ControlNet + text encoder on cached latents: epsilon MSE with min-SNR-5 weights, EMA."""
+    torch.manual_seed(cfg.seed + 3)
+    rng = np.random.default_rng(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    sched = _ddpm()
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5: spend effort on the coarse (colour, layout) steps
+    trained = [mods["unet"], mods["controlnet"], mods["text_encoder"]]
+    params = [p for m in trained for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
+    ema = _Ema(params, cfg.ema)
+    ids = tokenizer(data.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    conds = torch.from_numpy(data.conditions).permute(0, 3, 1, 2)  # uint8, scaled per batch
+    fresh = make_examples(48, cfg.size, seed=cfg.seed + 2000)
+    curve: list[float] = []
+    history: list[dict[str, float]] = []
+    for m in trained:
+        m.train()
+    bar = tqdm(range(cfg.unet_steps), desc="world 3/3: UNet + ControlNet", unit="step", mininterval=2.0)
+    for step in bar:
+        idx = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        tok = ids[idx].clone()
+        tok[torch.rand(len(idx), generator=gen) < cfg.prompt_dropout] = empty[0]
+        ctx = mods["text_encoder"](tok)[0]
+        down, mid = mods["controlnet"](xt, t, encoder_hidden_states=ctx, controlnet_cond=conds[idx].float() / 255.0,
+                                       return_dict=False)
+        eps = mods["unet"](xt, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid).sample
+        per = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per * weight[t]).mean()
+        warm = min(1.0, (step + 1) / 100)
+        for g in opt.param_groups:
+            g["lr"] = cfg.unet_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / max(1, cfg.unet_steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        curve.append(float(per.mean()))
+        if step % 50 == 0:
+            bar.set_postfix(eps_mse=f"{np.mean(curve[-50:]):.4f}")
+        if (step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.unet_steps:
+            ema.swap()
+            for m in trained:
+                m.eval()
+            imgs = sample_world(mods, tokenizer, fresh.prompts, fresh.conditions, seed=cfg.seed)
+            row = {"step": step + 1, **_snapshot_metrics(imgs, fresh, detector)}
+            history.append(row)
+            _save_grid(imgs[:24], fresh.conditions[:24], run / f"samples_{step + 1:05d}.png")
+            write_weights(mods, detector.net, run / "snapshot", {"step": step + 1})
+            tqdm.write("snapshot " + json.dumps({k: round(v, 3) for k, v in row.items()}))
+            ema.swap()
+            for m in trained:
+                m.train()
+            _plot({"epsilon mse": curve}, run / "unet_loss.png", "UNet + ControlNet")
+    bar.close()
+    ema.swap()  # export the averaged weights
+    for m in trained:
+        m.eval()
+    (run / "snapshots.json").write_text(json.dumps(history, indent=2))
+    return history[-1] if history else {}
+
+
+def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None, out: Path,
+                  meta: dict[str, Any]) -> None:
+    """Write the fp16 shipped files (one safetensors per module + world.json), replacing out atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for name, m in mods.items():
+            _atomic_save(m.state_dict(), tmp / f"{name}.safetensors", fp16=True)
+        if detector is not None:
+            save_detector(detector, tmp / "pose_detector", meta.get("detector"))
+        elif (out / "pose_detector").is_dir():
+            shutil.copytree(out / "pose_detector", tmp / "pose_detector")
+        (tmp / "world.json").write_text(json.dumps({"scaling_factor": mods["vae"].config.scaling_factor, **meta},
+                                                   indent=2))
+        os.chmod(tmp, 0o755)
+        old = out.with_name(f".{out.name}-old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_world(cfg: WorldConfig) -> dict[str, Any]:
+    """Run every stage (skipping those finished in cfg.run_dir) and write the shipped weights."""
+    from safetensors.torch import load_file
+
+    from poseloop.tiny import _tokenizer
+
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    start = time.time()
+    data = make_examples(cfg.examples, cfg.size, seed=cfg.seed, progress=True)
+    torch.manual_seed(cfg.seed)
+    mods = world_modules()
+    metrics: dict[str, Any] = {}
+    vae_file = run / "vae.safetensors"
+    if vae_file.is_file():
+        mods["vae"].load_state_dict(load_file(str(vae_file)))
+        metrics.update(json.loads((run / "vae.json").read_text()))
+    else:
+        metrics.update(train_vae(cfg, data, mods["vae"], run))
+        _atomic_save(mods["vae"].state_dict(), vae_file)
+        (run / "vae.json").write_text(json.dumps(metrics))
+    mods["vae"].eval().requires_grad_(False)
+    lat, recon = encode_all(mods["vae"], data.images)
+    # SD's recipe: scale latents to unit variance so the noise schedule fits them.
+    scaling = float(1.0 / lat.std())
+    mods["vae"].register_to_config(scaling_factor=scaling)
+    det_file = run / "detector.safetensors"
+    net = KeypointNet(size=cfg.size)
+    if det_file.is_file():
+        net.load_state_dict(load_file(str(det_file)))
+        net.eval()
+        det_metrics = json.loads((run / "detector.json").read_text())
+    else:
+        net, det_metrics = train_detector(cfg, data, recon, run)
+        _atomic_save(net.state_dict(), det_file)
+        (run / "detector.json").write_text(json.dumps(det_metrics))
+    metrics.update(det_metrics)
+    from poseloop.world_detector import WorldPoseDetector
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer = _tokenizer(Path(tok_dir), pad_token="<|endoftext|>")
+    final = train_diffusion(cfg, data, lat * scaling, mods, tokenizer, WorldPoseDetector(net), run)
+    metrics.update({f"generator_{k}": v for k, v in final.items()})
+    metrics["minutes"] = (time.time() - start) / 60
+    metrics["threads"] = cfg.threads
+    write_weights(mods, net, Path(cfg.out), {"detector": det_metrics, "metrics": metrics, "config": to_dict(cfg)})
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
