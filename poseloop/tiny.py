@@ -139,6 +139,13 @@ def load_world_modules(weights_dir: Path = WORLD_WEIGHTS) -> dict[str, torch.nn.
 
 def build_tiny_sd15(out_dir: Path, weights_dir: Path = WORLD_WEIGHTS) -> None:
     """Write the trained embedded world pipeline (+ ControlNet, + pose detector) into out_dir."""
+    if not (weights_dir / "world.json").is_file():
+        import warnings
+
+        warnings.warn(f"{weights_dir} holds no trained embedded world: tiny-sd15 gets random weights "
+                      "(noise images); rebuild the world with: python scripts/train_world.py", stacklevel=2)
+        build_random_sd15(out_dir)
+        return
     _save_sd15(out_dir, load_world_modules(weights_dir))
     shutil.copytree(weights_dir / "pose_detector", out_dir / "pose_detector")
 
