@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter, Map
 
 from .blind import load_key
 from .config import AppConfig, ConfigError, config_from_mapping
@@ -15,10 +16,20 @@ from .store import ApiError, Store
 __all__ = ["AppConfig", "ConfigError", "create_app"]
 
 
+class Int64Converter(IntegerConverter):
+    """`<int:...>` limited to what SQLite can store: a larger id is no row (404), not an overflow (500)."""
+
+    def __init__(self, map: Map, *args: Any, **kwargs: Any) -> None:  # noqa: A002 (werkzeug's name)
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(map, *args, **kwargs)
+
+
 def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None) -> Flask:
     """Build the Flask app from an AppConfig or a mapping of AppConfig field overrides."""
     cfg = config_from_mapping(config_or_overrides).validate()
     app = Flask(__name__)
+    # Before any blueprint adds its rules, so every <int:...> route gets the 64-bit bound.
+    app.url_map.converters["int"] = Int64Converter
     app.config["POSELOOP"] = cfg
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -27,29 +27,39 @@ def _score_range() -> tuple[int, int]:
     return cfg.score_min, cfg.score_max
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (send numbers as finite decimals)")
+
+
 def json_body() -> dict[str, Any]:
     """The request's JSON object, or a 400 saying what is wrong with it."""
     raw = request.get_data(cache=True)
     try:
-        data = json.loads(raw)
+        # Python's parser accepts NaN and Infinity, which are not JSON and no field can use.
+        data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply (no field needs more than a few levels)") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
     return data
 
 
 def arg_int(name: str, required: bool = False) -> int | None:
-    """An integer query parameter, or a 400 naming it."""
+    """An integer query parameter (64-bit range), or a 400 naming it."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         if required:
             raise ApiError(400, f"query parameter '{name}' is required")
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise ApiError(400, f"query parameter '{name}' must be an integer, got {raw!r}") from None
+        raise ApiError(400, f"query parameter '{name}' must be an integer, got {raw[:40]!r}") from None
+    if not store.INT_MIN <= value <= store.INT_MAX:
+        raise ApiError(400, f"query parameter '{name}' must be an integer between -2**63 and 2**63-1")
+    return value
 
 
 def arg_flag(name: str) -> bool:
@@ -95,7 +105,7 @@ def get_pairs(round_id: int) -> Response:
         try:
             a, b = sorted(int(x) for x in part.split("-"))
         except ValueError:
-            raise ApiError(400, f"'exclude' entries look like 12-15, got {part!r}") from None
+            raise ApiError(400, f"'exclude' entries look like 12-15, got {part[:40]!r}") from None
         exclude.append((a, b))
     return jsonify(_store().read(lambda s: store.next_pairs(s, round_id, rater, count, exclude)))
 

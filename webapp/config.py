@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +27,32 @@ def flag_name(field_name: str) -> str:
 
 def is_loopback(host: str) -> bool:
     """True when `host` only accepts connections from this machine."""
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         # A host name other than localhost may resolve to anything; treat it as exposed.
         return False
+
+
+# One DNS name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def normalize_host_name(name: str) -> str | None:
+    """`name` lower-cased with IPv6 brackets dropped, or None when it is not a host name or IP address."""
+    name = name.strip().lower()
+    try:
+        return str(ipaddress.ip_address(name.strip("[]") if name.startswith("[") else name))
+    except ValueError:
+        return name if _HOST_NAME_RE.match(name) else None
+
+
+def split_host_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Host names from a comma-separated string (the flag) or a sequence (Python callers)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(item).strip() for item in items if str(item).strip())
 
 
 @dataclass
@@ -57,6 +77,15 @@ class AppConfig:
         metadata={
             "help": f"Shared access token; raters open http://HOST:PORT/?token=TOKEN once. "
             f"Also read from ${TOKEN_ENV} so it stays out of the process list."
+        },
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Comma-separated host names (or addresses) the browser may use to reach the app, e.g. "
+            "rating.lan,gpu-box.local; requires --token. Loopback names, the --host address and, with a "
+            "token, IP addresses are always accepted; other Host headers are refused (DNS rebinding).",
+            "parse": split_host_list,
         },
     )
     score_min: int = field(default=-5, metadata={"help": "Lowest score on the scale (>= -9)."})
@@ -89,6 +118,7 @@ class AppConfig:
                 f"change the labels; pass --token SECRET (or set ${TOKEN_ENV}) to share on a LAN, "
                 f"or bind to 127.0.0.1"
             )
+        self.allowed_hosts = self._clean_allowed_hosts()
         if self.score_min < -9 or self.score_max > 10:
             raise ConfigError("--score-min/--score-max: the keyboard scale supports -9..10 (digit keys)")
         if self.score_min >= self.score_max:
@@ -98,6 +128,21 @@ class AppConfig:
         if not 1 <= self.threads <= 64:
             raise ConfigError(f"--threads: {self.threads} is outside 1..64")
         return self
+
+    def _clean_allowed_hosts(self) -> tuple[str, ...]:
+        """The --allowed-hosts names, normalised; a ConfigError for a bad name or a missing token."""
+        names = []
+        for raw in split_host_list(self.allowed_hosts):
+            name = normalize_host_name(raw)
+            if name is None:
+                raise ConfigError(f"--allowed-hosts: {raw!r} is not a host name or IP address (give names "
+                                  f"without scheme or port, separated by commas, e.g. rating.lan,gpu-box.local)")
+            names.append(name)
+        if names and not self.token:
+            raise ConfigError("--allowed-hosts: names other than localhost can be pointed at this machine by "
+                              "anyone's DNS (DNS rebinding), so they need --token SECRET (or "
+                              f"${TOKEN_ENV}) as well")
+        return tuple(names)
 
     @property
     def resolved_db_url(self) -> str:
@@ -133,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hints = typing.get_type_hints(AppConfig)
     for f in dataclasses.fields(AppConfig):
-        kind = _field_type(hints[f.name])
+        kind = f.metadata.get("parse") or _field_type(hints[f.name])
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,

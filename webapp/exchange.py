@@ -71,10 +71,26 @@ def export_scores_json(session: Session, round_id: int | None, rater: str | None
     return {ids[s.id]: round_half_away(sum(collected[s.id]) / len(collected[s.id])) for s in samples if collected[s.id]}
 
 
+# Names Windows reserves for devices, with or without an extension ("CON.json" opens the console there).
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{dev}{i}" for dev in ("com", "lpt") for i in range(10))}
+
+
 def safe_file_stem(name: str) -> str:
-    """A rater name as a portable file name stem."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "rater"
-    return stem[:80]
+    """A rater name as a file name stem that is valid on every OS (letters, digits, . _ -; no reserved names)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:80].rstrip("._") or "rater"
+    head, dot, tail = stem.partition(".")
+    if head.lower() in _WINDOWS_RESERVED:
+        stem = f"{head}_{dot}{tail}"
+    return stem
+
+
+def _is_int_in(value: Any, lo: int, hi: int) -> bool:
+    """True for an integer (or integral finite float) in lo..hi; False for NaN, infinities, booleans."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return False
+    return lo <= value <= hi
 
 
 def export_d3po(session: Session, round_id: int | None) -> dict[str, list[list[float | None]]]:
@@ -188,7 +204,7 @@ def import_scores_json(
                 ambiguous.append(key)
                 continue
             sample = matches[0]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not lo <= value <= hi:
+        if not _is_int_in(value, lo, hi):
             bad.append(key)
             continue
         resolved.append((sample, int(value)))

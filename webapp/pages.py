@@ -28,16 +28,49 @@ def stats_page() -> str:
     return render_template("stats.html")
 
 
-def _send_relative(rel: str | None) -> Response:
-    """Serve a file named by a database row, only if it lies inside the samples directory."""
-    if not rel:
+# Only generated images, conditions and source photos are ever served; never the database, the blind
+# key or any other file that a stray (or hostile) row might name inside the samples directory.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+
+def _database_files() -> set[Path]:
+    """The SQLite database of this app and its -wal/-shm/-journal companions (empty for other databases)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(current_app.config["POSELOOP"].resolved_db_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return set()
+    db = Path(url.database).resolve()
+    return {db, *(db.with_name(db.name + tail) for tail in ("-wal", "-shm", "-journal"))}
+
+
+def safe_image_path(rel: str | None) -> Path:
+    """The image file a database row names, or a 404: it must lie inside the samples directory, be an
+    image by extension, and no part of its path may start with '.' (dotfiles such as the blind key)."""
+    if not rel or "\x00" in rel:
         abort(404)
     root = Path(current_app.config["POSELOOP"].samples_dir).resolve()
-    path = (root / rel).resolve()
-    # A row is data, not trust: a path like ../../etc/passwd or an absolute path must not escape.
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        path = (root / rel).resolve()
+        inside = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):  # a name the file system refuses (too long, bad characters)
         abort(404)
-    return send_file(path, max_age=3600, conditional=True)
+    # A row is data, not trust: a path like ../../etc/passwd or an absolute path must not escape.
+    if not inside:
+        abort(404)
+    # Checked on the resolved path too, so a symlink named x.png cannot lead to a dotfile or the database.
+    given = Path(rel.replace("\\", "/"))
+    parts = [*(() if given.is_absolute() else given.parts), *path.relative_to(root).parts]
+    if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in parts):
+        abort(404)
+    if path in _database_files():
+        abort(404)
+    return path
+
+
+def _send_relative(rel: str | None) -> Response:
+    """Serve an image file named by a database row (see safe_image_path)."""
+    return send_file(safe_image_path(rel), max_age=3600, conditional=True)
 
 
 def _lookup(model: type, ident: int, attr: str) -> str | None:
@@ -93,12 +126,7 @@ def blind_image(comparison_id: int, token: str, what: str) -> Response:
     st: Store = current_app.extensions["poseloop_store"]
     key = current_app.extensions["poseloop_blind_key"]
     rel = st.read(lambda s: blind.media_path(s, key, comparison_id, token, what, rater))
-    if not rel:
-        abort(404)
-    root = Path(current_app.config["POSELOOP"].samples_dir).resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
-        abort(404)
+    path = safe_image_path(rel)
     mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     resp = Response(strip_png_text(path.read_bytes()), mimetype=mimetype)
     resp.headers["Cache-Control"] = "private, max-age=3600"

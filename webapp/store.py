@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -129,13 +131,34 @@ class Store:
 # ---------------------------------------------------------------- validation helpers
 
 
+# SQLite stores integers as signed 64 bits; a larger id or score cannot name a row, and binding it raises.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_RATER_NAME = 100
+# Unicode line and paragraph separators break lines like a newline does; bidi controls can make a name
+# display as another (or reorder the columns of an export).
+_BAD_NAME_CHARS = {"\u2028", "\u2029", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))}
+
+
+def check_text(value: str, name: str) -> str:
+    """`value` if it can be stored as UTF-8 text (no lone surrogates such as "\\ud800"), else a 400."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{name}' contains an unpaired UTF-16 surrogate; send valid Unicode text") from None
+    return value
+
+
 def clean_rater_name(value: Any) -> str:
-    """A valid rater name or ApiError."""
+    """A valid rater name (surrounding whitespace stripped; no control characters) or ApiError."""
     if not isinstance(value, str) or not value.strip():
         raise ApiError(400, "'rater' is required: a non-empty name")
-    name = value.strip()
-    if len(name) > 100:
-        raise ApiError(400, "'rater' must be at most 100 characters")
+    name = check_text(value, "rater").strip()
+    if len(name) > MAX_RATER_NAME:
+        raise ApiError(400, f"'rater' must be at most {MAX_RATER_NAME} characters")
+    for i, ch in enumerate(name):
+        if unicodedata.category(ch) == "Cc" or ch in _BAD_NAME_CHARS:
+            raise ApiError(400, f"'rater' must not contain control characters or line breaks (U+{ord(ch):04X} at "
+                                f"position {i}); use a plain one-line name")
     return name
 
 
@@ -145,13 +168,17 @@ def clean_request_id(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID:
         raise ApiError(400, f"'request_id' must be a string of 1..{MAX_REQUEST_ID} characters")
-    return value
+    return check_text(value, "request_id")
 
 
 def clean_int(value: Any, name: str) -> int:
-    """An integer field (booleans and floats with a fraction refused) or ApiError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    """An integer field (booleans, NaN, infinities and floats with a fraction refused) or ApiError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{name}' must be an integer, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ApiError(400, f"'{name}' must be an integer, got {value!r}")
+    if not INT_MIN <= value <= INT_MAX:
+        raise ApiError(400, f"'{name}' must be an integer between -2**63 and 2**63-1, got {value!r}")
     return int(value)
 
 
