@@ -27,6 +27,7 @@ def eps_of(comp: Components) -> torch.Tensor:
     pose = render_pose(get_builtin_pose("walking"), 64, 64)
     cfg = SampleConfig(guidance_scale=3.0)
     cond = sampling.make_conditioning(comp, ["a walking robot", "a cat"], [pose, pose], cfg, 64, 64)
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = 64 // comp.vae_scale_factor
+    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return sampling.predict_noise(comp, x, torch.tensor(501), cond, cfg.guidance_scale, 1.0)
