@@ -9,9 +9,10 @@ from poseloop.configlib import ConfigError, field
 
 EMBEDDED_SD15 = "models/tiny-sd15"
 EMBEDDED_SDXL = "models/tiny-sdxl"
+# The embedded world understands a shirt colour, a trousers colour and a background (poseloop.world).
 DEFAULT_PROMPTS = (
-    "a dancer in a red dress, studio photo",
-    "an astronaut in a white suit on the moon",
+    "a person in a red shirt and blue trousers, on a beach",
+    "a person in a yellow shirt and purple trousers, in a forest",
 )
 
 
@@ -44,7 +45,7 @@ class SampleConfig:
     width: int = field(0, help="image width in pixels; 0 = the model's native size")
     height: int = field(0, help="image height in pixels; 0 = the model's native size")
     steps: int = field(20, help="DDIM steps (trajectory length T)")
-    eta: float = field(1.0, help="DDIM stochasticity; must be > 0 so that every step has a log-probability")
+    eta: float = field(1.0, help="DDIM stochasticity (<= 1); must be > 0 so that every step has a log-probability")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale; 1 disables CFG")
     controlnet_scale: float = field(1.0, help="ControlNet conditioning scale")
     negative_prompt: str = field("", help="negative prompt used for CFG")
@@ -128,6 +129,9 @@ def validate_sample(s: SampleConfig) -> None:
     if not s.eta > 0:
         raise ConfigError(f"sample.eta: must be > 0 (got {s.eta}); with eta = 0 DDIM is deterministic and a "
                           "step has no log-probability, which the trajectories and DDPO/D3PO need")
+    if s.eta > 1:
+        raise ConfigError(f"sample.eta: must be <= 1 (got {s.eta}); above 1 the DDIM noise exceeds the step's "
+                          "variance budget (1 - alpha_bar_prev - sigma^2 < 0); use 1 (DDPO's setting) or less")
     if s.guidance_scale < 1:
         raise ConfigError(f"sample.guidance_scale: must be >= 1 (got {s.guidance_scale}); 1 disables CFG")
     if s.controlnet_scale < 0:
@@ -166,9 +170,9 @@ def validate_data(d: DataConfig) -> None:
 
 
 def tiny() -> GenerateConfig:
-    """The embedded tiny SD1.5-architecture model: runs anywhere in seconds (random weights)."""
+    """The embedded pose world (tiny SD1.5 architecture, trained here): 64 px people in seconds on a CPU."""
     cfg = GenerateConfig()
-    cfg.sample.width = cfg.sample.height = 128
+    cfg.sample.width = cfg.sample.height = 64
     return cfg
 
 

@@ -123,6 +123,20 @@ class BrightnessReward:
         return images.float().mean(dim=(1, 2, 3))
 
 
+class WarmthReward:
+    """SYNTHETIC: mean red minus blue (-1..1), the scripted rater's taste in the embedded world's learning check."""
+
+    name = "warmth"
+    needs_images = True
+
+    def __call__(
+        self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str], metadata: list[dict]
+    ) -> torch.Tensor:
+        """[B] mean of (R - B) over pixels."""
+        images = _check_images(self.name, images, _batch_size(prompts, metadata))
+        return (images[:, 0] - images[:, 2]).float().mean(dim=(1, 2))
+
+
 class JpegCompressibilityReward:
     """DDPO's JPEG task: -(JPEG size in kB at ``quality``), or +size for incompressibility; not differentiable."""
 
@@ -178,7 +192,11 @@ def ground_truth_poses(meta: dict, index: int = 0) -> list[Pose]:
 
 
 class PoseAccuracyReward:
-    """OKS between the GT keypoints and the OpenPose body keypoints detected in the image (0 if nobody is found)."""
+    """OKS between the GT keypoints and the body keypoints detected in the image (0 if nobody is found).
+
+    The detector is OpenPose (a folder of lllyasviel/Annotators' .pth files) or the embedded world's
+    heatmap detector (a folder with model.safetensors, e.g. models/tiny-sd15/pose_detector).
+    """
 
     name = "pose_accuracy"
     needs_images = True
@@ -188,9 +206,13 @@ class PoseAccuracyReward:
             if weights_dir is None:
                 raise ValueError("PoseAccuracyReward needs weights_dir (folder of the OpenPose .pth files) or a detector")
             from poseloop.poses import load_openpose_detector
+            from poseloop.world_detector import is_detector_folder, load_detector
 
             # Loaded now, not on first call, so a missing file fails at build time with its name.
-            detector = load_openpose_detector(weights_dir, device=None if device == "cpu" else device)
+            if is_detector_folder(weights_dir):
+                detector = load_detector(weights_dir, device=device)
+            else:
+                detector = load_openpose_detector(weights_dir, device=None if device == "cpu" else device)
         self.detector = detector
         self.last_detections: list[list[Pose]] = []  # per sample, for logging and debugging
 
@@ -207,8 +229,12 @@ class PoseAccuracyReward:
         gts = [ground_truth_poses(m, i) for i, m in enumerate(metadata)]
         h, w = images.shape[-2:]
         scores, self.last_detections = [], []
+        batched = self.detector.detect(_to_uint8(images)) if hasattr(self.detector, "detect") else None
         for i, (arr, gt) in enumerate(zip(_to_uint8(images), gts)):
-            found = detect_poses(Image.fromarray(arr), self.detector, include_hands=False, include_face=False)
+            if batched is not None:  # the embedded world's detector takes the whole batch at once
+                found = batched[i]
+            else:
+                found = detect_poses(Image.fromarray(arr), self.detector, include_hands=False, include_face=False)
             self.last_detections.append(found)
             try:
                 scores.append(multi_person_oks(gt, found, width=w, height=h))
@@ -514,7 +540,12 @@ class _Entry:
 
 
 def _build_pose(o: dict[str, Any], device: str, models_dir: str) -> Reward:
-    return PoseAccuracyReward(o["weights"] or Path(models_dir) / "annotators", device=device)
+    weights = Path(o["weights"] or Path(models_dir) / "annotators")
+    embedded = Path(models_dir) / "tiny-sd15" / "pose_detector"
+    if not o["weights"] and not weights.is_dir() and embedded.is_dir():
+        raise FileNotFoundError(f"pose_accuracy: no OpenPose weights in {weights}; for the embedded model use its "
+                                f"own detector: pose_accuracy:weights={embedded}")
+    return PoseAccuracyReward(weights, device=device)
 
 
 def _build_text(o: dict[str, Any], device: str, models_dir: str) -> Reward:
@@ -534,6 +565,10 @@ _REGISTRY: dict[str, _Entry] = {
         "SYNTHETIC: mean image brightness 0..1, for tests and demos only (trivially hackable)",
         lambda o, d, m: BrightnessReward(),
     ),
+    "warmth": _Entry(
+        "SYNTHETIC: mean red minus blue of the image (-1..1), the embedded world's scripted rater; tests and demos",
+        lambda o, d, m: WarmthReward(),
+    ),
     "jpeg_compressibility": _Entry(
         "DDPO task: -(JPEG size in kB at quality 95); not differentiable",
         lambda o, d, m: JpegCompressibilityReward(False, o["quality"]),
@@ -548,7 +583,8 @@ _REGISTRY: dict[str, _Entry] = {
         "COCO OKS 0..1 of the OpenPose body detected in the image vs metadata['keypoints']; not differentiable",
         _build_pose,
         {"weights": _Option(str, None, "folder with body_pose_model.pth, hand_pose_model.pth, facenet.pth "
-                                        "(lllyasviel/Annotators); default <models_dir>/annotators")},
+                                        "(lllyasviel/Annotators), or the embedded world's detector "
+                                        "models/tiny-sd15/pose_detector; default <models_dir>/annotators")},
     ),
     "text_alignment": _Entry(
         "CLIP score: cosine(image, prompt) x scale with open_clip; differentiable in the images",

@@ -135,6 +135,9 @@ class GuardConfig:
 
     max_kl: float = field(0.05, help="warn when approx KL to the sampling policy exceeds this; 0 = off")
     max_clipfrac: float = field(0.9, help="warn when the PPO clip fraction exceeds this; 0 = off")
+    min_kl: float = field(1e-6, help="warn when approx KL stays below this for min_kl_epochs epochs in a row: the "
+                          "policy is not moving (learning rate too low for the run's length); 0 = off")
+    min_kl_epochs: int = field(3, help="epochs in a row below min_kl before the not-moving warning")
     heldout_reward: str = field("", help="second reward scored on the grid images (e.g. text_alignment); "
                                 "a drop warns; empty = off")
     heldout_drop: float = field(0.2, help="warn when the held-out reward falls this much (relative) below its best")
@@ -211,6 +214,8 @@ class PolicyConfig:
             if self.d3po.source == "reward" and self.sample.images_per_group < 2:
                 raise ConfigError("sample.images_per_group: d3po.source=reward needs >= 2 images per group to pick a "
                                   "winner and a loser")
+        if self.guard.min_kl < 0 or self.guard.min_kl_epochs < 1:
+            raise ConfigError("guard.min_kl must be >= 0 and guard.min_kl_epochs >= 1")
         for name in ("export_every", "checkpoint_every", "grid_every", "grid_images"):
             if getattr(self.output, name) < 0:
                 raise ConfigError(f"output.{name}: must be >= 0")
@@ -325,13 +330,23 @@ def reward_latent_shape(reward: Any) -> tuple[int, ...] | None:
     return None
 
 
-def check_reward_fits(reward: Any, latent_channels: int, name: str = "reward") -> None:
-    """A latent-space reward model made for other latents (e.g. SDXL vs SD3) is refused up front."""
+def check_reward_fits(reward: Any, latent_channels: int, name: str = "reward",
+                      latent_size: tuple[int, int] | None = None, vae_scale_factor: int = 8) -> None:
+    """A latent reward made for other latents is refused (channels) or warned about (spatial size)."""
     shape = reward_latent_shape(reward)
-    if shape is not None and shape[0] != latent_channels:
+    if shape is None:
+        return
+    if shape[0] != latent_channels:
         raise ConfigError(f"{name}: the reward model {getattr(reward, 'name', '')!r} scores latents of shape "
                           f"{list(shape)} ({shape[0]} channels) but this model's latents have {latent_channels} "
                           "channels; train a reward model on this model's samples")
+    if latent_size is not None and tuple(shape[1:]) != tuple(latent_size):
+        # The CNN pools adaptively, so it runs, but it scores images of a size it never saw.
+        h, w = (s * vae_scale_factor for s in shape[1:])
+        warnings.warn(f"{name}: the reward model was trained on latents {list(shape)} ({w}x{h} px images) but this "
+                      f"run samples latents {[latent_channels, *latent_size]}; its scores may mean little. Set "
+                      f"--sample.width {w} --sample.height {h}, or train the reward model on rounds of this size",
+                      stacklevel=2)
 
 
 def score(reward: Any, images: Sequence[Image.Image], latents: torch.Tensor, prompts: list[str],
@@ -567,9 +582,6 @@ class PolicyTrainer:
                                        project_dir=str(self.run_dir))
         acc = self.accelerator
         self.comp = self._load_model()
-        for name, rew in (("reward", self.reward), ("guard.heldout_reward", self.heldout)):
-            if rew is not None:
-                check_reward_fits(rew, self.comp.latent_channels, name)
         from poseloop.policy import Policy
 
         t = cfg.target
@@ -579,6 +591,11 @@ class PolicyTrainer:
         self.tracker = PerPromptStatTracker(cfg.train.stat_buffer, cfg.train.stat_min_count)
         self.width = cfg.sample.width or self.comp.native_size
         self.height = cfg.sample.height or self.comp.native_size
+        f = self.comp.vae_scale_factor
+        for name, rew in (("reward", self.reward), ("guard.heldout_reward", self.heldout)):
+            if rew is not None:
+                check_reward_fits(rew, self.comp.latent_channels, name, (self.height // f, self.width // f), f)
+        self.low_kl_streak = 0
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, float]] = []
@@ -971,6 +988,13 @@ class PolicyTrainer:
             fired.append(f"approx KL {row['approx_kl']:.4g} > guard.max_kl {g.max_kl}")
         if g.max_clipfrac > 0 and row.get("clipfrac", 0.0) > g.max_clipfrac:
             fired.append(f"clip fraction {row['clipfrac']:.3f} > guard.max_clipfrac {g.max_clipfrac}")
+        if g.min_kl > 0 and "approx_kl" in row and self._kl_is_measured():
+            self.low_kl_streak = self.low_kl_streak + 1 if abs(row["approx_kl"]) < g.min_kl else 0
+            if self.low_kl_streak == g.min_kl_epochs:  # once per stall, not every epoch after
+                warnings.warn(f"epoch {int(row['epoch'])}: approx KL below guard.min_kl {g.min_kl:g} for "
+                              f"{g.min_kl_epochs} epochs: the policy is not moving. Raise optim.lr (now "
+                              f"{self.cfg.optim.lr:g}; try x10) or train.clip_range (now {self.cfg.train.clip_range:g}), "
+                              "or check that the reward differs between images of a group", stacklevel=2)
         if "heldout_reward" in row:
             h = row["heldout_reward"]
             if self.best_heldout is not None and h < self.best_heldout - g.heldout_drop * abs(self.best_heldout):
@@ -986,6 +1010,14 @@ class PolicyTrainer:
         else:
             self.guard_streak = 0
         return ""
+
+    def _kl_is_measured(self) -> bool:
+        """DDPO's approx KL is to the sampling policy: zero by construction when an epoch makes one update."""
+        if self.cfg.algo != "ddpo":
+            return True  # D3PO's is to the frozen reference
+        tr = self.cfg.train
+        samples = tr.groups_per_epoch * self.cfg.sample.images_per_group
+        return math.ceil(samples / tr.batch_size) * tr.inner_epochs > tr.grad_accum
 
     def log(self, row: dict[str, float]) -> None:
         """Append an epoch's metrics to metrics.csv and the accelerate trackers."""

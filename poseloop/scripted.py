@@ -1,0 +1,205 @@
+"""A scripted rater and the learning check: does the loop make the model produce what a rater prefers?
+
+The rater likes warm light (mean red minus blue of the image, poseloop.world.warmth); it looks at
+the PNGs of a round and labels them through the rating app's JSON API, as a person's browser would:
+scores -5..+5 by its taste and, for every pair of images of a group, the warmer one. The check then
+runs the real scripts (train_reward.py, train_policy.py with the preset's defaults, evaluate.py)
+and measures, on rounds the models never saw, whether each step moved what the rater wants.
+tests/test_learning.py runs it with a CPU-test budget; bench/bench_learning.py with larger ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+
+from poseloop import db
+from poseloop.world import warmth
+
+RULE = "warmth"  # the reward spec that computes the rater's own statistic (for measuring only)
+
+
+def image_warmth(path: Path) -> float:
+    """The rater's taste for one image file."""
+    return float(warmth(np.asarray(Image.open(path).convert("RGB"))[None])[0])
+
+
+def round_samples(samples_dir: Path, round_name: str) -> list[tuple[int, int, Path]]:
+    """(sample id, group id, image path) of every sample of a round."""
+    engine = db.open_db(db.default_db_url(samples_dir))
+    with db.session_scope(engine) as s:
+        rnd = s.scalar(select(db.Round).where(db.Round.name == round_name))
+        if rnd is None:
+            raise ValueError(f"no round {round_name!r} in {samples_dir}")
+        rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path)
+                         .join(db.SampleGroup, db.Sample.group_id == db.SampleGroup.id)
+                         .where(db.SampleGroup.round_id == rnd.id)).all()
+    return [(int(i), int(g), samples_dir / p) for i, g, p in rows]
+
+
+def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "warm-light-fan") -> dict[str, int]:
+    """Score every image and judge every within-group pair through the JSON API; return the counts."""
+    rows = round_samples(samples_dir, round_name)
+    taste = {sid: image_warmth(path) for sid, _, path in rows}
+    ranked = sorted(taste, key=taste.__getitem__)
+    n_scores = n_pairs = 0
+    for rank, sid in enumerate(ranked):
+        score = round(-5 + 10 * rank / max(1, len(ranked) - 1))
+        r = client.post("/api/scores", json={"rater": rater, "sample_id": sid, "score": score})
+        if r.status_code != 201:
+            raise RuntimeError(f"score of sample {sid} refused: {r.status_code} {r.get_json()}")
+        n_scores += 1
+    groups: dict[int, list[int]] = {}
+    for sid, gid, _ in rows:
+        groups.setdefault(gid, []).append(sid)
+    for members in groups.values():
+        for a, b in itertools.combinations(sorted(members), 2):
+            choice = "left" if taste[a] > taste[b] else "right"
+            r = client.post("/api/preferences", json={"rater": rater, "left_id": a, "right_id": b, "choice": choice})
+            if r.status_code != 201:
+                raise RuntimeError(f"preference {a} vs {b} refused: {r.status_code} {r.get_json()}")
+            n_pairs += 1
+    return {"scores": n_scores, "pairs": n_pairs}
+
+
+def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, seed: int = 0
+                         ) -> tuple[float, float, float, int]:
+    """Within-group pairwise agreement of a reward model with the rater on a round: mean, 95% CI, pairs.
+
+    The interval resamples whole groups (pairs of a group share images, so they are not independent).
+    """
+    import torch
+
+    from poseloop.reward_model import load_reward_model
+    from poseloop.store import SampleStore, load_trajectory
+
+    model = load_reward_model(reward_dir)
+    store = SampleStore(samples_dir)
+    engine = db.open_db(db.default_db_url(samples_dir))
+    with db.session_scope(engine) as s:
+        rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path, db.Sample.trajectory_path)
+                         .join(db.SampleGroup, db.Sample.group_id == db.SampleGroup.id)
+                         .join(db.Round, db.SampleGroup.round_id == db.Round.id)
+                         .where(db.Round.name == round_name)).all()
+    latents = torch.stack([load_trajectory(store.abs(t)).latents[-1].float() for *_, t in rows])
+    with torch.no_grad():
+        scores = model.score(latents).float().numpy()
+    taste = np.array([image_warmth(samples_dir / p) for _, _, p, _ in rows])
+    groups: dict[int, list[int]] = {}
+    for i, (_, gid, _, _) in enumerate(rows):
+        groups.setdefault(int(gid), []).append(i)
+    per_group = []
+    for idx in groups.values():
+        agree = [(scores[a] > scores[b]) == (taste[a] > taste[b]) for a, b in itertools.combinations(idx, 2)]
+        per_group.append(agree)
+    flat = np.array([x for g in per_group for x in g], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(2000):
+        pick = rng.integers(0, len(per_group), len(per_group))
+        boots.append(np.mean([x for i in pick for x in per_group[i]]))
+    return float(flat.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)), len(flat)
+
+
+@dataclass
+class LearningBudget:
+    """How much data and training the check uses (the test's is small, the bench's larger)."""
+
+    train_prompts: int = 2  # prompts of the labelled round (x 12 poses x 4 images)
+    fresh_prompts: int = 2  # prompts of the fresh round the reward model is checked on
+    eval_prompts: int = 2  # prompts of each shared-seed comparison (x 12 poses x eval_images)
+    eval_images: int = 2
+    policy_overrides: list[str] = field(default_factory=list)  # extra --set for train_policy (bench budgets)
+    threads: int = 1
+
+
+def _prompts(n: int, offset: int) -> list[str]:
+    from poseloop.world_eval import vocabulary_prompts
+
+    vocab = vocabulary_prompts()
+    return [vocab[(offset + i) % len(vocab)] for i in range(n)]
+
+
+def _latest(root: Path) -> str:
+    from poseloop.export import resolve_latest
+
+    return resolve_latest(root).name
+
+
+def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None = None,
+                       log: Any = print) -> dict[str, Any]:
+    """Generate, label through the API, train reward + DDPO + D3PO + pose DDPO, measure each on fresh rounds."""
+    import torch
+
+    import generate as generate_script
+    import train_policy as train_policy_script
+    import train_reward as train_reward_script
+    from poseloop.configlib import parse_config
+    from poseloop.evaluation import PRESETS as EVAL_PRESETS
+    from poseloop.evaluation import EvaluateConfig, evaluate
+    from webapp import create_app
+
+    b = budget or LearningBudget()
+    torch.set_num_threads(b.threads)
+    samples, models = work / "samples", work / "models"
+    model = ["--model.base", str(embedded), "--model.controlnet", str(embedded / "controlnet"),
+             "--model.models_dir", str(models)]
+    detector = embedded / "pose_detector"
+    results: dict[str, Any] = {}
+    t0 = time.time()
+
+    def gen(round_name: str, prompts: list[str]) -> None:
+        assert generate_script.main([*model, "--store.samples_dir", str(samples), "--store.round", round_name,
+                                     "--data.prompts", *prompts]) == 0
+
+    # 1. A round, labelled by the scripted rater through the app's JSON API.
+    gen("labelled", _prompts(b.train_prompts, 0))
+    client = create_app({"samples_dir": samples}).test_client()
+    results["labels"] = label_round(client, samples, "labelled")
+    log(f"[{time.time() - t0:.0f} s] labelled: {results['labels']}")
+
+    # 2. The reward model, checked on a fresh round it never saw.
+    assert train_reward_script.main(["--data.samples_dir", str(samples), "--data.rounds", "labelled",
+                                     "--output.models_dir", str(models), "--output.version", "rm"]) == 0
+    gen("fresh", _prompts(b.fresh_prompts, 6))
+    acc = reward_pair_accuracy(models / "reward" / "rm", samples, "fresh")
+    results["reward_fresh_pair_accuracy"] = {"mean": acc[0], "ci": [acc[1], acc[2]], "pairs": acc[3]}
+    log(f"[{time.time() - t0:.0f} s] reward model on a fresh round: pairwise accuracy {acc[0]:.3f} "
+        f"[{acc[1]:.3f}, {acc[2]:.3f}] over {acc[3]} pairs")
+
+    def train(args: list[str]) -> str:
+        assert train_policy_script.main([*model, *args, *b.policy_overrides]) == 0
+        return _latest(models / "policies")
+
+    def compare(name: str, version: str, metrics: list[str]) -> dict[str, Any]:
+        argv = [*model, "--store.samples_dir", str(samples), "--data.prompts", *_prompts(b.eval_prompts, 3),
+                "--set", f"sample.images_per_group={b.eval_images}", "--eval.policy", version,
+                "--eval.name", f"eval-{name}", "--eval.metrics", *metrics, "--set", "eval.bootstrap=2000"]
+        cfg, _ = parse_config(EvaluateConfig, EVAL_PRESETS, "tiny", argv, description="", prog="evaluate.py")
+        res = evaluate(cfg)
+        return {m.name: {"baseline": m.baseline_mean, "candidate": m.candidate_mean, "diff": m.diff_mean,
+                         "ci": list(m.diff_ci), "win_rate": m.win_rate, "n": m.n} for m in res.metrics}
+
+    # 3. DDPO on the learned reward, D3PO straight from the rater's pairs, DDPO on pose accuracy.
+    runs = {
+        "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE]),
+        "d3po_pairs": (["--algo", "d3po", "--d3po.samples_dir", str(samples), "--d3po.rounds", "labelled"], [RULE]),
+        "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", f"pose_accuracy:weights={detector}"],
+                               [f"pose_accuracy:weights={detector}"]),
+    }
+    for name, (args, metrics) in runs.items():
+        start = time.time()
+        version = train(args)
+        results[name] = compare(name, version, metrics)
+        results[name]["train_seconds"] = time.time() - start
+        log(f"[{time.time() - t0:.0f} s] {name}: " + json.dumps(results[name]))
+    results["seconds"] = time.time() - t0
+    return results
