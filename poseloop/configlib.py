@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -94,9 +95,31 @@ def _convert(name: str, raw: Any, tp: Any, choices: Sequence[str] | None) -> Any
             value = str(raw)
     except ValueError:
         raise ConfigError(f"{name}: {raw!r} is not a valid {st.__name__}") from None
+    if st is float and not math.isfinite(value):
+        raise ConfigError(_not_finite(name, raw))
     if choices and value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
     return value
+
+
+def _not_finite(name: str, value: Any) -> str:
+    return (f"{name}: must be a finite number (got {value!r}); NaN and infinity pass every range check and "
+            "break the run later, so give a real value, e.g. the preset's (see --help)")
+
+
+def check_finite(cfg: Any) -> None:
+    """Raise ConfigError naming the first float field (or list element) of cfg that is NaN or infinite.
+
+    Generic over every dataclass config, so no float field of any script can slip through: a NaN
+    compares False with every bound and would pass the per-field range checks.
+    """
+    for name, _f, tp in _leaf_fields(type(cfg)):
+        if _scalar_type(tp) is not float:
+            continue
+        value = get_field(cfg, name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ConfigError(_not_finite(name, v))
 
 
 def get_field(cfg: Any, dotted: str) -> Any:
@@ -193,6 +216,7 @@ def parse_config(cfg_cls: type[C], presets: dict[str, Callable[[], C]], default_
                 raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set sample.steps=30")
             key, value = item.split("=", 1)
             set_field(cfg, key.strip(), value)
+        check_finite(cfg)
         validate = getattr(cfg, "validate", None)
         if validate is not None:
             validate()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from poseloop.store import atomic_write
+from poseloop.store import apply_umask, atomic_write, read_latest_file, storage_error, storage_errors, write_latest_file
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, Any]:
@@ -120,9 +120,10 @@ def export_policy(policy: Any, root: str | Path, version: str, config: dict[str,
     import tempfile
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     comp = policy.comp
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=root))
+    with storage_errors(root):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=root))
     try:
         files: list[str] = []
         meta = {"poseloop_version": version, "ss_base_model_version": comp.arch,
@@ -139,6 +140,8 @@ def export_policy(policy: Any, root: str | Path, version: str, config: dict[str,
         model = config.get("model", {})
         (tmp / "README.md").write_text(readme_text(version, files, comp.arch, str(model.get("base", "")),
                                                    str(model.get("controlnet", ""))))
+        # mkdtemp's 0700 and safetensors' 0600 would lock out a ComfyUI running as another user.
+        apply_umask(tmp)
         final = root / version
         if final.exists():
             old = root / f".{version}.old"
@@ -148,16 +151,19 @@ def export_policy(policy: Any, root: str | Path, version: str, config: dict[str,
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = storage_error(e, root)
+        if err is not None and err is not e:
+            raise err from e
         raise
     write_latest(root, version)
     return final
 
 
 def write_latest(root: str | Path, version: str) -> None:
-    """Atomically write <root>/latest, a one-line file naming the newest version."""
-    atomic_write(Path(root) / LATEST_FILE, lambda tmp: tmp.write_text(version + "\n"))
+    """Atomically write <root>/latest naming the newest version (JSON {"version": ...}, as for reward models)."""
+    write_latest_file(Path(root) / LATEST_FILE, version)
 
 
 def resolve_latest(root: str | Path) -> Path:
@@ -167,7 +173,7 @@ def resolve_latest(root: str | Path) -> Path:
     if not marker.is_file():
         raise FileNotFoundError(f"{marker} does not exist: no policy has been exported to {root} yet "
                                 "(run train_policy.py first)")
-    folder = root / marker.read_text().strip()
+    folder = root / read_latest_file(marker)
     if not folder.is_dir():
         raise FileNotFoundError(f"{marker} names {folder.name!r} but {folder} is missing")
     return folder

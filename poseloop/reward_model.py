@@ -5,7 +5,8 @@ A version on disk (models/reward/<version>/) holds:
     config.json           model hyper-parameters, latent shape, ensemble size, the training config
     metrics.json          held-out numbers (written by poseloop.reward_training)
     training_curve.png, calibration.png
-and models/reward/latest is a small JSON file {"version": "<name>"} naming the newest version.
+and models/reward/latest is a small JSON file {"version": "<name>"} naming the newest version (the same
+format as models/policies/latest; an older one-line file is read too).
 
 Latent convention: what the sampler stores as x_0, i.e. the VAE latent times vae.config.scaling_factor
 (minus shift_factor where a VAE has one); images are brought there by `encode_images`.
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from poseloop.configlib import ConfigError, field
+from poseloop.store import read_latest_file, write_latest_file
 
 REWARD_FORMAT = "poseloop.reward/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -251,13 +253,6 @@ def suggest_pairs(model: LatentRewardModel, latents: torch.Tensor, pairs: Sequen
 # ---- save / load --------------------------------------------------------------------------------
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    """Write text via a temporary file in the same folder and os.replace (readers never see half a file)."""
-    from poseloop.store import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def save_reward_model(model: LatentRewardModel, folder: str | Path) -> None:
     """Write weights.safetensors and config.json into folder (the caller makes the folder atomic)."""
     folder = Path(folder)
@@ -275,7 +270,7 @@ def reward_root(models_dir: str | Path) -> Path:
 def write_latest(models_dir: str | Path, version: str) -> Path:
     """Point <models_dir>/reward/latest at version, atomically (temp file + os.replace)."""
     path = reward_root(models_dir) / LATEST_FILE
-    _atomic_text(path, json.dumps({"version": version}) + "\n")
+    write_latest_file(path, version)
     return path
 
 
@@ -284,11 +279,7 @@ def read_latest(models_dir: str | Path) -> str:
     path = reward_root(models_dir) / LATEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no reward model yet: {path} does not exist; train one with `python train_reward.py`")
-    try:
-        return str(json.loads(path.read_text())["version"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path}: expected JSON {{\"version\": \"<name>\"}}; re-run train_reward.py or "
-                         "write the file by hand") from None
+    return read_latest_file(path)
 
 
 def resolve_reward_path(path_or_version: str | Path, models_dir: str | Path = "models") -> Path:

@@ -70,6 +70,14 @@ def test_bad_values_fail_before_anything_loads_and_name_the_field(
     assert needle in capsys.readouterr().err
 
 
+def test_eta_above_one_is_refused_and_one_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse(["--set", "sample.eta=1"]).sample.eta == 1.0  # DDPO's setting is the upper bound
+    with pytest.raises(SystemExit) as exc:
+        parse(["--set", "sample.eta=1.01"])
+    assert exc.value.code == 2
+    assert "sample.eta: must be <= 1 (got 1.01)" in capsys.readouterr().err
+
+
 def test_unknown_field_suggests_the_right_one() -> None:
     cfg = PRESETS["tiny"]()
     with pytest.raises(ConfigError, match="sample.steps"):
@@ -89,3 +97,56 @@ def test_config_round_trips_through_json() -> None:
     cfg = parse(["--preset", "sdxl", "--set", "sample.steps=7"])
     again = from_dict(GenerateConfig, json.loads(json.dumps(to_dict(cfg))))
     assert again == cfg
+
+
+def _float_fields(cfg_cls: type) -> list[str]:
+    from poseloop.configlib import _leaf_fields, _scalar_type
+
+    return [name for name, _f, tp in _leaf_fields(cfg_cls) if _scalar_type(tp) is float]
+
+
+def _every_config() -> list[tuple[type, dict, str, str]]:
+    from poseloop.evaluation import PRESETS as EVAL_PRESETS
+    from poseloop.evaluation import EvaluateConfig
+    from poseloop.reward_training import PRESETS as REWARD_PRESETS
+    from poseloop.reward_training import TrainRewardConfig
+    from poseloop.training import PRESETS as POLICY_PRESETS
+    from poseloop.training import PolicyConfig
+
+    return [(GenerateConfig, PRESETS, "tiny", "generate.py"), (TrainRewardConfig, REWARD_PRESETS, "default", "train_reward.py"),
+            (PolicyConfig, POLICY_PRESETS, "tiny", "train_policy.py"), (EvaluateConfig, EVAL_PRESETS, "tiny", "evaluate.py")]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e999", "NaN"])
+def test_every_float_field_of_every_config_must_be_finite(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    checked = 0
+    for cfg_cls, presets, default, prog in _every_config():
+        fields = _float_fields(cfg_cls)
+        assert fields, prog
+        for name in fields:
+            # argparse reads a flag value starting with "-" as another flag: "-inf" is tested through --set only.
+            forms = [["--set", f"{name}={bad}"]] + ([] if bad.startswith("-") else [[f"--{name}", bad]])
+            for argv in forms:
+                with pytest.raises(SystemExit) as exc:
+                    parse_config(cfg_cls, presets, default, argv, description="test", prog=prog)
+                assert exc.value.code == 2, (prog, name)
+                err = capsys.readouterr().err
+                assert f"{name}: must be a finite number" in err, (prog, name, err)
+                checked += 1
+    assert checked >= 35  # sample.*, model.lora_scale, train.*, optim.*, d3po.*, guard.*, eval.confidence, ...
+
+
+def test_a_non_finite_value_set_in_code_is_refused_too() -> None:
+    from poseloop.configlib import check_finite
+    from poseloop.training import PolicyConfig
+
+    cfg = PRESETS["tiny"]()
+    cfg.sample.guidance_scale = float("nan")
+    with pytest.raises(ConfigError, match=r"sample.guidance_scale: must be a finite number \(got nan\)"):
+        check_finite(cfg)
+    policy = PolicyConfig()
+    policy.d3po.clamp_eps = float("inf")  # an optional float field
+    with pytest.raises(ConfigError, match="d3po.clamp_eps"):
+        check_finite(policy)
+    policy.d3po.clamp_eps = None
+    check_finite(policy)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,15 @@ def perturb_lora(policy: Policy) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Path, tmp_path: Path,
+                                                                  umask_022: None) -> None:
     comp = load_components(model_cfg(models_dir))
     base = eps_of(comp)
     policy = Policy(comp, "unet_lora", rank=4, alpha=8.0)  # alpha != rank: strength 2
@@ -39,12 +50,17 @@ def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Pa
 
     folder = export_policy(policy, tmp_path / "policies", "run-e0003", {"model": {"base": "b", "controlnet": "c"}})
     assert folder == tmp_path / "policies" / "run-e0003"
-    assert (tmp_path / "policies" / LATEST_FILE).read_text().strip() == "run-e0003"
+    # One format for both 'latest' pointers: JSON, as models/reward/latest.
+    assert json.loads((tmp_path / "policies" / LATEST_FILE).read_text()) == {"version": "run-e0003"}
     assert resolve_latest(tmp_path / "policies") == folder
     assert json.loads((folder / "config.json").read_text())["model"]["base"] == "b"
     readme = (folder / "README.md").read_text()
     assert "ComfyUI" in readme and "A1111" in readme and "load_lora_weights" in readme
     assert not [p for p in (tmp_path / "policies").iterdir() if p.name.endswith(".tmp")]
+    # Readable by other users (a ComfyUI service): the umask decides, not mkstemp's 0600 / mkdtemp's 0700.
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    for f in [*folder.iterdir(), tmp_path / "policies" / LATEST_FILE]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
 
     with safe_open(str(folder / KOHYA_NAME), framework="pt") as f:
         keys = list(f.keys())
@@ -99,6 +115,24 @@ def test_controlnet_export_reloads_with_from_pretrained(models_dir: Path, tmp_pa
 def test_resolve_latest_without_exports_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train_policy.py"):
         resolve_latest(tmp_path)
+
+
+def test_policy_and_reward_latest_share_one_format_and_read_the_old_one(tmp_path: Path) -> None:
+    from poseloop.export import write_latest
+    from poseloop.reward_model import read_latest
+    from poseloop.reward_model import write_latest as write_reward_latest
+
+    (tmp_path / "policies" / "run-0002").mkdir(parents=True)
+    write_latest(tmp_path / "policies", "run-0002")
+    write_reward_latest(tmp_path, "rm-1")
+    assert (tmp_path / "policies" / LATEST_FILE).read_text() == (tmp_path / "reward" / "latest").read_text().replace(
+        "rm-1", "run-0002")
+    assert resolve_latest(tmp_path / "policies").name == "run-0002"
+    (tmp_path / "policies" / "run-0001").mkdir()
+    (tmp_path / "policies" / LATEST_FILE).write_text("run-0001\n")  # an export made by an older poseloop
+    assert resolve_latest(tmp_path / "policies").name == "run-0001"
+    (tmp_path / "reward" / "latest").write_text("rm-0\n")
+    assert read_latest(tmp_path) == "rm-0"
 
 
 def test_sdxl_unet_lora_export_reloads_and_reproduces_the_trained_model(models_dir: Path, tmp_path: Path) -> None:
