@@ -70,6 +70,10 @@ def check_scheduler(scheduler: object) -> None:
     if pred not in PREDICTION_TYPES:
         raise ConfigError(f"scheduler.prediction_type: {pred!r} {where} is not supported; use one of "
                           f"{', '.join(PREDICTION_TYPES)}")
+    if c.get("rescale_betas_zero_snr", False) and pred == "epsilon":
+        # At zero terminal SNR alpha_bar_T = 0 and x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) divides by 0.
+        raise ConfigError(f"scheduler.rescale_betas_zero_snr: true {where} needs prediction_type v_prediction "
+                          "(an epsilon model cannot predict x0 at zero SNR); set one of them accordingly")
     if c.get("thresholding", False):
         # Dynamic thresholding (Imagen) rescales x0 by a per-image quantile; it is meant for pixel-space
         # models, not latents, and its mean is not modelled here.
@@ -123,7 +127,8 @@ def predicted_x0_and_eps(prediction_type: str, model_output: torch.Tensor, sampl
     if prediction_type == "sample":
         return model_output, (sample - alpha_t.sqrt() * model_output) / beta_t.sqrt()
     if prediction_type == "v_prediction":
-        return alpha_t.sqrt() * sample - beta_t.sqrt() * model_output, alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+        v = model_output
+        return alpha_t.sqrt() * sample - beta_t.sqrt() * v, alpha_t.sqrt() * v + beta_t.sqrt() * sample
     raise ConfigError(f"scheduler.prediction_type: {prediction_type!r} is not supported; use one of "
                       f"{', '.join(PREDICTION_TYPES)}")
 
@@ -147,6 +152,8 @@ def ddim_step_with_logprob(
     """
     if not eta > 0:
         raise ValueError(f"eta must be > 0 to compute log-probabilities (got {eta}); DDIM with eta = 0 is deterministic")
+    if eta > 1:
+        raise ValueError(f"eta must be <= 1 (got {eta}): above 1 sigma_t^2 exceeds 1 - alpha_bar_{{t-1}}")
     check_scheduler(scheduler)
     c = scheduler.config  # type: ignore[attr-defined]
     batch = sample.shape[0]
