@@ -73,7 +73,7 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert train_policy_script.main([*policy, "--algo", "d3po", "--d3po.samples_dir", str(samples)]) == 0
     assert train_policy_script.main([*policy, "--algo", "ddpo", "--reward", "latest"]) == 0
     capsys.readouterr()
-    latest = (models / "policies" / "latest").read_text().strip()
+    latest = json.loads((models / "policies" / "latest").read_text())["version"]
     assert latest.startswith("ddpo")
     assert (models / "policies" / latest / "lora_kohya.safetensors").is_file()  # under model.models_dir
     assert (models / "policy_runs").is_dir()
