@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from poseloop.db import Group, LabelEvent, Preference, Rating, open_db, session_scope
-from webapp_fixtures import Env, app, client, env, post_json  # noqa: F401  (pytest fixtures)
+from webapp_fixtures import Env, add_round, app, build_comparison, client, env, post_json  # noqa: F401  (fixtures)
 
 
 def counts(env: Env) -> tuple[int, int, int]:
@@ -77,6 +77,32 @@ def test_config_and_rounds(client: FlaskClient, env: Env) -> None:
     rounds = client.get("/api/rounds").json["rounds"]
     assert {r["id"] for r in rounds} == set(env.rounds)
     assert all(r["groups"] == 3 and r["samples"] == 12 for r in rounds)
+
+
+def test_default_round_is_the_newest_finished_one_outside_comparisons(client: FlaskClient, env: Env) -> None:
+    newest_finished = max(env.rounds)
+    assert client.get("/api/rounds").json["default_round_id"] == newest_finished
+    running, _ids = add_round(env, "halfway", "running")
+    blind = build_comparison(env)  # two finished rounds, newer still, but to be judged blind first
+    data = client.get("/api/rounds").json
+    assert [r["id"] for r in data["rounds"]][:3] == [blind.candidate_round_id, blind.baseline_round_id, running]
+    assert data["default_round_id"] == newest_finished
+    by_id = {r["id"]: r for r in data["rounds"]}
+    assert by_id[running]["finished"] is False and by_id[running]["status"] == "running"
+    assert by_id[newest_finished]["finished"] is True and by_id[blind.candidate_round_id]["in_comparison"] is True
+
+
+def test_default_round_falls_back_when_no_round_is_finished(tmp_path: Path) -> None:
+    from webapp import create_app
+    from webapp_fixtures import build_samples
+
+    env2 = build_samples(tmp_path, n_rounds=0)
+    running, _ids = add_round(env2, "halfway", "running")
+    build_comparison(env2)
+    application = create_app({"samples_dir": env2.samples_dir, "db_url": env2.db_url})
+    data = application.test_client().get("/api/rounds").json
+    assert data["default_round_id"] == running  # unfinished beats a round that must be judged blind first
+    application.extensions["poseloop_store"].dispose()
 
 
 def test_items_in_group_then_index_order_with_progress(client: FlaskClient, env: Env) -> None:

@@ -16,7 +16,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from poseloop.db import BlindJudgement, Preference, Rater, Rating, open_db, session_scope
-from webapp_fixtures import Blind, Env, LiveServer, app, cmp, env, live_server, make_chrome  # noqa: F401  (fixtures)
+from webapp_fixtures import (  # noqa: F401  (fixtures)
+    Blind, Env, LiveServer, add_round, app, cmp, env, live_server, make_chrome, post_json,
+)
 
 RATER = 'Zoë <img src=x onerror="window.pwned=1">'
 
@@ -270,3 +272,117 @@ def test_blind_mode_keyboard_reload_undo_and_hidden_identity(browser: Any, live_
     # b leaves blind mode: the rounds come back.
     keys(d, "b")
     wait_for(lambda: "/media/sample/" in src(d, "score-img"))
+
+
+# ---------------------------------------------------------------- which round opens, blind progress, stats layout
+
+
+def test_page_opens_the_newest_finished_round_outside_comparisons(browser: Any, live_server: LiveServer, env: Env,
+                                                                  cmp: Blind) -> None:
+    # Newest first: a running round, then the comparison's two rounds, then the fixture's finished rounds.
+    running, _ids = add_round(env, "halfwayRound", "running")
+    d = browser
+    d.get(live_server.url + "/")
+    WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input")).send_keys("ann" + Keys.ENTER)
+    rid = max(env.rounds)
+    first = env.samples[env.groups[rid][0]][0]
+    wait_for(lambda: src(d, "score-img").endswith(f"/media/sample/{first}"))
+    options = {o.get_attribute("value"): o.text for o in d.find_elements(By.CSS_SELECTOR, "#round option")}
+    assert d.find_element(By.ID, "round").get_attribute("value") == str(rid)
+    assert "unfinished" in options[str(running)] and "unfinished" not in options[str(rid)]
+    assert "blind evaluation" in options[str(cmp.candidate_round_id)]
+
+
+# Holds back /pairs answers and label posts, so the order that once showed 47 / 48 is forced: the page asks
+# for more pairs, the server counts before the last verdict is stored, and the verdict's confirmation
+# arrives before that count does.
+DELAY_FETCHES = """
+window.__pairsDelivered = 0;
+const realFetch2 = window.fetch;
+const pause = (ms) => new Promise((r) => setTimeout(r, ms));
+window.fetch = async (url, opts) => {
+  const u = String(url);
+  if (opts && opts.method === "POST" && u.includes("/judgements")) await pause(400);
+  const resp = await realFetch2(url, opts);
+  if (u.includes("/pairs?")) { await pause(1200); window.__pairsDelivered++; }
+  return resp;
+};
+"""
+
+
+def test_blind_progress_reaches_the_total_when_the_last_verdict_races_the_refill(
+        browser: Any, live_server: LiveServer, app: Any, env: Env, cmp: Blind) -> None:
+    c = app.test_client()
+    tokens = sorted(cmp.pairs)
+    for token in tokens[:-1]:  # all but one judged already
+        r = post_json(c, f"/api/comparisons/{cmp.comparison_id}/judgements", {"rater": "ann", "pair": token,
+                                                                              "choice": "tie"})
+        assert r.status_code == 201
+    d = browser
+    d.get(live_server.url + "/")
+    WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input")).send_keys("ann" + Keys.ENTER)
+    keys(d, "b")
+    wait_for(lambda: blind_token(d) == tokens[-1] if "/media/blind/" in src(d, "blind-left") else False)
+    wait_for(lambda: text(d, "progress-text") == f"{len(tokens) - 1} / {len(tokens)}")
+    d.execute_script(DELAY_FETCHES)
+    keys(d, "a")
+    wait_for(lambda: len(db_blind_of(env, "ann")) == len(tokens))
+    wait_for(lambda: d.execute_script("return window.__pairsDelivered") >= 1)
+    time.sleep(0.5)  # let every answer land
+    assert text(d, "progress-text") == f"{len(tokens)} / {len(tokens)}"
+    assert "judged every pair" in text(d, "empty")
+
+
+def db_blind_of(env: Env, rater: str) -> list[int]:
+    """Baseline sample ids of this rater's blind verdicts."""
+    factory = open_db(env.db_url)
+    with session_scope(factory) as s:
+        rows = list(s.scalars(select(BlindJudgement.baseline_sample_id).join(Rater, BlindJudgement.rater_id == Rater.id)
+                              .where(Rater.name == rater)))
+    factory.kw["bind"].dispose()
+    return rows
+
+
+# Long but ordinary names: an e-mail address as rater, generated round and comparison names.
+LONG_RATERS = ["anna.katharina.mueller-luedenscheidt@vision-lab.example.org",
+               "bartholomew.fitzgerald-ramanathan@robotics.example.edu"]
+LONG_ROUND = "eval-2025-06-01T12-00-00-policy-v0012-lora-rank16-vs-base-sd15-controlnet-openpose-seed0000-rerun"
+
+
+def populate_stats(app: Any, env: Env, cmp: Blind) -> None:
+    """Scores, preferences and blind verdicts from raters with long names, and long round names."""
+    from poseloop.db import Comparison, Round
+    factory = open_db(env.db_url)
+    with session_scope(factory) as s:
+        s.get(Round, cmp.candidate_round_id).policy_version = "policies/" + LONG_ROUND
+        s.get(Round, cmp.baseline_round_id).name = LONG_ROUND + "-baseline"
+        s.get(Comparison, cmp.comparison_id).name = LONG_ROUND + "-comparison"
+    factory.kw["bind"].dispose()
+    c = app.test_client()
+    rid = max(env.rounds)
+    ids = [s for g in env.groups[rid] for s in env.samples[g]]
+    for n, rater in enumerate(LONG_RATERS):
+        for i, sid in enumerate(ids):
+            assert post_json(c, "/api/scores", {"rater": rater, "sample_id": sid, "score": (i * (n + 1)) % 11 - 5}
+                             ).status_code == 201
+        a, b = env.samples[env.groups[rid][0]][:2]
+        assert post_json(c, "/api/preferences", {"rater": rater, "left_id": a, "right_id": b, "choice": "left"}
+                         ).status_code == 201
+        for token in sorted(cmp.pairs)[:3]:
+            assert post_json(c, f"/api/comparisons/{cmp.comparison_id}/judgements",
+                             {"rater": rater, "pair": token, "choice": "left"}).status_code == 201
+
+
+def test_stats_page_does_not_scroll_sideways_at_1400_px(browser: Any, live_server: LiveServer, app: Any, env: Env,
+                                                        cmp: Blind) -> None:
+    populate_stats(app, env, cmp)
+    d = browser
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+    d.get(live_server.url + "/stats")
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#spearman-table tbody tr")) == 1)
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#blind-table tbody tr")) >= 3)
+    assert d.execute_script("return window.innerWidth") == 1400
+    widths = d.execute_script("const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
+    assert widths[0] <= widths[1], f"the stats page scrolls sideways: scrollWidth {widths[0]} > {widths[1]}"
+    assert LONG_RATERS[0] in d.find_element(By.ID, "spearman-table").text  # names are shown, wrapped

@@ -77,6 +77,30 @@ def build_samples(root: Path, n_rounds: int = 2, n_groups: int = 3, k: int = K) 
     return env
 
 
+def add_round(env: Env, name: str, status: str, k: int = 2) -> tuple[int, list[int]]:
+    """A newer round with one group of `k` samples (reusing round0's images) in the given status."""
+    factory = open_db(env.db_url)
+    with session_scope(factory) as s:
+        rnd = Round(name=name, status=status, arch="sd15", base_model="tiny", controlnet_model="tiny",
+                    plan_hash="2" * 64, config_json="{}", planned_samples=4 * k)
+        s.add(rnd)
+        s.flush()
+        grp = Group(round_id=rnd.id, index=0, prompt="an unfinished prompt", pose_name="p",
+                    condition_path="round0/poses/group000.png")
+        s.add(grp)
+        s.flush()
+        ids = []
+        for i in range(k):
+            smp = Sample(round_id=rnd.id, group_id=grp.id, index=i, seed=i, image_path=f"round0/images/g000_s{i}.png",
+                         width=64, height=64, num_steps=4, guidance_scale=7.5, controlnet_scale=1.0, eta=1.0)
+            s.add(smp)
+            s.flush()
+            ids.append(smp.id)
+        rid = rnd.id
+    factory.kw["bind"].dispose()
+    return rid, ids
+
+
 @pytest.fixture()
 def env(tmp_path: Path) -> Env:
     """Two rounds x 3 groups x 4 samples in a fresh temporary samples dir."""

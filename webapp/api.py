@@ -81,8 +81,9 @@ def get_config() -> Response:
 
 @bp.get("/rounds")
 def get_rounds() -> Response:
-    """Every round with group and sample counts."""
-    return jsonify(rounds=_store().read(store.list_rounds))
+    """Every round with group and sample counts, and the one the page opens first (default_round_id)."""
+    rounds = _store().read(store.list_rounds)
+    return jsonify(rounds=rounds, default_round_id=store.default_round_id(rounds))
 
 
 @bp.get("/rounds/<int:round_id>/items")

@@ -237,12 +237,18 @@ def _int_or_none(x: float | None) -> int | float | None:
     return int(x) if float(x).is_integer() else x
 
 
+# generate.py sets a round "complete" once every planned sample is stored; until then it is "running"
+# (or was interrupted), and rating it would label a partial set of groups.
+FINISHED = "complete"
+
+
 def round_json(rnd: Round, n_groups: int = 0, n_samples: int = 0, in_comparison: bool = False) -> dict[str, Any]:
     """A round as JSON; in_comparison marks a side of a blind comparison (the page does not open it first)."""
     return {
         "id": rnd.id,
         "name": rnd.name,
         "status": rnd.status,
+        "finished": rnd.status == FINISHED,
         "arch": rnd.arch,
         "created_at": iso(rnd.created_at),
         "groups": n_groups,
@@ -262,6 +268,20 @@ def list_rounds(session: Session) -> list[dict[str, Any]]:
     compared = {rid for pair in session.execute(select(Comparison.baseline_round_id, Comparison.candidate_round_id))
                 for rid in pair}
     return [round_json(r, g_counts.get(r.id, 0), s_counts.get(r.id, 0), r.id in compared) for r in rounds]
+
+
+def default_round_id(rounds: list[dict[str, Any]]) -> int | None:
+    """The round the page opens first: the newest finished one outside any blind comparison.
+
+    Evaluation rounds are judged blind first, and an unfinished round has only part of its groups; when
+    no round qualifies, the newest outside a comparison, then the newest of all.
+    """
+    for ok in (lambda r: r["finished"] and not r["in_comparison"] and r["samples"], lambda r: not r["in_comparison"],
+               lambda r: True):
+        found = next((r["id"] for r in rounds if ok(r)), None)
+        if found is not None:
+            return found
+    return None
 
 
 def round_samples(session: Session, round_id: int) -> list[tuple[Sample, Group]]:

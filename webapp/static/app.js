@@ -19,6 +19,7 @@ const S = {
   pairs: [], // queue of upcoming pairs; pairs[0] is on screen
   pairsShown: [], // judged pairs of this session, so undo can bring one back
   pairProgress: { done: 0, total: 0 },
+  pairProgressKnown: false,
   pendingPairs: new Set(), // "a-b" keys submitted but not yet confirmed
   refilling: false,
   // blind mode: the page holds only opaque pair tokens, prompts and /media/blind URLs
@@ -26,12 +27,16 @@ const S = {
   blind: [], // queue of upcoming blind pairs; blind[0] is on screen
   blindShown: [], // judged blind pairs of this session, newest last, so undo can bring one back
   blindProgress: { done: 0, total: 0 },
+  blindProgressKnown: false,
   pendingBlind: new Set(), // pair tokens submitted but not yet confirmed
   blindRefilling: false,
   minusArmed: false,
   zoom: false,
   writes: Promise.resolve(), // labels are sent one after another, in key order
   inFlight: 0,
+  // Bumped when a label write starts and when it ends. A progress count read while a write was on its
+  // way may or may not include it, so such a count is not trusted (see progressFrom).
+  writeSeq: 0,
 };
 
 // ------------------------------------------------------------------ API
@@ -72,6 +77,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 function write(path, body) {
   body.request_id = newRequestId();
   S.inFlight++;
+  S.writeSeq++;
   showSaving();
   const run = async () => {
     for (let attempt = 0; ; attempt++) {
@@ -85,7 +91,19 @@ function write(path, body) {
   };
   const p = S.writes.then(run, run);
   S.writes = p.catch(() => {});
-  return p.finally(() => { S.inFlight--; showSaving(); });
+  return p.finally(() => { S.inFlight--; S.writeSeq++; showSaving(); });
+}
+
+// The progress to show after a /pairs answer. `sent` is S.writeSeq when the request left. The server
+// counted what was committed when it read; a label still on its way then may or may not be in that
+// count, and adding the pending labels as well (as this page once did) showed 47 / 48 once the last
+// label's confirmation came in before the /pairs answer. So the server's count replaces ours only when
+// no label write started or ended since the request left; otherwise ours (the last exact count plus the
+// labels sent since) stands. `known` is false after a reset, when ours is nothing yet.
+function progressFrom(server, sent, current, known, pending) {
+  if (sent === S.writeSeq && S.inFlight === 0) return { done: server.done, total: server.total };
+  if (!known) return { done: server.done + pending, total: server.total };
+  return { done: Math.min(current.done, server.total), total: server.total };
 }
 
 function qs(params) {
@@ -131,15 +149,20 @@ function preload(urls) {
 
 // ------------------------------------------------------------------ rounds and rater
 
+function roundLabel(r) {
+  const marks = [r.finished ? "" : ` · unfinished (${r.status})`, r.in_comparison ? " · blind evaluation" : ""];
+  return `${r.name} · ${r.groups} groups · ${r.samples} images${marks.join("")}`;
+}
+
 async function loadRounds() {
   const data = await api("GET", "/api/rounds");
   const sel = $("round");
-  sel.replaceChildren(...data.rounds.map((r) =>
-    el("option", { value: r.id, textContent: `${r.name} · ${r.groups} groups · ${r.samples} images` })));
+  sel.replaceChildren(...data.rounds.map((r) => el("option", { value: r.id, textContent: roundLabel(r) })));
   const saved = Number(LS.getItem("poseloop:round"));
-  // Evaluation rounds are judged blind first: never open one by default, only when chosen.
+  // The server's default is the newest finished round outside any blind comparison: evaluation rounds are
+  // judged blind first, and an unfinished round has only part of its images.
   const found = data.rounds.find((r) => r.id === saved)
-    || data.rounds.find((r) => !r.in_comparison) || data.rounds[0];
+    || data.rounds.find((r) => r.id === data.default_round_id) || data.rounds[0];
   S.roundId = found ? found.id : null;
   if (found) sel.value = String(found.id);
   S.roundsLoaded = true;
@@ -210,7 +233,7 @@ function firstUnrated() {
 }
 
 async function loadPairs(reset) {
-  if (reset) { S.pairs = []; S.pendingPairs.clear(); }
+  if (reset) { S.pairs = []; S.pendingPairs.clear(); S.pairProgressKnown = false; }
   await refillPairs();
 }
 
@@ -224,11 +247,12 @@ async function refillPairs() {
   S.refilling = true;
   try {
     const exclude = [...S.pairs.map(pairKey), ...S.pendingPairs].join(",");
+    const sent = S.writeSeq;
     const data = await api("GET", `/api/rounds/${S.roundId}/pairs?${qs({ rater: S.rater, count: 3, exclude })}`);
     const have = new Set(S.pairs.map(pairKey));
     for (const p of data.pairs) if (!have.has(pairKey(p))) S.pairs.push(p);
-    // The server has not yet seen labels still in flight; count them as done.
-    S.pairProgress = { done: data.progress.done + S.pendingPairs.size, total: data.progress.total };
+    S.pairProgress = progressFrom(data.progress, sent, S.pairProgress, S.pairProgressKnown, S.pendingPairs.size);
+    S.pairProgressKnown = true;
     for (const p of S.pairs.slice(1, 3)) preload([p.left.image_url, p.right.image_url]);
   } finally {
     S.refilling = false;
@@ -236,7 +260,10 @@ async function refillPairs() {
 }
 
 async function loadBlind(reset) {
-  if (reset) { S.blind = []; S.blindShown = []; S.pendingBlind.clear(); S.blindProgress = { done: 0, total: 0 }; }
+  if (reset) {
+    S.blind = []; S.blindShown = []; S.pendingBlind.clear();
+    S.blindProgress = { done: 0, total: 0 }; S.blindProgressKnown = false;
+  }
   await refillBlind();
 }
 
@@ -246,11 +273,13 @@ async function refillBlind() {
   S.blindRefilling = true;
   try {
     const exclude = [...S.blind.map((p) => p.pair), ...S.pendingBlind].join(",");
+    const sent = S.writeSeq;
     const data = await api("GET", `/api/comparisons/${cid}/pairs?${qs({ rater: S.rater, count: 3, exclude })}`);
     if (cid !== S.compId) return;
     const have = new Set(S.blind.map((p) => p.pair));
     for (const p of data.pairs) if (!have.has(p.pair)) S.blind.push(p);
-    S.blindProgress = { done: data.progress.done + S.pendingBlind.size, total: data.progress.total };
+    S.blindProgress = progressFrom(data.progress, sent, S.blindProgress, S.blindProgressKnown, S.pendingBlind.size);
+    S.blindProgressKnown = true;
     for (const p of S.blind.slice(1, 3)) preload([p.left_url, p.right_url]);
   } finally {
     S.blindRefilling = false;
@@ -342,8 +371,7 @@ function renderPairs() {
   const view = $("view-pairs");
   if (!p) {
     view.hidden = true;
-    if (S.refilling) return showEmpty("Loading pairs…");
-    showEmpty(S.pairProgress.total ? "You have judged every pair of this round. Thank you!" : "No pairs in this round.");
+    showEmpty(allDoneText(S.pairProgress, S.refilling || S.pendingPairs.size > 0, "round"));
     return;
   }
   $("pair-prompt").textContent = p.prompt;
@@ -355,16 +383,21 @@ function renderPairs() {
   $("pair-pose-name").textContent = `${p.pose_name} · group ${p.group_index}`;
 }
 
+// What an empty pair queue means. "Every pair judged" is said only when the count shown says so too,
+// and only once the labels still on their way have landed and the queue has been refilled.
+function allDoneText(progress, busy, what) {
+  if (busy) return "Loading pairs…";
+  if (!progress.total) return what === "round" ? "No pairs in this round." : "This comparison has no pairs.";
+  if (progress.done >= progress.total) return `You have judged every pair of this ${what}. Thank you!`;
+  return `No pair to show right now (${progress.done} of ${progress.total} judged); reload to look again.`;
+}
+
 function renderBlind() {
   if (!S.rater) return;
   if (S.compId === null) return showEmpty("No blind comparisons yet. Run evaluate.py first.");
   setProgress(S.blindProgress.done, S.blindProgress.total);
   const p = S.blind[0];
-  if (!p) {
-    if (S.blindRefilling) return showEmpty("Loading pairs…");
-    return showEmpty(S.blindProgress.total ? "You have judged every pair of this comparison. Thank you!"
-                                           : "This comparison has no pairs.");
-  }
+  if (!p) return showEmpty(allDoneText(S.blindProgress, S.blindRefilling || S.pendingBlind.size > 0, "comparison"));
   $("empty").hidden = true;
   for (const v of ["score", "pairs", "grid", "blind"]) $(`view-${v}`).hidden = v !== "blind";
   $("blind-prompt").textContent = p.prompt;
@@ -510,9 +543,18 @@ function judge(choice) {
   S.pendingBlind.add(p.pair);
   S.blindShown.push(p);
   S.blindProgress.done++;
+  if (S.blind.length < 2) refillBlind().then(render, () => {});
   render();
   write(`/api/comparisons/${cid}/judgements`, { rater: S.rater, pair: p.pair, choice })
-    .then(() => S.pendingBlind.delete(p.pair))
+    .then((res) => {
+      S.pendingBlind.delete(p.pair);
+      if (cid !== S.compId) return;
+      // Exact: the server counted after storing this verdict, and label writes go one at a time, so
+      // none of the verdicts still pending was stored yet.
+      S.blindProgress = { done: res.progress.done + S.pendingBlind.size, total: res.progress.total };
+      S.blindProgressKnown = true;
+      render();
+    })
     .catch((e) => {
       S.pendingBlind.delete(p.pair);
       if (cid !== S.compId) return;
@@ -526,7 +568,6 @@ function judge(choice) {
     .finally(() => {
       if (S.blind.length < 3 && S.mode === "blind") refillBlind().then(render, () => {});
     });
-  if (S.blind.length < 2) refillBlind().then(render, () => {});
 }
 
 async function undoBlind() {
@@ -543,6 +584,7 @@ async function undoBlind() {
     const p = res.undone.pair;
     S.blind = [p, ...S.blind.filter((x) => x.pair !== p.pair)];
     S.blindProgress = { done: res.progress.done + S.pendingBlind.size, total: res.progress.total };
+    S.blindProgressKnown = true;
     toast(`Undone (${res.undone.choice}): the pair is back`);
     render();
   } catch (e) {
@@ -557,6 +599,7 @@ function choose(choice) {
   S.pendingPairs.add(key);
   S.pairsShown.push(p);
   S.pairProgress.done++;
+  if (S.pairs.length < 2) refillPairs().then(render, () => {});
   render();
   write("/api/preferences", { rater: S.rater, left_id: p.left.sample_id, right_id: p.right.sample_id, choice })
     .then(() => S.pendingPairs.delete(key))
@@ -570,7 +613,6 @@ function choose(choice) {
     .finally(() => {
       if (S.pairs.length < 3 && S.mode === "pairs") refillPairs().then(render, () => {});
     });
-  if (S.pairs.length < 2) refillPairs().then(render, () => {});
 }
 
 async function undo() {

@@ -99,9 +99,11 @@ function showAcrossRounds(s) {
 async function main() {
   const data = await getJson("/api/rounds");
   const sel = $("round");
-  sel.replaceChildren(...data.rounds.map((r) => el("option", { value: r.id, textContent: r.name })));
+  sel.replaceChildren(...data.rounds.map((r) =>
+    el("option", { value: r.id, textContent: r.finished ? r.name : `${r.name} (unfinished)` })));
   const saved = Number(localStorage.getItem("poseloop:round"));
   if (data.rounds.some((r) => r.id === saved)) sel.value = String(saved);
+  else if (data.default_round_id !== null) sel.value = String(data.default_round_id);
   sel.addEventListener("change", () => show(Number(sel.value)));
   if (data.rounds.length) await show(Number(sel.value));
   else showAcrossRounds(await getJson("/api/stats"));
