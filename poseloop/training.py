@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -111,6 +112,10 @@ class D3POConfig:
     samples_dir: str = field("samples", help="samples folder with the database and the stored trajectories")
     db_url: str = field("", help="SQLAlchemy URL; empty = sqlite file <samples_dir>/feedback.sqlite")
     rounds: list[str] = field(default_factory=list, help="use preferences of these rounds only; empty = all rounds")
+    pairs_per_epoch: int = field(0, help="stored pairs trained on per epoch, a fresh random subset each epoch, so "
+                                 "an epoch costs the same however many pairs were rated; 0 = every pair")
+    skip_unreadable: bool = field(False, help="leave out preference pairs whose trajectory file is unreadable "
+                                  "(corrupt), with a warning counting them, instead of stopping")
 
 
 @dataclass
@@ -209,6 +214,8 @@ class PolicyConfig:
         if self.algo == "d3po":
             if not self.d3po.beta > 0:
                 raise ConfigError(f"d3po.beta: must be > 0 (got {self.d3po.beta})")
+            if self.d3po.pairs_per_epoch < 0:
+                raise ConfigError(f"d3po.pairs_per_epoch: must be >= 0 (got {self.d3po.pairs_per_epoch}); 0 = every pair")
             if self.d3po.clamp_eps is not None and not 0 < self.d3po.clamp_eps < 1:
                 raise ConfigError(f"d3po.clamp_eps: must be in (0, 1) or none (got {self.d3po.clamp_eps})")
             if self.d3po.source == "reward" and self.sample.images_per_group < 2:
@@ -442,7 +449,7 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
     from sqlalchemy import select
 
     from poseloop import db
-    from poseloop.store import SampleStore
+    from poseloop.store import SampleStore, TrajectoryError, check_trajectory
 
     store = SampleStore(d3po.samples_dir)
     url = d3po.db_url or db.default_db_url(store.root)
@@ -456,6 +463,8 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
         total = session.query(db.Preference).count()
         pairs: list[PreferencePair] = []
         missing: list[str] = []
+        unreadable: list[TrajectoryError] = []  # header checked here, before the model loads
+        left_out = 0
         for p in prefs:
             win = session.get(db.Sample, p.winner_id)
             lose = session.get(db.Sample, p.loser_id)
@@ -468,6 +477,7 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
             group = session.get(db.Group, win.group_id)
             assert group is not None
             paths = []
+            n_unreadable = len(unreadable)
             for s in (win, lose):
                 if s.trajectory_path is None:
                     missing.append(f"sample {s.id} ({s.image_path}) has no stored trajectory")
@@ -476,9 +486,26 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
                 path = store.abs(s.trajectory_path)
                 if not path.is_file():
                     missing.append(str(path))
+                elif (bad := check_trajectory(path, f"sample {s.id}")) is not None:
+                    unreadable.append(bad)
                 paths.append(path)
+            if len(unreadable) > n_unreadable and d3po.skip_unreadable:
+                left_out += 1
+                continue
             pairs.append(PreferencePair(paths[0], paths[1], group.prompt, store.abs(group.condition_path),
                                         f"{group.id}"))
+    if unreadable and not d3po.skip_unreadable:
+        n_files = len({e.path for e in unreadable})
+        more = f" ({n_files - 1} more unreadable file(s) of preferred pairs)" if n_files > 1 else ""
+        raise TrajectoryError(f"{unreadable[0]}{more}; or pass --d3po.skip_unreadable true to train on the other pairs",
+                              unreadable[0].path, unreadable[0].short)
+    if unreadable:
+        print(f"warning: d3po.skip_unreadable: left out {left_out} preference pair(s) with "
+              f"{len({e.path for e in unreadable})} unreadable trajectory file(s), e.g. {unreadable[0].short}",
+              file=sys.stderr)
+        if not pairs:
+            raise TrainingInputError("every preference pair has an unreadable trajectory file; restore the samples "
+                                     "folder or regenerate the rounds (generate.py --store.round <round name>)")
     if not pairs:
         if total:
             raise TrainingInputError(f"no usable preferences: {total} stored, none decisive (a/b) within one group"
@@ -810,15 +837,22 @@ class PolicyTrainer:
 
     def _reference_log_probs(self, batch: _Batch, steps: Sequence[int] | None = None) -> torch.Tensor:
         """log-probs [N, T] of the trajectories under the model before fine-tuning (no grad)."""
+        from tqdm.auto import tqdm
+
         n, num_steps = batch.log_probs.shape
         out = torch.full((n, num_steps), float("nan"))
         bs = self.cfg.sample.batch_size
+        # One forward pass per trajectory and step: minutes on a large pair set, so it shows progress.
+        bar = tqdm(total=n, desc="d3po reference log-probs", unit="traj", leave=False,
+                   disable=not (self.progress and self.accelerator.is_main_process))
         with torch.no_grad(), self.policy.reference():
             for i in range(0, n, bs):
                 sl = slice(i, i + bs)
                 cond = batch.cond.select(sl)
                 for j in (range(num_steps) if steps is None else steps):
                     out[sl, j] = self._rescore(cond, batch.latents[sl], batch.timesteps, j, batch.sample_cfg).cpu()
+                bar.update(min(bs, n - i))
+        bar.close()
         return out
 
     def _load_pair_data(self) -> list[_Batch]:
@@ -866,9 +900,12 @@ class PolicyTrainer:
 
     def _d3po_update(self, batches: list[_Batch], epoch: int) -> dict[str, float]:
         """One pass of the D3PO loss over (winner, loser) pairs: batches hold winners then losers."""
+        from tqdm.auto import tqdm
+
         from poseloop.losses import d3po_loss
 
         cfg, d = self.cfg.train, self.cfg.d3po
+        t0 = time.perf_counter()
         stats: dict[str, list[float]] = {"loss": [], "pair_accuracy": [], "margin": [], "approx_kl": []}
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "pairs", self.accelerator.process_index))
         work = []
@@ -878,6 +915,13 @@ class PolicyTrainer:
             mine = perm[self.accelerator.process_index::self.accelerator.num_processes]
             work += [(b_i, mine[i:i + cfg.batch_size]) for i in range(0, len(mine), cfg.batch_size)]
         order = torch.randperm(len(work), generator=gen).tolist()
+        if d.pairs_per_epoch and self.cfg.d3po.source == "db":
+            order = order[:max(1, math.ceil(d.pairs_per_epoch / (cfg.batch_size * self.accelerator.num_processes)))]
+        # An epoch is one pass over every pair: the epoch bar alone sits at 0/1 for minutes, so this one
+        # moves with each batch of pairs and the epoch ends with a one-line summary.
+        show = self.progress and self.accelerator.is_main_process
+        n_pairs = sum(len(work[w][1]) for w in order)
+        bar = tqdm(total=n_pairs, desc=f"d3po epoch {epoch + 1}", unit="pair", leave=False, disable=not show)
         for pos, w_i in enumerate(order):
             b_i, idx = work[w_i]
             batch = batches[b_i]
@@ -904,7 +948,15 @@ class PolicyTrainer:
                     stats["approx_kl"].append(float(0.5 * ((lp - ref_j) ** 2).mean()))
             if (pos + 1) % cfg.grad_accum == 0 or pos == len(order) - 1:
                 self._optimizer_step()
-        return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{np.mean(stats['loss']):.4f}", acc=f"{np.mean(stats['pair_accuracy']):.2f}")
+        bar.close()
+        out = {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+        if show:
+            tqdm.write(f"d3po epoch {epoch + 1}/{self.cfg.train.epochs}: {n_pairs} pairs in {len(order)} batches, "
+                       f"loss {out['loss']:.4f}, pair accuracy {out['pair_accuracy']:.3f}, "
+                       f"margin {out['margin']:.4g}, {time.perf_counter() - t0:.1f} s")
+        return out
 
     def pair_margins(self) -> torch.Tensor:
         """Per stored pair, mean over steps of log r_w - log r_l (r = pi_theta / pi_ref): > 0 = winner favoured."""

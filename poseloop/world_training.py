@@ -182,14 +182,16 @@ def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Pat
 
 
 @torch.no_grad()
-def encode_all(vae: torch.nn.Module, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, np.ndarray]:
-    """Unscaled latent means [N, 4, h, w] and VAE round trips (uint8) of every image."""
+def encode_all(vae: torch.nn.Module, images: np.ndarray, n_recon: int, batch: int = 256
+               ) -> tuple[torch.Tensor, np.ndarray]:
+    """Unscaled latent means [N, 4, h, w] of every image and VAE round trips (uint8) of the first n_recon."""
     lat, rec = [], []
     for i in tqdm(range(0, len(images), batch), desc="encoding renders", unit="batch", mininterval=2.0):
         z = vae.encode(_to_tensor(images[i:i + batch])).latent_dist.mode()
         lat.append(z)
-        r = vae.decode(z).sample.clamp(-1, 1)
-        rec.append(((r + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+        if i < n_recon:  # decoding costs as much as encoding: the detector needs only some
+            r = vae.decode(z[: n_recon - i]).sample.clamp(-1, 1)
+            rec.append(((r + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return torch.cat(lat), np.concatenate(rec)
 
 
@@ -227,7 +229,7 @@ def train_detector(cfg: WorldConfig, data: WorldBatch, recon: np.ndarray, run: P
     net.train()
     bar = tqdm(range(cfg.detector_steps), desc="world 2/3: pose detector", unit="step", mininterval=2.0)
     for step in bar:
-        idx = rng.integers(0, len(data.images), cfg.detector_batch)
+        idx = rng.integers(0, len(recon), cfg.detector_batch)  # the round-tripped part of the renders
         use_rec = rng.random(cfg.detector_batch) < 0.5
         imgs = np.where(use_rec[:, None, None, None], recon[idx], data.images[idx])
         x = _augment(_to_tensor(imgs), gen)
@@ -457,7 +459,14 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
         _atomic_save(mods["vae"].state_dict(), vae_file)
         (run / "vae.json").write_text(json.dumps(metrics))
     mods["vae"].eval().requires_grad_(False)
-    lat, recon = encode_all(mods["vae"], data.images)
+    lat_file = run / "latents.safetensors"
+    n_recon = min(len(data.images), 6144)
+    if lat_file.is_file():
+        saved = load_file(str(lat_file))
+        lat, recon = saved["latents"], saved["recon"].numpy()
+    else:
+        lat, recon = encode_all(mods["vae"], data.images, n_recon)
+        _atomic_save({"latents": lat, "recon": torch.from_numpy(recon)}, lat_file)
     # SD's recipe: scale latents to unit variance so the noise schedule fits them.
     scaling = float(1.0 / lat.std())
     mods["vae"].register_to_config(scaling_factor=scaling)

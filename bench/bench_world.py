@@ -1,0 +1,130 @@
+"""Benchmark: does the embedded model draw the condition's pose and the prompt's colours, with variety?
+
+Samples every built-in pose (12) x the vocabulary prompts (each colour twice as a shirt and twice as
+trousers, each background three times) x seeds with the default sampler (20 DDIM steps, eta 1,
+CFG 5), and measures with the world's own instruments:
+
+* OKS of the pose detected in each image against its condition's keypoints, and against another
+  pose's (shuffled baseline);                                    targets >= 0.6 and <= 0.25
+* attribute accuracy: shirt, trousers and background read in the condition's regions;  >= 80%
+* within-group / across-group spread of mean R, G, B, brightness and warmth;            >= 0.30
+* the pose detector's OKS on fresh renders;                                             >= 0.90
+* the README's main command (`python generate.py`, 96 images) in a child process;      <= 90 s
+
+Every number comes with a 95% bootstrap interval. Writes bench/out/world_grid.png (a generated
+round: pose, then its images) for the README.
+
+    python bench/bench_world.py                      # 12 prompts x 12 poses x 2 seeds
+    python bench/bench_world.py --images 4 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2, help="images per (prompt, pose) group")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly: results and speed depend on it)")
+    p.add_argument("--skip-generate", action="store_true", help="do not time `python generate.py`")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="folder for the grid and the JSON results")
+    return p.parse_args(argv)
+
+
+def time_main_command(threads: int) -> float:
+    """Seconds of `python generate.py` (the default round) in a fresh process and samples folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "generate.py"), "--store.samples_dir", str(Path(tmp) / "s")],
+                       cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def save_grid(images: list, names: Sequence[str], per_group: int, path: Path, groups: int = 12) -> None:
+    """Pose image then its images, one row per group, 2x enlarged."""
+    from PIL import Image
+
+    from poseloop.poses import BUILTIN_POSES, render_pose
+
+    s = images[0].size[0] * 2
+    canvas = Image.new("RGB", ((per_group + 1) * s, groups * s), "white")
+    for g in range(groups):
+        canvas.paste(render_pose(BUILTIN_POSES[names[g % len(names)]], s, s), (0, g * s))
+        for k in range(per_group):
+            canvas.paste(images[g * per_group + k].resize((s, s), Image.Resampling.NEAREST), ((k + 1) * s, g * s))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure, print one line per target with PASS/FAIL, exit 1 if any fails."""
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from poseloop.config import tiny
+    from poseloop.models import load_components
+    from poseloop.poses import BUILTIN_POSES
+    from poseloop.tiny import ensure_embedded
+    from poseloop.world_detector import load_detector
+    from poseloop.world_eval import evaluate_generator, vocabulary_prompts
+    from poseloop.world_training import detector_heldout_oks
+
+    cfg = tiny()
+    root = ensure_embedded(ROOT / cfg.model.base)
+    cfg.model.base, cfg.model.controlnet = str(root), str(root / "controlnet")
+    comp = load_components(cfg.model)
+    detector = load_detector(root / "pose_detector")
+    names = sorted(BUILTIN_POSES)
+    prompts = vocabulary_prompts()
+    rep = evaluate_generator(comp, detector, prompts, names, args.images, cfg.sample, size=cfg.sample.width,
+                             progress=True)
+    s = rep.summary()
+    det = detector_heldout_oks(detector.net, cfg.sample.width, n=256, seed=424242)
+    out = Path(args.out)
+    save_grid(rep.images, names, args.images, out / "world_grid.png")
+    rows = [
+        ("pose OKS vs own condition", s["oks"], ">=", 0.6),
+        ("pose OKS vs another pose (shuffled)", s["oks_shuffled"], "<=", 0.25),
+        ("attribute accuracy (shirt, trousers, background)", s["attribute_accuracy"], ">=", 0.8),
+        ("  shirt", s["shirt_accuracy"], "", None),
+        ("  trousers", s["trousers_accuracy"], "", None),
+        ("  background", s["background_accuracy"], "", None),
+        ("within/across-group spread (mean of 5 stats)", (s["within_across_mean"],) * 3, ">=", 0.3),
+        ("pose detector OKS on fresh renders", (det["detector_oks"],) * 3, ">=", 0.9),
+    ]
+    if not args.skip_generate:
+        sec = time_main_command(args.threads)
+        rows.append(("`python generate.py` (96 images), seconds", (sec,) * 3, "<=", 90.0))
+    ok = True
+    print(f"embedded world: {s['n_images']} images ({len(prompts)} prompts x {len(names)} poses x {args.images}), "
+          f"{rep.seconds:.0f} s sampling, {args.threads} thread(s)")
+    for label, (mean, lo, hi), op, target in rows:
+        verdict = ""
+        if target is not None:
+            good = mean >= target if op == ">=" else mean <= target
+            ok &= good
+            verdict = f"(target {op} {target}) {'PASS' if good else 'FAIL'}"
+        ci = f" [{lo:.3f}, {hi:.3f}]" if hi != lo else ""
+        print(f"{label:52s} {mean:7.3f}{ci:18s} {verdict}")
+    print("within/across per statistic: " + json.dumps(s["within_across"]))
+    (out / "world.json").write_text(json.dumps({"summary": s, "detector": det}, indent=2, default=float))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The embedded pose world: renderer, prompts, the shipped weights, the detector and the generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poseloop import world as W
+from poseloop.metrics import oks
+from poseloop.poses import BUILTIN_POSES, Pose
+
+
+def test_prompts_round_trip_and_bad_words_are_named() -> None:
+    for attrs in W.all_attributes():
+        assert W.parse_prompt(attrs.prompt()) == attrs
+    assert W.parse_prompt("A person in a RED shirt and white pants at night on stage") == \
+        W.Attributes("red", "white", "night")
+    with pytest.raises(W.WorldError, match="unknown colour word 'magenta' for the shirt.*known colours: red"):
+        W.parse_prompt("a person in a magenta shirt and blue trousers, on a beach")
+    with pytest.raises(W.WorldError, match="no '<colour> trousers' phrase"):
+        W.parse_prompt("a person in a red shirt, on a beach")
+    with pytest.raises(W.WorldError, match="exactly one background"):
+        W.parse_prompt("a person in a red shirt and blue trousers")
+    # The two vocabularies share no word (a feasibility run confused "light blue" sky with "blue").
+    assert not set(W.COLOURS) & set(" ".join(W.BACKGROUNDS.values()).split())
+
+
+def test_sizes_the_vae_cannot_divide_are_refused() -> None:
+    with pytest.raises(W.WorldError, match="image size 66: must be a multiple of 4"):
+        W.render_person(BUILTIN_POSES["standing"], W.Attributes("red", "blue", "beach"), W.Look(), 66)
+    with pytest.raises(W.WorldError, match="multiple of 4"):
+        W.make_examples(2, size=30)
+
+
+def test_renders_show_the_prompt_where_the_pose_says() -> None:
+    batch = W.make_examples(96, 64, seed=5)
+    assert batch.images.shape == (96, 64, 64, 3) and batch.conditions.shape == (96, 64, 64, 3)
+    got = [W.measure_attributes(batch.images[i], Pose(body=batch.keypoints[i])) for i in range(96)]
+    want = [W.parse_prompt(p) for p in batch.prompts]
+    for part in ("shirt", "trousers", "background"):
+        acc = np.mean([getattr(g, part) == getattr(w, part) for g, w in zip(got, want)])
+        assert acc >= 0.9, (part, acc)
+    # Another pose's regions read the wrong clothes far more often: the measurement is about where.
+    shuffled = [W.measure_attributes(batch.images[i], Pose(body=batch.keypoints[(i + 1) % 96])) for i in range(96)]
+    acc_shuffled = np.mean([g.shirt == w.shirt for g, w in zip(shuffled, want)])
+    assert acc_shuffled < 0.7
+
+
+def test_images_of_one_group_differ_in_what_a_rater_can_prefer() -> None:
+    pose, attrs = BUILTIN_POSES["waving"], W.Attributes("green", "white", "studio")
+    rng = np.random.default_rng(0)
+    imgs = np.stack([W.render_person(pose, attrs, W.Look.random(rng)).image for _ in range(8)])
+    assert np.ptp(W.warmth(imgs)) > 0.05  # the warm/cool light varies within a group
+    same = W.render_person(pose, attrs, W.Look(tint=0.3, texture_seed=4)).image
+    assert np.array_equal(same, W.render_person(pose, attrs, W.Look(tint=0.3, texture_seed=4)).image)
+
+
+def test_pose_jitter_keeps_figures_on_the_canvas() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        body = W.sample_pose(rng).body
+        assert body[:, :2].min() >= 0.0 and body[:, :2].max() <= 1.0
+
+
+def test_shipped_weights_load_and_a_missing_file_is_named(tmp_path: Path) -> None:
+    from poseloop.tiny import WORLD_WEIGHTS, load_world_modules
+
+    mods = load_world_modules()
+    assert set(mods) == {"vae", "unet", "controlnet", "text_encoder"}
+    assert mods["vae"].config.scaling_factor != 1.0  # fitted to the latents' spread
+    total = sum(p.stat().st_size for p in WORLD_WEIGHTS.rglob("*") if p.is_file())
+    assert total <= 25 * 2**20
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "world.json").write_text('{"scaling_factor": 1.0}')
+    with pytest.raises(FileNotFoundError, match=r"vae\.safetensors: missing; rebuild"):
+        load_world_modules(tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match=r"world\.json: missing"):
+        load_world_modules(tmp_path / "nothing")
+
+
+def test_detector_finds_the_pose_of_fresh_renders(models_dir: Path, one_thread: None) -> None:
+    from poseloop.world_detector import load_detector
+
+    det = load_detector(models_dir / "tiny-sd15" / "pose_detector")
+    fresh = W.make_examples(64, 64, seed=777)  # seeds the training never used
+    found = det.detect(fresh.images)
+    scores = [oks(Pose(body=fresh.keypoints[i]), found[i][0], width=64, height=64) for i in range(64)]
+    other = [oks(Pose(body=fresh.keypoints[(i + 1) % 64]), found[i][0], width=64, height=64) for i in range(64)]
+    assert np.mean(scores) >= 0.85 and np.mean(other) < 0.4
+    with pytest.raises(FileNotFoundError, match="model.safetensors: missing"):
+        load_detector(models_dir / "nowhere")
+
+
+def test_pose_accuracy_reward_uses_the_embedded_detector(models_dir: Path, one_thread: None) -> None:
+    from poseloop.rewards import build_reward
+
+    folder = models_dir / "tiny-sd15" / "pose_detector"
+    reward = build_reward(f"pose_accuracy:weights={folder}")
+    fresh = W.make_examples(4, 64, seed=99)
+    images = torch.from_numpy(fresh.images).permute(0, 3, 1, 2).float() / 255.0
+    meta = [{"keypoints": [Pose(body=k).to_dict()]} for k in fresh.keypoints]
+    own = reward(images, None, fresh.prompts, meta)
+    swapped = reward(images, None, fresh.prompts, meta[1:] + meta[:1])
+    assert own.shape == (4,) and float(own.min()) > 0.6 and float(own.mean()) > float(swapped.mean()) + 0.3
+    with pytest.raises(FileNotFoundError, match="for the embedded model use its own detector"):
+        build_reward("pose_accuracy", models_dir=str(models_dir))
+
+
+def test_the_embedded_model_draws_the_pose_and_the_prompt(models_dir: Path, one_thread: None) -> None:
+    """A small version of bench/bench_world.py: 12 poses x 2 prompts x 1 image at the default sampler."""
+    from poseloop.config import tiny
+    from poseloop.models import load_components
+    from poseloop.world_detector import load_detector
+    from poseloop.world_eval import evaluate_generator, vocabulary_prompts
+
+    cfg = tiny()
+    cfg.model.base, cfg.model.controlnet = str(models_dir / "tiny-sd15"), str(models_dir / "tiny-sd15" / "controlnet")
+    comp = load_components(cfg.model)
+    det = load_detector(models_dir / "tiny-sd15" / "pose_detector")
+    rep = evaluate_generator(comp, det, vocabulary_prompts()[:2], sorted(BUILTIN_POSES), 1, cfg.sample, seed=3)
+    s = rep.summary()
+    # Looser than the bench's targets: 24 images, so each mean carries ~0.05 of sampling error.
+    assert s["oks"][0] >= 0.5 and s["oks_shuffled"][0] <= 0.35 and s["oks"][0] > s["oks_shuffled"][0] + 0.2
+    assert s["attribute_accuracy"][0] >= 0.65
