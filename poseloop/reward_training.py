@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from poseloop import db
 from poseloop.inputs import InputError
-from poseloop.configlib import ConfigError, field, to_dict
-from poseloop.losses import bradley_terry_loss, normalize_per_rater, score_mse_loss
+from poseloop.configlib import ConfigError, check_finite, field, to_dict
+from poseloop.losses import bradley_terry_loss, normalize_per_rater
 from poseloop.reward_model import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -45,7 +45,7 @@ from poseloop.reward_model import (
     save_reward_model,
     write_latest,
 )
-from poseloop.store import SampleStore, load_trajectory
+from poseloop.store import SampleStore, TrajectoryError, apply_umask, load_trajectory, storage_errors
 
 LABEL_KINDS = ("scores", "prefs", "both")
 CHOICE_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
@@ -75,6 +75,8 @@ class RewardDataConfig:
     rounds: list[str] = field(default_factory=list, help="round names to train on; empty = every round with labels")
     raters: list[str] = field(default_factory=list, help="rater names whose labels count; empty = all raters")
     labels: str = field("both", help="label kinds: scores, pairwise preferences, or both", choices=LABEL_KINDS)
+    skip_unreadable: bool = field(False, help="leave out labelled samples whose trajectory file is missing or "
+                                  "unreadable (with a warning counting them) instead of stopping")
 
 
 @dataclass
@@ -118,6 +120,7 @@ class TrainRewardConfig:
 
     def validate(self) -> None:
         """Check every field before any data loads; raise ConfigError naming the field."""
+        check_finite(self)
         self.model.validate()
         t = self.train
         if not 1 <= t.ensemble_size <= 32:
@@ -201,6 +204,7 @@ class LabelSet:
     rounds: list[str]
     raters: list[str]
     skipped_prefs: int = 0
+    left_out_samples: int = 0  # labelled samples left out because their trajectory was unreadable (skip_unreadable)
 
     @property
     def n_labels(self) -> int:
@@ -325,23 +329,49 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
         round_cfgs = {i: r.config for i, r in all_rounds.items()}
 
     missing = [(sid, store.abs(tp)) for sid in ids if (tp := info[sid][0]) is not None and not store.abs(tp).is_file()]
-    if missing:
+    if missing and not cfg.skip_unreadable:
         by_round = sorted({round_names[info[sid][2]] for sid, _ in missing})
-        names = "\n  ".join(str(p) for _, p in missing[:5]) + (f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else "")
+        names = ", ".join(str(p) for _, p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise MissingTrajectoryError(
-            f"{len(missing)} labelled sample(s) have no trajectory file:\n  {names}\n"
-            f"Fix: copy the round's trajectories/ folder back into {store.root} (round {', '.join(by_round)}), or train "
-            f"without that round (--data.rounds <other rounds>), or delete those samples' labels (or sample rows; "
-            f"generate.py re-creates only slots that have no row) and re-run generate.py for the round.")
+            f"{len(missing)} labelled sample(s) have no trajectory file ({names}). Fix: copy the round's "
+            f"trajectories/ folder back into {store.root} (round {', '.join(by_round)}), or re-run generate.py with "
+            f"the round's settings and --store.round {by_round[0]} (missing files of existing rows are regenerated "
+            f"from their seeds), or train without that round (--data.rounds <other rounds>), or leave those samples "
+            f"out with --data.skip_unreadable true")
+
+    # Final latents of the samples with a trajectory; unreadable ones are an error, or left out on request.
+    left_out = {sid: f"{path} is missing" for sid, path in missing}
+    final: dict[int, torch.Tensor] = {}
+    for sid in ids:
+        tp = info[sid][0]
+        if tp is None or sid in left_out:
+            continue
+        try:
+            final[sid] = load_trajectory(store.abs(tp), sample=f"sample {sid}").latents[-1].float()  # x_0, [C, h, w]
+        except TrajectoryError as e:
+            if not cfg.skip_unreadable:
+                raise TrajectoryError(f"{e}; or leave unreadable samples out with --data.skip_unreadable true",
+                                      e.path, e.short) from None
+            left_out[sid] = e.short
+    if left_out:
+        n_r, n_p = len(ratings), len(prefs)
+        ratings = [r for r in ratings if r[0] not in left_out]
+        prefs = [p for p in prefs if p[0] not in left_out and p[1] not in left_out]
+        print(f"warning: data.skip_unreadable: left out {len(left_out)} labelled sample(s) whose trajectory is "
+              f"missing or unreadable ({n_r - len(ratings)} scores and {n_p - len(prefs)} preferences on them), "
+              f"e.g. {next(iter(left_out.values()))}", file=sys.stderr)
+        if not ratings and not prefs:
+            raise LabelDataError("every labelled sample's trajectory is missing or unreadable; restore the samples "
+                                 "folder or regenerate the round (generate.py --store.round <round name>)")
+        ids = sorted({r[0] for r in ratings} | {p[0] for p in prefs} | {p[1] for p in prefs})
 
     latents: list[torch.Tensor | None] = [None] * len(ids)
     to_encode: dict[int, list[int]] = {}  # round id -> positions in ids
     for pos, sid in enumerate(ids):
-        tp = info[sid][0]
-        if tp is None:
+        if info[sid][0] is None:
             to_encode.setdefault(info[sid][2], []).append(pos)
         else:
-            latents[pos] = load_trajectory(store.abs(tp)).latents[-1].float()  # x_0, [C, h, w]
+            latents[pos] = final[sid]
     for rid, positions in to_encode.items():
         round_vae = vae if vae is not None else _load_round_vae(round_cfgs[rid])
         enc = _encode_image_files([store.abs(info[ids[p]][1]) for p in positions], round_vae)
@@ -374,6 +404,7 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
         rounds=sorted({round_names[info[sid][2]] for sid in ids}),
         raters=sorted({raters[i] for i in set(score_rater.tolist()) | {p[2] for p in prefs}}),
         skipped_prefs=skipped,
+        left_out_samples=len(left_out),
     )
 
 
@@ -413,6 +444,7 @@ class Items:
 
     s_idx: torch.Tensor  # [S] long
     s_target: torch.Tensor  # [S] float32 (z-scores)
+    s_weight: torch.Tensor  # [S] float32: score_weight
     p_a: torch.Tensor  # [P] long
     p_b: torch.Tensor  # [P] long
     p_target: torch.Tensor  # [P] float32
@@ -422,7 +454,8 @@ class Items:
         """A bootstrap resample (with replacement) of scores and of pairs."""
         s = torch.randint(len(self.s_idx), (len(self.s_idx),), generator=gen) if len(self.s_idx) else self.s_idx
         p = torch.randint(len(self.p_a), (len(self.p_a),), generator=gen) if len(self.p_a) else self.p_a
-        return Items(self.s_idx[s], self.s_target[s], self.p_a[p], self.p_b[p], self.p_target[p], self.p_weight[p])
+        return Items(self.s_idx[s], self.s_target[s], self.s_weight[s], self.p_a[p], self.p_b[p], self.p_target[p],
+                     self.p_weight[p])
 
 
 def make_items(labels: LabelSet, mask: torch.Tensor, tcfg: RewardTrainConfig) -> Items:
@@ -439,7 +472,7 @@ def make_items(labels: LabelSet, mask: torch.Tensor, tcfg: RewardTrainConfig) ->
         p_t = torch.cat([p_t, qt[q_keep]])
         p_w = torch.cat([p_w, torch.full((int(q_keep.sum()),), tcfg.score_weight)])
         s_idx, s_t = s_idx[:0], s_t[:0]
-    return Items(s_idx, s_t, p_a, p_b, p_t, p_w)
+    return Items(s_idx, s_t, torch.full((len(s_idx),), tcfg.score_weight), p_a, p_b, p_t, p_w)
 
 
 def eval_pairs(labels: LabelSet, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -488,7 +521,9 @@ def _objective(r: torch.Tensor, items: Items, s_rows: torch.Tensor, p_rows: torc
     ns, np_ = len(s_rows), len(p_rows)
     total = r.new_zeros(())
     if ns:
-        total = total + ns * score_mse_loss(r[:ns], items.s_target[s_rows])
+        # ns * mean(w_i * (r_i - z_i)^2): score_weight scales the MSE term as pref_weight scales the pairs.
+        err2 = (r[:ns] - items.s_target[s_rows].to(r.dtype)) ** 2
+        total = total + ns * (items.s_weight[s_rows].to(r.dtype) * err2).mean()
     if np_:
         ra, rb = r[ns:ns + np_], r[ns + np_:]
         # np_ * mean(w_i * l_i) = sum(w_i * l_i): every pair weighs as much as one score, times its weight.
@@ -667,6 +702,24 @@ def calibration_bins(p: torch.Tensor, target: torch.Tensor, n_bins: int = 10) ->
     return bins
 
 
+def overfit_advice(cfg: TrainRewardConfig) -> str:
+    """What helps against overfitting, with flags that change this run's actual settings."""
+    m, t = cfg.model, cfg.train
+    tips = ["Label more images of more (prompt, pose) groups (the surest fix)"]
+    if m.arch == "almostperfect":
+        # AlmostPerfect's 2M-parameter Linear(2048, 1024) head is what overfits; width/dropout do not apply to it.
+        tips.append("use the much smaller improved network (--model.arch improved)")
+    else:
+        smaller = f"--model.width {max(1, m.width // 2)} --model.hidden {max(1, m.hidden // 2)}"
+        if m.dropout < 0.5:
+            smaller += f" --model.dropout {min(0.5, round(m.dropout + 0.2, 2)):g}"
+        tips.append(f"use a smaller network ({smaller})")
+    tips.append(f"use stronger weight decay (--train.weight_decay {t.weight_decay * 10 if t.weight_decay > 0 else 1e-3:g})")
+    tips.append(f"stop earlier (--train.patience {max(1, t.patience // 2)}"
+                + (f" or --train.epochs {max(1, t.epochs // 2)})" if t.epochs > 1 else ")"))
+    return "; ".join(tips[:1]) + ", or " + ", ".join(tips[1:]) + "."
+
+
 def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, histories: list[MemberHistory],
              cfg: TrainRewardConfig) -> dict[str, Any]:
     """Held-out and train metrics of the ensemble, baselines, calibration, and the overfitting verdict."""
@@ -700,6 +753,7 @@ def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, hist
         "heldout_pairs": int((he_t != 0.5).sum()), "heldout_tie_pairs": int((he_t == 0.5).sum()),
         "n_labels": labels.n_labels, "n_scores": int(labels.score_idx.numel()),
         "n_preferences": int(labels.pref_a.numel()), "n_skipped_preferences": labels.skipped_prefs,
+        "n_unreadable_samples_left_out": labels.left_out_samples,
         "n_samples": len(labels.sample_ids), "n_groups": len(labels.group_keys),
         "n_train_groups": len(split.train_groups), "n_heldout_groups": len(split.heldout_groups),
         "heldout_groups": [list(labels.group_keys[g]) for g in split.heldout_groups],
@@ -716,9 +770,7 @@ def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, hist
     warning = None
     if train_acc is not None and held_acc is not None and train_acc - held_acc > cfg.train.overfit_gap:
         warning = (f"overfitting: train pairwise accuracy {train_acc:.3f} vs held-out {held_acc:.3f} (gap > "
-                   f"{cfg.train.overfit_gap}). Label more images (more groups), train fewer epochs "
-                   f"(--train.epochs / --train.patience), or use a smaller model (--model.width, "
-                   f"--model.dropout, --model.arch improved).")
+                   f"{cfg.train.overfit_gap}). {overfit_advice(cfg)}")
     elif held_acc is None:
         warning = ("no decided held-out pairs: held-out accuracy is undefined. Label more images of more groups or "
                    "raise --train.holdout_fraction.")
@@ -826,16 +878,18 @@ def write_version(model: LatentRewardModel, metrics: dict[str, Any], histories: 
     final = root / version
     if final.exists():
         raise ConfigError(f"output.version: {final} already exists; pick another --output.version")
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_reward_model(model, tmp)
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        plot_training_curves(histories, tmp / "training_curve.png")
-        plot_calibration(metrics["calibration"]["bins"], tmp / "calibration.png")
-        # One rename: an interrupted run leaves at most a .tmp-* folder, never a half version.
-        os.replace(tmp, final)
+        with storage_errors(root):
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_reward_model(model, tmp)
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            plot_training_curves(histories, tmp / "training_curve.png")
+            plot_calibration(metrics["calibration"]["bins"], tmp / "calibration.png")
+            apply_umask(tmp)  # safetensors writes 0600: other users (a web server) could not read the weights
+            # One rename: an interrupted run leaves at most a .tmp-* folder, never a half version.
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -234,17 +234,27 @@ class PolicyConfig:
 
 
 def tiny() -> PolicyConfig:
-    """The embedded tiny SD1.5-architecture model on CPU: seconds per epoch (random weights)."""
+    """The embedded pose world on a CPU: generate.py's size and steps, settings that move the policy in minutes.
+
+    The published DDPO settings (lr 3e-4, clip 1e-4) do not visibly move a LoRA in a CPU-sized run
+    (tiny-faithful keeps them); these take larger steps, and D3PO trains on a fresh subset of the
+    rated pairs each epoch so an epoch costs about what a DDPO epoch does.
+    """
     cfg = PolicyConfig()
     cfg.reward = "jpeg_compressibility"
-    cfg.model.base, cfg.model.controlnet = EMBEDDED_SD15, f"{EMBEDDED_SD15}/controlnet"
-    cfg.sample.width = cfg.sample.height = 64
-    cfg.sample.steps = 10  # published: 50; the tiny model learns the same way in fewer steps
-    cfg.sample.batch_size = 8
-    cfg.train.epochs = 20
+    base = generate_presets.tiny()
+    # The same weights, size and steps as generate.py: a reward model fitted on its rounds' latents
+    # scores exactly the latents DDPO samples, and D3PO re-scores trajectories of that shape.
+    cfg.model, cfg.sample = base.model, base.sample
+    cfg.sample.batch_size = 16
+    cfg.train.epochs = 8
     cfg.train.batch_size = 8
+    cfg.train.timestep_fraction = 0.5
+    cfg.optim.lr = 3e-3
+    cfg.train.clip_range = 0.1
     cfg.train.stat_buffer, cfg.train.stat_min_count = 16, 8
-    cfg.output.export_every = cfg.output.grid_every = 5
+    cfg.d3po.pairs_per_epoch = 32
+    cfg.output.export_every = cfg.output.grid_every = 4
     return cfg
 
 
@@ -257,8 +267,9 @@ def tiny_sdxl() -> PolicyConfig:
 
 
 def tiny_faithful() -> PolicyConfig:
-    """The tiny model with the published D3PO loss (beta 0.1, ratio clamp 0.1), for comparison."""
+    """The tiny model with the published settings (DDPO lr 3e-4, clip 1e-4; D3PO beta 0.1, clamp 0.1)."""
     cfg = tiny()
+    cfg.optim.lr, cfg.train.clip_range, cfg.train.timestep_fraction = 3e-4, 1e-4, 1.0
     cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
     return cfg
 

@@ -129,7 +129,7 @@ def test_main_writes_a_complete_version(trained: dict, capsys: pytest.CaptureFix
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((trained["models_dir"] / "reward" / "latest").read_text()) == {"version": "v1"}
     config = json.loads((folder / "config.json").read_text())
-    assert config["latent_shape"] == [4, 8, 8] and config["ensemble_size"] == 3
+    assert config["latent_shape"] == [4, 16, 16] and config["ensemble_size"] == 3  # 64 px, VAE x4
     assert config["training"]["train"]["holdout_fraction"] == 0.25  # the config that made it
     assert not any(p.name.startswith(".tmp") for p in (trained["models_dir"] / "reward").iterdir())
 
@@ -148,7 +148,7 @@ def test_reload_latest_gives_identical_scores_and_gradients(trained: dict, label
     labels = load_labels(_cfg(labelled["samples_dir"], trained["models_dir"]).data)
     a = load_reward_model("latest", models_dir=trained["models_dir"])
     b = load_reward_model(trained["models_dir"] / "reward" / "v1")
-    assert a.latent_shape == (4, 8, 8) and a.version == "v1"
+    assert a.latent_shape == (4, 16, 16) and a.version == "v1"
     x = labels.latents[:8].clone().requires_grad_(True)
     s = a.score(x)
     assert s.shape == (8,)
@@ -305,3 +305,81 @@ def test_a_handful_of_held_out_pairs_is_flagged_as_unreliable(labelled: dict, tm
     metrics = json.loads((result.folder / "metrics.json").read_text())
     assert metrics["heldout_pairs"] < 20
     assert "not reliable" in metrics["warning"]
+
+
+# ---- objective weights and the overfitting advice (no model run needed) ----------------------------------
+
+
+def test_score_weight_scales_the_score_loss(tmp_path: Path) -> None:
+    from fake_samples import make_samples
+    from poseloop.reward_training import _items_loss, make_items
+
+    make_samples(tmp_path / "samples")
+    cfg = _cfg(tmp_path / "samples", tmp_path / "models")
+    labels = load_labels(cfg.data)
+    everything = torch.ones(len(labels.sample_ids), dtype=torch.bool)
+    scores = torch.randn(len(labels.sample_ids), generator=torch.Generator().manual_seed(0))
+
+    def objective(score_weight: float, kind: str) -> float:
+        cfg.train.score_weight, cfg.train.score_loss = score_weight, kind
+        cfg.data.labels = "scores"
+        return _items_loss(scores, make_items(load_labels(cfg.data), everything, cfg.train))
+
+    for kind in ("mse", "ranking"):  # the default (mse) used to ignore the weight entirely
+        base = objective(1.0, kind)
+        assert base > 0
+        assert objective(0.1, kind) == pytest.approx(0.1 * base, rel=1e-5), kind
+        assert objective(5.0, kind) == pytest.approx(5.0 * base, rel=1e-5), kind
+
+    # With preferences too, the objective is linear in score_weight with the score term as slope.
+    cfg.data.labels = "both"
+    cfg.train.score_loss = "mse"
+    values = []
+    for w in (0.1, 1.0, 5.0):
+        cfg.train.score_weight = w
+        values.append(_items_loss(scores, make_items(labels, everything, cfg.train)))
+    assert (values[2] - values[1]) / 4.0 == pytest.approx((values[1] - values[0]) / 0.9, rel=1e-4)
+    assert values[2] > values[1] > values[0]
+
+
+def _overfitting_metrics(arch: str) -> dict:
+    """reward_training.evaluate on labels where the model orders every training pair right and every held-out one wrong."""
+    from poseloop.reward_training import GroupSplit, LabelSet, MemberHistory
+    from poseloop.reward_training import evaluate as evaluate_reward
+
+    n = 8  # 4 groups x 2 samples; value of sample i = i
+    latents = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 4, 2, 2).clone()
+    latents += 0.01 * torch.randn(n, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    a, b = torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5, 7])
+    target = torch.tensor([0.0, 0.0, 0.0, 1.0])  # b wins in the training groups 0-2; a "wins" in held-out group 3
+    labels = LabelSet(sample_ids=list(range(n)), latents=latents, group_of=torch.arange(n) // 2,
+                      group_keys=[(f"p{g}", "pose") for g in range(4)], score_idx=torch.zeros(0, dtype=torch.long),
+                      score_rater=torch.zeros(0, dtype=torch.long), score_raw=torch.zeros(0), score_z=torch.zeros(0),
+                      pref_a=a, pref_b=b, pref_target=target, pref_rater=torch.zeros(4, dtype=torch.long),
+                      rounds=["r"], raters=["x"])
+
+    class ByValue(torch.nn.Module):
+        def score(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, 0].mean(dim=(1, 2))
+
+    cfg = TrainRewardConfig()
+    cfg.model.arch = arch
+    if arch == "almostperfect":
+        cfg.train.weight_decay = 0.0
+    hist = [MemberHistory([1.0], [1.0], [1.0], [0.0], 0, 0.1)]
+    return evaluate_reward(ByValue(), labels, GroupSplit([0, 1, 2], [3]), hist, cfg)  # type: ignore[arg-type]
+
+
+def test_overfitting_advice_names_fields_that_help() -> None:
+    m = _overfitting_metrics("improved")
+    assert m["train_pairwise_accuracy"] == 1.0 and m["heldout_pairwise_accuracy"] == 0.0
+    warning = m["warning"]
+    assert warning.startswith("overfitting:")
+    # improved is the default: advising it would change nothing.
+    assert "--model.arch" not in warning
+    for advice in ("Label more images", "--model.width 16 --model.hidden 32", "--model.dropout 0.4",
+                   "--train.weight_decay 0.001", "--train.patience 7"):
+        assert advice in warning, advice
+    ap = _overfitting_metrics("almostperfect")["warning"]
+    # AlmostPerfect's net has no width/dropout; the improved net is what is smaller there.
+    assert "--model.arch improved" in ap and "--model.width" not in ap and "--train.weight_decay 0.001" in ap
