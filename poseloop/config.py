@@ -173,6 +173,9 @@ def tiny() -> GenerateConfig:
     """The embedded pose world (tiny SD1.5 architecture, trained here): 64 px people in seconds on a CPU."""
     cfg = GenerateConfig()
     cfg.sample.width = cfg.sample.height = 64
+    # 10 DDIM steps draw the figures as faithfully as 20 (pose OKS 0.78 vs 0.73 on a mid-training
+    # snapshot) in half the time, which every round, DDPO epoch and D3PO pair pays.
+    cfg.sample.steps = 10
     return cfg
 
 

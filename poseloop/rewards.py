@@ -123,20 +123,6 @@ class BrightnessReward:
         return images.float().mean(dim=(1, 2, 3))
 
 
-class WarmthReward:
-    """SYNTHETIC: mean red minus blue (-1..1), the scripted rater's taste in the embedded world's learning check."""
-
-    name = "warmth"
-    needs_images = True
-
-    def __call__(
-        self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str], metadata: list[dict]
-    ) -> torch.Tensor:
-        """[B] mean of (R - B) over pixels."""
-        images = _check_images(self.name, images, _batch_size(prompts, metadata))
-        return (images[:, 0] - images[:, 2]).float().mean(dim=(1, 2))
-
-
 class JpegCompressibilityReward:
     """DDPO's JPEG task: -(JPEG size in kB at ``quality``), or +size for incompressibility; not differentiable."""
 
@@ -564,10 +550,6 @@ _REGISTRY: dict[str, _Entry] = {
     "brightness": _Entry(
         "SYNTHETIC: mean image brightness 0..1, for tests and demos only (trivially hackable)",
         lambda o, d, m: BrightnessReward(),
-    ),
-    "warmth": _Entry(
-        "SYNTHETIC: mean red minus blue of the image (-1..1), the embedded world's scripted rater; tests and demos",
-        lambda o, d, m: WarmthReward(),
     ),
     "jpeg_compressibility": _Entry(
         "DDPO task: -(JPEG size in kB at quality 95); not differentiable",

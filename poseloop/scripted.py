@@ -1,8 +1,10 @@
 """A scripted rater and the learning check: does the loop make the model produce what a rater prefers?
 
-The rater likes warm light (mean red minus blue of the image, poseloop.world.warmth); it looks at
-the PNGs of a round and labels them through the rating app's JSON API, as a person's browser would:
-scores -5..+5 by its taste and, for every pair of images of a group, the warmer one. The check then
+The rater likes bright images (mean pixel value); it looks at the PNGs of a round and labels them
+through the rating app's JSON API, as a person's browser would: scores -5..+5 by its taste and, for
+every pair of images of a group, the brighter one. (Brightness varies within a group of the embedded
+world: clothing shades, background light. Its warm/cool tint varied too little in the generated
+images for a first choice, warmth, to be a fair test.) The check then
 runs the real scripts (train_reward.py, train_policy.py with the preset's defaults, evaluate.py)
 and measures, on rounds the models never saw, whether each step moved what the rater wants.
 tests/test_learning.py runs it with a CPU-test budget; bench/bench_learning.py with larger ones.
@@ -22,14 +24,13 @@ from PIL import Image
 from sqlalchemy import select
 
 from poseloop import db
-from poseloop.world import warmth
 
-RULE = "warmth"  # the reward spec that computes the rater's own statistic (for measuring only)
+RULE = "brightness"  # the reward spec that computes the rater's own statistic (for measuring only)
 
 
-def image_warmth(path: Path) -> float:
-    """The rater's taste for one image file."""
-    return float(warmth(np.asarray(Image.open(path).convert("RGB"))[None])[0])
+def image_taste(path: Path) -> float:
+    """The rater's taste for one image file: its mean brightness 0..1."""
+    return float(np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean() / 255.0)
 
 
 def round_samples(samples_dir: Path, round_name: str) -> list[tuple[int, int, Path]]:
@@ -40,15 +41,15 @@ def round_samples(samples_dir: Path, round_name: str) -> list[tuple[int, int, Pa
         if rnd is None:
             raise ValueError(f"no round {round_name!r} in {samples_dir}")
         rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path)
-                         .join(db.SampleGroup, db.Sample.group_id == db.SampleGroup.id)
-                         .where(db.SampleGroup.round_id == rnd.id)).all()
+                         .join(db.Group, db.Sample.group_id == db.Group.id)
+                         .where(db.Group.round_id == rnd.id)).all()
     return [(int(i), int(g), samples_dir / p) for i, g, p in rows]
 
 
-def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "warm-light-fan") -> dict[str, int]:
+def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "likes-bright-images") -> dict[str, int]:
     """Score every image and judge every within-group pair through the JSON API; return the counts."""
     rows = round_samples(samples_dir, round_name)
-    taste = {sid: image_warmth(path) for sid, _, path in rows}
+    taste = {sid: image_taste(path) for sid, _, path in rows}
     ranked = sorted(taste, key=taste.__getitem__)
     n_scores = n_pairs = 0
     for rank, sid in enumerate(ranked):
@@ -86,13 +87,13 @@ def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, s
     engine = db.open_db(db.default_db_url(samples_dir))
     with db.session_scope(engine) as s:
         rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path, db.Sample.trajectory_path)
-                         .join(db.SampleGroup, db.Sample.group_id == db.SampleGroup.id)
-                         .join(db.Round, db.SampleGroup.round_id == db.Round.id)
+                         .join(db.Group, db.Sample.group_id == db.Group.id)
+                         .join(db.Round, db.Group.round_id == db.Round.id)
                          .where(db.Round.name == round_name)).all()
     latents = torch.stack([load_trajectory(store.abs(t)).latents[-1].float() for *_, t in rows])
     with torch.no_grad():
         scores = model.score(latents).float().numpy()
-    taste = np.array([image_warmth(samples_dir / p) for _, _, p, _ in rows])
+    taste = np.array([image_taste(samples_dir / p) for _, _, p, _ in rows])
     groups: dict[int, list[int]] = {}
     for i, (_, gid, _, _) in enumerate(rows):
         groups.setdefault(int(gid), []).append(i)

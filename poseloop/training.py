@@ -248,10 +248,9 @@ def tiny() -> PolicyConfig:
     cfg.model, cfg.sample = base.model, base.sample
     cfg.sample.batch_size = 16
     cfg.train.epochs = 8
-    cfg.train.batch_size = 8
-    cfg.train.timestep_fraction = 0.5
-    cfg.optim.lr = 3e-3
-    cfg.train.clip_range = 0.1
+    cfg.train.batch_size = 4  # 4 optimizer steps per epoch of 16 samples
+    cfg.optim.lr = 1e-2
+    cfg.train.clip_range = 0.2
     cfg.train.stat_buffer, cfg.train.stat_min_count = 16, 8
     cfg.d3po.pairs_per_epoch = 32
     cfg.output.export_every = cfg.output.grid_every = 4

@@ -69,10 +69,10 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_available_rewards_and_protocol() -> None:
     names = R.available_rewards()
-    assert set(names) == {"brightness", "warmth", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
+    assert set(names) == {"brightness", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
                           "text_alignment", "aesthetic", "latent"}  # fmt: skip
     assert all(isinstance(h, str) and h and "\n" not in h for h in names.values())
-    assert "SYNTHETIC" in names["brightness"] and "SYNTHETIC" in names["warmth"]
+    assert "SYNTHETIC" in names["brightness"]
     for spec in ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "brightness*2"):
         assert isinstance(R.build_reward(spec), R.Reward)
 
@@ -468,10 +468,3 @@ def test_pose_plus_text_mix(tiny_clip: Path) -> None:
     assert out.tolist() == pytest.approx((0.5 * torch.tensor([1.0, 0.0]) + 0.5 * t).tolist(), abs=1e-6)
     assert mix.last_components["pose_accuracy"].tolist() == [1.0, 0.0]
 
-
-def test_warmth_is_mean_red_minus_blue() -> None:
-    imgs = torch.zeros(2, 3, 4, 4)
-    imgs[0, 0] = 0.75  # red 0.75, blue 0 -> 0.75
-    imgs[1, 2, :2] = 0.5  # blue 0.5 on half the pixels -> -0.25
-    got = R.build_reward("warmth")(imgs, None, ["a", "b"], [{}, {}])
-    assert torch.allclose(got, torch.tensor([0.75, -0.25]))
