@@ -1,11 +1,15 @@
 """Benchmark: does the embedded model draw the condition's pose and the prompt's colours, with variety?
 
 Samples every built-in pose (12) x the vocabulary prompts (each colour twice as a shirt and twice as
-trousers, each background three times) x seeds with the default sampler (20 DDIM steps, eta 1,
-CFG 5), and measures with the world's own instruments:
+trousers, each background three times) x seeds with the default sampler (generate.py's tiny preset),
+and measures with the world's own instruments:
 
-* OKS of the pose detected in each image against its condition's keypoints, and against another
-  pose's (shuffled baseline);                                    targets >= 0.6 and <= 0.25
+* OKS of the pose detected in each image against its condition's keypoints;              >= 0.6
+* the shuffled baseline: OKS against another pose's keypoints;                           <= 0.25
+  The 12 built-in poses all stand centred at one scale, so their true keypoints already score 0.45
+  against each other: the baseline is measured on the same poses jittered, mirrored, scaled and
+  moved (as in the world's training data), where it can say whether the figure follows the pose;
+  the built-in poses' shuffled value is printed beside its ceiling
 * attribute accuracy: shirt, trousers and background read in the condition's regions;  >= 80%
 * within-group / across-group spread of mean R, G, B, brightness and warmth;            >= 0.30
 * the pose detector's OKS on fresh renders;                                             >= 0.90
@@ -81,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.poses import BUILTIN_POSES
     from poseloop.tiny import ensure_embedded
     from poseloop.world_detector import load_detector
-    from poseloop.world_eval import evaluate_generator, vocabulary_prompts
+    from poseloop.world_eval import (builtin_poses, evaluate_generator, placed_poses, shuffled_ceiling,
+                                     vocabulary_prompts)
     from poseloop.world_training import detector_heldout_oks
 
     cfg = tiny()
@@ -91,15 +96,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector = load_detector(root / "pose_detector")
     names = sorted(BUILTIN_POSES)
     prompts = vocabulary_prompts()
-    rep = evaluate_generator(comp, detector, prompts, names, args.images, cfg.sample, size=cfg.sample.width,
+    size = cfg.sample.width
+    rep = evaluate_generator(comp, detector, prompts, builtin_poses(), args.images, cfg.sample, size=size,
                              progress=True)
     s = rep.summary()
-    det = detector_heldout_oks(detector.net, cfg.sample.width, n=256, seed=424242)
+    placed = placed_poses(12, seed=7)
+    rep2 = evaluate_generator(comp, detector, prompts[:6], placed, args.images, cfg.sample, size=size, seed=1,
+                              progress=True)
+    s2 = rep2.summary()
+    det = detector_heldout_oks(detector.net, size, n=256, seed=424242)
     out = Path(args.out)
     save_grid(rep.images, names, args.images, out / "world_grid.png")
+    ceiling = shuffled_ceiling(builtin_poses(), size)
     rows = [
-        ("pose OKS vs own condition", s["oks"], ">=", 0.6),
-        ("pose OKS vs another pose (shuffled)", s["oks_shuffled"], "<=", 0.25),
+        ("pose OKS vs own condition (built-in poses)", s["oks"], ">=", 0.6),
+        (f"  vs the next built-in pose (ceiling {ceiling:.2f})", s["oks_shuffled"], "", None),
+        ("pose OKS vs own condition (placed poses)", s2["oks"], ">=", 0.6),
+        (f"pose OKS vs another placed pose (ceiling {shuffled_ceiling(placed, size):.2f})", s2["oks_shuffled"],
+         "<=", 0.25),
         ("attribute accuracy (shirt, trousers, background)", s["attribute_accuracy"], ">=", 0.8),
         ("  shirt", s["shirt_accuracy"], "", None),
         ("  trousers", s["trousers_accuracy"], "", None),
@@ -111,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sec = time_main_command(args.threads)
         rows.append(("`python generate.py` (96 images), seconds", (sec,) * 3, "<=", 90.0))
     ok = True
-    print(f"embedded world: {s['n_images']} images ({len(prompts)} prompts x {len(names)} poses x {args.images}), "
-          f"{rep.seconds:.0f} s sampling, {args.threads} thread(s)")
+    print(f"embedded world: {s['n_images']} images ({len(prompts)} prompts x {len(names)} built-in poses x "
+          f"{args.images}) + {s2['n_images']} on placed poses, {rep.seconds + rep2.seconds:.0f} s sampling, "
+          f"{args.threads} thread(s)")
     for label, (mean, lo, hi), op, target in rows:
         verdict = ""
         if target is not None:
@@ -122,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ci = f" [{lo:.3f}, {hi:.3f}]" if hi != lo else ""
         print(f"{label:52s} {mean:7.3f}{ci:18s} {verdict}")
     print("within/across per statistic: " + json.dumps(s["within_across"]))
-    (out / "world.json").write_text(json.dumps({"summary": s, "detector": det}, indent=2, default=float))
+    (out / "world.json").write_text(json.dumps({"builtin": s, "placed": s2, "detector": det, "ceiling": ceiling},
+                                               indent=2, default=float))
     return 0 if ok else 1
 
 

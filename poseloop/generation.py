@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from sqlalchemy import func, select
@@ -22,12 +24,12 @@ from tqdm.auto import tqdm
 
 from poseloop import db
 from poseloop.config import GenerateConfig
-from poseloop.configlib import ConfigError, to_dict
+from poseloop.configlib import ConfigError, check_finite, to_dict
 from poseloop.inputs import GroupSpec, build_groups
 from poseloop.models import Components, load_components, resolve_policy
 from poseloop.poses import render_pose
 from poseloop.sampling import sample
-from poseloop.store import SampleStore, Trajectory, save_png, save_trajectory
+from poseloop.store import SampleStore, Trajectory, atomic_write, save_png, save_trajectory, storage_errors
 
 
 @dataclass
@@ -81,14 +83,61 @@ def resolve_size(cfg: GenerateConfig, comp: Components) -> tuple[int, int]:
     return width, height
 
 
+class PlanMismatchError(ConfigError):
+    """A named round exists with another plan; `differences` lists (field, the round's value, this run's value)."""
+
+    def __init__(self, message: str, round_name: str, differences: list[tuple[str, Any, Any]]) -> None:
+        super().__init__(message)
+        self.round_name = round_name
+        self.differences = differences
+
+
+def set_flag(name: str, value: Any) -> str:
+    """The --set flag that gives a field this value (lists as JSON), quoted for a POSIX shell."""
+    import shlex
+
+    text = json.dumps(value) if isinstance(value, (list, tuple)) else ("none" if value is None else str(value))
+    if isinstance(value, bool):
+        text = text.lower()
+    return f"--set {shlex.quote(f'{name}={text}')}"
+
+
+def plan_differences(stored: dict[str, Any], cfg: GenerateConfig) -> list[tuple[str, Any, Any]]:
+    """(field, the round's value, this run's value) for every plan field that differs from a round's config.
+
+    Fields derived from a policy (its LoRA file, its ControlNet folder) are left out: naming the policy
+    is what sets them. The sampler's batch size does not change what is generated and is ignored.
+    """
+    now = to_dict(cfg)
+    out = []
+    for section in ("model", "sample", "data"):
+        old, new = stored.get(section, {}), now[section]
+        for key in new:
+            if (section, key) == ("sample", "batch_size") or old.get(key, new[key]) == new[key]:
+                continue
+            if section == "model" and key in ("lora", "controlnet") and (old.get("policy") or new.get("policy")):
+                continue
+            out.append((f"{section}.{key}", old.get(key), new[key]))
+    return out
+
+
 def open_round(session: Session, cfg: GenerateConfig, phash: str, planned: int) -> db.Round:
     """The round to fill: the named one, the unfinished one with this plan, or a new one."""
     if cfg.store.round:
         rnd = session.scalar(select(db.Round).where(db.Round.name == cfg.store.round))
         if rnd is not None:
             if rnd.plan_hash != phash:
-                raise ConfigError(f"store.round: round {rnd.name!r} exists with a different plan (prompts, poses, "
-                                  "model or sampler settings); pick a new --store.round name")
+                diffs = plan_differences(rnd.config, cfg)
+                if diffs:
+                    what = "; ".join(f"{k} is {old!r} in the round but {new!r} now" for k, old, new in diffs)
+                    fix = (f"to resume it pass the round's values ({' '.join(set_flag(k, old) for k, old, _ in diffs)})"
+                           f" or pick a new --store.round name")
+                else:
+                    what = ("the settings agree but the inputs differ: a prompts, dataset, keypoint or condition image "
+                            "file changed content since the round was made, or the model's native size changed")
+                    fix = "restore those files to resume it, or pick a new --store.round name"
+                raise PlanMismatchError(f"store.round: round {rnd.name!r} exists with a different plan: {what}; {fix}",
+                                        rnd.name, diffs)
             return rnd
         name = cfg.store.round
     else:
@@ -118,6 +167,24 @@ def condition_image(spec: GroupSpec, width: int, height: int, draw_hands: bool, 
     return render_pose(spec.poses, width, height, draw_hands=draw_hands, draw_face=draw_face)
 
 
+def source_image_rel(store: SampleStore, round_name: str, photo: Path | None) -> str | None:
+    """A group's source photo as a path relative to the samples folder (like every path in the database).
+
+    A photo outside the samples folder is copied into <round>/sources/ (once per distinct photo), so the
+    folder can be moved and the rating app, which serves only files inside it, can show the photo.
+    """
+    if photo is None:
+        return None
+    photo = photo.resolve()
+    if photo.is_relative_to(store.root):
+        return store.rel(photo)
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()[:12]
+    target = store.source_path(round_name, f"{photo.stem}-{digest}{photo.suffix.lower()}")
+    if not target.is_file():
+        atomic_write(target, lambda tmp: shutil.copyfile(photo, tmp))
+    return store.rel(target)
+
+
 def write_groups(factory: sessionmaker[Session], store: SampleStore, round_id: int, round_name: str,
                  specs: list[GroupSpec], cfg: GenerateConfig, width: int, height: int) -> dict[int, tuple[int, Image.Image]]:
     """Pose images then group rows (missing ones only); returns {group index: (group id, pose image)}."""
@@ -134,7 +201,7 @@ def write_groups(factory: sessionmaker[Session], store: SampleStore, round_id: i
                     round_id=round_id, index=index, prompt=spec.prompt, pose_name=spec.pose_name,
                     keypoints_json=None if spec.poses is None else json.dumps([p.to_dict() for p in spec.poses]),
                     condition_path=store.rel(path),
-                    source_image_path=str(spec.source_image.resolve()) if spec.source_image else None,
+                    source_image_path=source_image_rel(store, round_name, spec.source_image),
                 )
                 session.add(group)
                 session.flush()
@@ -145,6 +212,7 @@ def write_groups(factory: sessionmaker[Session], store: SampleStore, round_id: i
 def generate(cfg: GenerateConfig) -> GenerateResult:
     """Run (or resume) one generation round and return what it did."""
     start = time.perf_counter()
+    check_finite(cfg)  # NaN passes every range check in validate() and would only fail at the first row
     cfg.validate()
     # The caller's config is left as given: 'latest' is resolved on a copy.
     cfg = dataclasses.replace(cfg, model=resolve_policy(cfg.model))
@@ -152,11 +220,20 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     specs = build_groups(cfg.data)
     comp = load_components(cfg.model)
     width, height = resolve_size(cfg, comp)
-    k = cfg.sample.images_per_group
     phash = plan_hash(cfg, specs, width, height)
 
     store = SampleStore(cfg.store.samples_dir)
     db_url = cfg.store.db_url or db.default_db_url(store.root)
+    # A read-only folder or a full disk ends in a one-line StorageError; rows follow files, so what is
+    # stored stays consistent and the same command resumes once the disk has room.
+    with storage_errors(store.root):
+        return _generate_into(cfg, specs, comp, width, height, phash, store, db_url, start)
+
+
+def _generate_into(cfg: GenerateConfig, specs: list[GroupSpec], comp: Components, width: int, height: int,
+                   phash: str, store: SampleStore, db_url: str, start: float) -> GenerateResult:
+    """The part of generate() that writes: round row, pose images, samples, rows, orphan clean-up."""
+    k = cfg.sample.images_per_group
     factory = db.open_db(db_url)
     with db.session_scope(factory) as session:
         rnd = open_round(session, cfg, phash, planned=len(specs) * k)
@@ -175,36 +252,39 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
 
     sampling_start = time.perf_counter()
     bar = tqdm(total=len(specs) * k, initial=len(done) - len(repair), desc=f"generate {round_name}", unit="img")
-    for i in range(0, len(todo), cfg.sample.batch_size):
-        batch = todo[i : i + cfg.sample.batch_size]
-        namespace = cfg.sample.seed_namespace or round_name
-        seeds = [sample_seed(cfg.sample.seed, namespace, g, s) for g, s in batch]
-        out = sample(comp, [specs[g].prompt for g, _ in batch], [groups[g][1] for g, _ in batch], seeds,
-                     cfg.sample, width, height)
-        rows = []
-        for j, (g, s) in enumerate(batch):
-            image_path = store.image_path(round_name, g, s)
-            traj_path = store.trajectory_path(round_name, g, s)
-            save_png(out.images[j], image_path)
-            meta = {"seed": seeds[j], "prompt": specs[g].prompt, "negative_prompt": cfg.sample.negative_prompt,
-                    "guidance_scale": cfg.sample.guidance_scale, "controlnet_scale": cfg.sample.controlnet_scale,
-                    "eta": cfg.sample.eta, "steps": cfg.sample.steps, "width": width, "height": height,
-                    "round": round_name, "base_model": cfg.model.base, "controlnet": cfg.model.controlnet,
-                    "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale, "policy": cfg.model.policy}
-            save_trajectory(Trajectory(out.latents[j], out.log_probs[j], out.timesteps,
-                                       {key: str(v) for key, v in meta.items()}), traj_path)
-            if (g, s) in repair:
-                continue
-            rows.append(db.Sample(
-                round_id=round_id, group_id=groups[g][0], index=s, seed=seeds[j],
-                image_path=store.rel(image_path), trajectory_path=store.rel(traj_path), width=width, height=height,
-                num_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
-                controlnet_scale=cfg.sample.controlnet_scale, eta=cfg.sample.eta,
-            ))
-        with db.session_scope(factory) as session:
-            session.add_all(rows)
-        bar.update(len(batch))
-    bar.close()
+    try:  # closed on errors too, so an error message starts on its own line
+        for i in range(0, len(todo), cfg.sample.batch_size):
+            batch = todo[i : i + cfg.sample.batch_size]
+            namespace = cfg.sample.seed_namespace or round_name
+            seeds = [sample_seed(cfg.sample.seed, namespace, g, s) for g, s in batch]
+            out = sample(comp, [specs[g].prompt for g, _ in batch], [groups[g][1] for g, _ in batch], seeds,
+                         cfg.sample, width, height)
+            rows = []
+            for j, (g, s) in enumerate(batch):
+                image_path = store.image_path(round_name, g, s)
+                traj_path = store.trajectory_path(round_name, g, s)
+                save_png(out.images[j], image_path)
+                meta = {"seed": seeds[j], "prompt": specs[g].prompt, "negative_prompt": cfg.sample.negative_prompt,
+                        "guidance_scale": cfg.sample.guidance_scale, "controlnet_scale": cfg.sample.controlnet_scale,
+                        "eta": cfg.sample.eta, "steps": cfg.sample.steps, "width": width, "height": height,
+                        "round": round_name, "base_model": cfg.model.base, "controlnet": cfg.model.controlnet,
+                        "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale, "policy": cfg.model.policy,
+                        "dtype": str(comp.dtype)}
+                save_trajectory(Trajectory(out.latents[j], out.log_probs[j], out.timesteps,
+                                           {key: str(v) for key, v in meta.items()}), traj_path)
+                if (g, s) in repair:
+                    continue
+                rows.append(db.Sample(
+                    round_id=round_id, group_id=groups[g][0], index=s, seed=seeds[j],
+                    image_path=store.rel(image_path), trajectory_path=store.rel(traj_path), width=width, height=height,
+                    num_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
+                    controlnet_scale=cfg.sample.controlnet_scale, eta=cfg.sample.eta,
+                ))
+            with db.session_scope(factory) as session:
+                session.add_all(rows)
+            bar.update(len(batch))
+    finally:
+        bar.close()
     sampling_seconds = time.perf_counter() - sampling_start
 
     with db.session_scope(factory) as session:
@@ -212,6 +292,8 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
             select(db.Sample.image_path, db.Sample.trajectory_path).where(db.Sample.round_id == round_id)
         ).tuples() for p in row if p]
         referenced += session.scalars(select(db.Group.condition_path).where(db.Group.round_id == round_id)).all()
+        referenced += [p for p in session.scalars(select(db.Group.source_image_path)
+                                                  .where(db.Group.round_id == round_id)) if p]
         store.remove_orphans(round_name, referenced)
         session.get(db.Round, round_id).status = "complete"  # type: ignore[union-attr]
     return GenerateResult(round_name=round_name, samples_total=len(specs) * k, samples_new=len(todo) - len(repair),

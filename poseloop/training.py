@@ -249,10 +249,12 @@ def tiny() -> PolicyConfig:
     cfg.sample.batch_size = 16
     cfg.train.epochs = 8
     cfg.train.batch_size = 4  # 4 optimizer steps per epoch of 16 samples
-    cfg.optim.lr = 1e-2
+    cfg.optim.lr = 5e-3
     cfg.train.clip_range = 0.2
-    cfg.train.stat_buffer, cfg.train.stat_min_count = 16, 8
-    cfg.d3po.pairs_per_epoch = 32
+    # A group's own images set its baseline from the first epoch: a run this short rarely revisits a
+    # group, and the batch fallback would reward whole groups for being brighter than others.
+    cfg.train.stat_buffer, cfg.train.stat_min_count = 16, cfg.sample.images_per_group
+    cfg.d3po.pairs_per_epoch = 16
     cfg.output.export_every = cfg.output.grid_every = 4
     return cfg
 
@@ -904,9 +906,26 @@ class PolicyTrainer:
             log_probs = torch.cat([torch.stack([tw.log_probs for tw, _, _ in items]),
                                    torch.stack([tl.log_probs for _, tl, _ in items])])
             batch = _Batch(latents, log_probs, items[0][0].timesteps, cat_conditioning([cond, cond]), scfg)
-            batch.extra["ref"] = self._reference_log_probs(batch)
+            if all(self._sampled_by_reference(t.metadata) for tw, tl, _ in items for t in (tw, tl)):
+                # The round was sampled by the reference model in this numeric context, and re-scoring a
+                # stored step reproduces its stored log-prob: the stored values are the reference.
+                batch.extra["ref"] = log_probs.clone()
+            else:
+                batch.extra["ref"] = self._reference_log_probs(batch)
             batches.append(batch)
         return batches
+
+    def _sampled_by_reference(self, meta: dict[str, str]) -> bool:
+        """Whether a stored trajectory came from the model D3PO compares against, in the same dtype."""
+        def same(a: str, b: str) -> bool:
+            pa, pb = Path(a), Path(b)
+            return pa.resolve() == pb.resolve() if a and b and pa.exists() and pb.exists() else a == b
+
+        m, model = meta, self.cfg.model
+        return (self.cfg.optim.mixed_precision == "no" and m.get("dtype") == str(self.comp.dtype)
+                and same(m.get("base_model", ""), model.base) and same(m.get("controlnet", ""), model.controlnet)
+                and m.get("lora", "") == model.lora and m.get("policy", "") == model.policy
+                and (not model.lora or float(m.get("lora_scale", "nan")) == model.lora_scale))
 
     def _d3po_update(self, batches: list[_Batch], epoch: int) -> dict[str, float]:
         """One pass of the D3PO loss over (winner, loser) pairs: batches hold winners then losers."""
@@ -927,8 +946,8 @@ class PolicyTrainer:
         order = torch.randperm(len(work), generator=gen).tolist()
         if d.pairs_per_epoch and self.cfg.d3po.source == "db":
             order = order[:max(1, math.ceil(d.pairs_per_epoch / (cfg.batch_size * self.accelerator.num_processes)))]
-        # An epoch is one pass over every pair: the epoch bar alone sits at 0/1 for minutes, so this one
-        # moves with each batch of pairs and the epoch ends with a one-line summary.
+        # An epoch is one pass over the epoch's pairs: the epoch bar alone sits at 0/1 for minutes, so this
+        # one moves with each batch of pairs and the epoch ends with a one-line summary.
         show = self.progress and self.accelerator.is_main_process
         n_pairs = sum(len(work[w][1]) for w in order)
         bar = tqdm(total=n_pairs, desc=f"d3po epoch {epoch + 1}", unit="pair", leave=False, disable=not show)

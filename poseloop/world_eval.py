@@ -79,20 +79,43 @@ class GeneratorReport:
         return out
 
 
-def evaluate_generator(comp: Any, detector: Any, prompts: Sequence[str], pose_names: Sequence[str],
+def builtin_poses() -> list[Pose]:
+    """The 12 built-in poses, in name order."""
+    return [BUILTIN_POSES[n] for n in sorted(BUILTIN_POSES)]
+
+
+def placed_poses(n: int = 12, seed: int = 0) -> list[Pose]:
+    """Built-in poses jittered, mirrored, scaled and moved as the world's training poses are."""
+    from poseloop.world import jitter_pose
+
+    rng = np.random.default_rng(seed)
+    base = builtin_poses()
+    return [jitter_pose(base[i % len(base)], rng) for i in range(n)]
+
+
+def shuffled_ceiling(poses: Sequence[Pose], size: int = 64) -> float:
+    """Mean OKS of each pose's true keypoints against the next pose's: what a perfect generator scores
+    in the shuffled baseline (the built-in poses share a standing body, so this is far above 0)."""
+    n = len(poses)
+    return float(np.mean([oks(poses[(i + 1) % n], poses[i], width=size, height=size) for i in range(n)]))
+
+
+def evaluate_generator(comp: Any, detector: Any, prompts: Sequence[str], poses: Sequence[Pose],
                        images_per_group: int, sample_cfg: Any, size: int = 64, seed: int = 0,
                        batch: int = 16, progress: bool = False) -> GeneratorReport:
-    """Sample every (prompt, pose) group and measure pose, attributes and within-group variation."""
+    """Sample every (prompt, pose) group and measure pose, attributes and within-group variation.
+
+    The shuffled baseline scores each image against the next pose of ``poses``.
+    """
     import time
 
     import torch
 
     from poseloop import sampling
 
-    poses = [BUILTIN_POSES[n] for n in pose_names]
-    conds = {n: render_pose(p, size, size) for n, p in zip(pose_names, poses)}
-    jobs = [(gi, prompt, name) for gi, (prompt, name) in enumerate((pr, n) for pr in prompts for n in pose_names)]
-    items = [(g, pr, n, k) for g, pr, n in jobs for k in range(images_per_group)]
+    conds = [render_pose(p, size, size) for p in poses]
+    jobs = [(gi, prompt, pi) for gi, (prompt, pi) in enumerate((pr, i) for pr in prompts for i in range(len(poses)))]
+    items = [(g, pr, pi, k) for g, pr, pi in jobs for k in range(images_per_group)]
     rep = GeneratorReport()
     stats, groups = [], []
     start = time.time()
@@ -109,8 +132,8 @@ def evaluate_generator(comp: Any, detector: Any, prompts: Sequence[str], pose_na
                                   size, size)
         arr = np.stack([np.asarray(im.convert("RGB")) for im in out.images])
         found = detector.detect(arr)
-        for j, (g, prompt, name, _k) in enumerate(chunk):
-            pose, other = BUILTIN_POSES[name], shuffled_pose(pose_names, name)
+        for j, (g, prompt, pi, _k) in enumerate(chunk):
+            pose, other = poses[pi], poses[(pi + 1) % len(poses)]
             rep.oks.append(oks(pose, found[j][0], width=size, height=size))
             rep.oks_shuffled.append(oks(other, found[j][0], width=size, height=size))
             got, want = measure_attributes(arr[j], pose), parse_prompt(prompt)
@@ -123,7 +146,3 @@ def evaluate_generator(comp: Any, detector: Any, prompts: Sequence[str], pose_na
     rep.stats, rep.groups = np.concatenate(stats), np.asarray(groups)
     return rep
 
-
-def shuffled_pose(pose_names: Sequence[str], name: str) -> Pose:
-    """The pose a sample is scored against for the shuffled baseline: the next one in the list."""
-    return BUILTIN_POSES[pose_names[(list(pose_names).index(name) + 1) % len(pose_names)]]
