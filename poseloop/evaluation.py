@@ -240,10 +240,15 @@ def _image_tensor(path: Path, size: tuple[int, int] | None = None) -> torch.Tens
 
 def auto_metrics(cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
     """Metric specs whose weights are present, and why the others were skipped."""
+    from poseloop.world_detector import is_detector_folder
+
     specs, skipped = [], {}
     models = Path(cfg.model.models_dir)
     detector = cfg.eval.detector_weights or cfg.data.detector_weights or str(models / "annotators")
-    if (Path(detector) / "body_pose_model.pth").is_file():
+    embedded = Path(cfg.model.base) / "pose_detector"  # the embedded world ships its own detector
+    if not (cfg.eval.detector_weights or cfg.data.detector_weights) and is_detector_folder(embedded):
+        detector = str(embedded)
+    if (Path(detector) / "body_pose_model.pth").is_file() or is_detector_folder(detector):
         specs.append(f"pose_accuracy:weights={detector}")
     else:
         skipped["pose_accuracy"] = (f"no OpenPose weights in {detector}; download body_pose_model.pth, "

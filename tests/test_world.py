@@ -125,3 +125,16 @@ def test_the_embedded_model_draws_the_pose_and_the_prompt(models_dir: Path, one_
     # Looser than the bench's targets: 24 images, so each mean carries ~0.05 of sampling error.
     assert s["oks"][0] >= 0.5 and s["oks_shuffled"][0] <= 0.35 and s["oks"][0] > s["oks_shuffled"][0] + 0.2
     assert s["attribute_accuracy"][0] >= 0.65
+
+
+def test_evaluate_measures_pose_accuracy_of_the_embedded_model_with_its_detector(models_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    from poseloop.evaluation import PRESETS, auto_metrics
+
+    cfg = PRESETS["tiny"]()
+    cfg.model.base, cfg.model.models_dir = str(models_dir / "tiny-sd15"), str(tmp_path / "models")
+    specs, skipped = auto_metrics(cfg)
+    assert f"pose_accuracy:weights={models_dir / 'tiny-sd15' / 'pose_detector'}" in specs
+    assert "pose_accuracy" not in skipped
+    cfg.model.base = str(tmp_path / "some-real-model")  # no detector beside it, no OpenPose weights
+    assert "pose_accuracy" in auto_metrics(cfg)[1]
