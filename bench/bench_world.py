@@ -59,17 +59,17 @@ def time_main_command(threads: int) -> float:
 
 
 def save_grid(images: list, names: Sequence[str], per_group: int, path: Path, groups: int = 12) -> None:
-    """Pose image then its images, one row per group, 2x enlarged."""
+    """One column per group: its pose image, then its images below, 2x enlarged."""
     from PIL import Image
 
     from poseloop.poses import BUILTIN_POSES, render_pose
 
     s = images[0].size[0] * 2
-    canvas = Image.new("RGB", ((per_group + 1) * s, groups * s), "white")
+    canvas = Image.new("RGB", (groups * s, (per_group + 1) * s), "white")
     for g in range(groups):
-        canvas.paste(render_pose(BUILTIN_POSES[names[g % len(names)]], s, s), (0, g * s))
+        canvas.paste(render_pose(BUILTIN_POSES[names[g % len(names)]], s, s), (g * s, 0))
         for k in range(per_group):
-            canvas.paste(images[g * per_group + k].resize((s, s), Image.Resampling.NEAREST), ((k + 1) * s, g * s))
+            canvas.paste(images[g * per_group + k].resize((s, s), Image.Resampling.NEAREST), (g * s, (k + 1) * s))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from poseloop.config import ModelConfig
+from poseloop.config import ModelConfig, apply_threads
 from poseloop.configlib import ConfigError
 from poseloop.export import CONTROLNET_DIR, DIFFUSERS_LORA_NAME, KOHYA_NAME, resolve_latest
 from poseloop.tiny import ensure_embedded, is_embedded
@@ -158,6 +158,7 @@ def load_components(cfg: ModelConfig) -> Components:
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     cfg = resolve_policy(cfg)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     extra: dict[str, Any] = {"controlnet": _load(ControlNetModel, cfg.controlnet, "model.controlnet", cfg,
