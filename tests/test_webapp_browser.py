@@ -33,8 +33,12 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
-def wait_for(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll until fn() is truthy; fail with the last value otherwise."""
+def wait_for(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll until fn() is truthy; fail with the last value otherwise.
+
+    The timeout is generous because these tests run at low priority beside training jobs, where Chromium
+    can stall for seconds; a passing check returns at once.
+    """
     deadline, value = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         value = fn()
@@ -61,6 +65,29 @@ def db_labels(env: Env) -> tuple[dict[int, float], list[tuple[int, int, str, int
     return out
 
 
+def enter_rater(driver: Any, name: str) -> None:
+    """Type the rater's name once the dialog asking for it is open (the page opens it after loading)."""
+    box = WebDriverWait(driver, 30).until(lambda drv: drv.find_element(By.ID, "rater-input"))
+    WebDriverWait(driver, 30).until(lambda _drv: box.is_displayed() and box.is_enabled())
+    box.send_keys(name + Keys.ENTER)
+
+
+def settle(driver: Any, quiet_s: float = 1.0) -> None:
+    """Wait until the page has fetched nothing new for `quiet_s` seconds."""
+    def count() -> int:
+        return driver.execute_script("return performance.getEntriesByType('resource').length")
+
+    last, since = count(), time.monotonic()
+    deadline = since + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+
+
 def keys(driver: Any, *seq: str) -> None:
     for k in seq:
         ActionChains(driver).send_keys(k).perform()
@@ -77,8 +104,7 @@ def text(driver: Any, elem_id: str) -> str:
 def test_keyboard_rating_survives_reload(browser: Any, live_server: LiveServer, env: Env) -> None:
     d = browser
     d.get(live_server.url + "/")
-    name_box = WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input"))
-    name_box.send_keys(RATER + Keys.ENTER)
+    enter_rater(d, RATER)
     # Newest round first in the selector; the page starts at its first image.
     rid = max(env.rounds)
     order = [s for g in env.groups[rid] for s in env.samples[g]]
@@ -222,10 +248,11 @@ def test_blind_mode_keyboard_reload_undo_and_hidden_identity(browser: Any, live_
     d = browser
     d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_FETCHES})
     d.get(live_server.url + "/")
-    WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input")).send_keys(RATER + Keys.ENTER)
+    enter_rater(d, RATER)
     wait_for(lambda: "/media/sample/" in src(d, "score-img"))
     assert "candidateRoundZ9" in d.page_source  # score mode lists every round ...
     # From here on, only what blind mode fetches.
+    settle(d)  # score mode's image preloads must not finish after the clear and count as blind mode's
     d.execute_script("performance.clearResourceTimings(); window.__answers = []")
     keys(d, "b")
     wait_for(lambda: "/media/blind/" in src(d, "blind-left"))
@@ -283,7 +310,7 @@ def test_page_opens_the_newest_finished_round_outside_comparisons(browser: Any, 
     running, _ids = add_round(env, "halfwayRound", "running")
     d = browser
     d.get(live_server.url + "/")
-    WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input")).send_keys("ann" + Keys.ENTER)
+    enter_rater(d, "ann")
     rid = max(env.rounds)
     first = env.samples[env.groups[rid][0]][0]
     wait_for(lambda: src(d, "score-img").endswith(f"/media/sample/{first}"))
@@ -320,7 +347,7 @@ def test_blind_progress_reaches_the_total_when_the_last_verdict_races_the_refill
         assert r.status_code == 201
     d = browser
     d.get(live_server.url + "/")
-    WebDriverWait(d, 10).until(lambda drv: drv.find_element(By.ID, "rater-input")).send_keys("ann" + Keys.ENTER)
+    enter_rater(d, "ann")
     keys(d, "b")
     wait_for(lambda: blind_token(d) == tokens[-1] if "/media/blind/" in src(d, "blind-left") else False)
     wait_for(lambda: text(d, "progress-text") == f"{len(tokens) - 1} / {len(tokens)}")
@@ -371,6 +398,9 @@ def populate_stats(app: Any, env: Env, cmp: Blind) -> None:
         for token in sorted(cmp.pairs)[:3]:
             assert post_json(c, f"/api/comparisons/{cmp.comparison_id}/judgements",
                              {"rater": rater, "pair": token, "choice": "left"}).status_code == 201
+    # The first stats request imports scipy (seconds; a minute on a busy machine at low priority): done
+    # here, so the page's own request is quick and the test is about the layout.
+    assert c.get("/api/stats").status_code == 200
 
 
 def test_stats_page_does_not_scroll_sideways_at_1400_px(browser: Any, live_server: LiveServer, app: Any, env: Env,
@@ -379,9 +409,11 @@ def test_stats_page_does_not_scroll_sideways_at_1400_px(browser: Any, live_serve
     d = browser
     d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                       {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+    d.get(live_server.url + "/static/style.css")  # any page of the app's origin, to reach its localStorage
+    d.execute_script("localStorage.setItem('poseloop:round', arguments[0])", str(max(env.rounds)))
     d.get(live_server.url + "/stats")
-    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#spearman-table tbody tr")) == 1)
-    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#blind-table tbody tr")) >= 3)
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#spearman-table tbody tr")) == 1, timeout=30)
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#blind-table tbody tr")) >= 3, timeout=30)
     assert d.execute_script("return window.innerWidth") == 1400
     widths = d.execute_script("const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
     assert widths[0] <= widths[1], f"the stats page scrolls sideways: scrollWidth {widths[0]} > {widths[1]}"
