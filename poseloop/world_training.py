@@ -424,7 +424,9 @@ def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None
             shutil.copytree(out / "pose_detector", tmp / "pose_detector")
         (tmp / "world.json").write_text(json.dumps({"scaling_factor": mods["vae"].config.scaling_factor, **meta},
                                                    indent=2))
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # shipped files: readable by everyone, as a package's data is
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         old = out.with_name(f".{out.name}-old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
