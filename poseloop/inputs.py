@@ -42,6 +42,18 @@ class GroupSpec:
         }
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content; InputError naming the file, line and byte when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a BOM from Windows editors is harmless
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old.txt > new.txt`, or 'Save as UTF-8' "
+                         "in the editor) and run again") from None
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -62,46 +74,46 @@ def read_jsonl(path: str | Path) -> list[GroupSpec]:
     path = Path(path)
     base = path.parent
     specs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                                 '{"image": ..., "condition_image": ..., "text": ...} object') from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-            for key in ("condition_image", "text"):
-                if not isinstance(obj.get(key), str) or not obj[key].strip():
-                    raise InputError(f'{where}: "{key}" is missing or not a non-empty string')
-            condition = _resolve(base, obj["condition_image"])
-            if not condition.is_file():
-                raise InputError(f'{where}: condition_image {obj["condition_image"]!r} not found '
-                                 f"(looked in {base} and the working directory)")
-            try:
-                with Image.open(condition) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types for broken files
-                raise InputError(f"{where}: condition_image {condition} is not a readable image ({e})") from None
-            source = None
-            if obj.get("image"):
-                source = _resolve(base, obj["image"])
-                if not source.is_file():
-                    raise InputError(f'{where}: image {obj["image"]!r} not found (looked in {base} and the '
-                                     "working directory); remove the key if there is no source image")
-            poses = None
-            if obj.get("keypoints"):
-                kp = _resolve(base, obj["keypoints"])
-                if not kp.is_file():
-                    raise InputError(f'{where}: keypoints file {obj["keypoints"]!r} not found')
-                # Pixel keypoints of a dataset line refer to its condition image.
-                with Image.open(condition) as im:
-                    poses = _load_keypoints(kp, im.width, im.height)
-            specs.append(GroupSpec(prompt=obj["text"].strip(), pose_name=condition.stem, poses=poses,
-                                   condition_image=condition, source_image=source))
+    text = read_text_file(path, "the dataset")
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                             '{"image": ..., "condition_image": ..., "text": ...} object') from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+        for key in ("condition_image", "text"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise InputError(f'{where}: "{key}" is missing or not a non-empty string')
+        condition = _resolve(base, obj["condition_image"])
+        if not condition.is_file():
+            raise InputError(f'{where}: condition_image {obj["condition_image"]!r} not found '
+                             f"(looked in {base} and the working directory)")
+        try:
+            with Image.open(condition) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many types for broken files
+            raise InputError(f"{where}: condition_image {condition} is not a readable image ({e})") from None
+        source = None
+        if obj.get("image"):
+            source = _resolve(base, obj["image"])
+            if not source.is_file():
+                raise InputError(f'{where}: image {obj["image"]!r} not found (looked in {base} and the '
+                                 "working directory); remove the key if there is no source image")
+        poses = None
+        if obj.get("keypoints"):
+            kp = _resolve(base, obj["keypoints"])
+            if not kp.is_file():
+                raise InputError(f'{where}: keypoints file {obj["keypoints"]!r} not found')
+            # Pixel keypoints of a dataset line refer to its condition image.
+            with Image.open(condition) as im:
+                poses = _load_keypoints(kp, im.width, im.height)
+        specs.append(GroupSpec(prompt=obj["text"].strip(), pose_name=condition.stem, poses=poses,
+                               condition_image=condition, source_image=source))
     if not specs:
         raise InputError(f"{path}: no samples (the file is empty)")
     return specs
@@ -121,7 +133,7 @@ def _load_keypoints(path: Path, width: int | None, height: int | None) -> list[P
 def read_prompts_file(path: str | Path) -> list[str]:
     """One prompt a line; blank lines and lines starting with # are skipped."""
     path = Path(path)
-    prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln.strip() for ln in read_text_file(path, "the prompts file").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise InputError(f"{path}: no prompts (one prompt a line expected)")

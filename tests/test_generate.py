@@ -47,6 +47,7 @@ def assert_round_is_consistent(cfg: GenerateConfig, round_name: str, expected_sa
         assert len(samples) == expected_samples
         assert len({(x.group_id, x.index) for x in samples}) == expected_samples
         referenced = {store.abs(g.condition_path) for g in groups}
+        referenced |= {store.abs(g.source_image_path) for g in groups if g.source_image_path}
         for x in samples:
             image = store.abs(x.image_path)
             with Image.open(image) as im:
@@ -159,11 +160,33 @@ def test_jsonl_dataset_uses_condition_images_as_given(tiny_cfg: GenerateConfig, 
     with db.session_scope(session_for(tiny_cfg)) as s:
         groups = s.scalars(select(db.Group).order_by(db.Group.index)).all()
         assert [g.prompt for g in groups] == ["a waving man", "a waving woman"]
-        assert groups[0].source_image_path == str((tmp_path / "photo.png").resolve())
+        # Relative to the samples folder like every stored path: the photo is copied into the round.
+        source = groups[0].source_image_path
+        assert source is not None and source.startswith("round-0001/sources/photo-") and source.endswith(".png")
+        assert store.abs(source).read_bytes() == (tmp_path / "photo.png").read_bytes()
         assert groups[1].source_image_path is None
         assert groups[0].keypoints is None  # only an image was given
         stored = Image.open(store.abs(groups[0].condition_path)).convert("RGB")
     assert list(stored.getdata()) == list(Image.open(tmp_path / "cond.png").convert("RGB").getdata())
+    # The folder can be moved: the copy moves with it (the original photo may be gone by then).
+    (tmp_path / "photo.png").unlink()
+    moved = tmp_path / "moved"
+    Path(tiny_cfg.store.samples_dir).rename(moved)
+    assert SampleStore(moved).abs(source).is_file()
+
+
+def test_a_source_photo_inside_the_samples_folder_is_referenced_not_copied(tiny_cfg: GenerateConfig,
+                                                                            tmp_path: Path) -> None:
+    samples = Path(tiny_cfg.store.samples_dir)
+    (samples / "photos").mkdir(parents=True)
+    render_pose(get_builtin_pose("waving"), 64, 64).save(tmp_path / "cond.png")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(samples / "photos" / "p.png")
+    tiny_cfg.data.dataset = str(write_jsonl(tmp_path, [
+        json.dumps({"image": str(samples / "photos" / "p.png"), "condition_image": "cond.png", "text": "a man"})]))
+    generate(tiny_cfg)
+    with db.session_scope(session_for(tiny_cfg)) as s:
+        assert s.scalar(select(db.Group.source_image_path)) == "photos/p.png"
+    assert not (samples / "round-0001" / "sources").exists()
 
 
 def test_keypoint_files_become_ground_truth(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
@@ -301,3 +324,165 @@ def test_rerunning_a_round_regenerates_missing_files_and_keeps_rows(tiny_cfg: Ge
     torch.testing.assert_close(after.latents.float(), before.latents.float(), atol=0.1, rtol=0)
     with db.session_scope(session_for(tiny_cfg)) as s:
         assert s.scalar(select(db.Rating.sample_id)) == sample_id  # the label survived
+
+
+# ---- bad environments: encodings, read-only folders, full disks, signals --------------------------------
+
+
+def _main_argv(models_dir: Path, samples: Path, *extra: str) -> list[str]:
+    return ["--model.base", str(models_dir / "tiny-sd15"), "--model.controlnet", str(models_dir / "tiny-sd15" / "controlnet"),
+            "--store.samples_dir", str(samples), "--set", "sample.steps=2", "--set", "sample.width=64",
+            "--set", "sample.height=64", "--data.poses", "standing", "sitting", "--data.prompts", "a kid",
+            "--set", "sample.images_per_group=2", "--set", "sample.batch_size=2", *extra]
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_nan_setting_is_refused_before_anything_is_written(tiny_cfg: GenerateConfig) -> None:
+    tiny_cfg.sample.guidance_scale = float("nan")  # passed validate() (nan < 1 is False), then broke the rows
+    with pytest.raises(ConfigError, match="sample.guidance_scale: must be a finite number"):
+        generate(tiny_cfg)
+    assert not Path(tiny_cfg.store.samples_dir).exists()
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line_naming_file_and_line(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a dancer\nun caf\u00e9 la nuit\n".encode("latin-1"))
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_bytes(b'{"condition_image": "x.png", "text": "caf\xe9"}\n')
+    for flag, path, line in (("--data.prompts_file", prompts, 2), ("--data.dataset", jsonl, 1)):
+        with pytest.raises(SystemExit) as exc:
+            generate_script.main(_main_argv(models_dir, tmp_path / "s", flag, str(path)))
+        assert exc.value.code == 2
+        msg = _one_error_line(capsys)
+        assert f"{path}:{line}:" in msg and "not UTF-8" in msg and "save it as UTF-8" in msg
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_full_disk_stops_with_one_line_keeps_what_was_stored_and_resumes(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    samples = tmp_path / "s"
+    argv = _main_argv(models_dir, samples)
+    assert generate_script.main([*argv, "--store.round", "first"]) == 0
+    capsys.readouterr()
+    first = SampleStore(samples)
+    before = sorted(p for p in (samples / "first").rglob("*") if p.is_file())
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def fill_up(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] > 3:  # two pose images and the first image fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fill_up)
+    with pytest.raises(SystemExit) as exc:
+        generate_script.main([*argv, "--store.round", "second"])
+    assert exc.value.code == 2
+    msg = _one_error_line(capsys)
+    assert "no space left" in msg and str(samples) in msg and "run the same command again" in msg
+    # The finished round is untouched and no half file or temporary is left anywhere.
+    assert sorted(p for p in (samples / "first").rglob("*") if p.is_file()) == before
+    assert not list(samples.rglob("*.tmp"))
+    with db.session_scope(db.open_db(db.default_db_url(samples))) as s:
+        second = s.scalar(select(db.Round).where(db.Round.name == "second"))
+        assert second is not None and second.status == "running"
+        for row in s.scalars(select(db.Sample).where(db.Sample.round_id == second.id)):
+            assert first.abs(row.image_path).is_file()  # a row only for complete files
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert generate_script.main([*argv, "--store.round", "second"]) == 0  # space freed: the same command resumes
+    assert "second: 4 new images" in capsys.readouterr().out
+
+
+def test_a_read_only_samples_folder_is_one_line_and_changes_nothing(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import tempfile
+
+    samples = tmp_path / "s"
+    argv = _main_argv(models_dir, samples)
+    assert generate_script.main(argv) == 0
+    capsys.readouterr()
+    files = sorted(p for p in samples.rglob("*") if p.is_file() and "feedback" not in p.name)
+    samples.chmod(0o555)
+
+    # Tests run as root, where chmod does not stop writes: make file creation fail as it would for a user.
+    def denied(*args: object, dir: object = None, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            generate_script.main(argv)
+    finally:
+        samples.chmod(0o755)
+    assert exc.value.code == 2
+    msg = _one_error_line(capsys)
+    assert "cannot write" in msg and "chmod -R u+w" in msg and "nothing stored was changed" in msg
+    assert sorted(p for p in samples.rglob("*") if p.is_file() and "feedback" not in p.name) == files
+
+
+def test_sigterm_cleans_up_and_exits_non_zero(models_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    samples = tmp_path / "s"
+    argv = _main_argv(models_dir, samples, "--set", "sample.steps=500", "--set", "sample.images_per_group=8")
+    root = Path(generate_script.__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, str(root / "generate.py"), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (samples / "round-0001" / "poses").is_dir():  # pose images come right before sampling
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "generate.py did not start sampling"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err  # killed by the signal it would be -15; status 0 would hide the stop
+    assert "stopped by SIGTERM" in err and "run the same command again" in err
+    assert not list(samples.rglob("*.tmp"))  # atomic writes removed their temporaries on the way out
+    with db.session_scope(db.open_db(db.default_db_url(samples))) as s:
+        rnd = s.scalar(select(db.Round))
+        assert rnd is not None and rnd.status == "running"
+        store = SampleStore(samples)
+        for row in s.scalars(select(db.Sample)):
+            assert store.abs(row.image_path).is_file() and store.abs(row.trajectory_path).is_file()  # type: ignore[arg-type]
+
+
+def test_a_named_round_with_another_plan_says_what_differs_and_what_to_pass(tiny_cfg: GenerateConfig) -> None:
+    from poseloop.generation import PlanMismatchError
+
+    tiny_cfg.data.poses = ["standing"]
+    tiny_cfg.store.round = "mine"
+    generate(tiny_cfg)
+    tiny_cfg.sample.steps = 3
+    tiny_cfg.sample.guidance_scale = 7.0
+    tiny_cfg.sample.batch_size = 1  # batching does not change the plan and is not reported
+    with pytest.raises(PlanMismatchError) as err:
+        generate(tiny_cfg)
+    msg = str(err.value)
+    assert "sample.steps is 4 in the round but 3 now" in msg and "sample.guidance_scale is 5.0 in the round" in msg
+    assert "--set sample.steps=4 --set sample.guidance_scale=5.0" in msg and "batch_size" not in msg
+    assert "pick a new --store.round name" in msg and "\n" not in msg
