@@ -199,9 +199,25 @@ def check_architecture(pipe: Any, cfg: ModelConfig) -> None:
 
 
 def load_lora(pipe: Any, path: str, scale: float) -> None:
-    """Load a kohya- or diffusers-format LoRA file into the pipeline at the given strength."""
+    """Load a kohya- or diffusers-format LoRA file into the pipeline at the given strength.
+
+    pipe.load_lora_weights would also try every text encoder and log "No LoRA keys associated to
+    CLIPTextModel" for each one the file has no keys for, i.e. on every round made with a policy (they
+    train the UNet only). The UNet part is loaded alone; a text encoder only when the file holds keys for it.
+    """
     try:
-        pipe.load_lora_weights(path, adapter_name="loaded")
+        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") else {}  # SDXL kohya names
+        state_dict, alphas, metadata = pipe.lora_state_dict(path, return_lora_metadata=True, **extra)
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
+        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name="loaded",
+                                 metadata=metadata, _pipeline=pipe)
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None and any(key.startswith(f"{name}.") for key in state_dict):
+                pipe.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=encoder, prefix=name,
+                                                 lora_scale=pipe.lora_scale, adapter_name="loaded", metadata=metadata,
+                                                 _pipeline=pipe)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ModelLoadError(f"model.lora: could not load {path!r}: {e}. Expected a kohya "
                              "(lora_unet_...) or diffusers (unet....lora_A) LoRA for this base model.") from e

@@ -114,3 +114,39 @@ def test_a_lora_for_another_model_is_refused(models_dir: Path, tmp_path: Path) -
                "lora_unet_nothing_here.lora_up.weight": torch.zeros(7, 4)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ModelLoadError, match="model.lora"):
         load_components(model_cfg(models_dir, lora=str(tmp_path / "x.safetensors")))
+
+
+def test_a_unet_only_lora_loads_without_text_encoder_warnings(models_dir: Path, tmp_path: Path,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    comp = load_components(model_cfg(models_dir))
+    add_random_lora(comp, 4, 8)
+    save_kohya_lora(comp.unet, tmp_path / "kohya.safetensors")
+    StableDiffusionControlNetPipeline.save_lora_weights(  # what a policy export holds
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(comp.unet)),
+        unet_lora_adapter_metadata=comp.unet.peft_config["default"].to_dict())
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to the root
+    try:
+        capfd.readouterr()
+        for name in ("kohya.safetensors", "pytorch_lora_weights.safetensors"):
+            reloaded = load_components(model_cfg(models_dir, lora=str(tmp_path / name)))
+            assert reloaded.unet.peft_config["loaded"].r == 4  # the UNet adapter is there
+            assert not hasattr(reloaded.pipe.text_encoder, "peft_config")  # and nothing else
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not any("No LoRA keys" in m for m in messages), messages
+    assert "No LoRA keys" not in capfd.readouterr().err
