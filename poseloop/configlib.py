@@ -45,6 +45,11 @@ def _leaf_fields(cfg_cls: type, prefix: str = "") -> list[tuple[str, dataclasses
     return out
 
 
+def field_names(cfg_cls: type) -> list[str]:
+    """Dotted names of every leaf field of a config class ('sample.steps', ...), depth first."""
+    return [name for name, _f, _tp in _leaf_fields(cfg_cls)]
+
+
 def _is_list(tp: Any) -> bool:
     return typing.get_origin(tp) in (list, Sequence)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,8 @@ from sqlalchemy.orm import Session
 from poseloop import db
 from poseloop.config import PRESETS as GENERATE_PRESETS
 from poseloop.config import DataConfig, GenerateConfig, ModelConfig, SampleConfig, StoreConfig
-from poseloop.configlib import ConfigError, field, to_dict
-from poseloop.generation import generate
+from poseloop.configlib import ConfigError, check_finite, field, field_names, get_field, to_dict
+from poseloop.generation import PlanMismatchError, generate, set_flag
 from poseloop.models import resolve_policy
 from poseloop.sampling import pil_to_tensor
 from poseloop.store import SampleStore, atomic_write, load_trajectory, save_png
@@ -65,6 +66,7 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Check fields before anything loads."""
+        check_finite(self)
         GenerateConfig(self.model, self.sample, self.data, self.store).validate()
         if self.model.policy or self.model.lora:
             raise ConfigError("model.policy / model.lora: set the candidate with --eval.policy and the baseline "
@@ -104,6 +106,7 @@ class MetricSummary:
     win_rate: float  # candidate better than baseline, ties count half
     n: int
     note: str = ""
+    reward_model_version: str = ""  # the learned reward model's concrete version, for latent metrics
 
 
 @dataclass
@@ -119,6 +122,8 @@ class EvalResult:
     blind: dict[str, Any] | None
     report_dir: Path
     seconds: float
+    command: str = ""  # evaluate.py command that refreshes exactly this evaluation
+    pinned_specs: dict[str, str] = dataclasses.field(default_factory=dict)  # metric as asked -> with versions
 
     def summary(self) -> str:
         """The one-line terminal summary."""
@@ -260,10 +265,16 @@ def auto_metrics(cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
         skipped["text_alignment"] = ("no CLIP weights given; pass e.g. --eval.clip "
                                      "'arch=ViT-L-14,weights=PATH' (open_clip weights)")
     if (models / "reward" / "latest").exists():
-        specs.append("latent:latest")
+        specs.append("latent:latest")  # pinned to the concrete version by pin_reward_versions
     else:
         skipped["latent"] = "no learned reward model yet; train one with train_reward.py"
     return specs, skipped
+
+
+def source_file(store: SampleStore, pair: Pair) -> Path:
+    """A pair's source photo: relative to the samples folder, or absolute in rounds made by older versions."""
+    path = Path(pair.source_image_path or "")
+    return path if path.is_absolute() else store.abs(pair.source_image_path or "")
 
 
 def compute_metric(reward: Any, pairs: list[Pair], store: SampleStore, batch: int = 8
@@ -278,7 +289,8 @@ def compute_metric(reward: Any, pairs: list[Pair], store: SampleStore, batch: in
             latents = (torch.stack([load_trajectory(store.abs(t)).latents[-1].float() for t in trajs])
                        if all(trajs) else None)
             meta = [{"keypoints": p.keypoints, "width": p.width, "height": p.height,
-                     "source_image": p.source_image_path} for p in chunk]
+                     "source_image": None if p.source_image_path is None else str(source_file(store, p))}
+                    for p in chunk]
             with torch.no_grad():
                 values = reward(images, latents, [p.prompt for p in chunk], meta)
             out[side].extend(values.float().cpu().tolist())
@@ -293,7 +305,7 @@ def compute_lpips(pairs: list[Pair], store: SampleStore, weights: str) -> tuple[
     out = {}
     for side in ("baseline", "candidate"):
         a = torch.stack([_image_tensor(store.abs(getattr(p, f"{side}_image"))) for p in with_source])
-        b = torch.stack([_image_tensor(Path(p.source_image_path), (p.width, p.height)) for p in with_source])  # type: ignore[arg-type]
+        b = torch.stack([_image_tensor(source_file(store, p), (p.width, p.height)) for p in with_source])
         with torch.no_grad():
             out[side] = lpips_distance(a, b, lpips_weights=weights or None).cpu().numpy()
     return out["baseline"], out["candidate"]
@@ -381,17 +393,110 @@ def write_report(result: EvalResult, cfg: EvaluateConfig, pairs: list[Pair], sto
                      f"{blind['win_rate']:.0%} (ties count half).")
     else:
         lines.append(f"No blind verdicts yet. Open the rating app (`python -m webapp`), choose blind mode and the "
-                     f"comparison `{result.name}`, then run `python evaluate.py --eval.name {result.name}` again: "
-                     "existing rounds are reused and the report is refreshed.")
+                     f"comparison `{result.name}`, then run the command below again: existing rounds are reused "
+                     "and the report is refreshed.")
+    lines += ["", "To refresh this report (same policies, reward models, prompts, poses and seeds):", "",
+              "```bash", result.command, "```"]
     lines += ["", "![paired differences](metrics.png)", "", "![condition / baseline / candidate / prompt](grid.png)", ""]
     data = {"name": result.name, "candidate": result.candidate, "baseline": result.baseline, "pairs": result.pairs,
             "metrics": [dataclasses.asdict(m) for m in result.metrics], "skipped": result.skipped,
-            "blind": result.blind, "config": to_dict(cfg)}
+            "blind": result.blind, "command": result.command, "pinned_specs": result.pinned_specs,
+            "config": to_dict(cfg)}
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
 
 
+# ---- pinning versions and the re-run command ------------------------------------------------------------
+
+
+def _quote_option(value: str) -> str:
+    """An option value as the spec grammar reads it back (quoted when it holds a separator)."""
+    return f'"{value}"' if any(c in value for c in ',+*"\' ') else value
+
+
+def pin_reward_versions(spec: str, models_dir: str | Path) -> tuple[str, list[str]]:
+    """The spec with every learned-reward term's 'latest' replaced by the concrete version, and those versions.
+
+    'latest' moves when train_reward.py runs again; a report (and a re-run of it) must say, and keep,
+    which model produced its numbers.
+    """
+    from poseloop.reward_model import read_latest, resolve_reward_path
+    from poseloop.rewards import parse_reward_spec
+
+    terms = parse_reward_spec(spec)
+    if not any(t.name == "latent" for t in terms):
+        return spec, []
+    versions, changed, parts = [], False, []
+    for t in terms:
+        options = dict(t.options)
+        if t.name == "latent":
+            requested = options.get("version", "latest")
+            if requested == "latest":
+                options["version"] = read_latest(models_dir)
+                changed = True
+            versions.append(resolve_reward_path(options["version"], models_dir).name)
+        text = t.name + (":" + ",".join(f"{k}={_quote_option(v)}" for k, v in options.items()) if options else "")
+        parts.append(text if t.weight is None else f"{t.weight:g}*{text}")
+    return (" + ".join(parts) if changed else spec), versions
+
+
+def rerun_command(cfg: EvaluateConfig, name: str, candidate: str, baseline: str) -> str:
+    """The evaluate.py command that reproduces this evaluation exactly: concrete versions, every changed field."""
+    fixed = {"eval.policy", "eval.baseline", "eval.name"}
+    leaves = [n for n in field_names(EvaluateConfig) if n not in fixed]
+
+    def changed(preset: str) -> list[str]:
+        base = PRESETS[preset]()
+        return [n for n in leaves if get_field(base, n) != get_field(cfg, n)]
+
+    preset = min(PRESETS, key=lambda p: (len(changed(p)), p != "tiny"))
+    flags = [set_flag(n, get_field(cfg, n)) for n in changed(preset)]
+    return " ".join(["python evaluate.py", f"--preset {preset}", f"--eval.policy {candidate}",
+                     f"--eval.baseline {baseline}", f"--eval.name {name}", *flags])
+
+
+def _existing_comparison(cfg: EvaluateConfig, name: str) -> tuple[str, str] | None:
+    """(candidate, baseline) policy versions of an existing comparison called `name`, without creating a database."""
+    url = cfg.store.db_url or db.default_db_url(SampleStore(cfg.store.samples_dir).root)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return None
+    with db.session_scope(db.open_db(url)) as session:
+        comp = session.scalar(select(db.Comparison).where(db.Comparison.name == name))
+        if comp is None:
+            return None
+        return comp.candidate_round.policy_version or "base", comp.baseline_round.policy_version or "base"
+
+
+def _plan_mismatch(e: PlanMismatchError, side: str, name: str) -> ConfigError:
+    """The generation error of a re-run, in evaluate.py's terms: what differs and which flags restore it."""
+    what, flags = [], []
+    for key, old, new in e.differences:
+        if key == "model.policy":
+            flag = "--eval.policy" if side == "candidate" else "--eval.baseline"
+            what.append(f"the {side} is {old or 'base'!r} in the evaluation but {new or 'base'!r} now")
+            flags.append(f"{flag} {old or 'base'}")
+        else:
+            what.append(f"{key} is {old!r} in the evaluation but {new!r} now")
+            flags.append(set_flag(key, old))
+    if not what:
+        return ConfigError(f"eval.name: evaluation {name!r} (round {e.round_name!r}) was made from other inputs: a "
+                           "prompts, dataset, keypoint or condition image file changed content; restore it to refresh "
+                           "the evaluation, or pick another --eval.name")
+    return ConfigError(f"eval.name: evaluation {name!r} (round {e.round_name!r}) was made with other settings: "
+                       f"{'; '.join(what)}; pass {' '.join(flags)} to refresh it (the report shows the full command), "
+                       "or pick another --eval.name to evaluate these settings")
+
+
 # ---- the whole evaluation -------------------------------------------------------------------------
+
+
+def _previous_pins(path: Path) -> dict[str, str]:
+    """{metric spec as asked: spec with concrete versions} recorded by an earlier run of this evaluation."""
+    try:
+        pins = json.loads(path.read_text()).get("pinned_specs", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in pins.items()} if isinstance(pins, dict) else {}
 
 
 def evaluate(cfg: EvaluateConfig) -> EvalResult:
@@ -404,6 +509,19 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     if candidate == baseline:
         raise ConfigError(f"eval.baseline: the candidate and the baseline are the same ({candidate})")
     name = cfg.eval.name or f"eval-{candidate}-vs-{baseline}"
+    pinned = _existing_comparison(cfg, name)
+    if pinned is not None and pinned != (candidate, baseline):
+        was_cand, was_base = pinned
+        if cfg.eval.policy == "latest" and was_base == baseline:
+            # 'latest' has moved on since the evaluation was made: a re-run refreshes it, it does not switch versions.
+            print(f"note: evaluation {name!r} compares {was_cand} with {was_base}; 'latest' is {candidate} now and is "
+                  f"not used (pass --eval.name <new name> to evaluate {candidate})", file=sys.stderr)
+            candidate = was_cand
+        else:
+            raise ConfigError(f"eval.name: evaluation {name!r} compares candidate {was_cand} with baseline {was_base}, "
+                              f"not {candidate} with {baseline}; pass --eval.policy {was_cand} --eval.baseline "
+                              f"{was_base} to refresh it, or pick another --eval.name")
+    report_dir = Path(cfg.model.models_dir) / "policies" / candidate / "eval" / name
     want_lpips = cfg.eval.metrics == ["auto"] or "lpips" in cfg.eval.metrics
     if cfg.eval.metrics == ["auto"]:
         specs, skipped = auto_metrics(cfg)
@@ -411,12 +529,18 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
         specs, skipped = [m for m in cfg.eval.metrics if m != "lpips"], {}
     from poseloop.rewards import build_reward
 
-    rewards = {}
+    # A re-run keeps the reward model versions of the first run (recorded in metrics.json).
+    previous = _previous_pins(report_dir / "metrics.json")
+    rewards, versions, requested = {}, {}, {}
     for spec in specs:  # a bad spec or a missing weights file fails here, before any image is generated
         try:
-            rewards[spec] = build_reward(spec, models_dir=cfg.model.models_dir)
+            concrete = previous.get(spec) or pin_reward_versions(spec, cfg.model.models_dir)[0]
+            versions[concrete] = pin_reward_versions(concrete, cfg.model.models_dir)[1]
+            rewards[concrete] = build_reward(concrete, models_dir=cfg.model.models_dir)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"eval.metrics: {spec!r}: {e}") from None
+        requested[concrete] = spec
+    specs = list(rewards)
 
     round_ids = {}
     for side, policy in (("baseline", baseline), ("candidate", candidate)):
@@ -425,7 +549,10 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
             sample=dataclasses.replace(cfg.sample, seed_namespace=name),
             data=cfg.data, store=dataclasses.replace(cfg.store, round=f"{name}-{side}"),
         )
-        round_ids[side] = generate(gcfg).round_name
+        try:
+            round_ids[side] = generate(gcfg).round_name
+        except PlanMismatchError as e:
+            raise _plan_mismatch(e, side, name) from None
     store = SampleStore(cfg.store.samples_dir)
     factory = db.open_db(cfg.store.db_url or db.default_db_url(store.root))
     with db.session_scope(factory) as session:
@@ -448,7 +575,14 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
             if len(usable) < len(pairs):
                 note = f"over the {len(usable)} of {len(pairs)} pairs whose condition has known keypoints"
         metric_name, b, c = compute_metric(rewards[spec], usable, store)
-        summaries.append(summarize(metric_name, spec, b, c, cfg.eval.bootstrap, cfg.eval.confidence, note=note))
+        summary = summarize(metric_name, spec, b, c, cfg.eval.bootstrap, cfg.eval.confidence, note=note)
+        if versions[spec]:
+            summary.reward_model_version = ", ".join(versions[spec])
+            why = (f" (what {requested[spec]!r} named when this evaluation was first run; kept on re-runs)"
+                   if requested[spec] != spec else "")
+            summary.note = "; ".join(filter(None, [summary.note,
+                                                   f"learned reward model version {summary.reward_model_version}{why}"]))
+        summaries.append(summary)
     if want_lpips and any(p.source_image_path for p in pairs):
         b, c = compute_lpips(pairs, store, cfg.eval.lpips_weights)
         # Lower LPIPS is better: negate for the win rate, report the distances themselves.
@@ -461,8 +595,9 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     elif want_lpips:
         skipped["lpips_to_source"] = "no group has a source image (use a jsonl dataset with \"image\")"
 
-    report_dir = Path(cfg.model.models_dir) / "policies" / candidate / "eval" / name
     result = EvalResult(name=name, candidate=candidate, baseline=baseline, pairs=len(pairs), metrics=summaries,
-                        skipped=skipped, blind=blind, report_dir=report_dir, seconds=time.perf_counter() - start)
+                        skipped=skipped, blind=blind, report_dir=report_dir, seconds=time.perf_counter() - start,
+                        command=rerun_command(cfg, name, candidate, baseline),
+                        pinned_specs={req: concrete for concrete, req in requested.items()})
     write_report(result, cfg, pairs, store)
     return result

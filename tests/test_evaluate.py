@@ -146,3 +146,101 @@ def test_pose_accuracy_is_measured_only_where_keypoints_are_known(
     assert metric.name == "pose_accuracy" and metric.n == 2
     assert "2 of 4 pairs" in metric.note
     assert 0.0 <= metric.baseline_mean <= 1.0
+
+
+# ---- re-runs: exact command, pinned versions, helpful errors ------------------------------------------------
+
+
+def test_rerun_command_reproduces_the_config_exactly() -> None:
+    import shlex
+
+    from poseloop.configlib import parse_config
+    from poseloop.evaluation import PRESETS, EvaluateConfig, rerun_command
+
+    argv = ["--preset", "sd15", "--data.prompts", "a dancer, red dress", "it's \"quoted\"", "--set", "sample.steps=7",
+            "--eval.metrics", "brightness", "lpips", "--set", "eval.confidence=0.9", "--eval.policy", "latest"]
+    cfg, _ = parse_config(EvaluateConfig, PRESETS, "tiny", argv, description="t")
+    command = rerun_command(cfg, "my-eval", "run-0003", "run-0001")
+    words = shlex.split(command)
+    assert words[:2] == ["python", "evaluate.py"] and "--preset" in words and "sd15" in words
+    assert "--eval.policy run-0003 --eval.baseline run-0001 --eval.name my-eval" in command  # concrete, not 'latest'
+    again, _ = parse_config(EvaluateConfig, PRESETS, "tiny", words[2:], description="t")
+    cfg.eval.policy, cfg.eval.baseline, cfg.eval.name = "run-0003", "run-0001", "my-eval"
+    assert again == cfg
+
+
+def test_learned_reward_specs_are_pinned_to_a_concrete_version(tmp_path: Path) -> None:
+    from poseloop.evaluation import pin_reward_versions
+    from poseloop.reward_model import write_latest
+
+    for v in ("v1", "v2"):
+        (tmp_path / "reward" / v).mkdir(parents=True)
+        (tmp_path / "reward" / v / "config.json").write_text("{}")
+    write_latest(tmp_path, "v2")
+    assert pin_reward_versions("latent:latest", tmp_path) == ("latent:version=v2", ["v2"])
+    assert pin_reward_versions("latent", tmp_path) == ("latent:version=v2", ["v2"])
+    assert pin_reward_versions("0.5*latent + brightness*2", tmp_path) == ("0.5*latent:version=v2 + 2*brightness", ["v2"])
+    assert pin_reward_versions("latent:v1", tmp_path) == ("latent:v1", ["v1"])  # already concrete: unchanged
+    assert pin_reward_versions("brightness", tmp_path) == ("brightness", [])
+
+
+def test_a_rerun_keeps_its_versions_and_says_what_to_pass(tiny_cfg, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    from poseloop.reward_model import LatentRewardModel, RewardModelConfig, save_reward_model, write_latest
+
+    trained = tmp_path / "trained"
+    make_policy(trained, tiny_cfg.model, "run-0001")
+
+    def reward_version(version: str) -> None:
+        torch.manual_seed(len(version))
+        save_reward_model(LatentRewardModel(RewardModelConfig(width=4, hidden=4), (4, 16, 16), version=version),
+                          trained / "reward" / version)
+        write_latest(trained, version)
+
+    reward_version("rm-1")
+    argv = ["--model.base", tiny_cfg.model.base, "--model.controlnet", tiny_cfg.model.controlnet,
+            "--model.models_dir", str(trained), "--store.samples_dir", tiny_cfg.store.samples_dir,
+            "--data.prompts", "a man", "--data.poses", "standing", "--set", "sample.steps=3",
+            "--set", "sample.width=64", "--set", "sample.height=64", "--eval.metrics", "brightness", "latent:latest",
+            "--set", "eval.bootstrap=100"]
+    name = "eval-run-0001-vs-base"
+    report_dir = trained / "policies" / "run-0001" / "eval" / name
+    assert evaluate_script.main(argv) == 0
+    data = json.loads((report_dir / "metrics.json").read_text())
+    latent = next(m for m in data["metrics"] if m["name"] == "latent")
+    assert latent["reward_model_version"] == "rm-1" and latent["spec"] == "latent:version=rm-1"
+    report = (report_dir / "report.md").read_text()
+    command = data["command"]
+    assert command in report and f"--eval.policy run-0001 --eval.baseline base --eval.name {name}" in command
+    capsys.readouterr()
+
+    # Both 'latest' pointers move on; re-running the evaluation by name switches neither.
+    make_policy(trained, tiny_cfg.model, "run-0002")
+    reward_version("rm-2")
+    assert evaluate_script.main([*argv, "--eval.name", name]) == 0
+    assert "'latest' is run-0002 now and is not used" in capsys.readouterr().err
+    data = json.loads((report_dir / "metrics.json").read_text())
+    assert data["candidate"] == "run-0001"
+    assert next(m for m in data["metrics"] if m["name"] == "latent")["reward_model_version"] == "rm-1"
+    assert not (trained / "policies" / "run-0002" / "eval").exists()
+    # The exact command from the report runs as printed.
+    assert evaluate_script.main(shlex.split(command)[2:]) == 0
+    capsys.readouterr()
+
+    for extra, needles in (
+        (["--policy", "run-0002"], ["compares candidate run-0001 with baseline base",
+                                    "--eval.policy run-0001 --eval.baseline base"]),
+        (["--set", "sample.steps=2"], ["sample.steps is 3 in the evaluation but 2 now", "--set sample.steps=3",
+                                       "pick another --eval.name"]),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            evaluate_script.main([*argv, "--eval.name", name, *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "exists with a different plan" not in err, err
+        for needle in needles:
+            assert needle in err, (needle, err)
+    with db.session_scope(db.open_db(db.default_db_url(tiny_cfg.store.samples_dir))) as s:
+        assert len(s.scalars(select(db.Round)).all()) == 2  # nothing was generated twice
