@@ -767,19 +767,20 @@ def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, hist
         "early_stopping_note": "members stop on held-out pairwise accuracy, so held-out numbers are slightly "
                                "optimistic; compare against the baselines on the same groups",
     }
-    warning = None
+    found = []
     if train_acc is not None and held_acc is not None and train_acc - held_acc > cfg.train.overfit_gap:
-        warning = (f"overfitting: train pairwise accuracy {train_acc:.3f} vs held-out {held_acc:.3f} (gap > "
-                   f"{cfg.train.overfit_gap}). {overfit_advice(cfg)}")
-    elif held_acc is None:
-        warning = ("no decided held-out pairs: held-out accuracy is undefined. Label more images of more groups or "
-                   "raise --train.holdout_fraction.")
+        found.append(f"overfitting: train pairwise accuracy {train_acc:.3f} vs held-out {held_acc:.3f} (gap > "
+                     f"{cfg.train.overfit_gap}). {overfit_advice(cfg)}")
+    # Independent of overfitting: a gap measured on a handful of pairs is itself unreliable, so both are said.
+    if held_acc is None:
+        found.append("no decided held-out pairs: held-out accuracy is undefined. Label more images of more groups or "
+                     "raise --train.holdout_fraction.")
     elif metrics["heldout_pairs"] < MIN_RELIABLE_HELDOUT_PAIRS:
         # With a handful of pairs an accuracy of 1.0 (or 0.0) says nothing; say so instead of letting it pass.
-        warning = (f"the held-out numbers rest on {metrics['heldout_pairs']} pairs (fewer than "
-                   f"{MIN_RELIABLE_HELDOUT_PAIRS}) and are not reliable. Label more images of more groups before "
-                   "trusting this model.")
-    metrics["warning"] = warning
+        found.append(f"the held-out numbers rest on {metrics['heldout_pairs']} pairs (fewer than "
+                     f"{MIN_RELIABLE_HELDOUT_PAIRS}) and are not reliable. Label more images of more groups before "
+                     "trusting this model.")
+    metrics["warning"] = " Also: ".join(found) if found else None
     return metrics
 
 

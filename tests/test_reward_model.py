@@ -290,7 +290,7 @@ def test_images_without_trajectory_are_vae_encoded(labelled: dict, tmp_path: Pat
     img = torch.from_numpy(np.asarray(Image.open(samples / image_path).convert("RGB"), dtype=np.float32) / 255)
     with torch.no_grad():
         want = encode_images(vae, img.permute(2, 0, 1)[None])[0]
-    assert got.shape == (4, 8, 8) and torch.allclose(got, want, atol=1e-4)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
 
 
 def test_a_handful_of_held_out_pairs_is_flagged_as_unreliable(labelled: dict, tmp_path: Path) -> None:
