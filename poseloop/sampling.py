@@ -4,6 +4,10 @@ A DDIM step with eta > 0 is a Gaussian policy, x_{t-1} ~ N(mu_theta(x_t, t), sig
 The sampler records every latent and the log-probability of every transition. Latents are rounded
 to float16 as they are produced, so the stored trajectory is exactly the one that was sampled and
 re-scoring a stored step with the same weights reproduces its stored log-probability.
+
+The step follows diffusers' DDIMScheduler.step for epsilon, v_prediction and sample prediction and
+for clip_sample; other scheduler settings are refused (check_scheduler). A step with sigma_t = 0
+(set_alpha_to_one's last step) is deterministic: log-probability 0, never trained on.
 """
 
 from __future__ import annotations

@@ -855,8 +855,8 @@ class PolicyTrainer:
         out = torch.full((n, num_steps), float("nan"))
         bs = self.cfg.sample.batch_size
         # One forward pass per trajectory and step: minutes on a large pair set, so it shows progress.
-        bar = tqdm(total=n, desc="d3po reference log-probs", unit="traj", leave=False,
-                   disable=not (self.progress and self.accelerator.is_main_process))
+        bar = tqdm(total=n, desc="d3po reference log-probs", unit="traj", leave=False, mininterval=0,
+                   disable=not (self.progress and self.accelerator.is_main_process))  # few updates: show each
         with torch.no_grad(), self.policy.reference():
             for i in range(0, n, bs):
                 sl = slice(i, i + bs)

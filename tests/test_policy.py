@@ -260,6 +260,12 @@ def test_d3po_shows_progress_per_batch_of_pairs_and_ends_with_a_summary(
     assert "d3po reference log-probs" not in err
     assert all(f"{k}/12" in err for k in (4, 8, 12)), err
     assert "d3po epoch 1/1: 12 pairs in 3 batches, loss " in out
+    # When a reference pass is needed (another model or dtype sampled the round), it shows progress too.
+    assert trainer.pair_data is not None
+    batch = trainer.pair_data[0]
+    trainer._reference_log_probs(batch, steps=[0])
+    n = batch.latents.shape[0]
+    assert "d3po reference log-probs" in (err := capsys.readouterr().err) and f"{n}/{n}" in err, err
 
 
 def test_d3po_takes_the_reference_log_probs_from_the_stored_trajectories(
