@@ -120,6 +120,7 @@ class LearningBudget:
     eval_images: int = 2
     policy_overrides: list[str] = field(default_factory=list)  # extra --set for train_policy (bench budgets)
     threads: int = 1
+    policies: bool = True  # also train and compare DDPO / D3PO / pose DDPO (the slow part)
 
 
 def _prompts(n: int, offset: int) -> list[str]:
@@ -152,7 +153,7 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     torch.set_num_threads(b.threads)
     samples, models = work / "samples", work / "models"
     model = ["--model.base", str(embedded), "--model.controlnet", str(embedded / "controlnet"),
-             "--model.models_dir", str(models)]
+             "--model.models_dir", str(models), "--model.threads", str(b.threads)]
     detector = embedded / "pose_detector"
     results: dict[str, Any] = {}
     t0 = time.time()
@@ -188,6 +189,10 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         res = evaluate(cfg)
         return {m.name: {"baseline": m.baseline_mean, "candidate": m.candidate_mean, "diff": m.diff_mean,
                          "ci": list(m.diff_ci), "win_rate": m.win_rate, "n": m.n} for m in res.metrics}
+
+    if not b.policies:
+        results["seconds"] = time.time() - t0
+        return results
 
     # 3. DDPO on the learned reward, D3PO straight from the rater's pairs, DDPO on pose accuracy.
     runs = {

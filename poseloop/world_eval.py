@@ -72,7 +72,7 @@ class GeneratorReport:
         out["attribute_accuracy"] = bootstrap_mean_ci(every)
         for k, v in self.hits.items():
             out[f"{k}_accuracy"] = bootstrap_mean_ci(v)
-        if self.stats is not None and self.groups is not None:
+        if self.stats is not None and self.groups is not None and len(self.groups) > len(np.unique(self.groups)):
             ratio = within_across_ratio(self.stats, self.groups)
             out["within_across"] = dict(zip(("red", "green", "blue", "brightness", "warmth"), ratio.round(3).tolist()))
             out["within_across_mean"] = float(ratio.mean())

@@ -19,7 +19,7 @@ def test_default_preset_is_embedded_tiny() -> None:
     cfg = parse([])
     assert cfg.model.base == "models/tiny-sd15"
     assert cfg.model.arch == "sd15"
-    assert (cfg.sample.width, cfg.sample.height) == (128, 128)
+    assert (cfg.sample.width, cfg.sample.height) == (64, 64)  # the embedded world's native size
 
 
 def test_presets_sd15_and_sdxl_point_at_real_hub_ids() -> None:
