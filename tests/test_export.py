@@ -43,7 +43,10 @@ def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Pa
     comp = load_components(model_cfg(models_dir))
     base = eps_of(comp)
     policy = Policy(comp, "unet_lora", rank=4, alpha=8.0)  # alpha != rank: strength 2
-    assert torch.equal(eps_of(comp), base), "a fresh LoRA (B = 0) must not change the model"
+    # B = 0 adds exact zeros, but the two passes are separate GEMM calls (bit-equal only for identical
+    # memory alignment under MKL): fp32 noise is allowed, a nonzero B (0.05 scale) moves eps by ~1e-2.
+    torch.testing.assert_close(eps_of(comp), base, atol=1e-6, rtol=0,
+                               msg="a fresh LoRA (B = 0) must not change the model")
     perturb_lora(policy)
     trained = eps_of(comp)
     assert (trained - base).abs().max() > 1e-3
