@@ -115,7 +115,9 @@ def test_side_is_stable_per_rater_and_pair_and_varies_between_them(client: Flask
     finally:
         app2.extensions["poseloop_store"].dispose()
     everyone = [candidate_side(client, cmp, p) for r in ("ann", "bob", "cy", "dee") for p in all_pairs(client, cmp, r)]
-    assert 6 <= everyone.count("left") <= 18  # 24 coin flips: both sides are used, not all the same
+    # 24 coin flips under a fresh random key: both sides are used. A balance bound such as 6..18 fails
+    # for 0.7% of keys (CI hit one with 20); all 24 on one side happens for 2 in 2**24 keys.
+    assert 0 < everyone.count("left") < 24
     key = (env.samples_dir / ".poseloop_blind_key").stat()
     assert key.st_mode & 0o077 == 0  # the key that decides sides is readable by the server's user only
 
