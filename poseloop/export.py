@@ -137,9 +137,13 @@ def export_policy(policy: Any, root: str | Path, version: str, config: dict[str,
             policy.merged_controlnet().save_pretrained(tmp / CONTROLNET_DIR, safe_serialization=True)
             files.append(CONTROLNET_DIR)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        from poseloop.comfy_workflow import write_comfy_workflow  # imports this module: not at the top
+
+        comfy_files, comfy_readme = write_comfy_workflow(tmp, version, config, policy.target, comp.native_size)
+        files += comfy_files
         model = config.get("model", {})
         (tmp / "README.md").write_text(readme_text(version, files, comp.arch, str(model.get("base", "")),
-                                                   str(model.get("controlnet", ""))))
+                                                   str(model.get("controlnet", ""))) + comfy_readme)
         # mkdtemp's 0700 and safetensors' 0600 would lock out a ComfyUI running as another user.
         apply_umask(tmp)
         final = root / version
