@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poseloop.configlib import ConfigError, field
+from poseloop.single_file import looks_like_file
 
 EMBEDDED_SD15 = "models/tiny-sd15"
 EMBEDDED_SDXL = "models/tiny-sdxl"
@@ -21,11 +22,14 @@ class ModelConfig:
     """Which weights to load and how."""
 
     arch: str = field("sd15", help="model family", choices=("sd15", "sdxl"))
-    base: str = field(EMBEDDED_SD15, help="base pipeline: a hub id or a local diffusers folder; "
+    base: str = field(EMBEDDED_SD15, help="base pipeline: a hub id, a local diffusers folder or a single-file "
+                      "SD1.5/SDXL checkpoint (.safetensors, as in ComfyUI's models/checkpoints); "
                       f"{EMBEDDED_SD15} and {EMBEDDED_SDXL} are the embedded tiny models, built on first use")
     controlnet: str = field(f"{EMBEDDED_SD15}/controlnet",
-                            help="OpenPose ControlNet: a hub id or a local folder (e.g. one trained by train_policy.py)")
-    vae: str = field("", help="optional VAE override (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+                            help="OpenPose ControlNet: a hub id, a local folder (e.g. one trained by train_policy.py) "
+                            "or a single file (e.g. control_v11p_sd15_openpose.safetensors)")
+    vae: str = field("", help="optional VAE override: a hub id (e.g. madebyollin/sdxl-vae-fp16-fix), a folder or "
+                     "a single file (e.g. sdxl_vae.safetensors)")
     lora: str = field("", help="optional LoRA to load: a .safetensors file in kohya or diffusers format")
     lora_scale: float = field(1.0, help="strength of the loaded LoRA")
     policy: str = field("", help="a policy trained by train_policy.py: a version under <models_dir>/policies or "
@@ -124,6 +128,11 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base stable-diffusion-v1-5/stable-diffusion-v1-5")
     if not m.controlnet:
         raise ConfigError("model.controlnet: give an OpenPose ControlNet, e.g. lllyasviel/sd-controlnet-openpose")
+    for name in ("base", "controlnet", "vae"):
+        value = getattr(m, name)
+        if value and looks_like_file(value) and not Path(value).expanduser().is_file():
+            raise ConfigError(f"model.{name}: file {value!r} does not exist; pass an existing .safetensors file, "
+                              "a diffusers folder or a hub id")
     if m.policy and m.lora:
         raise ConfigError("model.policy: give either model.policy or model.lora, not both")
     if m.lora and not Path(m.lora).is_file():

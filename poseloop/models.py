@@ -1,4 +1,4 @@
-"""Loading pipelines (SD1.5 / SDXL + OpenPose ControlNet) from hub ids or local folders."""
+"""Loading pipelines (SD1.5 / SDXL + OpenPose ControlNet) from hub ids, local folders or single files."""
 
 from __future__ import annotations
 
@@ -117,13 +117,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _load(cls: Any, source: str, field_name: str, cfg: ModelConfig, **kwargs: Any) -> Any:
-    """cls.from_pretrained with an error that says how to get the weights."""
+    """cls.from_pretrained (or a single-file load) with an error that says how to get the weights."""
     if is_embedded(source):
         ensure_embedded(source)
     local = Path(source).expanduser()
-    if local.exists() and not local.is_dir():
-        raise ModelLoadError(f"{field_name}: {source!r} is a file; pass a diffusers folder (with config.json "
-                             "or model_index.json) or a hub id")
+    if local.is_file():
+        # A single-file checkpoint (ComfyUI / A1111 layout), converted offline with configs shipped in the package.
+        from poseloop.single_file import SingleFileError, load_single_file
+
+        try:
+            return load_single_file(cls, local, field_name, cfg.arch, **kwargs)
+        except SingleFileError as e:
+            raise ModelLoadError(str(e)) from None
     try:
         if cfg.variant and not local.exists():
             kwargs["variant"] = cfg.variant
