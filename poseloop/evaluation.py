@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from poseloop.sampling import pil_to_tensor
 from poseloop.store import SampleStore, atomic_write, load_trajectory, save_png
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 @dataclass
 class EvalSettings:
     """What to compare and how to measure it."""
@@ -49,6 +53,9 @@ class EvalSettings:
                       "'arch=ViT-L-14,weights=models/clip/open_clip_model.safetensors'")
     lpips_weights: str = field("", help="LPIPS backbone weights; empty = random backbone (distances not meaningful)")
     name: str = field("", help="evaluation name; empty = eval-<candidate>-vs-<baseline>")
+    seeds: str = field("", help="seed set: evaluations that name the same one draw the same seeds and share one "
+                       "baseline round (generated once, e.g. when several candidates are compared with the base "
+                       "model); empty = the evaluation's own seeds and baseline round")
     bootstrap: int = field(2000, help="bootstrap resamples for confidence intervals")
     confidence: float = field(0.95, help="confidence level of the intervals")
     grid_rows: int = field(8, help="rows (condition / baseline / candidate / prompt) in the side-by-side grid")
@@ -79,6 +86,8 @@ class EvaluateConfig:
             raise ConfigError(f"eval.confidence: must be between 0.5 and 1 (got {self.eval.confidence})")
         if not self.eval.metrics:
             raise ConfigError("eval.metrics: give at least one metric, or 'auto'")
+        if self.eval.seeds and not _PLAIN_NAME.fullmatch(self.eval.seeds):
+            raise ConfigError(f"eval.seeds: {self.eval.seeds!r} must be a plain name (letters, digits, '.', '_', '-')")
 
 
 def _preset(name: str) -> EvaluateConfig:
@@ -543,11 +552,15 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     specs = list(rewards)
 
     round_ids = {}
+    seeds = cfg.eval.seeds or name
     for side, policy in (("baseline", baseline), ("candidate", candidate)):
+        # A shared seed set names the baseline round after itself and the baseline, so later evaluations reuse it
+        # (generate resumes a round only when its plan, seeds included, is the same).
+        round_name = f"{seeds}-baseline-{baseline}" if cfg.eval.seeds and side == "baseline" else f"{name}-{side}"
         gcfg = GenerateConfig(
             model=dataclasses.replace(cfg.model, policy="" if policy == "base" else policy),
-            sample=dataclasses.replace(cfg.sample, seed_namespace=name),
-            data=cfg.data, store=dataclasses.replace(cfg.store, round=f"{name}-{side}"),
+            sample=dataclasses.replace(cfg.sample, seed_namespace=seeds),
+            data=cfg.data, store=dataclasses.replace(cfg.store, round=round_name),
         )
         try:
             round_ids[side] = generate(gcfg).round_name

@@ -30,10 +30,10 @@ def vocabulary_prompts() -> list[str]:
 
 def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean and its 95% percentile-bootstrap interval."""
+    from poseloop.evaluation import bootstrap_ci
+
     v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
-    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return (float(v.mean()), *bootstrap_ci(v, n_boot, 0.95, seed=seed))
 
 
 def image_stats(images: np.ndarray) -> np.ndarray:

@@ -244,3 +244,30 @@ def test_a_rerun_keeps_its_versions_and_says_what_to_pass(tiny_cfg, tmp_path: Pa
             assert needle in err, (needle, err)
     with db.session_scope(db.open_db(db.default_db_url(tiny_cfg.store.samples_dir))) as s:
         assert len(s.scalars(select(db.Round)).all()) == 2  # nothing was generated twice
+
+
+def test_evaluations_with_one_seed_set_share_the_baseline_round(tiny_cfg, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    trained = tmp_path / "trained"
+    make_policy(trained, tiny_cfg.model, "run-0001")
+    make_policy(trained, tiny_cfg.model, "run-00002")
+    argv = ["--model.base", tiny_cfg.model.base, "--model.controlnet", tiny_cfg.model.controlnet,
+            "--model.models_dir", str(trained), "--store.samples_dir", tiny_cfg.store.samples_dir,
+            "--data.prompts", "a man", "--data.poses", "standing", "sitting", "--set", "sample.steps=3",
+            "--set", "sample.width=64", "--set", "sample.height=64", "--eval.metrics", "brightness",
+            "--set", "eval.bootstrap=100", "--set", "eval.seeds=shared"]
+    assert evaluate_script.main([*argv, "--eval.policy", "run-0001"]) == 0
+    assert evaluate_script.main([*argv, "--eval.policy", "run-00002"]) == 0
+    store = SampleStore(tiny_cfg.store.samples_dir)
+    with db.session_scope(db.open_db(db.default_db_url(store.root))) as s:
+        comps = {c.name: c for c in s.scalars(select(db.Comparison))}
+        assert set(comps) == {"eval-run-0001-vs-base", "eval-run-00002-vs-base"}
+        assert len(s.scalars(select(db.Round)).all()) == 3  # one baseline round for both
+        a, b = comps.values()
+        assert a.baseline_round_id == b.baseline_round_id and a.candidate_round_id != b.candidate_round_id
+        assert a.baseline_round.name == "shared-baseline-base"
+        seeds = [sorted(x.seed for x in r.samples) for r in (a.baseline_round, a.candidate_round, b.candidate_round)]
+        assert seeds[0] == seeds[1] == seeds[2] and len(seeds[0]) == 4
+    with pytest.raises(SystemExit):
+        evaluate_script.main([*argv, "--eval.policy", "run-0001", "--set", "eval.seeds=../x"])
+    assert "eval.seeds:" in capsys.readouterr().err
