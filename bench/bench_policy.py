@@ -63,6 +63,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     cfg.data.prompts, cfg.data.poses = PROMPTS, ["standing"]
     cfg.train.groups_per_epoch, cfg.train.batch_size = len(PROMPTS), args.samples
     cfg.output.grid_every = cfg.output.export_every = 0
+    # The same work as trl's side: attention LoRA, every timestep (the tiny preset trains more modules on half).
+    cfg.target.lora_modules, cfg.train.timestep_fraction = ["to_q", "to_k", "to_v", "to_out.0"], 1.0
     tmp = tempfile.mkdtemp()
     cfg.output.root, cfg.output.runs_dir = f"{tmp}/p", f"{tmp}/r"
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)

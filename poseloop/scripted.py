@@ -184,7 +184,8 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     def compare(name: str, version: str, metrics: list[str]) -> dict[str, Any]:
         argv = [*model, "--store.samples_dir", str(samples), "--data.prompts", *_prompts(b.eval_prompts, 3),
                 "--set", f"sample.images_per_group={b.eval_images}", "--eval.policy", version,
-                "--eval.name", f"eval-{name}", "--eval.metrics", *metrics, "--set", "eval.bootstrap=2000"]
+                "--eval.name", f"eval-{name}", "--eval.metrics", *metrics, "--set", "eval.bootstrap=2000",
+                "--set", "eval.seeds=learning-check"]  # every comparison shares one baseline round
         cfg, _ = parse_config(EvaluateConfig, EVAL_PRESETS, "tiny", argv, description="", prog="evaluate.py")
         res = evaluate(cfg)
         return {m.name: {"baseline": m.baseline_mean, "candidate": m.candidate_mean, "diff": m.diff_mean,
