@@ -1,0 +1,80 @@
+"""DDPO: PPO-clipped policy gradient against a reward, advantages normalised per (prompt, pose) group.
+
+One epoch = sample train.groups_per_epoch groups x sample.images_per_group trajectories with the
+current policy, score them, normalise the rewards per group (poseloop.advantages.PerPromptStatTracker),
+then train.inner_epochs shuffled passes of poseloop.losses.ppo_clip_loss over a train.timestep_fraction
+of each minibatch's steps, gradients summed over steps and train.grad_accum minibatches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from poseloop import losses
+from poseloop.algos import Algorithm
+from poseloop.rollouts import TrajectoryBatch, derive_seed
+
+
+class DDPO(Algorithm):
+    """DDPO (Black et al. 2023) with the shared sampler's log-probs and the trainer's stat tracker."""
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        """Sample, score, normalise per group, update."""
+        t = self.trainer
+        t0 = time.perf_counter()
+        groups, seeds, keys = t._epoch_items(epoch)
+        batch, rewards, _ = t._sample_groups(groups, seeds, t.reward)
+        assert rewards is not None
+        t_sample = time.perf_counter() - t0
+        all_rewards = t._gather(rewards)
+        all_keys = t._gather_keys(keys)
+        adv_all = torch.from_numpy(t.tracker.update(all_keys, all_rewards.numpy()))
+        per = len(keys)
+        adv = adv_all[t.accelerator.process_index * per:(t.accelerator.process_index + 1) * per]
+        members = {f"reward_{label}": v for label, v in t.reward_components.items()}
+        info = self.update(batch, adv, epoch)
+        return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
+                **members, **info, "samples": float(all_rewards.numel()), "sample_seconds": t_sample,
+                "seconds": time.perf_counter() - t0}
+
+    def update(self, batch: TrajectoryBatch, adv: torch.Tensor, epoch: int) -> dict[str, float]:
+        """PPO-clipped passes over the epoch's trajectories (CFG inside the training pass); adv is [N]."""
+        t = self.trainer
+        cfg = t.cfg.train
+        n = batch.log_probs.shape[0]
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
+        micro = 0
+        for inner in range(cfg.inner_epochs):
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "shuffle", inner,
+                                                            t.accelerator.process_index))
+            perm = torch.randperm(n, generator=gen)
+            minibatches = [perm[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            for mb_i, idx in enumerate(minibatches):
+                steps = t._chosen_trainable_steps(batch, gen)
+                cond = batch.cond.select(idx)
+                lat = batch.latents[idx]
+                for j in steps:
+                    lp = t._rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)  # [b]
+                    old = batch.log_probs[idx, j].to(lp.device)  # [b]
+                    loss, info = losses.ppo_clip_loss(lp, old, adv[idx].to(lp.device), cfg.clip_range,
+                                                      cfg.adv_clip_max)
+                    if t.first_ratio is None:
+                        t.first_ratio = float((torch.exp(lp.detach() - old) - 1).abs().max())
+                    t.accelerator.backward(loss / (len(steps) * cfg.grad_accum))
+                    stats["loss"].append(float(loss.detach()))
+                    for key in ("approx_kl", "clipfrac", "ratio"):
+                        stats[key].append(float(info[key]))
+                micro += 1
+                if micro % cfg.grad_accum == 0 or (inner == cfg.inner_epochs - 1 and mb_i == len(minibatches) - 1):
+                    t._optimizer_step()
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def kl_is_measured(self) -> bool:
+        """DDPO's approx KL is to the sampling policy: zero by construction when an epoch makes one update."""
+        tr = self.trainer.cfg.train
+        samples = tr.groups_per_epoch * self.trainer.cfg.sample.images_per_group
+        return math.ceil(samples / tr.batch_size) * tr.inner_epochs > tr.grad_accum

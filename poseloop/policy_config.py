@@ -1,0 +1,311 @@
+"""Policy-training configuration: the config dataclasses, their validation, presets and the run's config hash.
+
+Every field has a flag and help text (train_policy.py --help); PolicyConfig.validate() checks them all before
+any model loads. poseloop.training re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from poseloop import config as generate_presets
+from poseloop.algos import ALGORITHMS
+from poseloop.config import (
+    EMBEDDED_SDXL,
+    DataConfig,
+    ModelConfig,
+    SampleConfig,
+    validate_data,
+    validate_model,
+    validate_sample,
+)
+from poseloop.configlib import ConfigError, field, to_dict
+from poseloop.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, TARGETS
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetConfig:
+    """What is trained."""
+
+    kind: str = field("unet_lora", help="trainable weights: a UNet LoRA (exports a LoRA file), the full ControlNet, "
+                      "or a ControlNet LoRA (merged into full ControlNet weights on export)", choices=TARGETS)
+    lora_rank: int = field(4, help="LoRA rank r")
+    lora_alpha: float = field(4.0, help="LoRA alpha; strength = alpha / r (kept exactly in every export)")
+    lora_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES),
+                                    help="module names that get a LoRA (attention projections by default)")
+    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less GPU memory)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and numerics."""
+
+    lr: float = field(3e-4, help="AdamW learning rate (DDPO's published 3e-4)")
+    beta1: float = field(0.9, help="Adam beta1")
+    beta2: float = field(0.999, help="Adam beta2")
+    weight_decay: float = field(1e-4, help="AdamW weight decay")
+    adam_eps: float = field(1e-8, help="Adam epsilon")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm; 0 = off")
+    use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW (CUDA only; needs `pip install bitsandbytes`)")
+    mixed_precision: str = field("no", help="accelerate mixed precision for the training pass",
+                                 choices=("no", "fp16", "bf16"))
+
+
+@dataclass
+class TrainConfig:
+    """Epochs, batches and the DDPO objective."""
+
+    epochs: int = field(100, help="training epochs (one sampling + update round each)")
+    groups_per_epoch: int = field(4, help="(prompt, pose) groups sampled per epoch; each gets sample.images_per_group "
+                                  "images (DDPO; D3PO with d3po.source=reward)")
+    batch_size: int = field(4, help="trajectories (D3PO: pairs) per training minibatch")
+    grad_accum: int = field(1, help="minibatches whose gradients are summed before an optimizer step")
+    inner_epochs: int = field(1, help="passes over each epoch's samples (PPO epochs)")
+    timestep_fraction: float = field(1.0, help="fraction of each trajectory's steps trained on (0..1]")
+    clip_range: float = field(1e-4, help="PPO ratio clip c: r is clipped to [1-c, 1+c] (DDPO: 1e-4)")
+    adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
+    stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation")
+    stat_min_count: int = field(16, help="buffered rewards needed before per-prompt statistics replace batch ones")
+    seed: int = field(0, help="run seed: sampling seeds and shuffles are derived from (seed, epoch, index)")
+    resume: bool = field(True, help="continue from the run's last checkpoint when there is one")
+
+
+@dataclass
+class D3POConfig:
+    """D3PO: preference pairs and the loss."""
+
+    source: str = field("db", help="db = human preferences stored by the rating app; reward = a reward picks the "
+                        "winner (best) and loser (worst) among images_per_group online samples", choices=("db", "reward"))
+    beta: float = field(10.0, help="D3PO beta (published: 0.1, which cannot move the loss; see docs/POLICY.md)")
+    clamp_eps: float | None = field(None, help="clamp ratios to [1-eps, 1+eps] as published (0.1); none = no clamp")
+    samples_dir: str = field("samples", help="samples folder with the database and the stored trajectories")
+    db_url: str = field("", help="SQLAlchemy URL; empty = sqlite file <samples_dir>/feedback.sqlite")
+    rounds: list[str] = field(default_factory=list, help="use preferences of these rounds only; empty = all rounds")
+    pairs_per_epoch: int = field(0, help="stored pairs trained on per epoch, a fresh random subset each epoch, so "
+                                 "an epoch costs the same however many pairs were rated; 0 = every pair")
+    skip_unreadable: bool = field(False, help="leave out preference pairs whose trajectory file is unreadable "
+                                  "(corrupt), with a warning counting them, instead of stopping")
+
+
+@dataclass
+class OutputConfig:
+    """Where checkpoints, logs and exports go."""
+
+    root: str = field("", help="exports: <root>/<version>/ plus <root>/latest naming the newest; "
+                      "empty = <model.models_dir>/policies, where generate.py --model.policy looks")
+    runs_dir: str = field("", help="checkpoints, metrics.csv, plots, grids and TensorBoard logs; "
+                          "empty = <model.models_dir>/policy_runs")
+    run_name: str = field("", help="run folder name; empty = <algo>-<hash of the config>, so re-running the same "
+                          "command resumes")
+    export_every: int = field(10, help="export every N epochs (and always at the end); 0 = at the end only")
+    checkpoint_every: int = field(1, help="save a resumable checkpoint every N epochs (and at the end)")
+    grid_every: int = field(10, help="image grid of fixed seeds/poses every N epochs (and before/after); 0 = off")
+    grid_images: int = field(4, help="images in each grid (the first groups, fixed seeds)")
+
+
+@dataclass
+class GuardConfig:
+    """Warnings (and optional early stop) against reward hacking and runaway updates."""
+
+    max_kl: float = field(0.05, help="warn when approx KL to the sampling policy exceeds this; 0 = off")
+    max_clipfrac: float = field(0.9, help="warn when the PPO clip fraction exceeds this; 0 = off")
+    min_kl: float = field(1e-6, help="warn when approx KL stays below this for min_kl_epochs epochs in a row: the "
+                          "policy is not moving (learning rate too low for the run's length); 0 = off")
+    min_kl_epochs: int = field(3, help="epochs in a row below min_kl before the not-moving warning")
+    heldout_reward: str = field("", help="second reward scored on the grid images (e.g. text_alignment); "
+                                "a drop warns; empty = off")
+    heldout_drop: float = field(0.2, help="warn when the held-out reward falls this much (relative) below its best")
+    stop: bool = field(False, help="stop training (and export) when a guard fires `patience` epochs in a row")
+    patience: int = field(2, help="consecutive epochs a guard must fire before stop applies")
+
+
+@dataclass
+class PolicyConfig:
+    """Everything train_policy.py needs."""
+
+    algo: str = field("ddpo", help="ddpo = policy gradient against a reward; d3po = direct preference optimisation",
+                      choices=tuple(ALGORITHMS))
+    reward: str = field("latest", help="reward spec for DDPO (and d3po.source=reward): latest (= latent:latest, the "
+                        "learned reward model), brightness, jpeg_compressibility, pose_accuracy, text_alignment, or a "
+                        "weighted mix such as 'pose_accuracy*0.5 + text_alignment*0.5'")
+    model: ModelConfig = field(default_factory=ModelConfig, help="model weights")
+    sample: SampleConfig = field(default_factory=SampleConfig, help="sampler (also the training pass: CFG, eta)")
+    data: DataConfig = field(default_factory=DataConfig, help="prompts and poses of online sampling")
+    target: TargetConfig = field(default_factory=TargetConfig, help="trainable weights")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
+    train: TrainConfig = field(default_factory=TrainConfig, help="training loop")
+    d3po: D3POConfig = field(default_factory=D3POConfig, help="D3PO")
+    output: OutputConfig = field(default_factory=OutputConfig, help="outputs")
+    guard: GuardConfig = field(default_factory=GuardConfig, help="guards")
+
+    @property
+    def export_root(self) -> Path:
+        """Where policy versions are exported."""
+        return Path(self.output.root or Path(self.model.models_dir) / "policies")
+
+    @property
+    def runs_root(self) -> Path:
+        """Where run folders (checkpoints, logs, plots) live."""
+        return Path(self.output.runs_dir or Path(self.model.models_dir) / "policy_runs")
+
+    @property
+    def online(self) -> bool:
+        """Whether this run samples online (every algorithm but D3PO on stored human preferences)."""
+        return not (self.algo == "d3po" and self.d3po.source == "db")
+
+    def validate(self) -> None:
+        """Check every field before any model loads; raise ConfigError naming the field."""
+        validate_model(self.model)
+        validate_sample(self.sample)
+        if self.online:
+            validate_data(self.data)
+            if not self.reward.strip():
+                raise ConfigError("reward: give a reward spec, e.g. --reward latest or --reward jpeg_compressibility")
+        t, o, tr = self.target, self.optim, self.train
+        if t.lora_rank < 1:
+            raise ConfigError(f"target.lora_rank: must be >= 1 (got {t.lora_rank})")
+        if not t.lora_alpha > 0:
+            raise ConfigError(f"target.lora_alpha: must be > 0 (got {t.lora_alpha})")
+        if t.kind != "controlnet" and not t.lora_modules:
+            raise ConfigError("target.lora_modules: name at least one module, e.g. to_q to_k to_v to_out.0")
+        if not o.lr > 0:
+            raise ConfigError(f"optim.lr: must be > 0 (got {o.lr})")
+        if o.max_grad_norm < 0:
+            raise ConfigError(f"optim.max_grad_norm: must be >= 0 (got {o.max_grad_norm})")
+        for name in ("epochs", "groups_per_epoch", "batch_size", "grad_accum", "inner_epochs", "stat_buffer",
+                     "stat_min_count"):
+            if getattr(tr, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1 (got {getattr(tr, name)})")
+        if not 0 < tr.timestep_fraction <= 1:
+            raise ConfigError(f"train.timestep_fraction: must be in (0, 1] (got {tr.timestep_fraction})")
+        if not tr.clip_range > 0 or not tr.adv_clip_max > 0:
+            raise ConfigError("train.clip_range and train.adv_clip_max: must be > 0")
+        if self.algo == "d3po":
+            if not self.d3po.beta > 0:
+                raise ConfigError(f"d3po.beta: must be > 0 (got {self.d3po.beta})")
+            if self.d3po.pairs_per_epoch < 0:
+                raise ConfigError(f"d3po.pairs_per_epoch: must be >= 0 (got {self.d3po.pairs_per_epoch}); 0 = every pair")
+            if self.d3po.clamp_eps is not None and not 0 < self.d3po.clamp_eps < 1:
+                raise ConfigError(f"d3po.clamp_eps: must be in (0, 1) or none (got {self.d3po.clamp_eps})")
+            if self.d3po.source == "reward" and self.sample.images_per_group < 2:
+                raise ConfigError("sample.images_per_group: d3po.source=reward needs >= 2 images per group to pick a "
+                                  "winner and a loser")
+        if self.guard.min_kl < 0 or self.guard.min_kl_epochs < 1:
+            raise ConfigError("guard.min_kl must be >= 0 and guard.min_kl_epochs >= 1")
+        for name in ("export_every", "checkpoint_every", "grid_every", "grid_images"):
+            if getattr(self.output, name) < 0:
+                raise ConfigError(f"output.{name}: must be >= 0")
+        if self.output.run_name and (os.sep in self.output.run_name or self.output.run_name.startswith(".")):
+            raise ConfigError(f"output.run_name: {self.output.run_name!r} must be a plain folder name")
+
+
+# ---- presets -------------------------------------------------------------------------------------
+
+
+def tiny() -> PolicyConfig:
+    """The embedded pose world on a CPU: generate.py's size and steps, settings that move the policy in minutes.
+
+    The published DDPO settings (lr 3e-4, clip 1e-4) do not visibly move a LoRA in a CPU-sized run
+    (tiny-faithful keeps them); these take larger steps, and D3PO trains on a fresh subset of the
+    rated pairs each epoch so an epoch costs about what a DDPO epoch does.
+    """
+    cfg = PolicyConfig()
+    cfg.reward = "jpeg_compressibility"
+    base = generate_presets.tiny()
+    # The same weights, size and steps as generate.py: a reward model fitted on its rounds' latents
+    # scores exactly the latents DDPO samples, and D3PO re-scores trajectories of that shape.
+    cfg.model, cfg.sample = base.model, base.sample
+    cfg.sample.batch_size = 16
+    cfg.target.lora_modules = list(ALL_LORA_MODULES)
+    cfg.train.epochs = 8
+    # 32 trajectories an epoch, half of each trajectory's steps trained on: a less noisy gradient for
+    # the same CPU time than 16 trajectories on every step.
+    cfg.train.groups_per_epoch = 8
+    cfg.train.timestep_fraction = 0.5
+    cfg.train.batch_size = 4  # 8 optimizer steps per epoch
+    # Measured on the embedded world (docs/WORLD.md): 1e-3 leaves the samples where they were, 5e-3 and
+    # above let a learned reward model be exploited (the images collapse within 8 epochs).
+    cfg.optim.lr = 2e-3
+    cfg.train.clip_range = 0.2
+    # A group's own images set its baseline from the first epoch: a run this short rarely revisits a
+    # group, and the batch fallback would reward whole groups for being brighter than others.
+    cfg.train.stat_buffer, cfg.train.stat_min_count = 16, cfg.sample.images_per_group
+    cfg.d3po.pairs_per_epoch = 16
+    cfg.output.export_every = cfg.output.grid_every = 4
+    return cfg
+
+
+def tiny_sdxl() -> PolicyConfig:
+    """The embedded tiny SDXL-architecture model."""
+    cfg = tiny()
+    cfg.model.arch = "sdxl"
+    cfg.model.base, cfg.model.controlnet = EMBEDDED_SDXL, f"{EMBEDDED_SDXL}/controlnet"
+    return cfg
+
+
+def tiny_faithful() -> PolicyConfig:
+    """The tiny model with the published settings (DDPO lr 3e-4, clip 1e-4; D3PO beta 0.1, clamp 0.1)."""
+    cfg = tiny()
+    cfg.optim.lr, cfg.train.clip_range, cfg.train.timestep_fraction = 3e-4, 1e-4, 1.0
+    cfg.target.lora_modules = list(DEFAULT_LORA_MODULES)
+    cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
+    return cfg
+
+
+def sd15() -> PolicyConfig:
+    """SD1.5 + OpenPose ControlNet at 512 px with DDPO's published settings (one 16-24 GB GPU)."""
+    cfg = PolicyConfig()
+    base = generate_presets.sd15()
+    cfg.model, cfg.sample = base.model, base.sample  # the same weights and size as generate.py --preset sd15
+    cfg.sample.steps, cfg.sample.eta, cfg.sample.guidance_scale = 50, 1.0, 5.0
+    cfg.sample.batch_size = 8
+    cfg.train.groups_per_epoch = 8  # 8 groups x 4 images = 32 trajectories per epoch and GPU
+    cfg.train.batch_size, cfg.train.grad_accum = 2, 8
+    cfg.optim.mixed_precision = "fp16"
+    cfg.optim.lr = 3e-4
+    cfg.d3po.beta = 10.0
+    return cfg
+
+
+def sd15_faithful() -> PolicyConfig:
+    """SD1.5 with every published default, D3PO included (beta 0.1, clamp 0.1): reproduces the papers."""
+    cfg = sd15()
+    cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
+    cfg.optim.lr = 3e-4
+    return cfg
+
+
+def sdxl() -> PolicyConfig:
+    """SDXL + OpenPose ControlNet at 1024 px; gradient checkpointing so it fits one 24 GB GPU."""
+    cfg = sd15()
+    base = generate_presets.sdxl()
+    cfg.model = base.model
+    cfg.sample.width, cfg.sample.height = base.sample.width, base.sample.height
+    cfg.sample.batch_size = 2
+    cfg.train.batch_size, cfg.train.grad_accum = 1, 16
+    cfg.target.gradient_checkpointing = True
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], PolicyConfig]] = {
+    "tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
+    "sd15": sd15, "sd15-faithful": sd15_faithful, "sdxl": sdxl,
+}
+
+
+def config_hash(cfg: PolicyConfig) -> str:
+    """Hash of what determines a run's trajectory (not its length or where outputs go)."""
+    d = to_dict(cfg)
+    d["train"].pop("epochs")
+    d["train"].pop("resume")
+    d.pop("output")
+    d.pop("guard")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
