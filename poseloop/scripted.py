@@ -120,7 +120,8 @@ class LearningBudget:
     eval_images: int = 2
     policy_overrides: list[str] = field(default_factory=list)  # extra --set for train_policy (bench budgets)
     threads: int = 1
-    policies: bool = True  # also train and compare DDPO / D3PO / pose DDPO (the slow part)
+    # Which policy runs to train and compare (the slow part): any of POLICY_RUNS; empty = none.
+    policies: tuple[str, ...] = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy")
 
 
 def _prompts(n: int, offset: int) -> list[str]:
@@ -194,6 +195,9 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     if not b.policies:
         results["seconds"] = time.time() - t0
         return results
+    unknown = set(b.policies) - {"ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy"}
+    if unknown:
+        raise ValueError(f"LearningBudget.policies: unknown run(s) {sorted(unknown)}")
 
     # 3. DDPO on the learned reward, D3PO straight from the rater's pairs, DDPO on pose accuracy.
     runs = {
@@ -203,6 +207,8 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
                                [f"pose_accuracy:weights={detector}"]),
     }
     for name, (args, metrics) in runs.items():
+        if name not in b.policies:
+            continue
         start = time.time()
         version = train(args)
         results[name] = compare(name, version, metrics)
