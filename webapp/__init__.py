@@ -9,6 +9,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter, Map
 
+from .active import PairRanker
 from .blind import load_key
 from .config import AppConfig, ConfigError, config_from_mapping
 from .store import ApiError, Store
@@ -35,6 +36,8 @@ def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url)
     app.extensions["poseloop_blind_key"] = load_key(cfg.samples_dir)
+    # Active pair order: reads <models_dir>/reward/latest on demand and caches orders in memory.
+    app.extensions["poseloop_pair_ranker"] = PairRanker(cfg.samples_dir, cfg.models_dir, app.logger)
 
     from . import api, pages, security
 

@@ -15,7 +15,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         app = create_app(cfg)
-        print(f"poseloop rating app on http://{cfg.host}:{cfg.port}/  (database {cfg.resolved_db_url})",
+        order = f"; pairs in active order from {cfg.models_dir}/reward/latest" if cfg.pair_order == "active" else ""
+        print(f"poseloop rating app on http://{cfg.host}:{cfg.port}/  (database {cfg.resolved_db_url}{order})",
               flush=True)
         serve(app, cfg)
     except ConfigError as exc:

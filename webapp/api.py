@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import blind, exchange, stats, store
-from .config import AppConfig
+from .config import PAIR_ORDERS, AppConfig
 from .store import ApiError, Store
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -95,8 +95,12 @@ def get_items(round_id: int) -> Response:
 
 @bp.get("/rounds/<int:round_id>/pairs")
 def get_pairs(round_id: int) -> Response:
-    """The next pairs this rater has not judged (count=1..10; exclude=a-b,c-d to skip pending ones)."""
+    """The next pairs this rater has not judged (count=1..10; exclude=a-b,c-d to skip pending ones;
+    order=coverage|active overrides --pair-order for this request)."""
     rater = request.args.get("rater")
+    order = request.args.get("order") or _cfg().pair_order
+    if order not in PAIR_ORDERS:
+        raise ApiError(400, f"query parameter 'order' must be one of {', '.join(PAIR_ORDERS)}, got {order[:40]!r}")
     count = arg_int("count")
     count = 1 if count is None else count
     if not 1 <= count <= 10:
@@ -108,7 +112,8 @@ def get_pairs(round_id: int) -> Response:
         except ValueError:
             raise ApiError(400, f"'exclude' entries look like 12-15, got {part[:40]!r}") from None
         exclude.append((a, b))
-    return jsonify(_store().read(lambda s: store.next_pairs(s, round_id, rater, count, exclude)))
+    active = current_app.extensions["poseloop_pair_ranker"].order if order == "active" else None
+    return jsonify(_store().read(lambda s: store.next_pairs(s, round_id, rater, count, exclude, active)))
 
 
 @bp.get("/rounds/<int:round_id>/progress")

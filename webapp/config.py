@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 TOKEN_ENV = "POSELOOP_TOKEN"
+PAIR_ORDERS = ("coverage", "active")
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,19 @@ class AppConfig:
         },
     )
     threads: int = field(default=8, metadata={"help": "Worker threads of the WSGI server."})
+    pair_order: str = field(
+        default="coverage",
+        metadata={
+            "help": "Order of pairs in pairs mode: 'coverage' (the groups and pairs judged least first) or "
+                    "'active' (first the pairs the latest reward model in --models-dir is least sure about, "
+                    "by ensemble disagreement; coverage order while there is no usable reward model).",
+            "choices": PAIR_ORDERS,
+        },
+    )
+    models_dir: Path = field(
+        default=Path("models"),
+        metadata={"help": "Models folder of train_reward.py; --pair-order active reads <models-dir>/reward/latest."},
+    )
 
     def validate(self) -> AppConfig:
         """Check every field; raise ConfigError naming the offending flag."""
@@ -127,6 +141,9 @@ class AppConfig:
             raise ConfigError(f"--server: {self.server!r} is not one of waitress, werkzeug")
         if not 1 <= self.threads <= 64:
             raise ConfigError(f"--threads: {self.threads} is outside 1..64")
+        if self.pair_order not in PAIR_ORDERS:
+            raise ConfigError(f"--pair-order: {self.pair_order!r} is not one of {', '.join(PAIR_ORDERS)}")
+        self.models_dir = Path(self.models_dir)
         return self
 
     def _clean_allowed_hosts(self) -> tuple[str, ...]:

@@ -398,18 +398,25 @@ def pair_progress(session: Session, rater_id: int | None, round_id: int) -> dict
 
 
 def next_pairs(
-    session: Session, round_id: int, rater_name: str | None, count: int, exclude: Iterable[tuple[int, int]] = ()
+    session: Session, round_id: int, rater_name: str | None, count: int, exclude: Iterable[tuple[int, int]] = (),
+    active: Callable[[Session, int, dict[int, list[tuple[int, int]]]], Any] | None = None,
 ) -> dict[str, Any]:
-    """The next `count` pairs this rater has not judged, spread over groups.
+    """The next `count` pairs this rater has not judged, spread over groups (coverage order).
 
     The group this rater has judged least comes first (ties: the group all raters judged least), then
     the pair judged least by anyone; the remaining ties are broken by a per-rater hash so two raters
     working at once see different pairs, and a reload shows the same pair on the same side.
+
+    With `active` (webapp.active.PairRanker.order), the pair judged least by anyone still comes first,
+    then the pair the latest reward model is least sure about (ensemble std in 20 levels, then P(a beats b)
+    near 0.5 in 20 levels), then the per-rater hash. When `active` returns None (no usable reward model) coverage order is used; the
+    answer's "order" says which order it is.
     """
     get_round(session, round_id)
     rater = find_rater(session, rater_name)
     rater_key = rater_name or ""
     pairs_by_group = _round_pairs(session, round_id)
+    ranked = active(session, round_id, pairs_by_group) if active is not None else None
     group_of = {p: gid for gid, ps in pairs_by_group.items() for p in ps}
     done: set[tuple[int, int]] = set(exclude)
     pair_counts: Counter[tuple[int, int]] = Counter()
@@ -425,7 +432,12 @@ def next_pairs(
         rater_group_counts[group_of.get(p, -1)] += 1
 
     chosen: list[tuple[int, int, int]] = []
-    for _ in range(max(count, 0)):
+    if ranked is not None:
+        last = (math.inf, math.inf)  # a pair the order does not know (none while the round is unchanged) goes last
+        open_pairs = [p for p in group_of if p not in done]
+        open_pairs.sort(key=lambda p: (pair_counts[p], ranked.priority.get(p, last), _stable_hash(rater_key, *p)))
+        chosen = [(group_of[p], *p) for p in open_pairs[:max(count, 0)]]
+    for _ in range(max(count, 0) if ranked is None else 0):
         best: tuple[Any, ...] | None = None
         for gid, ps in pairs_by_group.items():
             open_pairs = [p for p in ps if p not in done]
@@ -458,7 +470,9 @@ def next_pairs(
             "left": item_json(samples[left], g, None),
             "right": item_json(samples[right], g, None),
         })
-    return {"pairs": out, "progress": pair_progress(session, rater.id if rater else None, round_id)}
+    return {"pairs": out, "progress": pair_progress(session, rater.id if rater else None, round_id),
+            "order": "active" if ranked is not None else "coverage",
+            "reward_model": ranked.version if ranked is not None else None}
 
 
 # ---------------------------------------------------------------- writes
