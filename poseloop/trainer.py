@@ -245,15 +245,32 @@ class PolicyTrainer:
 
         return list(gather_object(keys))
 
+    def _local_part(self, mb: torch.Tensor, n_local: int) -> tuple[torch.Tensor, float]:
+        """This process's part of a global minibatch, and the factor its mean loss is scaled by.
+
+        `mb` indexes the epoch's global items, process p holding [p * n_local, (p + 1) * n_local); every
+        process draws the same global minibatches (shared generator), so N processes train on exactly
+        the minibatches one process draws. The part is returned as local indices; the factor
+        len(part) * N / len(mb) makes the mean over processes of the scaled local means (the all-reduce
+        in _optimizer_step) the mean loss of the whole global minibatch, however unevenly it is split
+        (a part may be empty). With one process the part is mb and the factor exactly 1.
+        """
+        acc = self.accelerator
+        lo = acc.process_index * n_local
+        part = mb[(mb >= lo) & (mb < lo + n_local)] - lo
+        return part, len(part) * acc.num_processes / max(1, len(mb))
+
     def _optimizer_step(self) -> None:
         """Average gradients over processes, clip, step, zero; count the step."""
         acc = self.accelerator
         params = self.policy.parameters()
         if acc.num_processes > 1:
             # The model is not wrapped in DDP (the shared sampler needs the plain modules): average here.
+            # A process whose part of the minibatch was empty has no gradient: it adds zeros, and every
+            # process takes part in every all-reduce.
             for p in params:
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, reduction="mean")
+                if p.requires_grad:
+                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
         if self.cfg.optim.max_grad_norm > 0:
             acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         self.optimizer.step()
@@ -460,6 +477,11 @@ class PolicyTrainer:
                 if cfg.output.grid_every and (self.epoch % cfg.output.grid_every == 0 or last):
                     row.update(self.evaluate(self.epoch))
                 stopped = self.check_guards(row)
+                if acc.num_processes > 1:
+                    # The held-out reward is scored on the main process only: its decision stops every process.
+                    from accelerate.utils import broadcast_object_list
+
+                    stopped = broadcast_object_list([stopped])[0]
                 self.log(row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "pair_accuracy", "loss", "approx_kl")
                                  if k in row})

@@ -21,6 +21,7 @@ from poseloop import losses
 from poseloop.algos import Algorithm
 from poseloop.algos.preferences import PreferencePair, TrainingInputError, load_preference_pairs
 from poseloop.config import SampleConfig
+from poseloop.configlib import ConfigError
 from poseloop.rollouts import TrajectoryBatch, cat_conditioning, derive_seed
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class D3PO(Algorithm):
             batches = self.pair_data
         else:
             groups, seeds, _ = t._epoch_items(epoch)
+            if len(groups) % t.cfg.sample.images_per_group:
+                raise ConfigError(f"train.groups_per_epoch ({t.cfg.train.groups_per_epoch}) must be divisible by the "
+                                  f"number of processes ({t.accelerator.num_processes}) for d3po.source=reward: a "
+                                  "group's images pick its pair on one process")
             batch, rewards, _ = t._sample_groups(groups, seeds, t.reward)
             assert rewards is not None
             k = t.cfg.sample.images_per_group
@@ -73,23 +78,34 @@ class D3PO(Algorithm):
         cfg, d = t.cfg.train, t.cfg.d3po
         t0 = time.perf_counter()
         stats: dict[str, list[float]] = {"loss": [], "pair_accuracy": [], "margin": [], "approx_kl": []}
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "pairs", t.accelerator.process_index))
-        work = []
+        procs, rank = t.accelerator.num_processes, t.accelerator.process_index
+        # The same generator on every process (0: the seed one process always used): the same global
+        # batches of batch_size x processes pairs, order and chosen steps as one process with that batch.
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "pairs", 0))
+        work = []  # (batch, this process's pairs as indices into it, loss factor): the same length everywhere
+        bs = cfg.batch_size * procs
         for b_i, batch in enumerate(batches):
             n = batch.latents.shape[0] // 2
-            perm = torch.randperm(n, generator=gen)
-            mine = perm[t.accelerator.process_index::t.accelerator.num_processes]
-            work += [(b_i, mine[i:i + cfg.batch_size]) for i in range(0, len(mine), cfg.batch_size)]
+            if t.cfg.d3po.source == "db":
+                # Every process holds every stored pair: process p takes every N-th pair of each global batch.
+                perm = torch.randperm(n, generator=gen)
+                for i in range(0, n, bs):
+                    mb = perm[i:i + bs]
+                    work.append((b_i, mb[rank::procs], len(mb[rank::procs]) * procs / len(mb)))
+            else:
+                # Online pairs: process p holds global pairs [p * n, (p + 1) * n) of its own groups.
+                perm = torch.randperm(n * procs, generator=gen)
+                work += [(b_i, *t._local_part(perm[i:i + bs], n)) for i in range(0, n * procs, bs)]
         order = torch.randperm(len(work), generator=gen).tolist()
         if d.pairs_per_epoch and t.cfg.d3po.source == "db":
-            order = order[:max(1, math.ceil(d.pairs_per_epoch / (cfg.batch_size * t.accelerator.num_processes)))]
+            order = order[:max(1, math.ceil(d.pairs_per_epoch / bs))]
         # An epoch is one pass over the epoch's pairs: the epoch bar alone sits at 0/1 for minutes, so this
         # one moves with each batch of pairs and the epoch ends with a one-line summary.
         show = t.progress and t.accelerator.is_main_process
         n_pairs = sum(len(work[w][1]) for w in order)
         bar = tqdm(total=n_pairs, desc=f"d3po epoch {epoch + 1}", unit="pair", leave=False, disable=not show)
         for pos, w_i in enumerate(order):
-            b_i, idx = work[w_i]
+            b_i, idx, weight = work[w_i]
             batch = batches[b_i]
             n = batch.latents.shape[0] // 2
             both = torch.cat([idx, idx + n])  # [2b]: winners then losers in one forward pass
@@ -97,7 +113,7 @@ class D3PO(Algorithm):
             lat = batch.latents[both]
             ref = batch.extra["ref"][both]
             steps = t._chosen_trainable_steps(batch, gen)
-            for j in steps:
+            for j in (steps if len(idx) else []):  # an empty part still takes part in the optimizer step
                 lp = t._rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)
                 lp_w, lp_l = lp.chunk(2)
                 ref_j = ref[:, j].to(lp.device)
@@ -105,7 +121,7 @@ class D3PO(Algorithm):
                 if t.first_ratio is None:
                     t.first_ratio = float((torch.exp(lp.detach() - ref_j) - 1).abs().max())
                 loss = losses.d3po_loss(lp_w, lp_l, ref_w, ref_l, d.beta, d.clamp_eps)
-                t.accelerator.backward(loss / (len(steps) * cfg.grad_accum))
+                t.accelerator.backward(loss * weight / (len(steps) * cfg.grad_accum))
                 with torch.no_grad():
                     margin = (lp_w - ref_w) - (lp_l - ref_l)
                     stats["loss"].append(float(loss.detach()))

@@ -48,13 +48,19 @@ class DDPO(Algorithm):
         n = batch.log_probs.shape[0]
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
         micro = 0
+        procs = t.accelerator.num_processes
         for inner in range(cfg.inner_epochs):
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "shuffle", inner,
-                                                            t.accelerator.process_index))
-            perm = torch.randperm(n, generator=gen)
-            minibatches = [perm[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            for mb_i, idx in enumerate(minibatches):
+            # The same generator on every process (0: the seed one process always used): the same global
+            # shuffle, minibatches of batch_size x processes and chosen steps as one process with that batch.
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "shuffle", inner, 0))
+            perm = torch.randperm(n * procs, generator=gen)
+            bs = cfg.batch_size * procs
+            minibatches = [perm[i:i + bs] for i in range(0, n * procs, bs)]
+            for mb_i, mb in enumerate(minibatches):
                 steps = t._chosen_trainable_steps(batch, gen)
+                idx, weight = t._local_part(mb, n)
+                if len(idx) == 0:
+                    steps = []  # nothing of this minibatch here: the optimizer step below still all-reduces
                 cond = batch.cond.select(idx)
                 lat = batch.latents[idx]
                 for j in steps:
@@ -64,7 +70,7 @@ class DDPO(Algorithm):
                                                       cfg.adv_clip_max)
                     if t.first_ratio is None:
                         t.first_ratio = float((torch.exp(lp.detach() - old) - 1).abs().max())
-                    t.accelerator.backward(loss / (len(steps) * cfg.grad_accum))
+                    t.accelerator.backward(loss * weight / (len(steps) * cfg.grad_accum))
                     stats["loss"].append(float(loss.detach()))
                     for key in ("approx_kl", "clipfrac", "ratio"):
                         stats[key].append(float(info[key]))
@@ -77,4 +83,5 @@ class DDPO(Algorithm):
         """DDPO's approx KL is to the sampling policy: zero by construction when an epoch makes one update."""
         tr = self.trainer.cfg.train
         samples = tr.groups_per_epoch * self.trainer.cfg.sample.images_per_group
-        return math.ceil(samples / tr.batch_size) * tr.inner_epochs > tr.grad_accum
+        procs = self.trainer.accelerator.num_processes
+        return math.ceil(samples / (tr.batch_size * procs)) * tr.inner_epochs > tr.grad_accum
