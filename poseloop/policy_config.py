@@ -96,6 +96,18 @@ class D3POConfig:
 
 
 @dataclass
+class RefLConfig:
+    """ReFL (ImageReward): one gradient-carrying step at a random late step, scored on its predicted x0."""
+
+    window_start: float = field(0.75, help="earliest stop step as a fraction of sample.steps (ImageReward: 30 of "
+                                "40 = 0.75); the sampler runs without gradient down to the stop step")
+    window_end: float = field(1.0, help="end of the stop-step window as a fraction of sample.steps, exclusive "
+                              "(ImageReward: up to step 39 of 40 = 1.0)")
+    margin: float = field(2.0, help="loss = relu(margin - reward) * scale (ImageReward: 2)")
+    scale: float = field(1.0, help="loss scale (ImageReward: grad_scale 1e-3; with AdamW the scale matters little)")
+
+
+@dataclass
 class OutputConfig:
     """Where checkpoints, logs and exports go."""
 
@@ -131,7 +143,8 @@ class GuardConfig:
 class PolicyConfig:
     """Everything train_policy.py needs."""
 
-    algo: str = field("ddpo", help="ddpo = policy gradient against a reward; d3po = direct preference optimisation",
+    algo: str = field("ddpo", help="ddpo = policy gradient against a reward; d3po = direct preference optimisation; refl = "
+                      "ImageReward's ReFL (gradient of a differentiable reward through one late step)",
                       choices=tuple(ALGORITHMS))
     reward: str = field("latest", help="reward spec for DDPO (and d3po.source=reward): latest (= latent:latest, the "
                         "learned reward model), brightness, jpeg_compressibility, pose_accuracy, text_alignment, or a "
@@ -143,6 +156,7 @@ class PolicyConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
     train: TrainConfig = field(default_factory=TrainConfig, help="training loop")
     d3po: D3POConfig = field(default_factory=D3POConfig, help="D3PO")
+    refl: RefLConfig = field(default_factory=RefLConfig, help="ReFL (direct reward fine-tuning)")
     output: OutputConfig = field(default_factory=OutputConfig, help="outputs")
     guard: GuardConfig = field(default_factory=GuardConfig, help="guards")
 
@@ -198,6 +212,13 @@ class PolicyConfig:
             if self.d3po.source == "reward" and self.sample.images_per_group < 2:
                 raise ConfigError("sample.images_per_group: d3po.source=reward needs >= 2 images per group to pick a "
                                   "winner and a loser")
+        if self.algo == "refl":
+            r = self.refl
+            if not 0 <= r.window_start < r.window_end <= 1:
+                raise ConfigError(f"refl.window_start/window_end: need 0 <= start < end <= 1 (got {r.window_start}, "
+                                  f"{r.window_end})")
+            if not r.scale > 0:
+                raise ConfigError(f"refl.scale: must be > 0 (got {r.scale})")
         if self.guard.min_kl < 0 or self.guard.min_kl_epochs < 1:
             raise ConfigError("guard.min_kl must be >= 0 and guard.min_kl_epochs >= 1")
         for name in ("export_every", "checkpoint_every", "grid_every", "grid_images"):
@@ -257,6 +278,7 @@ def tiny_faithful() -> PolicyConfig:
     cfg.optim.lr, cfg.train.clip_range, cfg.train.timestep_fraction = 3e-4, 1e-4, 1.0
     cfg.target.lora_modules = list(DEFAULT_LORA_MODULES)
     cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
+    cfg.refl.margin, cfg.refl.scale = 2.0, 1e-3
     return cfg
 
 
@@ -279,6 +301,7 @@ def sd15_faithful() -> PolicyConfig:
     """SD1.5 with every published default, D3PO included (beta 0.1, clamp 0.1): reproduces the papers."""
     cfg = sd15()
     cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
+    cfg.refl.margin, cfg.refl.scale = 2.0, 1e-3
     cfg.optim.lr = 3e-4
     return cfg
 
@@ -308,4 +331,6 @@ def config_hash(cfg: PolicyConfig) -> str:
     d["train"].pop("resume")
     d.pop("output")
     d.pop("guard")
+    if cfg.algo != "refl":
+        d.pop("refl")  # ReFL's section does not change other algorithms' runs (or their existing hashes)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

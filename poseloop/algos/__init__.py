@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 ALGORITHMS: dict[str, str] = {
     "ddpo": "poseloop.algos.ddpo:DDPO",
     "d3po": "poseloop.algos.d3po:D3PO",
+    "refl": "poseloop.algos.refl:ReFL",
 }
 
 

@@ -1,0 +1,147 @@
+"""ReFL (ImageReward, Xu et al. 2023): direct reward fine-tuning through one late denoising step.
+
+Per minibatch of (prompt, pose, seed): the shared DDIM sampler's steps run WITHOUT gradient from
+noise down to a stop step drawn uniformly in [refl.window_start, refl.window_end) x sample.steps;
+one UNet(+ControlNet) prediction with gradient (CFG as when sampling) at that step gives the
+predicted x0; a differentiable reward scores it (a latent reward model on the x0 latents directly,
+an image reward on the VAE decoding, with gradient); loss = relu(margin - reward) * scale
+(poseloop.losses.refl_loss), backpropagated into the trainable target, then the trainer's
+optimizer step. A reward whose output carries no gradient is refused at the first batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from poseloop import losses
+from poseloop.algos import Algorithm
+from poseloop.errors import ConfigError
+from poseloop.rollouts import derive_seed
+
+
+def reward_name(reward: Any) -> str:
+    """The reward's name for messages."""
+    return str(getattr(reward, "name", type(reward).__name__))
+
+
+def refuse_non_differentiable(reward: Any) -> None:
+    """ConfigError when a reward declares itself not differentiable (attribute `differentiable`)."""
+    if getattr(reward, "differentiable", True) is False:
+        raise ConfigError(not_differentiable_message(reward))
+
+
+def not_differentiable_message(reward: Any) -> str:
+    return (f"--algo refl: reward {reward_name(reward)!r} is not differentiable (its score has no gradient with "
+            f"respect to the image/latents); use --algo ddpo for it")
+
+
+def decode_with_grad(comp: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in 0..1 with gradient (sampling.decode_latents is no_grad)."""
+    vae = comp.vae
+    z = latents.to(comp.device, vae.dtype) / vae.config.scaling_factor
+    image = vae.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+class ReFL(Algorithm):
+    """ReFL with the shared sampler's DDIM step, the trainer's conditioning and optimizer step."""
+
+    def __init__(self, trainer: Any) -> None:
+        super().__init__(trainer)
+        self.checked = False
+
+    def stop_step(self, gen: torch.Generator) -> int:
+        """A stop step index in the late window [start, end) of the schedule (at least one step)."""
+        r, n = self.trainer.cfg.refl, self.trainer.cfg.sample.steps
+        lo = min(n - 1, int(np.floor(r.window_start * n)))
+        hi = max(lo + 1, min(n, int(np.ceil(r.window_end * n))))
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    def rollout_to(self, cond: Any, seeds: list[int], stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x at step `stop` (no gradient), and the schedule's timesteps."""
+        from poseloop.sampling import ddim_step_with_logprob, initial_noise, predict_noise
+
+        t = self.trainer
+        comp, s = t.comp, t.cfg.sample
+        scheduler = comp.scheduler
+        scheduler.set_timesteps(s.steps, device=comp.device)
+        shape = (comp.latent_channels, t.height // comp.vae_scale_factor, t.width // comp.vae_scale_factor)
+        x, gens = initial_noise(seeds, shape)
+        x = x.to(comp.device) * scheduler.init_noise_sigma
+        with torch.no_grad():
+            for ts in scheduler.timesteps[:stop]:
+                with t.accelerator.autocast():
+                    eps = predict_noise(comp, x, ts, cond, s.guidance_scale, s.controlnet_scale)
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
+                x, _ = ddim_step_with_logprob(scheduler, eps, ts, x, s.eta, noise=noise)
+        return x.detach(), scheduler.timesteps
+
+    def predicted_x0(self, cond: Any, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """x0 predicted by one gradient-carrying noise prediction at `timestep` (CFG as when sampling)."""
+        from poseloop.sampling import predict_noise, predicted_x0_and_eps
+
+        t = self.trainer
+        comp, s = t.comp, t.cfg.sample
+        with t.accelerator.autocast():
+            out = predict_noise(comp, x, timestep, cond, s.guidance_scale, s.controlnet_scale)
+        alpha = comp.scheduler.alphas_cumprod.to(x.device)[timestep.long()].float().reshape(1, 1, 1, 1)
+        x0, _ = predicted_x0_and_eps(comp.scheduler.config.prediction_type, out.float(), x.float(), alpha)
+        return x0
+
+    def score(self, x0: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> torch.Tensor:
+        """The reward [B] of predicted x0 with gradient; refuses (ConfigError) a reward without one."""
+        t = self.trainer
+        reward = t.reward
+        refuse_non_differentiable(reward)
+        needs_images = getattr(reward, "needs_images", True)
+        images = decode_with_grad(t.comp, x0) if needs_images else None
+        out = reward(images, x0, prompts, metadata)
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            raise ConfigError(not_differentiable_message(reward))
+        self.checked = True
+        return out.float().reshape(-1)
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        """Minibatches of train.batch_size (group, seed) items: roll out, one step with gradient, update."""
+        from poseloop.sampling import make_conditioning
+
+        t = self.trainer
+        cfg = t.cfg
+        t0 = time.perf_counter()
+        groups, seeds, _ = t._epoch_items(epoch)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, "refl", t.accelerator.process_index))
+        stats: dict[str, list[float]] = {"loss": [], "reward": [], "stop_step": []}
+        rewards: list[torch.Tensor] = []
+        bs = cfg.train.batch_size
+        micro = 0
+        starts = list(range(0, len(groups), bs))
+        for k, i in enumerate(starts):
+            gs, ss = groups[i:i + bs], seeds[i:i + bs]
+            prompts = [t.specs[g].prompt for g in gs]
+            cond = make_conditioning(t.comp, prompts, [t._group_image(g) for g in gs], cfg.sample, t.width, t.height)
+            stop = self.stop_step(gen)
+            x, timesteps = self.rollout_to(cond, ss, stop)
+            x0 = self.predicted_x0(cond, x, timesteps[stop])
+            r = self.score(x0, prompts, [t._metadata(g) for g in gs])
+            loss = losses.refl_loss(r, cfg.refl.margin, cfg.refl.scale)
+            t.accelerator.backward(loss / cfg.train.grad_accum)
+            stats["loss"].append(float(loss.detach()))
+            stats["reward"].append(float(r.detach().mean()))
+            stats["stop_step"].append(float(stop))
+            rewards.append(r.detach().float().cpu())
+            micro += 1
+            if micro % cfg.train.grad_accum == 0 or k == len(starts) - 1:
+                t._optimizer_step()
+        all_rewards = t._gather(torch.cat(rewards))
+        # The reward of predicted x0 at the stop step (not of finished samples): a training signal, not an evaluation.
+        return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
+                "loss": float(np.mean(stats["loss"])), "stop_step": float(np.mean(stats["stop_step"])),
+                "samples": float(all_rewards.numel()), "seconds": time.perf_counter() - t0}
+
+    def kl_is_measured(self) -> bool:
+        """ReFL logs no KL: the not-moving guard has nothing to read."""
+        return False
