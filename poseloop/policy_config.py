@@ -289,7 +289,7 @@ def sd15() -> PolicyConfig:
     cfg.model, cfg.sample = base.model, base.sample  # the same weights and size as generate.py --preset sd15
     cfg.sample.steps, cfg.sample.eta, cfg.sample.guidance_scale = 50, 1.0, 5.0
     cfg.sample.batch_size = 8
-    cfg.train.groups_per_epoch = 8  # 8 groups x 4 images = 32 trajectories per epoch and GPU
+    cfg.train.groups_per_epoch = 8  # 8 groups x 4 images = 32 trajectories per epoch, split over the processes
     cfg.train.batch_size, cfg.train.grad_accum = 2, 8
     cfg.optim.mixed_precision = "fp16"
     cfg.optim.lr = 3e-4
