@@ -108,6 +108,20 @@ class RefLConfig:
 
 
 @dataclass
+class DraftConfig:
+    """DRaFT-K / AlignProp: backpropagation through the last K sampling steps into the final sample's reward."""
+
+    k: int = field(1, help="sampling steps that carry gradient, the last K of sample.steps (DRaFT-K; K = 1 is the "
+                   "cheapest); the steps before run without gradient")
+    k_random: bool = field(False, help="draw K uniformly in 1..draft.k per minibatch (AlignProp's random truncation) "
+                           "instead of always draft.k")
+    scale: float = field(1.0, help="loss = -reward x scale (mean over the minibatch)")
+    checkpointing: bool = field(True, help="gradient checkpointing of every gradient-carrying step (UNet+ControlNet "
+                                "with CFG, and the VAE decode of an image reward): memory does not grow with K, "
+                                "each step's forward runs twice")
+
+
+@dataclass
 class OutputConfig:
     """Where checkpoints, logs and exports go."""
 
@@ -144,7 +158,8 @@ class PolicyConfig:
     """Everything train_policy.py needs."""
 
     algo: str = field("ddpo", help="ddpo = policy gradient against a reward; d3po = direct preference optimisation; refl = "
-                      "ImageReward's ReFL (gradient of a differentiable reward through one late step)",
+                      "ImageReward's ReFL (gradient of a differentiable reward through one late step); draft = DRaFT-K / "
+                      "AlignProp (gradient of the final sample's reward through the last draft.k steps)",
                       choices=tuple(ALGORITHMS))
     reward: str = field("latest", help="reward spec for DDPO (and d3po.source=reward): latest (= latent:latest, the "
                         "learned reward model), brightness, jpeg_compressibility, pose_accuracy, text_alignment, or a "
@@ -157,6 +172,7 @@ class PolicyConfig:
     train: TrainConfig = field(default_factory=TrainConfig, help="training loop")
     d3po: D3POConfig = field(default_factory=D3POConfig, help="D3PO")
     refl: RefLConfig = field(default_factory=RefLConfig, help="ReFL (direct reward fine-tuning)")
+    draft: DraftConfig = field(default_factory=DraftConfig, help="DRaFT-K / AlignProp (direct reward fine-tuning)")
     output: OutputConfig = field(default_factory=OutputConfig, help="outputs")
     guard: GuardConfig = field(default_factory=GuardConfig, help="guards")
 
@@ -219,6 +235,12 @@ class PolicyConfig:
                                   f"{r.window_end})")
             if not r.scale > 0:
                 raise ConfigError(f"refl.scale: must be > 0 (got {r.scale})")
+        if self.algo == "draft":
+            if not 1 <= self.draft.k <= self.sample.steps:
+                raise ConfigError(f"draft.k: must be in 1..sample.steps ({self.sample.steps}) (got {self.draft.k}); "
+                                  "K = 1 is the cheapest")
+            if not self.draft.scale > 0:
+                raise ConfigError(f"draft.scale: must be > 0 (got {self.draft.scale})")
         if self.guard.min_kl < 0 or self.guard.min_kl_epochs < 1:
             raise ConfigError("guard.min_kl must be >= 0 and guard.min_kl_epochs >= 1")
         for name in ("export_every", "checkpoint_every", "grid_every", "grid_images"):
@@ -333,4 +355,6 @@ def config_hash(cfg: PolicyConfig) -> str:
     d.pop("guard")
     if cfg.algo != "refl":
         d.pop("refl")  # ReFL's section does not change other algorithms' runs (or their existing hashes)
+    if cfg.algo != "draft":
+        d.pop("draft")  # nor does DRaFT's
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

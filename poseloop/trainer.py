@@ -466,6 +466,9 @@ class PolicyTrainer:
             before = self.evaluate(0)
             if before:
                 self.log({"epoch": 0.0, **before})
+            # The model before training is the held-out guard's first reference: a direct-gradient run
+            # (ReFL, DRaFT) can over-optimise within its first epoch, which a best taken from epoch 1 misses.
+            self.best_heldout = before.get("heldout_reward", self.best_heldout)
         epoch_fn = self.algorithm.epoch
         bar = tqdm(range(first_epoch, cfg.train.epochs), initial=first_epoch, total=cfg.train.epochs,
                    desc=f"{cfg.algo} {self.run_name}", unit="epoch", disable=not (self.progress and acc.is_main_process))

@@ -19,6 +19,7 @@ ALGORITHMS: dict[str, str] = {
     "ddpo": "poseloop.algos.ddpo:DDPO",
     "d3po": "poseloop.algos.d3po:D3PO",
     "refl": "poseloop.algos.refl:ReFL",
+    "draft": "poseloop.algos.draft:DRaFT",
 }
 
 

@@ -28,14 +28,15 @@ def reward_name(reward: Any) -> str:
     return str(getattr(reward, "name", type(reward).__name__))
 
 
-def refuse_non_differentiable(reward: Any) -> None:
+def refuse_non_differentiable(reward: Any, algo: str = "refl") -> None:
     """ConfigError when a reward declares itself not differentiable (attribute `differentiable`)."""
     if getattr(reward, "differentiable", True) is False:
-        raise ConfigError(not_differentiable_message(reward))
+        raise ConfigError(not_differentiable_message(reward, algo))
 
 
-def not_differentiable_message(reward: Any) -> str:
-    return (f"--algo refl: reward {reward_name(reward)!r} is not differentiable (its score has no gradient with "
+def not_differentiable_message(reward: Any, algo: str = "refl") -> str:
+    """The one-line refusal of a reward without gradient for the direct algorithm `algo`."""
+    return (f"--algo {algo}: reward {reward_name(reward)!r} is not differentiable (its score has no gradient with "
             f"respect to the image/latents); use --algo ddpo for it")
 
 
@@ -63,6 +64,16 @@ class ReFL(Algorithm):
 
     def rollout_to(self, cond: Any, seeds: list[int], stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x at step `stop` (no gradient), and the schedule's timesteps."""
+        x, timesteps, _ = self.rollout(cond, seeds, stop)
+        return x, timesteps
+
+    def rollout(self, cond: Any, seeds: list[int], stop: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
+        """x at step `stop` (no gradient), the timesteps, and the per-seed generators positioned for step `stop`.
+
+        The generators draw each step's noise as poseloop.sampling.sample does, so continuing the
+        chain with them (DRaFT) ends on exactly the sample the current weights draw for these seeds.
+        """
         from poseloop.sampling import ddim_step_with_logprob, initial_noise, predict_noise
 
         t = self.trainer
@@ -78,7 +89,7 @@ class ReFL(Algorithm):
                     eps = predict_noise(comp, x, ts, cond, s.guidance_scale, s.controlnet_scale)
                 noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
                 x, _ = ddim_step_with_logprob(scheduler, eps, ts, x, s.eta, noise=noise)
-        return x.detach(), scheduler.timesteps
+        return x.detach(), scheduler.timesteps, gens
 
     def predicted_x0(self, cond: Any, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """x0 predicted by one gradient-carrying noise prediction at `timestep` (CFG as when sampling)."""
@@ -96,14 +107,19 @@ class ReFL(Algorithm):
         """The reward [B] of predicted x0 with gradient; refuses (ConfigError) a reward without one."""
         t = self.trainer
         reward = t.reward
-        refuse_non_differentiable(reward)
+        algo = t.cfg.algo
+        refuse_non_differentiable(reward, algo)
         needs_images = getattr(reward, "needs_images", True)
-        images = decode_with_grad(t.comp, x0) if needs_images else None
+        images = self.decode(x0) if needs_images else None
         out = reward(images, x0, prompts, metadata)
         if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-            raise ConfigError(not_differentiable_message(reward))
+            raise ConfigError(not_differentiable_message(reward, algo))
         self.checked = True
         return out.float().reshape(-1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images of latents with gradient for an image reward (a subclass may checkpoint it)."""
+        return decode_with_grad(self.trainer.comp, latents)
 
     def epoch(self, epoch: int) -> dict[str, float]:
         """Minibatches of train.batch_size (group, seed) items: roll out, one step with gradient, update."""
