@@ -150,6 +150,9 @@ class GuardConfig:
                                 "a drop warns; empty = off")
     heldout_drop: float = field(0.2, help="warn when the held-out reward falls this much (relative) below its best")
     stop: bool = field(False, help="stop training (and export) when a guard fires `patience` epochs in a row")
+    restore_best: bool = field(True, help="when the held-out reward stops a run, restore the weights of the epoch "
+                               "with the best held-out reward (kept in memory since this process started) before "
+                               "the final checkpoint and export")
     patience: int = field(2, help="consecutive epochs a guard must fire before stop applies")
 
 

@@ -126,6 +126,10 @@ class PolicyTrainer:
         self.history: list[dict[str, float]] = []
         self.guard_streak = 0
         self.best_heldout: float | None = None
+        # Weights (CPU copies) of the epoch with the best held-out reward, for guard.restore_best.
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch = 0
+        self.heldout_fired = False
         self.export_dir: Path | None = None
         self.first_ratio: float | None = None  # max |r - 1| of the very first re-scored step (test hook)
 
@@ -372,11 +376,15 @@ class PolicyTrainer:
                               f"{g.min_kl_epochs} epochs: the policy is not moving. Raise optim.lr (now "
                               f"{self.cfg.optim.lr:g}; try x10) or train.clip_range (now {self.cfg.train.clip_range:g}), "
                               "or check that the reward differs between images of a group", stacklevel=2)
+        self.heldout_fired = False  # whether this epoch's held-out reward fired (a stop then restores the best)
         if "heldout_reward" in row:
             h = row["heldout_reward"]
             if self.best_heldout is not None and h < self.best_heldout - g.heldout_drop * abs(self.best_heldout):
                 fired.append(f"held-out reward {h:.4f} fell more than {g.heldout_drop:.0%} below its best "
                              f"{self.best_heldout:.4f} (reward hacking?)")
+                self.heldout_fired = True
+            elif self.best_heldout is None or h > self.best_heldout:
+                self.remember_best(h, int(row["epoch"]))
             self.best_heldout = h if self.best_heldout is None else max(self.best_heldout, h)
         if fired:
             self.guard_streak += 1
@@ -388,6 +396,12 @@ class PolicyTrainer:
             self.guard_streak = 0
         return ""
 
+
+    def remember_best(self, heldout: float, epoch: int) -> None:
+        """Record a new best held-out reward and, for guard.restore_best, copies of the weights that reached it."""
+        self.best_heldout = heldout
+        if self.cfg.guard.stop and self.cfg.guard.restore_best:
+            self.best_state, self.best_epoch = self.policy.state_dict(), epoch
 
     def log(self, row: dict[str, float]) -> None:
         """Append an epoch's metrics to metrics.csv and the accelerate trackers."""
@@ -468,7 +482,8 @@ class PolicyTrainer:
                 self.log({"epoch": 0.0, **before})
             # The model before training is the held-out guard's first reference: a direct-gradient run
             # (ReFL, DRaFT) can over-optimise within its first epoch, which a best taken from epoch 1 misses.
-            self.best_heldout = before.get("heldout_reward", self.best_heldout)
+            if "heldout_reward" in before:
+                self.remember_best(before["heldout_reward"], 0)
         epoch_fn = self.algorithm.epoch
         bar = tqdm(range(first_epoch, cfg.train.epochs), initial=first_epoch, total=cfg.train.epochs,
                    desc=f"{cfg.algo} {self.run_name}", unit="epoch", disable=not (self.progress and acc.is_main_process))
@@ -488,6 +503,10 @@ class PolicyTrainer:
                 self.log(row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "pair_accuracy", "loss", "approx_kl")
                                  if k in row})
+                if stopped and self.heldout_fired and cfg.guard.restore_best and self.best_state is not None:
+                    # The guard sees the drop one epoch late: export the best held-out weights, not the hacked ones.
+                    self.policy.load_state_dict(self.best_state)
+                    stopped += f"; restored the weights of epoch {self.best_epoch} (best held-out reward)"
                 if stopped or last or (cfg.output.checkpoint_every and self.epoch % cfg.output.checkpoint_every == 0):
                     self.save_checkpoint()
                 if stopped or last or (cfg.output.export_every and self.epoch % cfg.output.export_every == 0):

@@ -165,11 +165,20 @@ class AntiBrightness(Brightness):
 def test_heldout_guard_stops_over_optimisation(models_dir: Path, tmp_path: Path) -> None:
     cfg = draft_cfg(models_dir, tmp_path, train__epochs=6, output__grid_every=1, output__grid_images=2,
                     guard__stop=True, guard__patience=1)
+    trainer = PolicyTrainer(cfg, reward=Brightness(), heldout_reward=AntiBrightness(), progress=False)
+    start = trainer.policy.state_dict()
     with pytest.warns(UserWarning, match="held-out reward .* fell"):
-        result = train(cfg, reward=Brightness(), heldout_reward=AntiBrightness(), progress=False)
+        result = trainer.run()
     # the pre-training grid is the guard's reference, so the first over-optimised epoch already stops it
     assert result.stopped and "held-out reward" in result.stopped
     assert result.epochs_done == 1, [r.get("heldout_reward") for r in result.history]
+    # guard.restore_best: the stopped run's weights (checkpoint and export) are those of the best held-out
+    # epoch, here the model before training (exact copies, restored with load_state_dict)
+    assert "restored the weights of epoch 0" in result.stopped
+    final = trainer.policy.state_dict()
+    assert all(torch.equal(start[k], final[k]) for k in start)
+    saved = load_file(str(result.run_dir / "checkpoint" / "weights.safetensors"))
+    assert all(torch.equal(start[k], saved[k]) for k in start)
     assert result.export_dir is not None  # a stopped run still exports
 
 
@@ -189,3 +198,18 @@ def test_resume_and_export_files(models_dir: Path, tmp_path: Path) -> None:
     # resumed after epoch 2: its first two rows are the restored ones, one new epoch was run
     assert resumed.epochs_done == 3 and [r["epoch"] for r in resumed.history] == [1.0, 2.0, 3.0]
     assert resumed.history[:2] == result.history
+
+
+def test_controlnet_lora_target_is_trained(models_dir: Path, tmp_path: Path) -> None:
+    cfg = draft_cfg(models_dir, tmp_path, target__kind="controlnet_lora", draft__k=2)
+    trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    before = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+    row = trainer.draft_epoch(0)
+    after = trainer.policy.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved, "the optimizer step changed nothing"
+    # every trained weight is the ControlNet's: the gradient reached it through its residuals in the K steps
+    controlnet = {id(p) for p in trainer.comp.controlnet.parameters()}
+    trainable = [p for p in trainer.policy.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in controlnet for p in trainable)
+    assert row["k"] == 2.0 and torch.isfinite(torch.tensor(row["loss"]))
