@@ -32,6 +32,10 @@ class ModelConfig:
                      "a single file (e.g. sdxl_vae.safetensors)")
     lora: str = field("", help="optional LoRA to load: a .safetensors file in kohya or diffusers format")
     lora_scale: float = field(1.0, help="strength of the loaded LoRA")
+    lcm_lora: str = field("", help="optional LCM-LoRA fused into the UNet at load (before model.lora / model.policy): "
+                          "a .safetensors file (kohya or diffusers format), a folder or a hub id, e.g. "
+                          "latent-consistency/lcm-lora-sdv1-5 or latent-consistency/lcm-lora-sdxl; use with "
+                          "--sample.sampler lcm")
     policy: str = field("", help="a policy trained by train_policy.py: a version under <models_dir>/policies or "
                         "'latest'; loads its LoRA (and its ControlNet when that was trained)")
     models_dir: str = field("models", help="folder of trained reward models and policies")
@@ -50,7 +54,10 @@ class SampleConfig:
 
     width: int = field(0, help="image width in pixels; 0 = the model's native size")
     height: int = field(0, help="image height in pixels; 0 = the model's native size")
-    steps: int = field(20, help="DDIM steps (trajectory length T)")
+    sampler: str = field("ddim", help="ddim = DDIM with eta noise; lcm = latent consistency model steps (diffusers' "
+                         "LCMScheduler, 2-8 steps, for an LCM checkpoint or --model.lcm_lora; eta is not used)",
+                         choices=("ddim", "lcm"))
+    steps: int = field(20, help="sampling steps (trajectory length T)")
     eta: float = field(1.0, help="DDIM stochasticity (<= 1); must be > 0 so that every step has a log-probability")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale; 1 disables CFG")
     controlnet_scale: float = field(1.0, help="ControlNet conditioning scale")
@@ -137,6 +144,9 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.policy: give either model.policy or model.lora, not both")
     if m.lora and not Path(m.lora).is_file():
         raise ConfigError(f"model.lora: file {m.lora!r} does not exist; pass a .safetensors LoRA file")
+    if m.lcm_lora and looks_like_file(m.lcm_lora) and not Path(m.lcm_lora).expanduser().is_file():
+        raise ConfigError(f"model.lcm_lora: file {m.lcm_lora!r} does not exist; pass an LCM-LoRA .safetensors file, "
+                          "a folder holding one or a hub id (latent-consistency/lcm-lora-sdv1-5)")
     if m.lora_scale < 0:
         raise ConfigError(f"model.lora_scale: must be >= 0 (got {m.lora_scale})")
 

@@ -68,6 +68,11 @@ def plan_hash(cfg: GenerateConfig, specs: list[GroupSpec], width: int, height: i
     plan = {"model": to_dict(cfg.model), "sample": to_dict(cfg.sample), "size": [width, height],
             "groups": [s.fingerprint() for s in specs]}
     plan["sample"].pop("batch_size")  # batching does not change what is generated
+    # Fields added later leave older plans' hashes as they were at their defaults: unfinished rounds resume.
+    if plan["sample"].get("sampler") == "ddim":
+        plan["sample"].pop("sampler")
+    if not plan["model"].get("lcm_lora"):
+        plan["model"].pop("lcm_lora", None)
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
@@ -266,7 +271,8 @@ def _generate_into(cfg: GenerateConfig, specs: list[GroupSpec], comp: Components
                 save_png(out.images[j], image_path)
                 meta = {"seed": seeds[j], "prompt": specs[g].prompt, "negative_prompt": cfg.sample.negative_prompt,
                         "guidance_scale": cfg.sample.guidance_scale, "controlnet_scale": cfg.sample.controlnet_scale,
-                        "eta": cfg.sample.eta, "steps": cfg.sample.steps, "width": width, "height": height,
+                        "eta": cfg.sample.eta, "steps": cfg.sample.steps, "sampler": cfg.sample.sampler,
+                        "width": width, "height": height,
                         "round": round_name, "base_model": cfg.model.base, "controlnet": cfg.model.controlnet,
                         "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale, "policy": cfg.model.policy,
                         "dtype": str(comp.dtype)}

@@ -27,6 +27,7 @@ class Components:
     arch: str
     device: torch.device
     dtype: torch.dtype
+    lcm_lora: str = ""  # the LCM-LoRA fused into the UNet at load (model.lcm_lora), if any
 
     @property
     def unet(self) -> Any:
@@ -178,6 +179,10 @@ def load_components(cfg: ModelConfig) -> Components:
     pipe = _load(pipe_cls, cfg.base, "model.base", cfg, dtype=dtype, **extra)
     check_architecture(pipe, cfg)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if cfg.lcm_lora:
+        # Fused first, so that model.lora / model.policy and a trained LoRA sit on top of the LCM, and the
+        # policy trainer's reference (adapters off) is the LCM itself.
+        fuse_lcm_lora(pipe, cfg.lcm_lora, cfg)
     if cfg.lora:
         load_lora(pipe, cfg.lora, cfg.lora_scale)
     pipe.to(device)
@@ -186,7 +191,7 @@ def load_components(cfg: ModelConfig) -> Components:
             module.requires_grad_(False)
             module.eval()
     pipe.set_progress_bar_config(disable=True)
-    return Components(pipe=pipe, arch=cfg.arch, device=device, dtype=dtype)
+    return Components(pipe=pipe, arch=cfg.arch, device=device, dtype=dtype, lcm_lora=cfg.lcm_lora)
 
 
 def check_architecture(pipe: Any, cfg: ModelConfig) -> None:
@@ -227,3 +232,26 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
         raise ModelLoadError(f"model.lora: could not load {path!r}: {e}. Expected a kohya "
                              "(lora_unet_...) or diffusers (unet....lora_A) LoRA for this base model.") from e
     pipe.set_adapters(["loaded"], adapter_weights=[scale])
+
+
+def fuse_lcm_lora(pipe: Any, source: str, cfg: ModelConfig) -> None:
+    """Fuse an LCM-LoRA (file, folder or hub id; kohya or diffusers keys) into the UNet's weights for good."""
+    local = Path(source).expanduser()
+    try:
+        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") else {}  # SDXL kohya names
+        if not local.exists():
+            extra["local_files_only"] = cfg.local_files_only
+        state_dict, alphas, metadata = pipe.lora_state_dict(str(local) if local.exists() else source,
+                                                            return_lora_metadata=True, **extra)
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
+        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name="lcm",
+                                 metadata=metadata, _pipeline=pipe)
+        pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["lcm"])
+        # Removing the (fused) LoRA layers keeps their merged base weights: the UNet is now a plain LCM.
+        pipe.unload_lora_weights()
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        hint = "" if local.exists() else (f" Offline: `hf download {source} --local-dir models/lcm-lora` on a machine "
+                                          "with internet and pass --model.lcm_lora models/lcm-lora.")
+        raise ModelLoadError(f"model.lcm_lora: could not load {source!r}: {e}. Expected an LCM-LoRA for this base "
+                             f"model (kohya or diffusers keys).{hint}") from e

@@ -162,7 +162,8 @@ class PolicyConfig:
 
     algo: str = field("ddpo", help="ddpo = policy gradient against a reward; d3po = direct preference optimisation; refl = "
                       "ImageReward's ReFL (gradient of a differentiable reward through one late step); draft = DRaFT-K / "
-                      "AlignProp (gradient of the final sample's reward through the last draft.k steps)",
+                      "AlignProp (gradient of the final sample's reward through the last draft.k steps); rlcm = DDPO's PPO over "
+                      "LCM trajectories (needs --sample.sampler lcm; see the rlcm-faithful preset)",
                       choices=tuple(ALGORITHMS))
     reward: str = field("latest", help="reward spec for DDPO (and d3po.source=reward): latest (= latent:latest, the "
                         "learned reward model), brightness, jpeg_compressibility, pose_accuracy, text_alignment, or a "
@@ -231,6 +232,17 @@ class PolicyConfig:
             if self.d3po.source == "reward" and self.sample.images_per_group < 2:
                 raise ConfigError("sample.images_per_group: d3po.source=reward needs >= 2 images per group to pick a "
                                   "winner and a loser")
+        if self.algo == "rlcm" and self.sample.sampler != "lcm":
+            raise ConfigError(f"sample.sampler: --algo rlcm trains latent consistency model trajectories (got "
+                              f"{self.sample.sampler!r}); pass --sample.sampler lcm, or --preset rlcm-faithful")
+        if self.sample.sampler == "lcm":
+            if self.algo in ("refl", "draft"):
+                raise ConfigError(f"sample.sampler: --algo {self.algo} steps with DDIM; use --sample.sampler ddim, or "
+                                  "--algo rlcm / ddpo / d3po for LCM trajectories")
+            if self.sample.steps < 2:
+                raise ConfigError(f"sample.steps: the LCM sampler's last step returns its denoised latent "
+                                  f"(deterministic, nothing to train), so training needs >= 2 steps (got "
+                                  f"{self.sample.steps}); RLCM used 8")
         if self.algo == "refl":
             r = self.refl
             if not 0 <= r.window_start < r.window_end <= 1:
@@ -343,9 +355,29 @@ def sdxl() -> PolicyConfig:
     return cfg
 
 
+def rlcm_faithful() -> PolicyConfig:
+    """RLCM's published settings (Owen-Oertell/rlcm, aesthetic task) on an LCM with the OpenPose ControlNet.
+
+    LCM_Dreamshaper_v7 (an LCM distilled with a guidance embedding: w = 8 - 1 as timestep_cond, no CFG
+    pass), 8 LCM steps, PPO clip 1e-4, advantages clipped to +-10, per-prompt stat tracker, lr 1e-4,
+    LoRA on to_q/to_k/to_v/to_out.0. The timestep grid is diffusers' (8 steps end at 139, RLCM's at 159).
+    """
+    cfg = sd15()
+    cfg.algo = "rlcm"
+    cfg.model.base = "SimianLuo/LCM_Dreamshaper_v7"
+    cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "lcm", 8, 8.0
+    cfg.train.clip_range, cfg.train.adv_clip_max = 1e-4, 10.0
+    cfg.optim.lr = 1e-4
+    cfg.target.lora_modules = list(DEFAULT_LORA_MODULES)
+    cfg.target.lora_rank, cfg.target.lora_alpha = 8, 8.0  # RLCM: r 8-16; alpha = r keeps strength 1
+    cfg.train.timestep_fraction = 1.0
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], PolicyConfig]] = {
     "tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
     "sd15": sd15, "sd15-faithful": sd15_faithful, "sdxl": sdxl,
+    "rlcm-faithful": rlcm_faithful,
 }
 
 
@@ -360,4 +392,8 @@ def config_hash(cfg: PolicyConfig) -> str:
         d.pop("refl")  # ReFL's section does not change other algorithms' runs (or their existing hashes)
     if cfg.algo != "draft":
         d.pop("draft")  # nor does DRaFT's
+    if d["sample"].get("sampler") == "ddim":
+        d["sample"].pop("sampler")  # DDIM runs keep the hashes they had before the LCM sampler existed
+    if not d["model"].get("lcm_lora"):
+        d["model"].pop("lcm_lora", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -23,6 +23,14 @@ from PIL import Image
 
 from poseloop.config import SampleConfig
 from poseloop.configlib import ConfigError
+from poseloop.lcm import (
+    check_lcm_model,
+    guidance_embedding,
+    lcm_scheduler,
+    lcm_step_with_logprob,
+    stochastic_lcm_steps,
+    uses_guidance_embedding,
+)
 from poseloop.models import Components
 
 STORE_DTYPE = torch.float16
@@ -109,13 +117,16 @@ def _sigma_and_alphas(scheduler: object, timestep: torch.Tensor, eta: float, num
     return alpha_t, alpha_prev, eta * variance.clamp(min=0).sqrt()
 
 
-def stochastic_steps(scheduler: object, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+def stochastic_steps(scheduler: object, timesteps: torch.Tensor, eta: float, sampler: str = "ddim") -> torch.Tensor:
     """Which steps [T] (bool) have sigma_t > 0, i.e. a log-probability that can be trained on.
 
     With set_alpha_to_one=True the last step lands on alpha_bar = 1: its variance is 0 and x_0 is the
     predicted x0 itself, a deterministic map with no density. Such a step is sampled but not trained on.
+    The LCM sampler's last step returns its denoised latent (diffusers' LCMScheduler): likewise.
     """
     t = torch.as_tensor(timesteps).reshape(-1)  # [T], as recorded by sample()
+    if sampler == "lcm":
+        return stochastic_lcm_steps(t.numel())
     return _sigma_and_alphas(scheduler, t, eta, num_steps=t.numel())[2] > 0
 
 
@@ -217,7 +228,9 @@ def make_conditioning(comp: Components, prompts: Sequence[str], control_images: 
     """Encode prompts and preprocess pose images for one batch."""
     if len(prompts) != len(control_images):
         raise ValueError(f"{len(prompts)} prompts but {len(control_images)} pose images")
-    do_cfg = cfg.guidance_scale > 1.0
+    # An LCM distilled with a guidance embedding takes w through timestep_cond, not a CFG pass (diffusers'
+    # LCM and ControlNet pipelines: do_classifier_free_guidance is False when time_cond_proj_dim is set).
+    do_cfg = cfg.guidance_scale > 1.0 and not (cfg.sampler == "lcm" and uses_guidance_embedding(comp.unet))
     pos, neg, added, neg_added = encode_prompts(comp, prompts, cfg.negative_prompt, do_cfg)
     if comp.arch == "sdxl":
         ids = sdxl_time_ids(len(prompts), height, width, pos.dtype, comp.device)
@@ -231,8 +244,13 @@ def make_conditioning(comp: Components, prompts: Sequence[str], control_images: 
 
 
 def predict_noise(comp: Components, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
-                  guidance_scale: float, controlnet_scale: float) -> torch.Tensor:
-    """ControlNet + UNet noise prediction with classifier-free guidance: [B, C, h, w]."""
+                  guidance_scale: float, controlnet_scale: float, timestep_cond: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """ControlNet + UNet noise prediction with classifier-free guidance: [B, C, h, w].
+
+    timestep_cond: an LCM's guidance embedding [B, D] (lcm_timestep_cond), given to the UNet only, as
+    diffusers' ControlNet pipelines do (a ControlNet has no time_cond_proj_dim).
+    """
     do_cfg = cond.negative_embeds is not None
     x = latents.to(comp.dtype)
     if do_cfg:
@@ -250,12 +268,40 @@ def predict_noise(comp: Components, latents: torch.Tensor, timestep: torch.Tenso
     if controlnet_scale != 0:  # at scale 0 its residuals are all zero: skip the whole forward pass
         down, mid = comp.controlnet(x, timestep, encoder_hidden_states=context, controlnet_cond=control,
                                     conditioning_scale=controlnet_scale, added_cond_kwargs=added, return_dict=False)
+    if timestep_cond is not None and do_cfg:
+        timestep_cond = torch.cat([timestep_cond, timestep_cond])
     eps = comp.unet(x, timestep, encoder_hidden_states=context, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid, added_cond_kwargs=added, return_dict=False)[0]
+                    mid_block_additional_residual=mid, added_cond_kwargs=added, timestep_cond=timestep_cond,
+                    return_dict=False)[0]
     if do_cfg:
         uncond, text = eps.chunk(2)
         eps = uncond + guidance_scale * (text - uncond)
     return eps
+
+
+def lcm_timestep_cond(comp: Components, cfg: SampleConfig, batch: int) -> torch.Tensor | None:
+    """The w-embedding [B, D] for an LCM with a guidance embedding under the LCM sampler; else None."""
+    if cfg.sampler != "lcm" or not uses_guidance_embedding(comp.unet):
+        return None
+    emb = guidance_embedding(cfg.guidance_scale, int(comp.unet.config.time_cond_proj_dim), batch)
+    return emb.to(comp.device, comp.dtype)
+
+
+def _step_scheduler(comp: Components, cfg: SampleConfig) -> object:
+    """The scheduler whose timesteps drive cfg's sampler: the model's DDIM, or an LCMScheduler from its config."""
+    if cfg.sampler == "lcm":
+        return lcm_scheduler(comp.scheduler, cfg.steps, device=comp.device)
+    comp.scheduler.set_timesteps(cfg.steps, device=comp.device)
+    return comp.scheduler
+
+
+def _step(cfg: SampleConfig, scheduler: object, model_output: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+          prev_sample: torch.Tensor | None = None, noise: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of cfg's sampler with its log-probability: (prev_sample, log_prob [B])."""
+    if cfg.sampler == "lcm":
+        return lcm_step_with_logprob(scheduler, model_output, t, x, prev_sample=prev_sample, noise=noise)
+    return ddim_step_with_logprob(scheduler, model_output, t, x, cfg.eta, prev_sample=prev_sample, noise=noise)
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -301,7 +347,7 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
            cfg: SampleConfig, width: int, height: int,
            on_step: Callable[[int], None] | None = None,
            autocast: Callable[[], AbstractContextManager[object]] = nullcontext) -> SampleOutput:
-    """Denoise a batch with DDIM (eta > 0), recording latents and log-probabilities of every step.
+    """Denoise a batch with cfg.sampler (DDIM with eta > 0, or LCM), recording latents and log-probabilities.
 
     `autocast` wraps each noise prediction: the policy trainer passes the context its training pass
     runs in (accelerate's autocast), so that re-scoring reproduces the sampled log-probabilities.
@@ -311,9 +357,11 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     if width % comp.resolution_multiple or height % comp.resolution_multiple:
         raise ValueError(f"{width}x{height}: this model needs sizes that are multiples of {comp.resolution_multiple}")
     check_scheduler(comp.scheduler)  # before any work: an unsupported scheduler fails at once
+    if cfg.sampler == "lcm":
+        check_lcm_model(comp)
+    scheduler = _step_scheduler(comp, cfg)
     cond = make_conditioning(comp, prompts, control_images, cfg, width, height)
-    scheduler = comp.scheduler
-    scheduler.set_timesteps(cfg.steps, device=comp.device)
+    timestep_cond = lcm_timestep_cond(comp, cfg, len(prompts))
     shape = (comp.latent_channels, height // comp.vae_scale_factor, width // comp.vae_scale_factor)
     x, gens = initial_noise(seeds, shape)
     x = x.to(comp.device) * scheduler.init_noise_sigma
@@ -321,9 +369,9 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     all_log_probs = []
     for i, t in enumerate(scheduler.timesteps):
         with autocast():
-            eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
+            eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale, timestep_cond)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, cfg.eta, noise=noise)
+        x, log_prob = _step(cfg, scheduler, eps, t, x, noise=noise)
         all_latents.append(x)
         all_log_probs.append(log_prob)
         if on_step is not None:
@@ -345,11 +393,12 @@ def rescore(comp: Components, cond: Conditioning, latents: torch.Tensor, timeste
     latents: [B, T+1, C, h, w] as stored. Differentiable w.r.t. the trainable weights. `autocast`
     wraps the noise prediction only, exactly as in sample(): the step's math stays float32 in both.
     """
-    comp.scheduler.set_timesteps(cfg.steps, device=comp.device)
+    scheduler = _step_scheduler(comp, cfg)
     x_t = latents[:, step].to(comp.device).float()
     x_prev = latents[:, step + 1].to(comp.device).float()
     t = timesteps[step].to(comp.device)
     with autocast():
-        eps = predict_noise(comp, x_t, t, cond, cfg.guidance_scale, cfg.controlnet_scale)
-    _, log_prob = ddim_step_with_logprob(comp.scheduler, eps, t, x_t, cfg.eta, prev_sample=x_prev)
+        eps = predict_noise(comp, x_t, t, cond, cfg.guidance_scale, cfg.controlnet_scale,
+                            lcm_timestep_cond(comp, cfg, x_t.shape[0]))
+    _, log_prob = _step(cfg, scheduler, eps, t, x_t, prev_sample=x_prev)
     return log_prob

@@ -56,7 +56,7 @@ class TrainResult:
     def summary(self) -> str:
         """The one-line summary printed at the end."""
         rew = "n/a" if self.reward_start is None else f"{self.reward_start:.4f} -> {self.reward_end:.4f}"
-        label = "reward" if self.algo == "ddpo" else "pair accuracy" if self.reward_start is not None else "reward"
+        label = "reward" if self.algo in ("ddpo", "rlcm") else "pair accuracy" if self.reward_start is not None else "reward"
         stop = f", stopped early: {self.stopped}" if self.stopped else ""
         return (f"{self.algo}: {self.epochs_done} epochs ({self.epochs_this_run} this run), {label} {rew}, "
                 f"{self.seconds:.1f} s{stop}; exported to {self.export_dir or 'nothing'} (run {self.run_dir})")
@@ -307,7 +307,8 @@ class PolicyTrainer:
         """
         from poseloop.sampling import stochastic_steps
 
-        mask = stochastic_steps(self.comp.scheduler, batch.timesteps, batch.sample_cfg.eta)  # [T] bool
+        mask = stochastic_steps(self.comp.scheduler, batch.timesteps, batch.sample_cfg.eta,
+                                batch.sample_cfg.sampler)  # [T] bool; LCM: all but the last
         trainable = mask.nonzero().flatten().tolist()
         if not trainable:
             raise ConfigError(f"sample.steps: none of the {mask.numel()} step(s) is stochastic (the scheduler's "

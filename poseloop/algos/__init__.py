@@ -20,6 +20,7 @@ ALGORITHMS: dict[str, str] = {
     "d3po": "poseloop.algos.d3po:D3PO",
     "refl": "poseloop.algos.refl:ReFL",
     "draft": "poseloop.algos.draft:DRaFT",
+    "rlcm": "poseloop.algos.rlcm:RLCM",
 }
 
 

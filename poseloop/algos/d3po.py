@@ -151,7 +151,7 @@ class D3PO(Algorithm):
             tw, tl = load_trajectory(p.winner_path), load_trajectory(p.loser_path)
             m = tw.metadata
             key = tuple(m.get(k, "") for k in ("steps", "width", "height", "guidance_scale", "controlnet_scale",
-                                               "eta", "negative_prompt"))
+                                               "eta", "negative_prompt", "sampler"))
             if tuple(tl.latents.shape) != tuple(tw.latents.shape) or not torch.equal(tl.timesteps, tw.timesteps):
                 raise TrainingInputError(f"{p.winner_path} and {p.loser_path} were sampled with different settings; "
                                          "a preference pair must come from one group of one round")
@@ -163,7 +163,8 @@ class D3PO(Algorithm):
         for items in by_settings.values():
             m = items[0][0].metadata
             scfg = SampleConfig(steps=int(m["steps"]), eta=float(m["eta"]), guidance_scale=float(m["guidance_scale"]),
-                                controlnet_scale=float(m["controlnet_scale"]), negative_prompt=m.get("negative_prompt", ""))
+                                controlnet_scale=float(m["controlnet_scale"]), negative_prompt=m.get("negative_prompt", ""),
+                                sampler=m.get("sampler", "ddim"))  # trajectories from before LCM are DDIM
             w, h = int(m["width"]), int(m["height"])
             conds = []
             for i in range(0, len(items), t.cfg.sample.batch_size):
