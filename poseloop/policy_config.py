@@ -119,6 +119,8 @@ class DraftConfig:
     checkpointing: bool = field(True, help="gradient checkpointing of every gradient-carrying step (UNet+ControlNet "
                                 "with CFG, and the VAE decode of an image reward): memory does not grow with K, "
                                 "each step's forward runs twice")
+    lv: int = field(0, help="DRaFT-LV: 0 = off; n > 0 = the whole chain without gradient, then n copies of the final "
+                    "sample noised to the last timestep, each denoised by one step with gradient (draft.k is ignored)")
 
 
 @dataclass
@@ -256,6 +258,9 @@ class PolicyConfig:
                                   "K = 1 is the cheapest")
             if not self.draft.scale > 0:
                 raise ConfigError(f"draft.scale: must be > 0 (got {self.draft.scale})")
+            if self.draft.lv < 0:
+                raise ConfigError(f"draft.lv: must be >= 0 (got {self.draft.lv}); 0 = plain DRaFT-K, n = DRaFT-LV with n "
+                                  "copies")
         if self.guard.min_kl < 0 or self.guard.min_kl_epochs < 1:
             raise ConfigError("guard.min_kl must be >= 0 and guard.min_kl_epochs >= 1")
         for name in ("export_every", "checkpoint_every", "grid_every", "grid_images"):

@@ -223,3 +223,29 @@ def test_controlnet_lora_target_is_trained(models_dir: Path, tmp_path: Path) -> 
     trainable = [p for p in trainer.policy.parameters() if p.requires_grad]
     assert trainable and all(id(p) in controlnet for p in trainable)
     assert row["k"] == 2.0 and torch.isfinite(torch.tensor(row["loss"]))
+
+
+def test_draft_lv_redenoises_noised_copies_of_the_sample(models_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from poseloop import sampling
+
+    cfg = draft_cfg(models_dir, tmp_path, draft__lv=2, draft__checkpointing=False)
+    trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    algo = trainer.algorithm
+    gs, seeds = [0, 1], [5, 6]
+    calls: list[bool] = []
+    real = sampling.predict_noise
+
+    def spy(comp, latents, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(torch.is_grad_enabled())
+        return real(comp, latents, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "predict_noise", spy)
+    loss, r = algo.lv_backward(conditioning(trainer, gs), seeds, PROMPTS, [trainer._metadata(g) for g in gs])
+    # the whole 4-step chain without gradient, then one gradient step per copy
+    assert calls == [False] * 4 + [True] * 2
+    assert r.shape == (2,) and torch.isfinite(loss)
+    params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    with pytest.raises(ConfigError, match=r"draft\.lv: must be >= 0"):
+        PolicyTrainer(draft_cfg(models_dir, tmp_path, draft__lv=-1), reward=Brightness(), progress=False)

@@ -10,7 +10,8 @@ then the trainer's optimizer step. K is draft.k, or drawn uniformly in 1..draft.
 (draft.k_random, AlignProp's random truncation). With draft.checkpointing every gradient-carrying step
 (and the decode) is wrapped in torch.utils.checkpoint: only its input is kept, its activations are
 recomputed in the backward pass, so memory does not grow with K. A reward without gradient is refused
-at the first batch (ReFL's check). DRaFT-LV is not implemented.
+at the first batch (ReFL's check). DRaFT-LV (draft.lv = n > 0): the whole chain without gradient,
+then n copies of the final sample noised to the last timestep, each denoised by one step with gradient.
 """
 
 from __future__ import annotations
@@ -75,6 +76,33 @@ class DRaFT(ReFL):
             x = self.grad_step(cond, x, ts, noise)
         return x
 
+    def lv_backward(self, cond: Any, seeds: list[int], prompts: list[str], metadata: list[dict[str, Any]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DRaFT-LV's minibatch: backpropagate draft.lv re-denoised copies of the sample; (mean loss, mean reward [B]).
+
+        The whole chain runs without gradient; each copy is the final sample noised to the last timestep
+        and denoised by one step with gradient, then backpropagated at once. The copies are noised with the forward process, x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, eps
+        from the seeds' own generators; one backward pass per copy keeps memory at one copy's graph.
+        """
+        t = self.trainer
+        cfg, comp = t.cfg, t.comp
+        x0, timesteps, gens = self.rollout(cond, seeds, cfg.sample.steps)
+        last = timesteps[-1]
+        alpha = comp.scheduler.alphas_cumprod.to(x0.device)[last.long()].float()
+        shape = tuple(x0.shape[1:])
+        n = cfg.draft.lv
+        losses_, rewards = [], []
+        for _ in range(n):
+            eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
+            x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
+            r = self.score(self.grad_step(cond, x_t, last, noise), prompts, metadata)
+            loss = -r.mean() * cfg.draft.scale
+            t.accelerator.backward(loss / (n * cfg.train.grad_accum))
+            losses_.append(loss.detach())
+            rewards.append(r.detach())
+        return torch.stack(losses_).mean(), torch.stack(rewards).mean(dim=0)
+
     def epoch(self, epoch: int) -> dict[str, float]:
         """Minibatches of train.batch_size (group, seed) items: roll out, K steps with gradient, score, update."""
         from poseloop.sampling import make_conditioning
@@ -93,11 +121,16 @@ class DRaFT(ReFL):
             gs, ss = groups[i:i + bs], seeds[i:i + bs]
             prompts = [t.specs[g].prompt for g in gs]
             cond = make_conditioning(t.comp, prompts, [t._group_image(g) for g in gs], cfg.sample, t.width, t.height)
-            k = self.draw_k(gen)
-            x = self.final_latents(cond, ss, k)
-            r = self.score(x, prompts, [t._metadata(g) for g in gs])
-            loss = -r.mean() * cfg.draft.scale
-            t.accelerator.backward(loss / cfg.train.grad_accum)
+            meta = [t._metadata(g) for g in gs]
+            if cfg.draft.lv:
+                k = 1
+                loss, r = self.lv_backward(cond, ss, prompts, meta)
+            else:
+                k = self.draw_k(gen)
+                x = self.final_latents(cond, ss, k)
+                r = self.score(x, prompts, meta)
+                loss = -r.mean() * cfg.draft.scale
+                t.accelerator.backward(loss / cfg.train.grad_accum)
             losses_.append(float(loss.detach()))
             ks.append(float(k))
             rewards.append(r.detach().float().cpu())
@@ -105,7 +138,8 @@ class DRaFT(ReFL):
             if micro % cfg.train.grad_accum == 0 or j == len(starts) - 1:
                 t._optimizer_step()
         all_rewards = t._gather(torch.cat(rewards))
-        # The reward of the finished samples drawn by the weights before each minibatch's update (on-policy).
+        # The reward of the finished samples drawn by the weights before each minibatch's update (on-policy;
+        # DRaFT-LV: of the re-denoised copies).
         return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
                 "loss": float(np.mean(losses_)), "k": float(np.mean(ks)),
                 "samples": float(all_rewards.numel()), "seconds": time.perf_counter() - t0}
