@@ -75,12 +75,12 @@ def uses_guidance_embedding(unet: Any) -> bool:
     return getattr(unet.config, "time_cond_proj_dim", None) is not None
 
 
-def check_lcm_model(comp: Any) -> None:
+def check_lcm_model(comp: Any, stacklevel: int = 2) -> None:
     """Warn when the LCM sampler runs a model that is neither an LCM nor has an LCM-LoRA: say what to load."""
     if uses_guidance_embedding(comp.unet) or getattr(comp, "lcm_lora", ""):
         return
     warnings.warn("sample.sampler lcm: this model is not an LCM (its UNet has no time_cond_proj_dim) and no "
-                  f"LCM-LoRA is loaded, so a few LCM steps give poor images; {LCM_LORA_HINT}", stacklevel=3)
+                  f"LCM-LoRA is loaded, so a few LCM steps give poor images; {LCM_LORA_HINT}", stacklevel=stacklevel)
 
 
 def _step_alphas(sched: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

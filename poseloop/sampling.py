@@ -358,7 +358,7 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
         raise ValueError(f"{width}x{height}: this model needs sizes that are multiples of {comp.resolution_multiple}")
     check_scheduler(comp.scheduler)  # before any work: an unsupported scheduler fails at once
     if cfg.sampler == "lcm":
-        check_lcm_model(comp)
+        check_lcm_model(comp, stacklevel=4)  # points at sample()'s caller (through torch.no_grad's wrapper)
     scheduler = _step_scheduler(comp, cfg)
     cond = make_conditioning(comp, prompts, control_images, cfg, width, height)
     timestep_cond = lcm_timestep_cond(comp, cfg, len(prompts))

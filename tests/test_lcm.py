@@ -122,16 +122,17 @@ def test_rescoring_a_recorded_lcm_trajectory_reproduces_its_log_probs(components
     assert sampling.stochastic_steps(comp.scheduler, out.timesteps, cfg.eta, "lcm").tolist() == [True] * 3 + [False]
 
 
-@pytest.fixture(scope="module")
-def lcm_components(sd15_components: Components) -> Components:
-    """The tiny SD1.5 pipeline with a UNet distilled LCM-style: time_cond_proj_dim set (random weights)."""
+@pytest.fixture(scope="module", params=["sd15_components", "sdxl_components"])
+def lcm_components(request: pytest.FixtureRequest) -> Components:
+    """A tiny pipeline (SD1.5 / SDXL) with a UNet distilled LCM-style: time_cond_proj_dim set (random weights)."""
     from diffusers import UNet2DConditionModel
 
+    base: Components = request.getfixturevalue(request.param)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(sd15_components.unet.config, time_cond_proj_dim=32).eval()
+    unet = UNet2DConditionModel.from_config(base.unet.config, time_cond_proj_dim=32).eval()
     unet.requires_grad_(False)
-    pipe = type(sd15_components.pipe)(**{**sd15_components.pipe.components, "unet": unet})
-    return Components(pipe=pipe, arch="sd15", device=sd15_components.device, dtype=sd15_components.dtype)
+    pipe = type(base.pipe)(**{**base.pipe.components, "unet": unet})
+    return Components(pipe=pipe, arch=base.arch, device=base.device, dtype=base.dtype)
 
 
 def test_an_lcm_with_a_guidance_embedding_gets_w_as_timestep_cond_and_no_cfg(
