@@ -149,18 +149,18 @@ def test_non_differentiable_reward_is_refused(models_dir: Path, tmp_path: Path) 
 
 
 def test_draft_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path) -> None:
-    cfg = draft_cfg(models_dir, tmp_path, train__epochs=4, train__groups_per_epoch=4, sample__images_per_group=2)
+    cfg = draft_cfg(models_dir, tmp_path, train__epochs=2, train__groups_per_epoch=4, sample__images_per_group=2)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
-    before = fixed_seed_rewards(trainer)  # seeds 1000.. : none of them is a training seed (derive_seed)
+    before = fixed_seed_rewards(trainer, n=8)  # seeds 1000.. : none of them is a training seed (derive_seed)
     t0 = time.perf_counter()
     result = trainer.run()
     seconds = time.perf_counter() - t0
-    after = fixed_seed_rewards(trainer)
+    after = fixed_seed_rewards(trainer, n=8)
     lo, hi = bootstrap_ci((after - before).numpy(), 2000, 0.95)
     print(f"draft-1 gain {float((after - before).mean()):+.4f} [{lo:+.4f}, {hi:+.4f}] in {seconds:.1f} s; "
           f"before {float(before.mean()):.4f}")
     assert lo > 0, (lo, hi, float(before.mean()), float(after.mean()), [round(r["reward_mean"], 3) for r in result.history])
-    assert [r["k"] for r in result.history] == [1.0] * 4
+    assert [r["k"] for r in result.history] == [1.0] * 2
 
 
 class AntiBrightness(Brightness):
@@ -193,21 +193,21 @@ def test_heldout_guard_stops_over_optimisation(models_dir: Path, tmp_path: Path)
 
 
 def test_resume_and_export_files(models_dir: Path, tmp_path: Path) -> None:
-    cfg = draft_cfg(models_dir, tmp_path, train__epochs=2, draft__k=2, draft__k_random=True)
+    cfg = draft_cfg(models_dir, tmp_path, train__epochs=1, draft__k=2, draft__k_random=True)
     cfg.output.run_name = "draft-run"
     result = train(cfg, reward=Brightness(), progress=False)
-    assert result.epochs_done == 2
+    assert result.epochs_done == 1
     assert result.export_dir is not None and (result.export_dir / "lora_kohya.safetensors").is_file()
     assert (result.run_dir / "metrics.csv").read_text().startswith("epoch,reward_mean,reward_std")
     weights = load_file(str(result.run_dir / "checkpoint" / "weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k), "training changed nothing"
     for name in ("state.json", "weights.safetensors", "optimizer.pt", "rng.pt"):
         assert (result.run_dir / "checkpoint" / name).is_file(), name
-    cfg.train.epochs = 3
+    cfg.train.epochs = 2
     resumed = train(cfg, reward=Brightness(), progress=False)
-    # resumed after epoch 2: its first two rows are the restored ones, one new epoch was run
-    assert resumed.epochs_done == 3 and [r["epoch"] for r in resumed.history] == [1.0, 2.0, 3.0]
-    assert resumed.history[:2] == result.history
+    # resumed after epoch 1: its first row is the restored one, one new epoch was run
+    assert resumed.epochs_done == 2 and [r["epoch"] for r in resumed.history] == [1.0, 2.0]
+    assert resumed.history[:1] == result.history
 
 
 def test_controlnet_lora_target_is_trained(models_dir: Path, tmp_path: Path) -> None:
