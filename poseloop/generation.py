@@ -275,6 +275,7 @@ def _generate_into(cfg: GenerateConfig, specs: list[GroupSpec], comp: Components
                         "width": width, "height": height,
                         "round": round_name, "base_model": cfg.model.base, "controlnet": cfg.model.controlnet,
                         "lora": cfg.model.lora, "lora_scale": cfg.model.lora_scale, "policy": cfg.model.policy,
+                        "lcm_lora": cfg.model.lcm_lora,
                         "dtype": str(comp.dtype)}
                 save_trajectory(Trajectory(out.latents[j], out.log_probs[j], out.timesteps,
                                            {key: str(v) for key, v in meta.items()}), traj_path)

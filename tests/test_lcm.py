@@ -333,5 +333,11 @@ def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> 
     assert [b.sample_cfg.sampler for b in batches] == ["lcm"]
     # The stored log-probs are the reference, and re-scoring with the LCM step reproduces them.
     assert torch.allclose(batches[0].extra["ref"], trainer._reference_log_probs(batches[0]), atol=RATIO_TOL, rtol=0)
+    from poseloop.store import load_trajectory
+
+    meta = dict(load_trajectory(trainer.pairs[0].winner_path).metadata)
+    assert meta["sampler"] == "lcm" and trainer._sampled_by_reference(meta)
+    # A round made with another LCM-LoRA was not sampled by this reference: its stored log-probs are not used.
+    assert not trainer._sampled_by_reference({**meta, "lcm_lora": "other_lcm_lora.safetensors"})
     row = trainer.d3po_epoch(0)
     assert np.isfinite(row["loss"]) and trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL

@@ -202,6 +202,7 @@ class D3PO(Algorithm):
         return (t.cfg.optim.mixed_precision == "no" and m.get("dtype") == str(t.comp.dtype)
                 and same(m.get("base_model", ""), model.base) and same(m.get("controlnet", ""), model.controlnet)
                 and m.get("lora", "") == model.lora and m.get("policy", "") == model.policy
+                and m.get("lcm_lora", "") == model.lcm_lora
                 and (not model.lora or float(m.get("lora_scale", "nan")) == model.lora_scale))
 
     def pair_margins(self) -> torch.Tensor:
