@@ -70,6 +70,9 @@ class TrainConfig:
     grad_accum: int = field(1, help="minibatches whose gradients are summed before an optimizer step")
     inner_epochs: int = field(1, help="passes over each epoch's samples (PPO epochs)")
     timestep_fraction: float = field(1.0, help="fraction of each trajectory's steps trained on (0..1]")
+    fused_update: bool = field(True, help="DDPO: when an epoch is one optimizer step (inner_epochs 1, its minibatches "
+                               "<= grad_accum), backpropagate the sampling pass's log-prob graphs instead of re-scoring "
+                               "(the same gradient, one forward less per trained step, more memory); false: re-score")
     clip_range: float = field(1e-4, help="PPO ratio clip c: r is clipped to [1-c, 1+c] (DDPO: 1e-4)")
     adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
     stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation")
@@ -379,10 +382,23 @@ def rlcm_faithful() -> PolicyConfig:
     return cfg
 
 
+def tiny_rlcm() -> PolicyConfig:
+    """RLCM on the embedded world's LCM-LoRA: 4-step LCM trajectories, as generate.py --preset tiny-lcm samples."""
+    cfg = tiny()
+    cfg.algo = "rlcm"
+    lcm = generate_presets.tiny_lcm()
+    cfg.model.lcm_lora = lcm.model.lcm_lora
+    cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = (lcm.sample.sampler, lcm.sample.steps,
+                                                                       lcm.sample.guidance_scale)
+    # The last LCM step is deterministic (never trained): 3 of 4 steps carry a log-probability; train them all.
+    cfg.train.timestep_fraction = 1.0
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], PolicyConfig]] = {
     "tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
     "sd15": sd15, "sd15-faithful": sd15_faithful, "sdxl": sdxl,
-    "rlcm-faithful": rlcm_faithful,
+    "rlcm-faithful": rlcm_faithful, "tiny-rlcm": tiny_rlcm,
 }
 
 

@@ -13,9 +13,9 @@ for clip_sample; other scheduler settings are refused (check_scheduler). A step 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ class SampleOutput:
     timesteps: torch.Tensor  # [T] int64
     images: list[Image.Image]
     cond: Conditioning  # what the batch was conditioned on, for re-scoring it (policy training)
+    # grad_steps' log-probs [B] with their graphs to the trainable weights (DDPO's fused update); else empty.
+    log_prob_graphs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 # DDIM fields whose step the log-probability models. diffusers' DDIMScheduler.step is the reference:
@@ -346,11 +348,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Image.Image], seeds: Sequence[int],
            cfg: SampleConfig, width: int, height: int,
            on_step: Callable[[int], None] | None = None,
-           autocast: Callable[[], AbstractContextManager[object]] = nullcontext) -> SampleOutput:
+           autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
+           grad_steps: Collection[int] = ()) -> SampleOutput:
     """Denoise a batch with cfg.sampler (DDIM with eta > 0, or LCM), recording latents and log-probabilities.
 
     `autocast` wraps each noise prediction: the policy trainer passes the context its training pass
     runs in (accelerate's autocast), so that re-scoring reproduces the sampled log-probabilities.
+    grad_steps: steps whose noise prediction runs with gradients; their log-probs keep the graph
+    (log_prob_graphs), which is what re-scoring them would compute (poseloop.fused); x stays detached.
     """
     if not (len(prompts) == len(control_images) == len(seeds)):
         raise ValueError("prompts, control_images and seeds must have the same length")
@@ -367,11 +372,16 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     x = x.to(comp.device) * scheduler.init_noise_sigma
     all_latents = [x]
     all_log_probs = []
+    graphs: dict[int, torch.Tensor] = {}
     for i, t in enumerate(scheduler.timesteps):
-        with autocast():
-            eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale, timestep_cond)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
-        x, log_prob = _step(cfg, scheduler, eps, t, x, noise=noise)
+        with torch.set_grad_enabled(i in grad_steps):
+            with autocast():
+                eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale, timestep_cond)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
+            x, log_prob = _step(cfg, scheduler, eps, t, x, noise=noise)
+        if i in grad_steps:
+            # Trajectories are data to the policy gradient: only log p(x_{t-1} | x_t) keeps its graph.
+            graphs[i], x, log_prob = log_prob, x.detach(), log_prob.detach()
         all_latents.append(x)
         all_log_probs.append(log_prob)
         if on_step is not None:
@@ -383,6 +393,7 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
         timesteps=scheduler.timesteps.detach().to("cpu", torch.long),  # [T]
         images=to_pil(images),
         cond=cond,
+        log_prob_graphs=graphs,
     )
 
 

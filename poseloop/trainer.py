@@ -182,13 +182,17 @@ class PolicyTrainer:
         return {"keypoints": None if spec.poses is None else [p.to_dict() for p in spec.poses],
                 "width": self.width, "height": self.height, "group_id": g, "pose_name": spec.pose_name}
 
-    def _sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None
+    def _sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None,
+                       grad_steps: Sequence[int] = ()
                        ) -> tuple[TrajectoryBatch, torch.Tensor | None, list[Image.Image]]:
-        """Sample one image per (group, seed) with the current policy; score with `reward`."""
+        """Sample one image per (group, seed) with the current policy; score with `reward`.
+
+        grad_steps: steps whose log-probs keep their graphs, in batch.extra["log_prob_graphs"] [N, S].
+        """
         from poseloop.sampling import sample
 
         cfg = self.cfg
-        lat, lps, conds, rewards, images = [], [], [], [], []
+        lat, lps, conds, rewards, images, graphs = [], [], [], [], [], []
         components: dict[str, list[torch.Tensor]] = {}
         timesteps = torch.empty(0)
         bs = cfg.sample.batch_size
@@ -198,7 +202,9 @@ class PolicyTrainer:
             poses = [self._group_image(g) for g in gs]
             # Sampled in the training pass's numeric context (see _rescore): mixed precision stays consistent.
             out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
-                         autocast=self.accelerator.autocast)
+                         autocast=self.accelerator.autocast, grad_steps=frozenset(grad_steps))
+            if grad_steps:
+                graphs.append(torch.stack([out.log_prob_graphs[j] for j in grad_steps], dim=1))  # [b, S]
             conds.append(out.cond)
             lat.append(out.latents)
             lps.append(out.log_probs)
@@ -211,6 +217,8 @@ class PolicyTrainer:
                     components.setdefault(label, []).append(value.detach().float().cpu())
         self.reward_components = {label: float(torch.cat(v).mean()) for label, v in components.items()}
         batch = TrajectoryBatch(torch.cat(lat), torch.cat(lps), timesteps, cat_conditioning(conds), cfg.sample)
+        if graphs:
+            batch.extra["log_prob_graphs"] = torch.cat(graphs)
         return batch, (torch.cat(rewards) if reward is not None else None), images
 
     def _epoch_items(self, epoch: int) -> tuple[list[int], list[int], list[str]]:
