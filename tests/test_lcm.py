@@ -19,7 +19,7 @@ from poseloop.config import SampleConfig
 from poseloop.configlib import ConfigError
 from poseloop.models import Components
 from poseloop.poses import get_builtin_pose, render_pose
-from poseloop.training import PolicyTrainer, train
+from poseloop.training import PolicyTrainer
 
 # The policy tests' tiny config and synthetic reward (tests/ is on sys.path under pytest's import mode).
 from test_policy import RATIO_TOL, Brightness, policy_cfg  # noqa: E402
@@ -174,12 +174,22 @@ def test_lcm_sampler_on_a_model_that_is_no_lcm_warns_what_to_load(sd15_component
         sampling.sample(sd15_components, prompts, controls, [1], SampleConfig(steps=2), 64, 64)
 
 
-def test_an_lcm_lora_is_fused_into_the_unet_at_load(models_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_an_lcm_lora_is_fused_into_the_unet_at_load(arch: str, models_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig
 
+    from poseloop.config import tiny, tiny_sdxl
     from poseloop.export import save_diffusers_lora, save_kohya_lora
     from poseloop.models import load_components
-    from tiny_helpers import eps_of, model_cfg
+    from tiny_helpers import eps_of
+
+    def model_cfg(models_dir: Path, **overrides: object):  # -> ModelConfig
+        cfg = (tiny() if arch == "sd15" else tiny_sdxl()).model
+        cfg.base = str(models_dir / f"tiny-{arch}")
+        cfg.controlnet = str(models_dir / f"tiny-{arch}" / "controlnet")
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg
 
     torch.manual_seed(0)
     comp = load_components(model_cfg(models_dir))
@@ -195,7 +205,8 @@ def test_an_lcm_lora_is_fused_into_the_unet_at_load(models_dir: Path, tmp_path: 
     kohya = save_kohya_lora(comp.unet, tmp_path / "lcm_kohya.safetensors")
     diffusers_file = save_diffusers_lora(comp.pipe, comp.unet, tmp_path / "lcm_diffusers")
     assert (expected - base_eps).abs().max() > 1e-2  # the LoRA changes the prediction
-    for source in (str(kohya), str(diffusers_file.parent)):
+    # SDXL: the kohya file only (its key names need the UNet config); SD1.5: both formats.
+    for source in (str(kohya), str(diffusers_file.parent))[:2 if arch == "sd15" else 1]:
         fused = load_components(model_cfg(models_dir, lcm_lora=source))
         assert fused.lcm_lora == source
         assert not any("lora" in n for n, _ in fused.unet.named_parameters())  # merged, no adapter left
@@ -249,31 +260,43 @@ def test_generate_with_the_lcm_sampler_writes_a_round(models_dir: Path, tmp_path
 
 
 def rlcm_cfg(models_dir: Path, tmp: Path, **overrides: object):  # -> PolicyConfig
-    return policy_cfg(models_dir, tmp, algo="rlcm", sample__sampler="lcm", sample__guidance_scale=1.5,
-                      optim__lr=1e-2, train__clip_range=0.2, **overrides)
+    # 3 LCM steps (2 trained), one group of 2 images an epoch: the smallest run that has advantages.
+    settings = {"algo": "rlcm", "sample__sampler": "lcm", "sample__steps": 3, "sample__guidance_scale": 1.5,
+                "train__groups_per_epoch": 1, "optim__lr": 1e-2, "train__clip_range": 0.2,
+                "train__fused_update": False, "train__timestep_fraction": 1.0}
+    return policy_cfg(models_dir, tmp, **{**settings, **overrides})
 
 
-def test_rlcm_trains_never_the_last_step_exports_and_resumes(models_dir: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
+        models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trained: list[int] = []
-    real = PolicyTrainer._rescore
+    real = PolicyTrainer._chosen_trainable_steps
 
-    def spy(self, cond, latents, timesteps, step, sample_cfg):  # type: ignore[no-untyped-def]
-        trained.append(step)
-        return real(self, cond, latents, timesteps, step, sample_cfg)
+    def spy(self, batch, gen):  # type: ignore[no-untyped-def]
+        steps = real(self, batch, gen)
+        trained.extend(steps)
+        return steps
 
-    monkeypatch.setattr(PolicyTrainer, "_rescore", spy)
+    monkeypatch.setattr(PolicyTrainer, "_chosen_trainable_steps", spy)
     warnings.simplefilter("ignore")  # the tiny model is not an LCM (tested above)
 
     def run(epochs: int, name: str, **extra: object) -> tuple[dict[str, torch.Tensor], object]:
         cfg = rlcm_cfg(models_dir, tmp_path, train__epochs=epochs, **extra)
         cfg.output.run_name = name
-        result = train(cfg, reward=Brightness(), progress=False)
+        trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+        result = trainer.run()
         assert result.epochs_done == epochs and result.algo == "rlcm"
+        # The sampled log-probs, re-scored before any update: ratio 1 (test_policy's tolerance).
+        assert trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL
         return load_file(str(result.run_dir / "checkpoint" / "weights.safetensors")), result
 
+    # DDPO's fused update (the sampler's own log-prob graphs, no re-scoring) on LCM trajectories, one epoch.
+    run(1, "fused", train__fused_update=True)
+    assert set(trained) == {0, 1}
+    trained.clear()
+    # Re-scoring stored LCM steps (fused update off), as any run with several optimizer steps an epoch does.
     straight, result = run(2, "straight", output__export_every=1)
-    assert set(trained) == {0, 1, 2}  # 4 LCM steps: the deterministic last one (index 3) never
+    assert set(trained) == {0, 1}  # 3 LCM steps: the deterministic last one (index 2) never
     assert result.export_dir is not None and (result.export_dir / "lora_kohya.safetensors").is_file()  # type: ignore[attr-defined]
     assert all(np.isfinite(row["loss"]) for row in result.history)  # type: ignore[attr-defined]
     assert any(v.abs().max() > 0 for k, v in straight.items() if "lora_B" in k), "training changed nothing"
@@ -281,14 +304,6 @@ def test_rlcm_trains_never_the_last_step_exports_and_resumes(models_dir: Path, t
     resumed, _ = run(2, "split")
     for key in straight:  # as test_policy's resume test: fp32 noise only
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)
-
-
-def test_rlcm_first_ratio_is_one(models_dir: Path, tmp_path: Path) -> None:
-    warnings.simplefilter("ignore")
-    trainer = PolicyTrainer(rlcm_cfg(models_dir, tmp_path), reward=Brightness(), progress=False)
-    row = trainer.rlcm_epoch(0)
-    assert trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL
-    assert np.isfinite(row["loss"]) and row["samples"] == 4
 
 
 def test_rlcm_faithful_preset_has_the_published_settings() -> None:
@@ -314,7 +329,7 @@ def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> 
     gcfg.model.base = str(models_dir / "tiny-sd15")
     gcfg.model.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
     gcfg.sample.width = gcfg.sample.height = 64
-    gcfg.sample.sampler, gcfg.sample.steps, gcfg.sample.guidance_scale = "lcm", 4, 1.5
+    gcfg.sample.sampler, gcfg.sample.steps, gcfg.sample.guidance_scale = "lcm", 3, 1.5
     gcfg.sample.images_per_group, gcfg.sample.batch_size = 3, 8
     gcfg.data.prompts, gcfg.data.poses = ["a dancer"], ["standing"]
     gcfg.store.samples_dir = str(tmp_path / "samples")
@@ -326,7 +341,7 @@ def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> 
         s = list(session.scalars(select(db.Sample).order_by(db.Sample.id)))
         for a, b in ((s[0], s[1]), (s[0], s[2]), (s[1], s[2])):
             session.add(db.Preference(rater_id=rater.id, sample_a_id=a.id, sample_b_id=b.id, choice="a"))
-    cfg = policy_cfg(models_dir, tmp_path, algo="d3po", train__batch_size=3, optim__lr=3e-3)
+    cfg = policy_cfg(models_dir, tmp_path, algo="d3po", train__batch_size=3, optim__lr=3e-3, sample__steps=3)
     cfg.d3po.samples_dir = str(store.root)
     trainer = PolicyTrainer(cfg, progress=False)
     batches = trainer._load_pair_data()
