@@ -62,7 +62,8 @@ def guidance_embedding(guidance_scale: float, dim: int, batch: int, dtype: torch
     """The w-embedding [B, dim] of w = guidance_scale - 1 (LatentConsistencyModelPipeline.get_guidance_scale_embedding)."""
     w = torch.full((batch,), guidance_scale - 1.0) * 1000.0
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    # The constant as a float32 tensor, exactly as diffusers computes it: sin(7000 * f) amplifies any rounding.
+    freq = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
     emb = w.to(dtype)[:, None] * freq[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     if dim % 2 == 1:  # zero pad, as diffusers does
