@@ -1,7 +1,13 @@
 """DDPO speed and memory: poseloop's trainer vs trl 0.23.1's DDPOTrainer on the same tiny SD model.
 
-    python bench/bench_policy.py                  # both sides, interleaved, 2 repeats each
-    python bench/bench_policy.py --epochs 3 --steps 10 --samples 8
+    python bench/bench_policy.py                  # every side, interleaved, 2 repeats each
+    python bench/bench_policy.py --epochs 3 --steps 10 --samples 8 --sides ours fast trl
+
+Sides: `ours` (re-scoring update, train.fused_update false), `fast` (the fused update: the sampling
+pass's log-prob graphs backpropagated, exact here since an epoch is one optimizer step), `trl`,
+`pose_std` / `pose_fast` (ours at controlnet_scale 1: the pose-conditioned case trl cannot run),
+`d3po` (D3PO with reward-picked pairs, d3po.source reward: one pair per prompt an epoch; its update
+time per pair, reference log-probs included, against `ours`' update time per sample).
 
 Each side runs in its own child process (so its peak memory is its own): it builds the trainer,
 runs one warm-up epoch, then times `--epochs` epochs of sampling + reward + PPO update and reports
@@ -44,7 +50,7 @@ def maxrss_mb() -> float:
 
 
 def run_ours(args: argparse.Namespace, out: dict) -> None:
-    """poseloop's DDPO: time epochs after a warm-up."""
+    """poseloop's DDPO (or D3PO, side d3po): time epochs after a warm-up, and the update part of them."""
     import torch
 
     from poseloop.training import PolicyTrainer, tiny
@@ -58,7 +64,11 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     cfg = tiny()
     cfg.model.base, cfg.model.controlnet = args.model, f"{args.model}/controlnet"
     cfg.sample.width = cfg.sample.height = 128
-    cfg.sample.steps, cfg.sample.controlnet_scale = args.steps, 0.0
+    cfg.sample.steps = args.steps
+    cfg.sample.controlnet_scale = 1.0 if args.side.startswith("pose") else 0.0
+    cfg.train.fused_update = args.side in ("fast", "pose_fast")
+    if args.side == "d3po":
+        cfg.algo, cfg.d3po.source = "d3po", "reward"
     cfg.sample.images_per_group, cfg.sample.batch_size = args.samples // len(PROMPTS), args.samples
     cfg.data.prompts, cfg.data.poses = PROMPTS, ["standing"]
     cfg.train.groups_per_epoch, cfg.train.batch_size = len(PROMPTS), args.samples
@@ -69,11 +79,30 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     cfg.output.root, cfg.output.runs_dir = f"{tmp}/p", f"{tmp}/r"
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     loaded = maxrss_mb()
-    trainer.ddpo_epoch(0)  # warm-up
+    algo = trainer.algorithm
+    spent = {"update": 0.0, "reference": 0.0}
+    real_update, real_ref = algo.update, trainer._reference_log_probs
+
+    def timed(key, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*a, **k):  # type: ignore[no-untyped-def]
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    algo.update, trainer._reference_log_probs = timed("update", real_update), timed("reference", real_ref)
+    algo.epoch(0)  # warm-up
+    spent.update(update=0.0, reference=0.0)
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        trainer.ddpo_epoch(epoch)
+        algo.epoch(epoch)
     out["seconds_per_sample"] = (time.perf_counter() - t0) / (args.epochs * args.samples)
+    # D3PO: per pair (one per group: its best and worst image), the fresh pairs' reference log-probs counted.
+    per = cfg.train.groups_per_epoch if args.side == "d3po" else args.samples
+    out["update_seconds_per_item"] = (spent["update"] + spent["reference"]) / (args.epochs * per)
+    out["reference_seconds_per_item"] = spent["reference"] / (args.epochs * per)
     out["rss_loaded_mb"], out["rss_peak_mb"] = loaded, maxrss_mb()
     assert torch.get_num_threads() == 1
 
@@ -81,6 +110,14 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
 def run_trl(args: argparse.Namespace, out: dict) -> None:
     """trl's DDPOTrainer on a plain StableDiffusionPipeline built from the same components."""
     sys.path.insert(0, str(PEERS))
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        # trl's trainer utils import pandas for a type annotation; its DDPO code never calls it.
+        stub = Path(tempfile.mkdtemp()) / "pandas"
+        stub.mkdir()
+        (stub / "__init__.py").write_text("class DataFrame:\n    pass\n")
+        sys.path.insert(0, str(stub.parent))
     try:
         from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     except Exception as e:  # noqa: BLE001 (any import failure means: peer absent or broken)
@@ -139,48 +176,69 @@ def child(side: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
+SIDES = ("ours", "fast", "trl", "pose_std", "pose_fast", "d3po")
+
+
 def main() -> int:
-    """Interleave the two sides, print a side-by-side table and the ratio."""
+    """Interleave the sides, print a table and ratios measured in this run (median, min and max over repeats)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="sides to run")
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per side (after one warm-up epoch)")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
     ap.add_argument("--samples", type=int, default=8, help="trajectories per epoch (= sample and train batch)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; medians are reported")
     ap.add_argument("--model", default=str(ROOT / "models" / "tiny-sd15"), help="tiny model folder")
+    ap.add_argument("--log", default="", help="append each child's JSON report to this file")
     args = ap.parse_args()
     if args.side:
         import torch
 
         torch.set_num_threads(1)
         out: dict = {"side": args.side}
-        (run_ours if args.side == "ours" else run_trl)(args, out)
+        (run_trl if args.side == "trl" else run_ours)(args, out)
         print(json.dumps(out))
         return 0
     from poseloop.tiny import ensure_embedded
 
     ensure_embedded(args.model)
-    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for _ in range(args.repeats):
-        for side in ("ours", "trl"):
+        for side in args.sides:
             results[side].append(child(side, args))
+            if args.log:  # each child's report as it arrives: a long run interrupted keeps what it measured
+                with open(args.log, "a") as f:
+                    f.write(json.dumps(results[side][-1]) + "\n")
     print(f"DDPO on the tiny SD model, 128 px, {args.steps} steps, {args.samples} samples/epoch, "
-          f"{args.epochs} timed epochs, 1 CPU thread, medians of {args.repeats} interleaved runs")
-    print(f"{'side':<10}{'s/sample':>10}{'peak RSS MiB':>14}{'RSS over loaded':>17}")
-    med: dict[str, float] = {}
+          f"{args.epochs} timed epochs, 1 CPU thread, medians [min, max] of {args.repeats} interleaved runs")
+    print(f"{'side':<10}{'s/sample':>10}{'update s/item':>15}{'peak RSS MiB':>14}{'RSS over loaded':>17}")
+    ok = {side: [r for r in runs if "error" not in r] for side, runs in results.items()}
     for side, runs in results.items():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
+        if not ok[side]:
             print(f"{side:<10}  unavailable: {runs[0]['error']}")
             continue
-        sps = statistics.median(r["seconds_per_sample"] for r in ok)
-        peak = statistics.median(r["rss_peak_mb"] for r in ok)
-        delta = statistics.median(r["rss_peak_mb"] - r["rss_loaded_mb"] for r in ok)
-        med[side] = sps
-        print(f"{side:<10}{sps:>10.3f}{peak:>14.0f}{delta:>17.0f}")
-    if len(med) == 2:
-        print(f"time ratio ours / trl = {med['ours'] / med['trl']:.2f} (target <= 0.80); ours runs the ControlNet too "
-              "(controlnet_scale 0)")
+        sps = statistics.median(r["seconds_per_sample"] for r in ok[side])
+        upd = statistics.median(r.get("update_seconds_per_item", float("nan")) for r in ok[side])
+        peak = statistics.median(r["rss_peak_mb"] for r in ok[side])
+        delta = statistics.median(r["rss_peak_mb"] - r["rss_loaded_mb"] for r in ok[side])
+        print(f"{side:<10}{sps:>10.3f}{upd:>15.3f}{peak:>14.0f}{delta:>17.0f}")
+
+    def ratio(a: str, b: str, key: str, label: str) -> None:
+        # Repeat k of side a over repeat k of side b: the two ran next to each other (interleaved).
+        pairs = [(x[key], y[key]) for x, y in zip(results.get(a, []), results.get(b, []))
+                 if "error" not in x and "error" not in y]
+        if pairs:
+            rs = [x / y for x, y in pairs]
+            print(f"{label} = {statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}]")
+
+    ratio("ours", "trl", "seconds_per_sample", "time ours (re-scoring) / trl")
+    ratio("fast", "trl", "seconds_per_sample", "time ours fused / trl (target <= 0.70)")
+    ratio("fast", "ours", "seconds_per_sample", "time ours fused / ours re-scoring")
+    ratio("fast", "trl", "rss_peak_mb", "peak RSS ours fused / trl (target <= 1.0)")
+    ratio("ours", "trl", "rss_peak_mb", "peak RSS ours re-scoring / trl")
+    ratio("pose_fast", "pose_std", "seconds_per_sample", "pose (controlnet_scale 1): time fused / re-scoring")
+    ratio("pose_fast", "pose_std", "rss_peak_mb", "pose (controlnet_scale 1): peak RSS fused / re-scoring")
+    ratio("d3po", "ours", "update_seconds_per_item", "D3PO update s/pair / DDPO update s/sample (target <= 2.2)")
     print("memory: resource.getrusage(RUSAGE_SELF).ru_maxrss of each child process")
     return 0
 

@@ -70,9 +70,10 @@ class TrainConfig:
     grad_accum: int = field(1, help="minibatches whose gradients are summed before an optimizer step")
     inner_epochs: int = field(1, help="passes over each epoch's samples (PPO epochs)")
     timestep_fraction: float = field(1.0, help="fraction of each trajectory's steps trained on (0..1]")
-    fused_update: bool = field(True, help="DDPO: when an epoch is one optimizer step (inner_epochs 1, its minibatches "
+    fused_update: bool = field(False, help="DDPO: when an epoch is one optimizer step (inner_epochs 1, its minibatches "
                                "<= grad_accum), backpropagate the sampling pass's log-prob graphs instead of re-scoring "
-                               "(the same gradient, one forward less per trained step, more memory); false: re-score")
+                               "(the same gradient, one forward less per trained step; the activations of every "
+                               "trained step are held: memory grows with steps x batch)")
     clip_range: float = field(1e-4, help="PPO ratio clip c: r is clipped to [1-c, 1+c] (DDPO: 1e-4)")
     adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
     stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation")

@@ -63,7 +63,7 @@ def test_fused_update_gives_the_standard_gradient_and_step(models_dir: Path, tmp
     # steps (the shuffle generator is replayed to pick them before sampling); the pose ControlNet at full
     # strength; gradient clipping on (it sees the same gradient, so it clips the same).
     cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=0.5,
-                     sample__controlnet_scale=1.0, optim__max_grad_norm=1e-3)
+                     sample__controlnet_scale=1.0, optim__max_grad_norm=1e-3, train__fused_update=True)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     state = {"policy": trainer.policy.state_dict(), "optim": trainer.optimizer.state_dict(),
              "tracker": trainer.tracker.state_dict()}
@@ -85,8 +85,9 @@ def test_fused_update_gives_the_standard_gradient_and_step(models_dir: Path, tmp
 
 def test_fused_update_only_where_exact(models_dir: Path, tmp_path: Path) -> None:
     # Two optimizer steps an epoch (grad_accum 1) or two inner epochs: the later passes run under updated
-    # weights, so re-scoring is required; and the flag turns the fused path off.
-    trainer = PolicyTrainer(policy_cfg(models_dir, tmp_path), reward=Brightness(), progress=False)
+    # weights, so re-scoring is required; and the flag (off by default: memory) turns the fused path off.
+    trainer = PolicyTrainer(policy_cfg(models_dir, tmp_path, train__fused_update=True), reward=Brightness(),
+                            progress=False)
     algo = trainer.algorithm
     assert algo.fused_steps(0, 4) is None  # 2 minibatches, grad_accum 1
     trainer.cfg.train.grad_accum = 2
@@ -95,3 +96,9 @@ def test_fused_update_only_where_exact(models_dir: Path, tmp_path: Path) -> None
     assert algo.fused_steps(0, 4) is None
     trainer.cfg.train.inner_epochs, trainer.cfg.train.fused_update = 1, False
     assert algo.fused_steps(0, 4) is None
+    # The steps whose graphs sampling keeps are the ones the update trains: never a deterministic last step.
+    from diffusers import DDIMScheduler
+
+    trainer.cfg.train.fused_update, trainer.cfg.train.timestep_fraction = True, 1.0
+    trainer.comp.pipe.scheduler = DDIMScheduler.from_config(trainer.comp.scheduler.config, set_alpha_to_one=True)
+    assert algo.fused_steps(0, 4) == [0, 1, 2]  # 4 steps, all drawn (timestep_fraction 1), the last has no density

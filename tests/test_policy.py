@@ -137,7 +137,9 @@ def test_a_deterministic_last_step_is_never_trained_and_gives_no_nan(models_dir:
     from diffusers import DDIMScheduler
 
     # Minibatches of 2 accumulated into one optimizer step at the end: every ratio is taken before any update.
-    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0)
+    # The re-scoring path (the fused update would skip _rescore; tests/test_fast_ddpo.py covers that one).
+    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0,
+                     train__fused_update=False)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     # set_alpha_to_one: the last step lands on alpha_bar = 1 with variance 0 (x_0 = predicted x0).
     trainer.comp.pipe.scheduler = DDIMScheduler.from_config(trainer.comp.scheduler.config, set_alpha_to_one=True)
