@@ -383,23 +383,10 @@ def rlcm_faithful() -> PolicyConfig:
     return cfg
 
 
-def tiny_rlcm() -> PolicyConfig:
-    """RLCM on the embedded world's LCM-LoRA: 4-step LCM trajectories, as generate.py --preset tiny-lcm samples."""
-    cfg = tiny()
-    cfg.algo = "rlcm"
-    lcm = generate_presets.tiny_lcm()
-    cfg.model.lcm_lora = lcm.model.lcm_lora
-    cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = (lcm.sample.sampler, lcm.sample.steps,
-                                                                       lcm.sample.guidance_scale)
-    # The last LCM step is deterministic (never trained): 3 of 4 steps carry a log-probability; train them all.
-    cfg.train.timestep_fraction = 1.0
-    return cfg
-
-
 PRESETS: dict[str, Callable[[], PolicyConfig]] = {
     "tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
     "sd15": sd15, "sd15-faithful": sd15_faithful, "sdxl": sdxl,
-    "rlcm-faithful": rlcm_faithful, "tiny-rlcm": tiny_rlcm,
+    "rlcm-faithful": rlcm_faithful,
 }
 
 
