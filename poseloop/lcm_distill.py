@@ -5,9 +5,10 @@ As diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py
 at a guidance w drawn per example); the student is the same UNet with a LoRA, asked to map a noisy
 latent at timestep t_n straight to the boundary-conditioned x0 that its own (no-grad) prediction at
 the teacher's next point t_{n-k} gives; Huber loss. The ControlNet is frozen and gets the pose in
-every call, so the LoRA learns consistency under pose conditioning. scripts/train_lcm_lora.py
-runs it (after scripts/train_world.py, which replaces the folder and so removes a stale LoRA) on renders of the world and writes poseloop/world_weights/lcm_lora.safetensors
-(diffusers LoRA keys), which `--model.lcm_lora` (generate.py --preset tiny-lcm) fuses into the UNet.
+every call, so the LoRA learns consistency under pose conditioning. scripts/train_lcm_lora.py runs
+it on renders of the world and writes a LoRA file (peft lora_A/lora_B keys, fp16) that `--model.lcm_lora` fuses
+into the UNet. Not shipped: 300 steps of batch 16 (22 min on a busy 2-core machine) did not beat the
+undistilled UNet under the LCM sampler (docs/WORLD.md, "4-step rounds").
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from tqdm import tqdm
 
 from poseloop.configlib import ConfigError, field
 
-LCM_LORA_FILE = "lcm_lora.safetensors"
 # What the student's LoRA covers: every linear/conv layer of the blocks plus the timestep projections
 # (the published LCM-LoRAs train attention, feed-forward, conv and time_emb_proj).
 LCM_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -48,10 +48,12 @@ class LcmDistillConfig:
     huber_c: float = field(1e-3, help="Huber loss constant")
     seed: int = field(0, help="seed of the renders, the LoRA init and the data order")
     threads: int = field(2, help="torch threads")
-    out: str = field("", help="LoRA file to write; empty = poseloop/world_weights/lcm_lora.safetensors")
+    out: str = field("models/world_run/lcm/lcm_lora.safetensors", help="LoRA file to write")
 
     def validate(self) -> None:
         """Check fields before any work starts."""
+        if not self.out:
+            raise ConfigError("out: empty; name the LoRA file to write, e.g. models/world_run/lcm/lcm_lora.safetensors")
         for name in ("examples", "steps", "batch", "lora_rank", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
@@ -104,21 +106,20 @@ def _renders(cfg: LcmDistillConfig, vae: Any, size: int) -> tuple[torch.Tensor, 
 
 
 def distill(cfg: LcmDistillConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train the LCM-LoRA, write it (diffusers keys, fp16) and a loss plot; return a summary."""
+    """Train the LCM-LoRA, write it (peft lora_A/lora_B keys, fp16) and a loss plot; return a summary."""
     from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, LCMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from poseloop.tiny import WORLD_WEIGHTS, ensure_embedded
+    from poseloop.tiny import ensure_embedded
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     root = ensure_embedded(cfg.model)
-    out = Path(cfg.out) if cfg.out else WORLD_WEIGHTS / LCM_LORA_FILE
-    run = run_dir or Path("models/world_run/lcm")
+    out = Path(cfg.out)
+    run = run_dir or out.parent
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -199,7 +200,8 @@ def distill(cfg: LcmDistillConfig, run_dir: Path | None = None) -> dict[str, Any
             bar.set_postfix(loss=f"{np.mean(curve[-25:]):.4f}")
     bar.close()
     unet.enable_adapters()
-    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft's lora_A/lora_B keys: diffusers drops attention layers saved in its older '.lora.down' form.
+    lora = get_peft_model_state_dict(unet)
     lora = {k: v.detach().to(torch.float16).contiguous() for k, v in lora.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -221,13 +223,13 @@ def distill(cfg: LcmDistillConfig, run_dir: Path | None = None) -> dict[str, Any
 
 
 def full() -> LcmDistillConfig:
-    """The shipped LCM-LoRA (about 15-20 minutes on 2 cores)."""
+    """300 steps of 16 renders (about 8 minutes on a quiet 2-core machine, 22 on a busy one)."""
     return LcmDistillConfig()
 
 
 def smoke() -> LcmDistillConfig:
     """A few steps on a few renders: checks the script end to end in well under a minute."""
-    return LcmDistillConfig(examples=64, steps=3, batch=4, out="models/world_run_smoke/lcm_lora.safetensors")
+    return LcmDistillConfig(examples=64, steps=3, batch=4, out="models/world_run_smoke/lcm/lcm_lora.safetensors")
 
 
 PRESETS = {"full": full, "smoke": smoke}

@@ -208,6 +208,18 @@ def check_architecture(pipe: Any, cfg: ModelConfig) -> None:
                              f"gives {unet_ctx}; use a ControlNet made for this base model")
 
 
+def check_lora_layers_attached(unet: Any, state_dict: dict[str, Any], adapter: str, what: str) -> None:
+    """Raise when fewer UNet layers got the adapter than the file has LoRA layers for (diffusers skips some silently).
+
+    Measured: diffusers drops attention layers saved with '.lora.down'/'.lora.up' keys and fuses the rest.
+    """
+    wanted = {k.split(".lora", 1)[0] for k in state_dict if k.startswith("unet.") and ".lora" in k}
+    attached = sum(1 for m in unet.modules() if adapter in getattr(m, "lora_A", {}))
+    if wanted and attached < len(wanted):
+        raise ValueError(f"only {attached} of the {len(wanted)} LoRA layers in the file were applied to this UNet "
+                         f"({what}); re-save it with peft's lora_A/lora_B keys or kohya keys")
+
+
 def load_lora(pipe: Any, path: str, scale: float) -> None:
     """Load a kohya- or diffusers-format LoRA file into the pipeline at the given strength.
 
@@ -222,6 +234,7 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
             raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
         pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name="loaded",
                                  metadata=metadata, _pipeline=pipe)
+        check_lora_layers_attached(pipe.unet, state_dict, "loaded", path)
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
             if encoder is not None and any(key.startswith(f"{name}.") for key in state_dict):
@@ -247,6 +260,7 @@ def fuse_lcm_lora(pipe: Any, source: str, cfg: ModelConfig) -> None:
             raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
         pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name="lcm",
                                  metadata=metadata, _pipeline=pipe)
+        check_lora_layers_attached(pipe.unet, state_dict, "lcm", source)
         pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["lcm"])
         # Removing the (fused) LoRA layers keeps their merged base weights: the UNet is now a plain LCM.
         pipe.unload_lora_weights()

@@ -1,11 +1,12 @@
-"""Distil the embedded world into an LCM-LoRA: 4-step rounds (generate.py --preset tiny-lcm).
+"""Distil the embedded world into an LCM-LoRA for 4-step rounds (latent consistency distillation).
 
-    python scripts/train_lcm_lora.py                  # the shipped LoRA (~15-20 min on 2 cores)
+    python scripts/train_lcm_lora.py                  # 300 steps (~8-22 min on 2 cores)
     python scripts/train_lcm_lora.py --preset smoke   # a few steps, end to end
+    python generate.py --model.lcm_lora models/world_run/lcm/lcm_lora.safetensors \
+        --sample.sampler lcm --sample.steps 4 --sample.guidance_scale 1
 
-Run it after scripts/train_world.py (a rebuilt world needs its own LCM-LoRA). Writes
-poseloop/world_weights/lcm_lora.safetensors (diffusers LoRA keys, fp16) and a loss plot to
-models/world_run/lcm.
+Writes models/world_run/lcm/lcm_lora.safetensors (peft lora_A/lora_B keys, fp16) and a loss plot beside it.
+At this budget the LoRA does not yet beat the undistilled UNet under the LCM sampler (docs/WORLD.md).
 """
 
 from __future__ import annotations

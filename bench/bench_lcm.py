@@ -1,0 +1,154 @@
+"""Benchmark: 4-step LCM rounds against the default DDIM round on the embedded world.
+
+Samples the same (prompt, pose, seed) items on one base model: the default round (generate.py's tiny
+preset: DDIM, 10 steps, CFG 5) and a 4-step round with the LCM sampler and no CFG pass
+(`--sample.sampler lcm --sample.steps 4 --sample.guidance_scale 1`) on the undistilled UNet, and, with
+--lora, the same with an LCM-LoRA fused in (scripts/train_lcm_lora.py makes one). The DDIM and
+undistilled LCM rounds are timed batch by batch, interleaved (alternating which goes first); pose OKS
+comes from the world's detector.
+
+Targets (issue 13 item 4): the LCM round at least 4x faster, its mean OKS within 0.1 of the default's.
+Printed: seconds per image of each (median over batches, min/max of the per-batch ratios), the time
+ratio, OKS and attribute accuracy (shirt, trousers, background read in the renderer's regions) of each
+with 95% bootstrap intervals, and the paired differences against the DDIM round.
+
+    python bench/bench_lcm.py                      # 12 prompts x 12 poses x 2 seeds, 1 thread
+    python bench/bench_lcm.py --lora models/world_run/lcm_lora.safetensors --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both samplers on the same items, print the table, write bench/out/lcm.json and a grid."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lora", default="", help="also sample with this LCM-LoRA fused in (an extra row)")
+    p.add_argument("--prompts", type=int, default=12, help="vocabulary prompts (x 12 built-in poses)")
+    p.add_argument("--images", type=int, default=2, help="seeds per (prompt, pose)")
+    p.add_argument("--steps", type=int, default=4, help="LCM steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from poseloop import config as gen_presets
+    from poseloop import sampling
+    from poseloop.metrics import oks
+    from poseloop.models import load_components
+    from poseloop.poses import render_pose
+    from poseloop.tiny import ensure_embedded
+    from poseloop.world_detector import load_detector
+    from poseloop.world import measure_attributes, parse_prompt
+    from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, vocabulary_prompts
+
+    base_cfg, lcm_cfg = gen_presets.tiny(), gen_presets.tiny()
+    root = ensure_embedded(ROOT / base_cfg.model.base)
+    for c in (base_cfg, lcm_cfg):
+        c.model.base, c.model.controlnet = str(root), str(root / "controlnet")
+    lcm_cfg.sample.sampler, lcm_cfg.sample.steps, lcm_cfg.sample.guidance_scale = "lcm", args.steps, 1.0
+    # The undistilled UNet under the LCM sampler (it warns that it is no LCM: on purpose here).
+    comps = {"ddim": load_components(base_cfg.model)}
+    comps["lcm"] = comps["ddim"]
+    samples = {"ddim": base_cfg.sample, "lcm": lcm_cfg.sample}
+    if args.lora:
+        lcm_cfg.model.lcm_lora = args.lora
+        comps["lcm_lora"], samples["lcm_lora"] = load_components(lcm_cfg.model), lcm_cfg.sample
+    detector = load_detector(root / "pose_detector")
+    size = base_cfg.sample.width
+    poses = builtin_poses()
+    conds = [render_pose(q, size, size) for q in poses]
+    items = [(pr, pi, k) for pr in vocabulary_prompts()[:args.prompts] for pi in range(len(poses))
+             for k in range(args.images)]
+    sides = tuple(comps)
+    seconds: dict[str, list[float]] = {k: [] for k in sides}
+    scores: dict[str, list[float]] = {k: [] for k in sides}
+    hits: dict[str, list[float]] = {k: [] for k in sides}
+    images: dict[str, list] = {k: [] for k in sides}
+    batch = 16
+    for b, i in enumerate(range(0, len(items), batch)):
+        chunk = items[i:i + batch]
+        seeds = [10_000 + i + j for j in range(len(chunk))]
+        order = sides if b % 2 == 0 else ("lcm", "ddim", *sides[2:])
+        for side in order:
+            t0 = time.perf_counter()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = sampling.sample(comps[side], [c[0] for c in chunk], [conds[c[1]] for c in chunk], seeds,
+                                      samples[side], size, size)
+            seconds[side].append((time.perf_counter() - t0) / len(chunk))
+            arr = np.stack([np.asarray(im.convert("RGB")) for im in out.images])
+            found = detector.detect(arr)
+            scores[side] += [oks(poses[c[1]], found[j][0], width=size, height=size) for j, c in enumerate(chunk)]
+            for j, c in enumerate(chunk):
+                got, want = measure_attributes(arr[j], poses[c[1]]), parse_prompt(c[0])
+                hits[side].append(float(np.mean([getattr(got, k) == getattr(want, k)
+                                                 for k in ("shirt", "trousers", "background")])))
+            images[side] += out.images
+    ratios = [a / b for a, b in zip(seconds["ddim"], seconds["lcm"])]
+    speed = statistics.median(seconds["ddim"]) / statistics.median(seconds["lcm"])
+    diff = np.asarray(scores["lcm"]) - np.asarray(scores["ddim"])
+    res = {
+        "images": len(items), "threads": args.threads, "lcm_steps": args.steps,
+        "seconds_per_image": {k: statistics.median(v) for k, v in seconds.items()},
+        "speedup": speed, "speedup_min_max": [min(ratios), max(ratios)],
+        "oks": {k: bootstrap_mean_ci(v) for k, v in scores.items()}, "oks_diff": bootstrap_mean_ci(diff.tolist()),
+        "attributes": {k: bootstrap_mean_ci(v) for k, v in hits.items()},
+        **{f"{what}_diff_{k}": bootstrap_mean_ci((np.asarray(v[k]) - np.asarray(v["ddim"])).tolist())
+           for what, v in (("oks", scores), ("attributes", hits)) for k in sides[1:]},
+    }
+    fast, close = speed >= 4.0, res["oks_diff"][0] >= -0.1
+    print(f"\n{len(items)} images (12 built-in poses x {args.prompts} prompts x {args.images} seeds), "
+          f"{args.threads} thread(s), batches of {batch}, interleaved")
+    for side, label in (("ddim", f"DDIM {base_cfg.sample.steps} steps, CFG {base_cfg.sample.guidance_scale:g}"),
+                        ("lcm", f"LCM sampler {args.steps} steps, no CFG"),
+                        ("lcm_lora", f"same + LCM-LoRA {Path(args.lora).name}")):
+        if side not in comps:
+            continue
+        m, lo, hi = res["oks"][side]
+        am, alo, ahi = res["attributes"][side]
+        print(f"{label:36s} {res['seconds_per_image'][side] * 1000:7.1f} ms/image   OKS {m:.3f} [{lo:.3f}, {hi:.3f}]"
+              f"   attributes {am:.3f} [{alo:.3f}, {ahi:.3f}]")
+    m, lo, hi = res["oks_diff"]
+    print(f"speed-up DDIM / LCM: {speed:.2f}x (per-batch min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 4) "
+          f"{'PASS' if fast else 'FAIL'}")
+    print(f"OKS LCM - DDIM: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: within 0.1) {'PASS' if close else 'FAIL'}")
+    for key in (k for k in res if k.startswith(("oks_diff_", "attributes_diff_"))):
+        m, lo, hi = res[key]
+        print(f"{key}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lcm.json").write_text(json.dumps(res, indent=2))
+    _grid(images, conds, items, out / "lcm_grid.png")
+    return 0 if fast and close else 1
+
+
+def _grid(images: dict[str, list], conds: list, items: list, path: Path, n: int = 12) -> None:
+    """Condition, then each side's image, for the first prompt's 12 poses (first seed), 2x upscaled."""
+    from PIL import Image
+
+    s = images["ddim"][0].width * 2
+    canvas = Image.new("RGB", (n * s, (1 + len(images)) * s), "white")
+    picks = [i for i, (_, _, k) in enumerate(items) if k == 0][:n]
+    for col, i in enumerate(picks):
+        for row, im in enumerate((conds[items[i][1]], *(v[i] for v in images.values()))):
+            canvas.paste(im.convert("RGB").resize((s, s), Image.Resampling.NEAREST), (col * s, row * s))
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
