@@ -22,7 +22,7 @@ from poseloop.poses import get_builtin_pose, render_pose
 from poseloop.training import PolicyTrainer
 
 # The policy tests' tiny config and synthetic reward (tests/ is on sys.path under pytest's import mode).
-from test_policy import RATIO_TOL, Brightness, policy_cfg  # noqa: E402
+from test_policy import RATIO_TOL, Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -305,6 +305,23 @@ def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
     resumed, _ = run(2, "split")
     for key in straight:  # as test_policy's resume test: fp32 noise only
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_rlcm_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path) -> None:
+    from poseloop.evaluation import bootstrap_ci
+
+    # The trained embedded world (undistilled: the LCM sampler warns), 4 LCM steps without CFG, the tiny
+    # preset's lr and clip, 4 groups x 4 images an epoch; bench/bench_rlcm.py runs it 8 epochs (+0.28).
+    warnings.simplefilter("ignore")
+    cfg = policy_cfg(models_dir, tmp_path, algo="rlcm", sample__sampler="lcm", sample__steps=4,
+                     sample__guidance_scale=1.0, train__timestep_fraction=1.0, train__epochs=3,
+                     train__groups_per_epoch=4, sample__images_per_group=4, train__batch_size=4)
+    trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    before = fixed_seed_rewards(trainer)  # 16 seeds no epoch sampled (training draws its own)
+    result = trainer.run()
+    after = fixed_seed_rewards(trainer)
+    lo, hi = bootstrap_ci((after - before).numpy(), 2000, 0.95)
+    assert lo > 0, (lo, hi, float(before.mean()), float(after.mean()), [round(r["reward_mean"], 3) for r in result.history])
 
 
 def test_rlcm_faithful_preset_has_the_published_settings() -> None:
