@@ -5,7 +5,7 @@ current policy, score them, normalise the rewards per group (poseloop.advantages
 then train.inner_epochs shuffled passes of poseloop.losses.ppo_clip_loss over a train.timestep_fraction
 of each minibatch's steps, gradients summed over steps and train.grad_accum minibatches.
 
-Fused update (train.fused_update, automatic where exact): when the whole epoch is one optimizer step
+Fused update (train.fused_update, opt-in, used only where exact): when the whole epoch is one optimizer step
 (inner_epochs 1, no more minibatches than grad_accum), every re-scored step would run under the
 weights that sampled it, so r = 1 exactly, the clip is inactive and the re-scoring forward recomputes
 what sampling computed. Then the sampler keeps the log-prob graphs of the steps the update will draw
