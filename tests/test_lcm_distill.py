@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from poseloop.config import tiny
 from poseloop.configlib import ConfigError
@@ -67,4 +67,13 @@ def test_a_smoke_distillation_writes_an_lcm_lora_that_fuses(models_dir: Path, tm
     moved = [k for k in base if not torch.equal(base[k], fused[k])]
     # Every layer of the file is fused (diffusers silently skipped attention layers in the '.lora.down' form).
     assert len(moved) == len(keys) // 2 and any("to_q" in k for k in moved)
+    # The same tensors under diffusers' older '.lora.down/.lora.up' names (as policy exports and many
+    # published LoRAs store them) fuse completely too: diffusers alone applied 68 of 124 layers of such a file.
+    old_form = tmp_path / "old_form.safetensors"
+    save_file({k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in keys.items()},
+              str(old_form))
+    m.lcm_lora = str(old_form)
+    again = load_components(m).unet.state_dict()
+    for k in base:
+        torch.testing.assert_close(again[k], fused[k], rtol=1e-6, atol=1e-7, msg=k)  # same tensors, same fp32 math
 
