@@ -595,6 +595,11 @@ _REGISTRY: dict[str, _Entry] = {
     ),
 }
 
+# PickScore and HPSv2 live in their own module (heavy imports stay inside their factories).
+from poseloop import published_rewards as _published  # noqa: E402
+
+_published.register(_REGISTRY, _Entry, _Option)
+
 
 def available_rewards() -> dict[str, str]:
     """Reward name -> one-line help, for CLIs and error messages."""
