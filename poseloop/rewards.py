@@ -355,7 +355,7 @@ class AestheticMLP(torch.nn.Module):
 
 _AESTHETIC_HINT = (
     "The LAION aesthetic predictor is sac+logos+ava1-l14-linearMSE.pth from "
-    "github.com/christophschuhmann/improved-aesthetic-predictor (an MLP on ViT-L-14 CLIP image embeddings)."
+    "github.com/christophschuhmann/improved-aesthetic-predictor (an MLP on OpenAI CLIP ViT-L/14 image embeddings)."
 )
 
 
@@ -415,7 +415,7 @@ class AestheticReward:
         if in_dim is not None and embed_dim is not None and in_dim != embed_dim:
             raise ValueError(
                 f"aesthetic head expects {in_dim}-dim CLIP embeddings but {clip.arch} gives {embed_dim}; "
-                "the LAION predictor needs clip_arch=ViT-L-14"
+                "the LAION predictor needs clip_arch=ViT-L-14-quickgelu with the OpenAI weights"
             )
         self.clip = clip
         self.head = head.to(clip.device)
@@ -582,7 +582,10 @@ _REGISTRY: dict[str, _Entry] = {
         _build_aesthetic,
         {
             "weights": _Option(str, None, "head .pth; default <models_dir>/aesthetic/sac+logos+ava1-l14-linearMSE.pth"),
-            "clip_arch": _Option(str, "ViT-L-14", "open_clip architecture of the embeddings"),
+            # OpenAI's CLIP (the head's training features) uses QuickGELU; open_clip's plain "ViT-L-14" built with
+            # pretrained=None uses GELU, so loading the OpenAI weights into it gives different embeddings.
+            "clip_arch": _Option(str, "ViT-L-14-quickgelu", "open_clip architecture of the embeddings (OpenAI ViT-L/14 "
+                                 "weights: timm/vit_large_patch14_clip_224.openai)"),
             "clip_weights": _Option(str, None, "open_clip weights; default <models_dir>/open_clip/<arch>/open_clip_pytorch_model.bin"),
         },
     ),

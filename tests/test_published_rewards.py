@@ -261,3 +261,30 @@ def test_hps_errors(tmp_path: Path, hps_file: Path) -> None:
                tmp_path / "other.pt")  # fmt: skip
     with pytest.raises(ValueError, match=f"do not fit open_clip {TINY_HPS_ARCH}"):
         R.build_reward(f"hps:weights={tmp_path / 'other.pt'},arch={TINY_HPS_ARCH}")
+
+
+# ---------------------------------------------------------------------------------------------
+# LAION aesthetic v2 against the reference (improved-aesthetic-predictor, simple_inference.py)
+
+
+def test_aesthetic_matches_reference_layout_and_openai_clip(tmp_path: Path) -> None:
+    import open_clip
+
+    # The reference MLP: Linear 768-1024, Dropout .2, 1024-128, Dropout .2, 128-64, Dropout .1, 64-16, 16-1.
+    mlp = R.AestheticMLP(768)
+    layers = list(mlp.layers)
+    assert [type(m).__name__ for m in layers] == ["Linear", "Dropout", "Linear", "Dropout", "Linear", "Dropout",
+                                                  "Linear", "Linear"]  # fmt: skip
+    assert [(m.in_features, m.out_features) for m in layers if isinstance(m, torch.nn.Linear)] == [
+        (768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]  # fmt: skip
+    assert [m.p for m in layers if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2, 0.1]
+    # The reference file's keys load (its state dict is the nn.Sequential's under "layers.").
+    torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    head = R.load_aesthetic_head(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    assert not head.training  # dropout off, as the reference's eval()
+    # The head was trained on OpenAI CLIP ViT-L/14, which uses QuickGELU: the default architecture says so,
+    # because open_clip's plain ViT-L-14 (GELU) with the OpenAI weights gives other embeddings.
+    arch = R._REGISTRY["aesthetic"].options["clip_arch"].default
+    assert arch == "ViT-L-14-quickgelu" and arch in open_clip.list_models()
+    with pytest.raises(FileNotFoundError, match="ViT-L-14-quickgelu"):
+        R.build_reward(f"aesthetic:weights={tmp_path / 'sac+logos+ava1-l14-linearMSE.pth'}", models_dir=str(tmp_path))
