@@ -231,6 +231,23 @@ def check_lora_layers_attached(unet: Any, state_dict: dict[str, Any], adapter: s
                          f"({what}); check that the LoRA was made for this base model")
 
 
+def load_unet_lora(pipe: Any, source: str, adapter: str, **extra: Any) -> tuple[dict[str, Any], Any, Any]:
+    """Read a LoRA (kohya or diffusers keys), attach its UNet part as `adapter`, check every layer applied.
+
+    Returns (state_dict in peft key form, network alphas, metadata) for the text encoders' part.
+    """
+    if hasattr(pipe, "text_encoder_2"):
+        extra["unet_config"] = pipe.unet.config  # SDXL kohya names
+    state_dict, alphas, metadata = pipe.lora_state_dict(source, return_lora_metadata=True, **extra)
+    state_dict = peft_lora_keys(state_dict)
+    if not state_dict or not all("lora" in key for key in state_dict):
+        raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
+    pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter,
+                             metadata=metadata, _pipeline=pipe)
+    check_lora_layers_attached(pipe.unet, state_dict, adapter, source)
+    return state_dict, alphas, metadata
+
+
 def load_lora(pipe: Any, path: str, scale: float) -> None:
     """Load a kohya- or diffusers-format LoRA file into the pipeline at the given strength.
 
@@ -239,14 +256,7 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
     train the UNet only). The UNet part is loaded alone; a text encoder only when the file holds keys for it.
     """
     try:
-        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") else {}  # SDXL kohya names
-        state_dict, alphas, metadata = pipe.lora_state_dict(path, return_lora_metadata=True, **extra)
-        state_dict = peft_lora_keys(state_dict)
-        if not state_dict or not all("lora" in key for key in state_dict):
-            raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
-        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name="loaded",
-                                 metadata=metadata, _pipeline=pipe)
-        check_lora_layers_attached(pipe.unet, state_dict, "loaded", path)
+        state_dict, alphas, metadata = load_unet_lora(pipe, path, "loaded")
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
             if encoder is not None and any(key.startswith(f"{name}.") for key in state_dict):
@@ -263,17 +273,8 @@ def fuse_lcm_lora(pipe: Any, source: str, cfg: ModelConfig) -> None:
     """Fuse an LCM-LoRA (file, folder or hub id; kohya or diffusers keys) into the UNet's weights for good."""
     local = Path(source).expanduser()
     try:
-        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") else {}  # SDXL kohya names
-        if not local.exists():
-            extra["local_files_only"] = cfg.local_files_only
-        state_dict, alphas, metadata = pipe.lora_state_dict(str(local) if local.exists() else source,
-                                                            return_lora_metadata=True, **extra)
-        state_dict = peft_lora_keys(state_dict)
-        if not state_dict or not all("lora" in key for key in state_dict):
-            raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
-        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name="lcm",
-                                 metadata=metadata, _pipeline=pipe)
-        check_lora_layers_attached(pipe.unet, state_dict, "lcm", source)
+        hub = {} if local.exists() else {"local_files_only": cfg.local_files_only}
+        load_unet_lora(pipe, str(local) if local.exists() else source, "lcm", **hub)
         pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["lcm"])
         # Removing the (fused) LoRA layers keeps their merged base weights: the UNet is now a plain LCM.
         pipe.unload_lora_weights()
