@@ -208,15 +208,29 @@ def check_architecture(pipe: Any, cfg: ModelConfig) -> None:
                              f"gives {unet_ctx}; use a ControlNet made for this base model")
 
 
-def peft_lora_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The state dict with diffusers' older '.lora.down/.lora.up' keys renamed to peft's lora_A/lora_B.
+# diffusers' older attention names (kohya files convert to these) -> the module peft attaches to.
+_OLD_ATTENTION_NAMES = tuple((f"{pre}{old}_lora.", f".{new}.lora.") for pre in (".processor.", ".")
+                             for old, new in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")))
 
-    diffusers (measured with its version here) applies a UNet LoRA in the older form only partly: every
-    attention projection is skipped without a word (52 of 108 layers of an every-layer policy export),
-    while the same tensors under peft's names apply completely.
+
+def peft_lora_key(key: str) -> str:
+    """One LoRA key (or network-alpha key) in peft's form: '<module>.lora_A.weight', '<module>.alpha'."""
+    for old, new in _OLD_ATTENTION_NAMES:
+        if old in key:
+            key = key.replace(old, new)
+            break
+    key = key.replace(".lora.down.weight.alpha", ".alpha").replace(".lora.up.weight.alpha", ".alpha")
+    return key.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight")
+
+
+def peft_lora_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict (or network alphas) with diffusers' older LoRA names renamed to peft's, every key at once.
+
+    diffusers (0.42, measured here) converts the older names only when the FIRST key lacks 'lora_A', so a
+    file mixing both forms, or any file read in the older form, loads partly: every attention projection
+    of an every-layer policy was skipped without a word (56 of 108 layers). Renamed here, all of them apply.
     """
-    return {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
-            for k, v in state_dict.items()}
+    return {peft_lora_key(k): v for k, v in state_dict.items()}
 
 
 def check_lora_layers_attached(unet: Any, state_dict: dict[str, Any], adapter: str, what: str) -> None:
@@ -224,7 +238,7 @@ def check_lora_layers_attached(unet: Any, state_dict: dict[str, Any], adapter: s
 
     The guard behind peft_lora_keys: a file diffusers reads in some other way must not load half-applied either.
     """
-    wanted = {k.split(".lora", 1)[0] for k in state_dict if k.startswith("unet.") and ".lora" in k}
+    wanted = {peft_lora_key(k).split(".lora_", 1)[0] for k in state_dict if k.startswith("unet.") and "lora" in k}
     attached = sum(1 for m in unet.modules() if adapter in getattr(m, "lora_A", {}))
     if wanted and attached < len(wanted):
         raise ValueError(f"only {attached} of the {len(wanted)} LoRA layers in the file were applied to this UNet "
@@ -240,6 +254,7 @@ def load_unet_lora(pipe: Any, source: str, adapter: str, **extra: Any) -> tuple[
         extra["unet_config"] = pipe.unet.config  # SDXL kohya names
     state_dict, alphas, metadata = pipe.lora_state_dict(source, return_lora_metadata=True, **extra)
     state_dict = peft_lora_keys(state_dict)
+    alphas = peft_lora_keys(alphas) if alphas else alphas
     if not state_dict or not all("lora" in key for key in state_dict):
         raise ValueError("not a LoRA checkpoint: every key must contain 'lora'")
     pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter,

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from poseloop.config import ModelConfig
 from poseloop.export import KOHYA_NAME, LATEST_FILE, export_policy, resolve_latest
 from poseloop.models import load_components
-from poseloop.policy import Policy
+from poseloop.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, Policy
 from tiny_helpers import eps_of, model_cfg
 
 
@@ -38,11 +38,14 @@ def umask_022() -> Iterator[None]:
     os.umask(old)
 
 
+# Attention only (the published LoRA), and every layer (the tiny preset's LoCon): a kohya file of the latter
+# once reloaded with its attention layers silently dropped (diffusers read the old names only partly).
+@pytest.mark.parametrize("modules", [DEFAULT_LORA_MODULES, ALL_LORA_MODULES], ids=["attention", "every-layer"])
 def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Path, tmp_path: Path,
-                                                                  umask_022: None) -> None:
+                                                                  umask_022: None, modules: tuple[str, ...]) -> None:
     comp = load_components(model_cfg(models_dir))
     base = eps_of(comp)
-    policy = Policy(comp, "unet_lora", rank=4, alpha=8.0)  # alpha != rank: strength 2
+    policy = Policy(comp, "unet_lora", rank=4, alpha=8.0, target_modules=modules)  # alpha != rank: strength 2
     # B = 0 adds exact zeros, but the two passes are separate GEMM calls (bit-equal only for identical
     # memory alignment under MKL): fp32 noise is allowed, a nonzero B (0.05 scale) moves eps by ~1e-2.
     torch.testing.assert_close(eps_of(comp), base, atol=1e-6, rtol=0,
@@ -150,7 +153,7 @@ def test_sdxl_unet_lora_export_reloads_and_reproduces_the_trained_model(models_d
 
     comp = load_components(sdxl_cfg())
     base = eps_of(comp)
-    policy = Policy(comp, "unet_lora", rank=4, alpha=2.0)
+    policy = Policy(comp, "unet_lora", rank=4, alpha=2.0, target_modules=ALL_LORA_MODULES)
     perturb_lora(policy)
     trained = eps_of(comp)
     assert (trained - base).abs().max() > 1e-3
