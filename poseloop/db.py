@@ -1,7 +1,8 @@
 """Database schema shared by generate.py, the rating app and the trainers (SQLAlchemy 2.0).
 
 File paths in rows are relative to the samples directory, so a samples folder can be moved or
-copied to another machine together with its SQLite file.
+copied to another machine together with its SQLite file. SQLite is the default; a team shares one
+PostgreSQL database instead (`postgresql+psycopg://user:password@host/dbname`, see README "Team setup").
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from sqlalchemy import (
     event,
     select,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from poseloop.configlib import ConfigError
 
 
 def utcnow() -> datetime:
@@ -195,11 +200,43 @@ def default_db_url(samples_dir: str | Path) -> str:
     return f"sqlite:///{Path(samples_dir).resolve() / 'feedback.sqlite'}"
 
 
+POSTGRES_EXAMPLE = "postgresql+psycopg://user:password@host:5432/dbname"
+
+
+class DatabaseUrlError(ConfigError):
+    """A database URL that cannot be used (bad URL, driver missing, server unreachable); one line naming the field."""
+
+
+def normalize_db_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean psycopg 3, the PostgreSQL driver this project installs.
+
+    SQLAlchemy would pick psycopg2 for a bare `postgresql://` (and refuses `postgres://`), which is not installed.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def shown_db_url(url: str) -> str:
+    """The URL for messages and logs, password hidden."""
+    try:
+        return make_url(normalize_db_url(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
+
+
 def make_engine(url: str, echo: bool = False) -> Engine:
     """Create an engine; SQLite gets WAL mode, foreign keys and a busy timeout for concurrent raters."""
+    url = normalize_db_url(url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, echo=echo)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        # pre_ping: the rating app keeps running across a server restart; connect_timeout: an unreachable
+        # host fails in seconds, not after the operating system's TCP timeout of minutes.
+        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    engine = create_engine(url, echo=echo, **kwargs)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -220,16 +257,45 @@ def init_db(engine: Engine) -> None:
     Base.metadata.create_all(engine)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The driver's message on one line (psycopg's span several)."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
+def connect(url: str, field: str = "db_url") -> Engine:
+    """An engine with every table created; DatabaseUrlError naming `field` when the database cannot be used."""
+    shown = shown_db_url(url)
+    try:
+        engine = make_engine(url)
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise DatabaseUrlError(f"{field}: {shown!r} is not a usable SQLAlchemy URL ({_one_line(e)}); use "
+                               f"sqlite:///path/to/feedback.sqlite or {POSTGRES_EXAMPLE}") from None
+    except ImportError as e:
+        raise DatabaseUrlError(f"{field}: the database driver for {shown} is not installed ({e}); for PostgreSQL "
+                               f"run pip install 'psycopg[binary]' and use {POSTGRES_EXAMPLE}") from None
+    except OSError as e:  # the SQLite file's folder cannot be created
+        raise DatabaseUrlError(f"{field}: cannot create the folder of {shown}: {e}; pass a writable path") from None
+    try:
+        init_db(engine)
+    except DBAPIError as e:
+        engine.dispose()
+        if engine.dialect.name == "postgresql":
+            fix = ("start the PostgreSQL server, create the database (createdb NAME) and check user, password, host "
+                   f"and port in the URL ({POSTGRES_EXAMPLE})")
+        else:
+            fix = "check that the file's folder exists and is writable, or pass another URL"
+        raise DatabaseUrlError(f"{field}: cannot open the database {shown}: {_one_line(e)}; {fix}") from None
+    return engine
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """A session factory whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def open_db(url: str) -> sessionmaker[Session]:
-    """Engine + tables + session factory in one call, for scripts."""
-    engine = make_engine(url)
-    init_db(engine)
-    return make_session_factory(engine)
+def open_db(url: str, field: str = "db_url") -> sessionmaker[Session]:
+    """Engine + tables + session factory in one call, for scripts; errors name the config `field`."""
+    return make_session_factory(connect(url, field))
 
 
 @contextmanager

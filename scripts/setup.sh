@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (or update) the project's virtual environment in .venv; idempotent.
 #   bash scripts/setup.sh          runtime dependencies
-#   bash scripts/setup.sh --test   plus test dependencies and Debian's chromium for browser tests
+#   bash scripts/setup.sh --test   plus test dependencies, Debian's chromium for browser tests and
+#                                  Debian's postgresql for the PostgreSQL tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,6 +17,14 @@ if [ "${1:-}" = "--test" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium chromium-driver
+  fi
+  # Debian's PostgreSQL server: the tests start a throwaway cluster with its initdb / pg_ctl (tests/pg_server.py).
+  # Without apt the setup goes on; the PostgreSQL tests then fail, saying what to install.
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    { $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q postgresql; } ||
+      echo "warning: could not install Debian's postgresql package; the PostgreSQL tests will fail until it is" \
+           "installed (apt-get install postgresql)" >&2
   fi
 fi
 # torch and torchvision are pinned as a pair that imports cleanly together (see docs/ARCHITECTURE.md).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +121,39 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:  # -> pg_server.PostgresServer
+    """A throwaway PostgreSQL server for the session, started on first use; missing binaries fail, never skip."""
+    from pg_server import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as e:
+        pytest.fail(f"PostgreSQL tests cannot run: {e}", pytrace=False)
+    try:
+        server.start()
+    except PostgresUnavailable as e:
+        server.stop()
+        pytest.fail(f"PostgreSQL tests cannot run: {e}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def db_backend() -> str:
+    """The database a test runs on: "sqlite" unless the test parametrizes it (e.g. over ["sqlite", "postgresql"]).
+
+    POSELOOP_TEST_DB=postgresql runs every test that uses this fixture on PostgreSQL instead.
+    """
+    return os.environ.get("POSELOOP_TEST_DB", "sqlite")
+
+
+@pytest.fixture
+def backend_db_url(db_backend: str, request: pytest.FixtureRequest) -> str | None:
+    """None for SQLite (the samples folder's default file); a fresh PostgreSQL database's URL otherwise."""
+    if db_backend == "sqlite":
+        return None
+    assert db_backend == "postgresql", db_backend
+    return request.getfixturevalue("postgres_server").create_database()

@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from poseloop.db import Group, LabelEvent, Preference, Rating, open_db, session_scope
-from webapp_fixtures import Env, add_round, app, build_comparison, client, env, post_json  # noqa: F401  (fixtures)
+from webapp_fixtures import BOTH_DATABASES, Env, add_round, app, build_comparison, client, env, post_json  # noqa: F401  (fixtures)
 
 
 def counts(env: Env) -> tuple[int, int, int]:
@@ -133,6 +133,7 @@ def test_progress_route(client: FlaskClient, env: Env) -> None:
 # ---------------------------------------------------------------- scores
 
 
+@BOTH_DATABASES
 def test_score_is_stored_changed_and_idempotent(client: FlaskClient, env: Env) -> None:
     sid = first_group(env)[0]
     r = post_json(client, "/api/scores", {"rater": "ann", "sample_id": sid, "score": 4, "request_id": "r1"})
@@ -205,6 +206,7 @@ def test_unknown_routes_and_methods_answer_json(client: FlaskClient) -> None:
 # ---------------------------------------------------------------- pairs
 
 
+@BOTH_DATABASES
 def test_pairs_cover_groups_and_are_never_repeated(client: FlaskClient, env: Env) -> None:
     rid = env.rounds[0]
     seen: set[tuple[int, int]] = set()
@@ -243,6 +245,7 @@ def test_same_pair_shown_on_the_same_side_after_reload(client: FlaskClient, env:
     assert client.get(url).json["pairs"] == client.get(url).json["pairs"]
 
 
+@BOTH_DATABASES
 def test_preference_canonical_order_changes_and_idempotency(client: FlaskClient, env: Env) -> None:
     a, b = first_group(env)[:2]
     r = post_json(client, "/api/preferences", {"rater": "ann", "left_id": b, "right_id": a, "choice": "left",
@@ -280,6 +283,7 @@ def test_preference_errors(client: FlaskClient, env: Env) -> None:
 # ---------------------------------------------------------------- undo
 
 
+@BOTH_DATABASES
 def test_undo_restores_previous_values_in_order(client: FlaskClient, env: Env) -> None:
     rid = env.rounds[0]
     s1, s2 = first_group(env)[:2]
@@ -302,6 +306,7 @@ def test_undo_restores_previous_values_in_order(client: FlaskClient, env: Env) -
     assert post_json(client, "/api/undo", {"rater": "ann", "round_id": 999}).status_code == 404
 
 
+@BOTH_DATABASES
 def test_undo_is_per_rater(client: FlaskClient, env: Env) -> None:
     sid = first_group(env)[0]
     post_json(client, "/api/scores", {"rater": "ann", "sample_id": sid, "score": 1})
@@ -314,6 +319,7 @@ def test_undo_is_per_rater(client: FlaskClient, env: Env) -> None:
 # ---------------------------------------------------------------- stats
 
 
+@BOTH_DATABASES
 def test_stats_histograms_and_agreement(client: FlaskClient, env: Env) -> None:
     rid = env.rounds[0]
     sids = [s for g in env.groups[rid] for s in env.samples[g]][:5]
@@ -380,6 +386,7 @@ def test_export_d3po_layout(client: FlaskClient, env: Env) -> None:
     assert json.loads(z.read("ann.json")) == data["ann"]
 
 
+@BOTH_DATABASES
 def test_export_jsonl_current_and_history(client: FlaskClient, env: Env) -> None:
     rid = env.rounds[0]
     a, b = first_group(env)[:2]
@@ -396,6 +403,7 @@ def test_export_jsonl_current_and_history(client: FlaskClient, env: Env) -> None
     assert other == b""
 
 
+@BOTH_DATABASES
 def test_import_scores_roundtrip(client: FlaskClient, env: Env) -> None:
     rid = env.rounds[0]
     g0 = first_group(env)
@@ -409,6 +417,7 @@ def test_import_scores_roundtrip(client: FlaskClient, env: Env) -> None:
     assert r.json["updated"] == 1 and r.json["unchanged"] == 1
 
 
+@BOTH_DATABASES
 def test_import_scores_reports_problems_and_writes_nothing(client: FlaskClient, env: Env) -> None:
     rid = env.rounds[0]
     good = env.file_names[first_group(env)[0]]

@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from poseloop.db import BlindJudgement, Preference, Rater, open_db, session_scope
-from webapp_fixtures import Blind, Env, app, client, cmp, env, post_json  # noqa: F401  (pytest fixtures)
+from webapp_fixtures import BOTH_DATABASES, Blind, Env, app, client, cmp, env, post_json  # noqa: F401  (pytest fixtures)
 
 
 def judgements(env: Env) -> list[tuple[str, int, int, bool, str]]:
@@ -65,6 +65,7 @@ def test_comparison_listing_names_no_rounds(client: FlaskClient, cmp: Blind) -> 
     assert_hidden(r.get_data(as_text=True), cmp)
 
 
+@BOTH_DATABASES
 def test_every_pair_once_per_rater_and_nothing_identifies_a_side(client: FlaskClient, cmp: Blind, env: Env) -> None:
     seen = []
     while True:
@@ -125,6 +126,7 @@ def test_side_is_stable_per_rater_and_pair_and_varies_between_them(client: Flask
 # ---------------------------------------------------------------- verdicts
 
 
+@BOTH_DATABASES
 def test_left_and_right_are_stored_as_candidate_or_baseline(client: FlaskClient, cmp: Blind, env: Env) -> None:
     # Find a rater who is shown the candidate on the left in one pair and on the right in another.
     for rater in [f"rater{i}" for i in range(12)]:
@@ -150,6 +152,7 @@ def test_left_and_right_are_stored_as_candidate_or_baseline(client: FlaskClient,
     assert client.get(url(cmp, f"pairs?rater={rater}")).json["progress"] == {"done": 5, "total": 6}
 
 
+@BOTH_DATABASES
 def test_judgement_retries_and_conflicts(client: FlaskClient, cmp: Blind, env: Env) -> None:
     p = all_pairs(client, cmp, "ann")[0]["pair"]
     r = judge(client, cmp, "ann", p, "left", request_id="j1")
@@ -212,6 +215,7 @@ def test_judgement_and_pair_errors_change_nothing(client: FlaskClient, cmp: Blin
         assert_hidden(r.get_data(as_text=True), cmp)
 
 
+@BOTH_DATABASES
 def test_undo_brings_the_pair_back(client: FlaskClient, cmp: Blind, env: Env) -> None:
     pairs = all_pairs(client, cmp, "ann")
     for p, choice in zip(pairs[:3], ("left", "right", "tie")):
@@ -244,6 +248,7 @@ def give(client: FlaskClient, cmp: Blind, rater: str, outcomes: list[str]) -> No
         assert judge(client, cmp, rater, p["pair"], choice).status_code == 201
 
 
+@BOTH_DATABASES
 def test_results_per_rater_and_total(client: FlaskClient, cmp: Blind) -> None:
     give(client, cmp, "ann", ["candidate", "candidate", "baseline", "tie", "skip"])
     give(client, cmp, "Bob", ["baseline"])

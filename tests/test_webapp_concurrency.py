@@ -10,12 +10,13 @@ from collections import Counter
 from sqlalchemy import func, select
 
 from poseloop.db import LabelEvent, Preference, Rating, open_db, session_scope
-from webapp_fixtures import Env, LiveServer, app, env  # noqa: F401  (pytest fixtures)
+from webapp_fixtures import BOTH_DATABASES, Env, LiveServer, app, env  # noqa: F401  (pytest fixtures)
 
 RATERS = 25
 LABELS = 24  # per rater: 12 scores (each sample of a round once) and 12 preferences
 
 
+@BOTH_DATABASES
 def test_fifty_threads_store_each_label_exactly_once(app, env: Env) -> None:  # noqa: F811
     rid = env.rounds[0]
     samples = [s for g in env.groups[rid] for s in env.samples[g]]

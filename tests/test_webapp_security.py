@@ -19,7 +19,7 @@ from webapp import create_app
 from webapp.config import ConfigError, parse_args
 from webapp.exchange import d3po_zip, safe_file_stem
 from webapp.security import GuessThrottle
-from webapp_fixtures import Blind, Env, app, client, cmp, env, post_json  # noqa: F401  (pytest fixtures)
+from webapp_fixtures import BOTH_DATABASES, Blind, Env, app, client, cmp, env, post_json  # noqa: F401  (pytest fixtures)
 
 TOKEN = "s3cret-token-123"
 ATTACKER = {"Host": "attacker.example:8765", "Origin": "http://attacker.example:8765"}
@@ -197,6 +197,7 @@ def _check(r: Any, what: str, must_refuse: bool = False) -> None:
         assert r.is_json and r.json.get("error"), f"{what}: {r.status_code} without a JSON error"
 
 
+@BOTH_DATABASES
 def test_hostile_values_on_every_route_get_a_4xx_json_error(app: Flask, env: Env, cmp: Blind) -> None:
     app.testing = False  # an exception must come back as the 500 a real client sees, not be raised here
     c = app.test_client()

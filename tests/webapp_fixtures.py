@@ -1,4 +1,5 @@
-"""Shared fixtures of the webapp tests: a temporary samples dir + SQLite DB with two small rounds."""
+"""Shared fixtures of the webapp tests: a temporary samples dir + database (SQLite, or PostgreSQL where a test
+parametrizes `db_backend`) with two small rounds."""
 
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def _png(path: Path, color: tuple[int, int, int], label: str, size: int = 64) ->
     img.save(path)
 
 
-def build_samples(root: Path, n_rounds: int = 2, n_groups: int = 3, k: int = K) -> Env:
-    """Write PNGs and rows for `n_rounds` rounds of `n_groups` groups with `k` samples each."""
+def build_samples(root: Path, n_rounds: int = 2, n_groups: int = 3, k: int = K, db_url: str | None = None) -> Env:
+    """Write PNGs and rows for `n_rounds` rounds of `n_groups` groups with `k` samples each (default: SQLite file)."""
     samples_dir = root / "samples"
     samples_dir.mkdir(parents=True)
-    env = Env(samples_dir, default_db_url(samples_dir))
+    env = Env(samples_dir, db_url or default_db_url(samples_dir))
     factory = open_db(env.db_url)
     with session_scope(factory) as s:
         for r in range(n_rounds):
@@ -101,10 +102,14 @@ def add_round(env: Env, name: str, status: str, k: int = 2) -> tuple[int, list[i
     return rid, ids
 
 
+# The tests that also run on PostgreSQL (a throwaway server, tests/pg_server.py) carry this mark.
+BOTH_DATABASES = pytest.mark.parametrize("db_backend", ["sqlite", "postgresql"])
+
+
 @pytest.fixture()
-def env(tmp_path: Path) -> Env:
-    """Two rounds x 3 groups x 4 samples in a fresh temporary samples dir."""
-    return build_samples(tmp_path)
+def env(tmp_path: Path, backend_db_url: str | None) -> Env:
+    """Two rounds x 3 groups x 4 samples in a fresh temporary samples dir and database (see `db_backend`)."""
+    return build_samples(tmp_path, db_url=backend_db_url)
 
 
 @pytest.fixture()

@@ -9,6 +9,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter, Map
 
+from poseloop.db import DatabaseUrlError
+
 from .active import PairRanker
 from .blind import load_key
 from .config import AppConfig, ConfigError, config_from_mapping
@@ -34,7 +36,10 @@ def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None)
     app.config["POSELOOP"] = cfg
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url)
+    try:
+        app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url, "--db-url")
+    except DatabaseUrlError as e:  # the app's ConfigError is what `python -m webapp` prints as one line
+        raise ConfigError(str(e)) from None
     app.extensions["poseloop_blind_key"] = load_key(cfg.samples_dir)
     # Active pair order: reads <models_dir>/reward/latest on demand and caches orders in memory.
     app.extensions["poseloop_pair_ranker"] = PairRanker(cfg.samples_dir, cfg.models_dir, app.logger)

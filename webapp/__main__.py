@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from poseloop.db import shown_db_url
+
 from . import create_app
 from .config import ConfigError, parse_args
 from .server import serve
@@ -16,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_args(argv)
         app = create_app(cfg)
         order = f"; pairs in active order from {cfg.models_dir}/reward/latest" if cfg.pair_order == "active" else ""
-        print(f"poseloop rating app on http://{cfg.host}:{cfg.port}/  (database {cfg.resolved_db_url}{order})",
+        print(f"poseloop rating app on http://{cfg.host}:{cfg.port}/  (database {shown_db_url(cfg.resolved_db_url)}{order})",
               flush=True)
         serve(app, cfg)
     except ConfigError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, bindparam, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,8 +27,8 @@ from poseloop.db import (
     Rating,
     Round,
     Sample,
+    connect,
     get_or_create_rater,
-    init_db,
     make_engine,
     make_session_factory,
     session_scope,
@@ -69,6 +69,20 @@ def _immediate_transactions(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# Key of the PostgreSQL advisory lock that queues the app's label writes ("poseloop" in ASCII); any number
+# works as long as every app process on the database uses the same one.
+PG_WRITE_LOCK_KEY = 0x706F73656C6F6F70
+# SQLSTATEs PostgreSQL answers when a transaction lost a race and may simply run again.
+_PG_RETRY_STATES = frozenset({"40001", "40P01", "55P03"})  # serialization failure, deadlock, lock not available
+
+
+def _retryable(exc: OperationalError) -> bool:
+    """A lock timeout (SQLite) or a lost race (PostgreSQL) that a fresh transaction can redo."""
+    if getattr(exc.orig, "sqlstate", None) in _PG_RETRY_STATES:
+        return True
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 @dataclass
 class Store:
     """Read and write session factories over one database."""
@@ -80,21 +94,33 @@ class Store:
     # the next one the moment the previous commits, where SQLite's busy handler would sleep and poll.
     write_lock: threading.Lock | None = None
     cache: IdCache = field(default_factory=lambda: IdCache())
+    # Run first in every write transaction (PostgreSQL: take the advisory write lock).
+    write_begin_sql: str | None = None
 
     @classmethod
-    def open(cls, url: str) -> Store:
-        """Open (and create tables in) the database at `url`."""
-        read_engine = make_engine(url)
-        init_db(read_engine)
-        if read_engine.dialect.name == "sqlite" and ":memory:" not in url:
+    def open(cls, url: str, field: str = "--db-url") -> Store:
+        """Open (and create tables in) the database at `url`; DatabaseUrlError naming `field` if it cannot be used."""
+        read_engine = connect(url, field)
+        dialect = read_engine.dialect.name
+        begin_sql = None
+        if dialect == "sqlite" and ":memory:" not in url:
             write_engine = make_engine(url)
             _immediate_transactions(write_engine)
             engines: tuple[Engine, ...] = (read_engine, write_engine)
         else:
             write_engine = read_engine
             engines = (read_engine,)
-        lock = threading.Lock() if read_engine.dialect.name == "sqlite" else None
-        return cls(make_session_factory(read_engine), make_session_factory(write_engine), engines, lock)
+        if dialect == "postgresql":
+            # A label write reads (prior request id, old score, latest event to undo) and then writes. Under
+            # READ COMMITTED two such transactions of one rater could both read the same old value, so one
+            # label event would record a wrong "old" value and undo would restore the wrong thing. An advisory
+            # transaction lock queues writers across every app process, like SQLite's BEGIN IMMEDIATE; each
+            # statement after it sees everything committed before. Reads never wait for it, and writes are a
+            # few short statements, so the queue costs little (measured in tests/test_webapp_concurrency.py).
+            begin_sql = f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})"
+        lock = threading.Lock() if dialect == "sqlite" else None
+        return cls(make_session_factory(read_engine), make_session_factory(write_engine), engines, lock,
+                   write_begin_sql=begin_sql)
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -106,17 +132,22 @@ class Store:
         with session_scope(self.read_factory) as session:
             return fn(session)
 
+    def _write_once(self, fn: Callable[[Session], T]) -> T:
+        with session_scope(self.write_factory) as session:
+            if self.write_begin_sql is not None:
+                session.execute(text(self.write_begin_sql))
+            return fn(session)
+
     def write(self, fn: Callable[[Session], T], attempts: int = 8) -> T:
         """Run `fn` in a short write transaction, retrying lock timeouts and unique-key races."""
         for attempt in range(attempts):
             try:
                 if self.write_lock is None:
-                    with session_scope(self.write_factory) as session:
-                        return fn(session)
-                with self.write_lock, session_scope(self.write_factory) as session:
-                    return fn(session)
+                    return self._write_once(fn)
+                with self.write_lock:
+                    return self._write_once(fn)
             except OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or attempt == attempts - 1:
+                if not _retryable(exc) or attempt == attempts - 1:
                     raise
             except IntegrityError:
                 # Two requests created the same rater or request id at once; the retry sees the winner.
@@ -145,6 +176,8 @@ def check_text(value: str, name: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(400, f"'{name}' contains an unpaired UTF-16 surrogate; send valid Unicode text") from None
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refused on every database so both behave alike
+        raise ApiError(400, f"'{name}' contains a NUL character (U+0000); remove it")
     return value
 
 
