@@ -469,7 +469,7 @@ def _existing_comparison(cfg: EvaluateConfig, name: str) -> tuple[str, str] | No
     url = cfg.store.db_url or db.default_db_url(SampleStore(cfg.store.samples_dir).root)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         return None
-    with db.session_scope(db.open_db(url)) as session:
+    with db.session_scope(db.open_db(url, "store.db_url")) as session:
         comp = session.scalar(select(db.Comparison).where(db.Comparison.name == name))
         if comp is None:
             return None
@@ -567,7 +567,7 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
         except PlanMismatchError as e:
             raise _plan_mismatch(e, side, name) from None
     store = SampleStore(cfg.store.samples_dir)
-    factory = db.open_db(cfg.store.db_url or db.default_db_url(store.root))
+    factory = db.open_db(cfg.store.db_url or db.default_db_url(store.root), "store.db_url")
     with db.session_scope(factory) as session:
         ids = {side: session.scalar(select(db.Round.id).where(db.Round.name == rn)) for side, rn in round_ids.items()}
         comparison = ensure_comparison(session, name, ids["baseline"], ids["candidate"])

@@ -239,7 +239,7 @@ def _generate_into(cfg: GenerateConfig, specs: list[GroupSpec], comp: Components
                    phash: str, store: SampleStore, db_url: str, start: float) -> GenerateResult:
     """The part of generate() that writes: round row, pose images, samples, rows, orphan clean-up."""
     k = cfg.sample.images_per_group
-    factory = db.open_db(db_url)
+    factory = db.open_db(db_url, "store.db_url")
     with db.session_scope(factory) as session:
         rnd = open_round(session, cfg, phash, planned=len(specs) * k)
         round_id, round_name = rnd.id, rnd.name

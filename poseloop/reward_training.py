@@ -275,7 +275,7 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
         if not path.is_file():
             raise LabelDataError(f"no database at {path}: generate a round with `python generate.py`, then rate "
                                  "some images with `python -m webapp` first")
-    factory = db.open_db(url)
+    factory = db.open_db(url, "data.db_url")
     store = SampleStore(cfg.samples_dir)
     with db.session_scope(factory) as s:
         rounds = {r.id: r for r in s.scalars(select(db.Round))}

@@ -16,14 +16,17 @@ from poseloop import db
 from poseloop.store import SampleStore, Trajectory, save_png, save_trajectory
 
 
-def make_samples(root: Path, groups: int = 6, per_group: int = 3, steps: int = 2, seed: int = 0) -> dict[int, Path]:
+def make_samples(root: Path, groups: int = 6, per_group: int = 3, steps: int = 2, seed: int = 0,
+                 db_url: str | None = None) -> dict[int, Path]:
     """Write round-0001 with `groups` x `per_group` samples, scores by one rater and all pairs by another.
+
+    Rows go to `db_url` (default: the folder's SQLite file).
 
     Returns {sample id: trajectory path}. Scores and preferences follow the mean of latent channel 0.
     """
     store = SampleStore(root)
     gen = torch.Generator().manual_seed(seed)
-    factory = db.open_db(db.default_db_url(root))
+    factory = db.open_db(db_url or db.default_db_url(root))
     paths: dict[int, Path] = {}
     with db.session_scope(factory) as s:
         rnd = db.Round(name="round-0001", arch="sd15", base_model="fake", controlnet_model="fake", plan_hash="x",
@@ -60,6 +63,7 @@ def make_samples(root: Path, groups: int = 6, per_group: int = 3, steps: int = 2
                 for j in range(i + 1, len(members)):
                     (a, ra), (b, rb) = members[i], members[j]
                     s.add(db.Preference(rater_id=chooser.id, sample_a_id=a, sample_b_id=b, choice="a" if ra > rb else "b"))
+    factory.kw["bind"].dispose()  # a PostgreSQL server would otherwise keep the pooled connections open
     return paths
 
 

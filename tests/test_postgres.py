@@ -106,3 +106,94 @@ def test_missing_server_binaries_are_reported(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("POSELOOP_PG_BIN", str(tmp_path))
     with pytest.raises(PostgresUnavailable, match="holds no initdb and pg_ctl; install Debian's postgresql"):
         find_bin_dir()
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_train_reward_and_d3po_read_the_labels_from_postgresql(postgres_server, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The same labelled folder on SQLite and on PostgreSQL gives the same labels, pairs and reward model inputs."""
+    import json
+
+    import torch
+
+    import train_reward
+    from fake_samples import make_samples
+    from poseloop.reward_training import RewardDataConfig, load_labels
+    from poseloop.training import D3POConfig, load_preference_pairs
+
+    url = postgres_server.create_database()
+    root_pg, root_sq = tmp_path / "pg", tmp_path / "sq"
+    make_samples(root_pg, db_url=url)
+    make_samples(root_sq)
+    on_pg = load_labels(RewardDataConfig(samples_dir=str(root_pg), db_url=url))
+    on_sq = load_labels(RewardDataConfig(samples_dir=str(root_sq)))
+    assert on_pg.n_labels == on_sq.n_labels == 6 * 3 + 6 * 3
+    assert torch.equal(on_pg.latents, on_sq.latents)
+    assert on_pg.score_raw.tolist() == on_sq.score_raw.tolist()
+    assert torch.equal(on_pg.pref_target, on_sq.pref_target)
+
+    pairs = load_preference_pairs(D3POConfig(samples_dir=str(root_pg), db_url=url))
+    assert len(pairs) == 6 * 3
+    assert sorted((p.winner_path.name, p.loser_path.name) for p in pairs) == sorted(
+        (p.winner_path.name, p.loser_path.name) for p in load_preference_pairs(D3POConfig(samples_dir=str(root_sq))))
+
+    models = tmp_path / "models"
+    assert train_reward.main(["--data.samples_dir", str(root_pg), "--data.db_url", url, "--output.models_dir",
+                              str(models), "--output.version", "v1", "--set", "train.epochs=2", "--set",
+                              "train.ensemble_size=1", "--set", "train.holdout_fraction=0.34"]) == 0
+    metrics = json.loads((models / "reward" / "v1" / "metrics.json").read_text())
+    assert metrics["n_scores"] == 18 and metrics["n_preferences"] == 18
+
+
+def test_scripts_name_their_db_url_field_when_the_server_is_down(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import train_policy
+    import train_reward
+
+    url = f"postgresql://ann@/labels?host={tmp_path}&port=5999"  # no server on this socket
+    (tmp_path / "samples").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        train_reward.main(["--data.samples_dir", str(tmp_path / "samples"), "--data.db_url", url])
+    assert exc.value.code == 2
+    assert _one_error_line(capsys).startswith("error: data.db_url: cannot open the database postgresql+psycopg://ann@")
+    with pytest.raises(SystemExit) as exc:
+        train_policy.main(["--algo", "d3po", "--d3po.samples_dir", str(tmp_path / "samples"), "--d3po.db_url", url,
+                           "--model.models_dir", str(tmp_path / "models")])
+    assert exc.value.code == 2
+    assert _one_error_line(capsys).startswith("error: d3po.db_url: cannot open the database")
+
+
+def test_generate_writes_resumes_and_numbers_rounds_on_postgresql(postgres_server, tiny_cfg,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate.py against a PostgreSQL URL: rows after files, an interrupted run resumes, the next run is round 2."""
+    from poseloop import generation
+    from test_generate import assert_round_is_consistent, snapshot
+
+    tiny_cfg.store.db_url = postgres_server.create_database()
+    tiny_cfg.sample.batch_size = 2
+    real_save = generation.save_trajectory
+    calls = {"n": 0}
+
+    def crash_on_third(traj, path):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_save(traj, path)
+
+    monkeypatch.setattr(generation, "save_trajectory", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate(tiny_cfg)
+    assert snapshot(tiny_cfg)[0]["samples"] == 2
+    assert not any(p.name.startswith("feedback") for p in Path(tiny_cfg.store.samples_dir).iterdir())
+    monkeypatch.setattr(generation, "save_trajectory", real_save)
+    resumed = generation.generate(tiny_cfg)
+    assert (resumed.round_name, resumed.samples_new) == ("round-0001", 2)
+    assert_round_is_consistent(tiny_cfg, "round-0001", 4)
+    assert generation.generate(tiny_cfg).round_name == "round-0002"

@@ -41,7 +41,7 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise TrainingInputError(f"d3po.db_url: no database at {url.removeprefix('sqlite:///')}; run generate.py and "
                                  "rate pairs in the rating app first (or pass --d3po.samples_dir)")
-    factory = db.open_db(url)
+    factory = db.open_db(url, "d3po.db_url")
     with db.session_scope(factory) as session:
         query = select(db.Preference).where(db.Preference.choice.in_(("a", "b")))
         prefs = list(session.scalars(query))
