@@ -12,6 +12,8 @@ Latent convention: what the sampler stores as x_0, i.e. the VAE latent times vae
 (minus shift_factor where a VAE has one); images are brought there by `encode_images`.
 
 Public API used by other modules (keep stable): `load_reward_model(...)` and `LatentRewardModel.score(latents)`.
+A version of kind "clip" (config.json model.kind; a head on frozen CLIP image features) shares this folder format
+and is loaded by poseloop.clip_reward.load_clip_reward_model; `reward_model_kind` tells the two apart.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 LATEST_FILE = "latest"
 ARCHES = ("almostperfect", "improved")
+KINDS = ("latent", "clip")
 
 
 class LatentShapeError(ValueError):
@@ -46,17 +49,36 @@ class LatentShapeError(ValueError):
 class RewardModelConfig:
     """Hyper-parameters of one ensemble member (the latent shape comes from the data, not from here)."""
 
+    kind: str = field("latent", help="latent = a CNN on the sampler's final latents; clip = a small head on frozen CLIP "
+                      "features of the decoded images and the prompt (needs --model.clip; poseloop.clip_reward)",
+                      choices=KINDS)
+    clip: str = field("", help="clip: the frozen CLIP, a transformers CLIPModel folder (config.json + weights, e.g. "
+                      "PickScore_v1) or an open_clip checkpoint file (plain or {'state_dict': ...}, e.g. "
+                      "HPS_v2.1_compressed.pt) of --model.clip_arch; not copied, the saved model names it")
+    clip_arch: str = field("ViT-H-14", help="clip with a checkpoint file: its open_clip architecture (HPSv2 and "
+                           "PickScore are ViT-H-14; open_clip.list_models() lists the names)")
+    clip_processor: str = field("", help="clip with a CLIPModel folder: the CLIP processor folder (tokenizer + "
+                                "preprocessor_config.json); empty = the model folder")
     arch: str = field("improved", help="almostperfect = AlmostPerfect's CNN (conv 4-8-16-32 + max-pool, adaptive "
                       "pool 8x8, MLP 2048-1024-1); improved = per-channel input normalisation, GroupNorm, "
                       "global mean+max pooling, dropout", choices=ARCHES)
     width: int = field(32, help="improved: channels of the first conv stage (the second has twice as many)")
-    hidden: int = field(64, help="improved: width of the MLP head")
-    dropout: float = field(0.2, help="improved: dropout before each head layer (0 disables)")
+    hidden: int = field(64, help="improved and clip: width of the MLP head")
+    dropout: float = field(0.2, help="improved and clip: dropout before each head layer (0 disables)")
     normalize_input: bool = field(True, help="improved: standardise each latent channel with the training "
                                   "data's mean/std (stored in the weights)")
 
     def validate(self) -> None:
         """Raise ConfigError naming the field."""
+        if self.kind not in KINDS:
+            raise ConfigError(f"model.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "clip":
+            from poseloop.clip_reward import check_clip_path
+
+            check_clip_path(self)  # a missing or non-CLIP path fails here, before any label or model loads
+        elif self.clip:
+            raise ConfigError(f"model.clip: is set ({self.clip}) but model.kind is 'latent', which does not use it; "
+                              "add --model.kind clip")
         if self.arch not in ARCHES:
             raise ConfigError(f"model.arch: {self.arch!r} is not one of {', '.join(ARCHES)}")
         if self.width < 1 or self.hidden < 1:
@@ -298,15 +320,31 @@ def resolve_reward_path(path_or_version: str | Path, models_dir: str | Path = "m
                             f"nor a version in {root}); known versions: {', '.join(known) or 'none'}")
 
 
+def read_reward_config(folder: Path) -> dict[str, Any]:
+    """The config.json of a version folder, checked to be a poseloop reward model."""
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    if data.get("format") != REWARD_FORMAT:
+        raise ValueError(f"{folder / CONFIG_FILE}: not a poseloop reward model (format {data.get('format')!r})")
+    return data
+
+
+def reward_model_kind(path_or_version: str | Path = "latest", models_dir: str | Path = "models") -> str:
+    """'latent' or 'clip': what a saved version scores (versions older than the clip kind are 'latent')."""
+    folder = resolve_reward_path(path_or_version, models_dir)
+    return str(read_reward_config(folder)["model"].get("kind", "latent"))
+
+
 def load_reward_model(path_or_version: str | Path = "latest", models_dir: str | Path = "models",
                       device: str | torch.device = "cpu") -> LatentRewardModel:
     """Load a saved version (folder, version name or 'latest') in eval mode with frozen parameters."""
     folder = resolve_reward_path(path_or_version, models_dir)
     if not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder / WEIGHTS_FILE} is missing; the version is incomplete, re-train it")
-    data = json.loads((folder / CONFIG_FILE).read_text())
-    if data.get("format") != REWARD_FORMAT:
-        raise ValueError(f"{folder / CONFIG_FILE}: not a poseloop reward model (format {data.get('format')!r})")
+    data = read_reward_config(folder)
+    if data["model"].get("kind", "latent") != "latent":
+        raise ValueError(f"{folder}: a {data['model']['kind']!r} reward model scores decoded images, not latents; load "
+                         "it with poseloop.clip_reward.load_clip_reward_model, or use it as the reward spec "
+                         f"latent:{folder}")
     cfg = RewardModelConfig(**data["model"])
     model = LatentRewardModel(cfg, data["latent_shape"], data["ensemble_size"], version=data.get("version") or folder.name,
                               extra_config=data.get("training"))
@@ -325,6 +363,7 @@ def load_metrics(path_or_version: str | Path = "latest", models_dir: str | Path 
 
 __all__ = [
     "LatentRewardModel", "LatentShapeError", "PairSuggestion", "RewardModelConfig", "encode_images",
-    "load_metrics", "load_reward_model", "read_latest", "resolve_reward_path", "save_reward_model",
+    "load_metrics", "load_reward_model", "read_latest", "read_reward_config", "resolve_reward_path",
+    "reward_model_kind", "save_reward_model",
     "suggest_pairs", "write_latest",
 ]

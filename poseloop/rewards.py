@@ -546,6 +546,17 @@ def _build_aesthetic(o: dict[str, Any], device: str, models_dir: str) -> Reward:
     return AestheticReward(clip, head)
 
 
+def _build_learned(o: dict[str, Any], device: str, models_dir: str) -> Reward:
+    """A saved reward model of either kind: the folder's config.json says which (poseloop.reward_model)."""
+    from poseloop.reward_model import reward_model_kind
+
+    if reward_model_kind(o["version"], models_dir) == "clip":
+        from poseloop.clip_reward import ClipHeadReward
+
+        return ClipHeadReward(o["version"], models_dir=models_dir, device=device)
+    return LatentReward(o["version"], models_dir=models_dir, device=device)
+
+
 _REGISTRY: dict[str, _Entry] = {
     "brightness": _Entry(
         "SYNTHETIC: mean image brightness 0..1, for tests and demos only (trivially hackable)",
@@ -590,9 +601,9 @@ _REGISTRY: dict[str, _Entry] = {
         },
     ),
     "latent": _Entry(
-        "learned reward model on final latents (poseloop.reward_model); latent:latest, latent:<version> or latent:<folder>; "
-        "needs no decoded images",
-        lambda o, d, m: LatentReward(o["version"], models_dir=m, device=d),
+        "learned reward model from train_reward.py; latent:latest, latent:<version> or latent:<folder>; the latent "
+        "kind scores final latents (needs no decoded images), the clip kind decoded images + prompts",
+        _build_learned,
         {"version": _Option(str, "latest", "'latest' or a saved reward model's path/version")},
         positional="version",
     ),

@@ -73,34 +73,11 @@ def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "l
 
 def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, seed: int = 0
                          ) -> tuple[float, float, float, int]:
-    """Within-group pairwise agreement of a reward model with the rater on a round: mean, 95% CI, pairs.
+    """Within-group pairwise agreement of a reward model (either kind) with the rater on a round: mean, 95% CI, pairs.
 
     The interval resamples whole groups (pairs of a group share images, so they are not independent).
     """
-    import torch
-
-    from poseloop.reward_model import load_reward_model
-    from poseloop.store import SampleStore, load_trajectory
-
-    model = load_reward_model(reward_dir)
-    store = SampleStore(samples_dir)
-    engine = db.open_db(db.default_db_url(samples_dir))
-    with db.session_scope(engine) as s:
-        rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path, db.Sample.trajectory_path)
-                         .join(db.Group, db.Sample.group_id == db.Group.id)
-                         .join(db.Round, db.Group.round_id == db.Round.id)
-                         .where(db.Round.name == round_name)).all()
-    latents = torch.stack([load_trajectory(store.abs(t)).latents[-1].float() for *_, t in rows])
-    with torch.no_grad():
-        scores = model.score(latents).float().numpy()
-    taste = np.array([image_taste(samples_dir / p) for _, _, p, _ in rows])
-    groups: dict[int, list[int]] = {}
-    for i, (_, gid, _, _) in enumerate(rows):
-        groups.setdefault(int(gid), []).append(i)
-    per_group = []
-    for idx in groups.values():
-        agree = [(scores[a] > scores[b]) == (taste[a] > taste[b]) for a, b in itertools.combinations(idx, 2)]
-        per_group.append(agree)
+    per_group = reward_pair_agreement(reward_dir, samples_dir, round_name)
     flat = np.array([x for g in per_group for x in g], dtype=np.float64)
     rng = np.random.default_rng(seed)
     boots = []
@@ -108,6 +85,49 @@ def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, s
         pick = rng.integers(0, len(per_group), len(per_group))
         boots.append(np.mean([x for i in pick for x in per_group[i]]))
     return float(flat.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)), len(flat)
+
+
+def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str) -> list[list[bool]]:
+    """Per group of a round (in database order), whether the reward model orders each within-group pair as the rater."""
+    import torch
+
+    from poseloop.reward_model import load_reward_model, reward_model_kind
+    from poseloop.store import SampleStore, load_trajectory
+
+    store = SampleStore(samples_dir)
+    engine = db.open_db(db.default_db_url(samples_dir))
+    with db.session_scope(engine) as s:
+        rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path, db.Sample.trajectory_path,
+                                db.Group.prompt)
+                         .join(db.Group, db.Sample.group_id == db.Group.id)
+                         .join(db.Round, db.Group.round_id == db.Round.id)
+                         .where(db.Round.name == round_name).order_by(db.Sample.id)).all()
+    if reward_model_kind(reward_dir) == "clip":  # a head on CLIP features scores the PNGs with their prompts
+        from poseloop.clip_reward import load_clip_reward_model
+        from poseloop.sampling import pil_to_tensor
+
+        clip_model = load_clip_reward_model(reward_dir)
+        out = []
+        with torch.no_grad():
+            for k in range(0, len(rows), 16):
+                chunk = rows[k:k + 16]
+                images = pil_to_tensor([Image.open(store.abs(r[2])).convert("RGB") for r in chunk])
+                out.append(clip_model.score_images(images, [r[4] for r in chunk]).float())
+        scores = torch.cat(out).numpy()
+    else:
+        model = load_reward_model(reward_dir)
+        latents = torch.stack([load_trajectory(store.abs(r[3])).latents[-1].float() for r in rows])
+        with torch.no_grad():
+            scores = model.score(latents).float().numpy()
+    taste = np.array([image_taste(samples_dir / r[2]) for r in rows])
+    groups: dict[int, list[int]] = {}
+    for i, (_, gid, *_rest) in enumerate(rows):
+        groups.setdefault(int(gid), []).append(i)
+    per_group = []
+    for idx in groups.values():
+        agree = [(scores[a] > scores[b]) == (taste[a] > taste[b]) for a, b in itertools.combinations(idx, 2)]
+        per_group.append([bool(x) for x in agree])
+    return per_group
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,12 @@ from PIL import Image
 
 from poseloop import published_rewards as P
 from poseloop import rewards as R
+from tiny_helpers import CLIP_MEAN, CLIP_STD, save_tiny_clipmodel, save_tiny_open_clip
 
 torch.set_num_threads(1)
 
 TINY_HPS_ARCH = "poseloop-test-tiny-hps"
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP statistics
+MEAN, STD = CLIP_MEAN, CLIP_STD
 
 
 def _meta(n: int) -> list[dict]:
@@ -38,55 +38,19 @@ def _pil(images: torch.Tensor) -> list[Image.Image]:
 # Tiny models in the published formats
 
 
-def _save_tiny_pickscore(model_dir: Path, processor_dir: Path) -> None:
-    """A transformers CLIPModel folder (config.json + model.safetensors) and a CLIPProcessor folder, random weights."""
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tok = CLIPTokenizer(vocab=vocab, merges=[])  # character-level BPE: no merges needed for a tiny test vocabulary
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(MEAN),
-                            image_std=list(STD))  # fmt: skip
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(processor_dir)
-    eos = vocab["<|endoftext|>"]
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16, logit_scale_init_value=3.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(model_dir)
-
-
 @pytest.fixture(scope="module")
 def pickscore_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model folder, processor folder) of a tiny PickScore-architecture CLIP."""
     d = tmp_path_factory.mktemp("pickscore")
-    _save_tiny_pickscore(d / "PickScore_v1", d / "processor")
+    save_tiny_clipmodel(d / "PickScore_v1", d / "processor")
     return d / "PickScore_v1", d / "processor"
 
 
 @pytest.fixture(scope="module")
 def hps_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny open_clip config registered by name and its random weights saved as HPSv2 does: {'state_dict': ...}."""
-    import open_clip
-
     d = tmp_path_factory.mktemp("hps")
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (d / f"{TINY_HPS_ARCH}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d / f"{TINY_HPS_ARCH}.json")
-    torch.manual_seed(1)
-    model = open_clip.create_model(TINY_HPS_ARCH, pretrained=None)
-    torch.save({"state_dict": model.state_dict()}, d / "HPS_v2.1_compressed.pt")
-    return d / "HPS_v2.1_compressed.pt"
+    return save_tiny_open_clip(d, TINY_HPS_ARCH, d / "HPS_v2.1_compressed.pt")
 
 
 # ---------------------------------------------------------------------------------------------

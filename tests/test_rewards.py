@@ -231,7 +231,9 @@ def test_latent_reward_built_through_reward_model_module(monkeypatch: pytest.Mon
         return _FakeRewardModel()
 
     # A stand-in module: the lazy import inside LatentReward must find load_reward_model there.
-    monkeypatch.setitem(sys.modules, "poseloop.reward_model", types.SimpleNamespace(load_reward_model=load_reward_model))
+    # reward_model_kind: the latent entry asks the folder's kind first (a clip-kind folder builds ClipHeadReward).
+    fake = types.SimpleNamespace(load_reward_model=load_reward_model, reward_model_kind=lambda *a, **k: "latent")
+    monkeypatch.setitem(sys.modules, "poseloop.reward_model", fake)
     r = R.build_reward("latent:models/reward/v3", models_dir="/m")
     assert calls == [("models/reward/v3", "/m")] and r.name == "latent"
     R.build_reward("latent")
