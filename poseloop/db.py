@@ -221,9 +221,11 @@ def normalize_db_url(url: str) -> str:
 def shown_db_url(url: str) -> str:
     """The URL for messages and logs, password hidden."""
     try:
-        return make_url(normalize_db_url(url)).render_as_string(hide_password=True)
+        parsed = make_url(normalize_db_url(url))
     except ArgumentError:
         return url.split("@")[-1] if "@" in url else url
+    # Rendering escapes characters such as ':' in file paths, so only a URL with a password is re-rendered.
+    return normalize_db_url(url) if parsed.password is None else parsed.render_as_string(hide_password=True)
 
 
 def make_engine(url: str, echo: bool = False) -> Engine:

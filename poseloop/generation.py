@@ -54,7 +54,7 @@ class GenerateResult:
         return (f"{self.round_name}: {self.samples_new} new images ({resumed} already stored{repaired}, "
                 f"{self.samples_total} in the round) in {self.seconds:.1f} s, {per:.2f} s/image "
                 f"excluding model loading -> "
-                f"{self.round_dir} (db {self.db_url})")
+                f"{self.round_dir} (db {db.shown_db_url(self.db_url)})")
 
 
 def sample_seed(base_seed: int, namespace: str, group_index: int, sample_index: int) -> int:

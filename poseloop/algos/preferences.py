@@ -96,8 +96,8 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
             raise TrainingInputError(f"no usable preferences: {total} stored, none decisive (a/b) within one group"
                                      + (f" of rounds {d3po.rounds}" if d3po.rounds else "")
                                      + "; ties and skips carry no direction. Rate more pairs in the rating app.")
-        raise TrainingInputError(f"no preferences yet in {url}: rate pairs in the rating app (webapp) first, "
-                                 "or use --algo ddpo with a reward")
+        raise TrainingInputError(f"no preferences yet in {db.shown_db_url(url)}: rate pairs in the rating app (webapp) "
+                                 "first, or use --algo ddpo with a reward")
     if missing:
         raise TrainingInputError(f"{len(missing)} trajectory file(s) of preferred pairs are missing, e.g. "
                                  f"{missing[0]}; restore the samples folder, or run generate.py again with that round's settings "
