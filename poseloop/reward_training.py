@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ class RewardTrainConfig:
                             "imply within a group", choices=("mse", "ranking"))
     score_weight: float = field(1.0, help="weight of the score loss")
     pref_weight: float = field(1.0, help="weight of the preference (Bradley-Terry) loss")
-    flip_augment: bool = field(True, help="random horizontal flips of latents while training")
+    flip_augment: bool = field(True, help="random horizontal flips of latents while training (clip kind: the "
+                               "features of each image and of its mirror image are cached, one of the two is drawn)")
     overfit_gap: float = field(0.15, help="warn when train pairwise accuracy exceeds held-out accuracy by more than this")
     device: str = field("cpu", help="torch device; auto = cuda if available")
 
@@ -205,6 +207,8 @@ class LabelSet:
     raters: list[str]
     skipped_prefs: int = 0
     left_out_samples: int = 0  # labelled samples left out because their trajectory was unreadable (skip_unreadable)
+    image_paths: list[Path] = dc_field(default_factory=list)  # [N] absolute PNG paths (the clip kind reads them)
+    prompts: list[str] = dc_field(default_factory=list)  # [N] each sample's prompt
 
     @property
     def n_labels(self) -> int:
@@ -263,11 +267,12 @@ def _encode_image_files(paths: list[Path], vae: Any) -> torch.Tensor:
     return torch.cat(out)
 
 
-def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
+def load_labels(cfg: RewardDataConfig, vae: Any = None, with_latents: bool = True) -> LabelSet:
     """Read ratings and preferences from the DB and the final latents of the labelled samples.
 
     Samples without a trajectory (imported images) are VAE-encoded with `vae`, or with the VAE of the
-    model that made their round when `vae` is None.
+    model that made their round when `vae` is None. with_latents=False (the clip kind, which reads the
+    PNGs) reads no trajectory and leaves `latents` empty ([N, 0]).
     """
     url = resolve_db_url(cfg)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -282,7 +287,8 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
         if cfg.rounds:
             unknown = sorted(set(cfg.rounds) - {r.name for r in rounds.values()})
             if unknown:
-                raise ConfigError(f"data.rounds: no round named {', '.join(map(repr, unknown))} in {db.shown_db_url(url)}; known: "
+                raise ConfigError(f"data.rounds: no round named {', '.join(map(repr, unknown))} in "
+                                  f"{db.shown_db_url(url)}; known: "
                                   f"{', '.join(sorted(r.name for r in rounds.values())) or 'none'}")
             rounds = {i: r for i, r in rounds.items() if r.name in cfg.rounds}
         raters = {r.id: r.name for r in s.scalars(select(db.Rater))}
@@ -316,7 +322,8 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
             which = f"rounds {', '.join(sorted(r.name for r in rounds.values()))}" if cfg.rounds else "any round"
             who = f" by {', '.join(cfg.raters)}" if cfg.raters else ""
             raise LabelDataError(f"no {cfg.labels if cfg.labels != 'both' else 'scores or preferences'} yet in "
-                                 f"{which}{who} ({db.shown_db_url(url)}): rate some images with `python -m webapp` first")
+                                 f"{which}{who} ({db.shown_db_url(url)}): rate some images with `python -m webapp` "
+                                 "first")
 
         ids = sorted({r[0] for r in ratings} | {p[0] for p in prefs} | {p[1] for p in prefs})
         samples = {x.id: x for x in s.scalars(select(db.Sample).where(db.Sample.id.in_(ids)))}
@@ -328,7 +335,8 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
         round_names = {i: r.name for i, r in all_rounds.items()}
         round_cfgs = {i: r.config for i, r in all_rounds.items()}
 
-    missing = [(sid, store.abs(tp)) for sid in ids if (tp := info[sid][0]) is not None and not store.abs(tp).is_file()]
+    missing = [(sid, store.abs(tp)) for sid in ids
+               if with_latents and (tp := info[sid][0]) is not None and not store.abs(tp).is_file()]
     if missing and not cfg.skip_unreadable:
         by_round = sorted({round_names[info[sid][2]] for sid, _ in missing})
         names = ", ".join(str(p) for _, p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -344,7 +352,7 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
     final: dict[int, torch.Tensor] = {}
     for sid in ids:
         tp = info[sid][0]
-        if tp is None or sid in left_out:
+        if tp is None or sid in left_out or not with_latents:
             continue
         try:
             final[sid] = load_trajectory(store.abs(tp), sample=f"sample {sid}").latents[-1].float()  # x_0, [C, h, w]
@@ -368,7 +376,9 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
     latents: list[torch.Tensor | None] = [None] * len(ids)
     to_encode: dict[int, list[int]] = {}  # round id -> positions in ids
     for pos, sid in enumerate(ids):
-        if info[sid][0] is None:
+        if not with_latents:
+            latents[pos] = torch.zeros(0)
+        elif info[sid][0] is None:
             to_encode.setdefault(info[sid][2], []).append(pos)
         else:
             latents[pos] = final[sid]
@@ -405,6 +415,8 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None) -> LabelSet:
         raters=sorted({raters[i] for i in set(score_rater.tolist()) | {p[2] for p in prefs}}),
         skipped_prefs=skipped,
         left_out_samples=len(left_out),
+        image_paths=[store.abs(info[sid][1]) for sid in ids],
+        prompts=[info[sid][3] for sid in ids],
     )
 
 
@@ -531,14 +543,51 @@ def _objective(r: torch.Tensor, items: Items, s_rows: torch.Tensor, p_rows: torc
     return total / max(1, ns + np_)
 
 
+@dataclass
+class FitInputs:
+    """What the networks read for every labelled sample, computed once before training (never per epoch)."""
+
+    x: torch.Tensor  # [N, ...] final latents (latent kind) or frozen CLIP features [N, F] (clip kind)
+    x_flipped: torch.Tensor | None  # [N, ...] the same of the mirrored samples; None without flip augmentation
+    stats: torch.Tensor  # [N, 2C] per-channel mean/std of the latents (or RGB images): the linear baseline's features
+    stats_of: str  # what `stats` describes, for the report
+    clip: Any = None  # clip kind: the FrozenClip the features came from (kept for the saved model)
+
+
+def _channel_stats_t(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and std of [N, C, h, w] -> [N, 2C]."""
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def fit_inputs(labels: LabelSet, cfg: TrainRewardConfig, clip: Any = None, progress: bool = False) -> FitInputs:
+    """Latents as they are, or (clip kind) the frozen CLIP features of every labelled PNG and its mirror image."""
+    if cfg.model.kind == "clip":
+        from poseloop.clip_reward import image_file_features, load_frozen_clip
+
+        if clip is None:
+            clip = load_frozen_clip(cfg.model, device=_device(cfg.train))
+        x, xf, stats = image_file_features(clip, labels.image_paths, labels.prompts, flip=cfg.train.flip_augment,
+                                           progress=progress)
+        return FitInputs(x, xf, stats, "per-channel mean and std of the RGB images (6 features)", clip)
+    x = labels.latents
+    return FitInputs(x, x.flip(-1) if cfg.train.flip_augment else None, _channel_stats_t(x),
+                     f"per-channel latent mean and std ({2 * x.shape[1]} features)")
+
+
+def _device(t: RewardTrainConfig) -> torch.device:
+    """The configured torch device (auto = cuda when available)."""
+    return torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if t.device == "auto" else t.device))
+
+
 def _batch_rewards(net: torch.nn.Module, x: torch.Tensor, items: Items, s_rows: torch.Tensor, p_rows: torch.Tensor,
-                   flip: bool, gen: torch.Generator | None) -> torch.Tensor:
-    """Rewards of a batch's samples in the order [scores, a-sides, b-sides]."""
+                   x_flipped: torch.Tensor | None, gen: torch.Generator | None) -> torch.Tensor:
+    """Rewards of a batch's samples in the order [scores, a-sides, b-sides]; each mirrored with probability 1/2."""
     idx = torch.cat([items.s_idx[s_rows], items.p_a[p_rows], items.p_b[p_rows]])
-    xb = x[idx]  # [ns + 2 np, C, h, w]
-    if flip:
+    xb = x[idx]  # [ns + 2 np, ...]
+    if x_flipped is not None:
         mask = torch.rand(len(idx), generator=gen) < 0.5
-        xb = torch.where(mask.to(xb.device)[:, None, None, None], xb.flip(-1), xb)
+        xb = torch.where(mask.to(xb.device).view(-1, *([1] * (xb.ndim - 1))), x_flipped[idx], xb)
     return net(xb)
 
 
@@ -569,17 +618,17 @@ class MemberHistory:
 
 
 def fit_member(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, member: int,
-               bar: Any = None) -> tuple[torch.nn.Module, MemberHistory]:
+               bar: Any = None, inputs: FitInputs | None = None) -> tuple[torch.nn.Module, MemberHistory]:
     """Train one ensemble member with early stopping on held-out pairwise accuracy (then held-out loss)."""
     from poseloop.reward_model import build_member
 
     t = cfg.train
     start = time.perf_counter()
+    inputs = inputs if inputs is not None else fit_inputs(labels, cfg)
     seed = t.seed * 1000 + member
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if t.device == "auto" else t.device))
+    device = _device(t)
     train_mask, held_mask = split.sample_mask(labels, False), split.sample_mask(labels, True)
     train_items, held_items = make_items(labels, train_mask, t), make_items(labels, held_mask, t)
     if t.bootstrap and t.ensemble_size > 1:
@@ -589,12 +638,20 @@ def fit_member(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, memb
     tr_a, tr_b, tr_t = eval_pairs(labels, train_mask)
     he_a, he_b, he_t = eval_pairs(labels, held_mask)
 
-    net = build_member(cfg.model, labels.latent_shape[0])
-    if hasattr(net, "set_input_stats"):
-        xt = labels.latents[train_mask]  # statistics of the training side only
-        net.set_input_stats(xt.mean(dim=(0, 2, 3)), xt.std(dim=(0, 2, 3)))
+    if cfg.model.kind == "clip":
+        from poseloop.clip_reward import ClipHead
+
+        net: torch.nn.Module = ClipHead(inputs.x.shape[1], cfg.model)
+        xt = inputs.x[train_mask]  # statistics of the training side only
+        net.set_input_stats(xt.mean(0), xt.std(0))
+    else:
+        net = build_member(cfg.model, inputs.x.shape[1])
+        if hasattr(net, "set_input_stats"):
+            xt = inputs.x[train_mask]  # statistics of the training side only
+            net.set_input_stats(xt.mean(dim=(0, 2, 3)), xt.std(dim=(0, 2, 3)))
     net.to(device)
-    x = labels.latents.to(device)
+    x = inputs.x.to(device)
+    x_flipped = inputs.x_flipped.to(device) if inputs.x_flipped is not None else None
     opt = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     n_s, n_p = len(fit_items.s_idx), len(fit_items.p_a)
     if n_s + n_p == 0:
@@ -611,7 +668,7 @@ def fit_member(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, memb
         for i in range(0, n_s + n_p, t.batch_size):
             rows = perm[i:i + t.batch_size]
             s_rows, p_rows = rows[rows < n_s], rows[rows >= n_s] - n_s
-            r = _batch_rewards(net, x, fit_items, s_rows, p_rows, t.flip_augment, gen)
+            r = _batch_rewards(net, x, fit_items, s_rows, p_rows, x_flipped, gen)
             loss = _objective(r, fit_items, s_rows, p_rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -642,15 +699,23 @@ def fit_member(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, memb
 
 
 def fit_ensemble(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, version: str = "",
-                 progress: bool = True) -> tuple[LatentRewardModel, list[MemberHistory]]:
-    """Train cfg.train.ensemble_size members and assemble them into a LatentRewardModel."""
-    model = LatentRewardModel(cfg.model, labels.latent_shape, cfg.train.ensemble_size, version=version,
-                              extra_config=to_dict(cfg))
+                 progress: bool = True, inputs: FitInputs | None = None) -> tuple[Any, list[MemberHistory]]:
+    """Train cfg.train.ensemble_size members into a LatentRewardModel (or a ClipRewardModel for the clip kind)."""
+    inputs = inputs if inputs is not None else fit_inputs(labels, cfg, progress=progress)
+    model: Any
+    if cfg.model.kind == "clip":
+        from poseloop.clip_reward import ClipRewardModel
+
+        model = ClipRewardModel(cfg.model, inputs.x.shape[1], cfg.train.ensemble_size, version=version,
+                                extra_config=to_dict(cfg), clip=inputs.clip)
+    else:
+        model = LatentRewardModel(cfg.model, labels.latent_shape, cfg.train.ensemble_size, version=version,
+                                  extra_config=to_dict(cfg))
     histories = []
     with tqdm(total=cfg.train.ensemble_size * cfg.train.epochs, desc="train reward", unit="epoch",
               disable=not progress) as bar:
         for m in range(cfg.train.ensemble_size):
-            net, hist = fit_member(labels, split, cfg, m, bar)
+            net, hist = fit_member(labels, split, cfg, m, bar, inputs)
             model.members[m].load_state_dict(net.state_dict())
             histories.append(hist)
     model.eval()
@@ -665,12 +730,14 @@ def _channel_stats(latents: torch.Tensor) -> np.ndarray:
     return torch.cat([latents.mean(dim=(2, 3)), latents.std(dim=(2, 3))], dim=1).double().numpy()
 
 
-def linear_baseline(labels: LabelSet, split: GroupSplit, ridge: float = 1e-2) -> torch.Tensor:
+def linear_baseline(labels: LabelSet, split: GroupSplit, ridge: float = 1e-2,
+                    stats: torch.Tensor | None = None) -> torch.Tensor:
     """A trivial learned baseline: ridge regression of the labels on per-channel latent mean/std -> scores [N].
 
     Score rows regress z-scores on features; pair rows regress (2 target - 1) on feature differences.
+    `stats` replaces the latent statistics (the clip kind passes the RGB images' [N, 6]).
     """
-    f = _channel_stats(labels.latents)
+    f = _channel_stats(labels.latents) if stats is None else stats.double().numpy()
     train_mask = split.sample_mask(labels, False)
     mu, sd = f[train_mask.numpy()].mean(0), f[train_mask.numpy()].std(0) + 1e-8
     f = (f - mu) / sd
@@ -706,7 +773,12 @@ def overfit_advice(cfg: TrainRewardConfig) -> str:
     """What helps against overfitting, with flags that change this run's actual settings."""
     m, t = cfg.model, cfg.train
     tips = ["Label more images of more (prompt, pose) groups (the surest fix)"]
-    if m.arch == "almostperfect":
+    if m.kind == "clip":
+        smaller = f"--model.hidden {max(1, m.hidden // 2)}"
+        if m.dropout < 0.5:
+            smaller += f" --model.dropout {min(0.5, round(m.dropout + 0.2, 2)):g}"
+        tips.append(f"use a smaller head ({smaller})")
+    elif m.arch == "almostperfect":
         # AlmostPerfect's 2M-parameter Linear(2048, 1024) head is what overfits; width/dropout do not apply to it.
         tips.append("use the much smaller improved network (--model.arch improved)")
     else:
@@ -720,15 +792,21 @@ def overfit_advice(cfg: TrainRewardConfig) -> str:
     return "; ".join(tips[:1]) + ", or " + ", ".join(tips[1:]) + "."
 
 
-def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, histories: list[MemberHistory],
-             cfg: TrainRewardConfig) -> dict[str, Any]:
+def evaluate(model: Any, labels: LabelSet, split: GroupSplit, histories: list[MemberHistory],
+             cfg: TrainRewardConfig, inputs: FitInputs | None = None) -> dict[str, Any]:
     """Held-out and train metrics of the ensemble, baselines, calibration, and the overfitting verdict."""
+    clip_kind = cfg.model.kind == "clip"
+    if inputs is None and clip_kind:
+        raise ValueError("evaluate: a clip reward model needs the FitInputs its features came from")
+    x = inputs.x if inputs is not None else labels.latents
+    score = model.score_features if clip_kind else model.score
     with torch.no_grad():
-        scores = torch.cat([model.score(labels.latents[i:i + 256]) for i in range(0, len(labels.latents), 256)])
+        scores = torch.cat([score(x[i:i + 256]) for i in range(0, len(x), 256)]).float().cpu()
     train_mask, held_mask = split.sample_mask(labels, False), split.sample_mask(labels, True)
     he_a, he_b, he_t = eval_pairs(labels, held_mask)
     tr_a, tr_b, tr_t = eval_pairs(labels, train_mask)
-    lin = linear_baseline(labels, split)
+    lin = linear_baseline(labels, split, stats=inputs.stats if inputs is not None else None)
+    stats_of = inputs.stats_of if inputs is not None else "per-channel latent mean and std (2C features)"
     p = torch.sigmoid(scores[he_a] - scores[he_b])
     bins = calibration_bins(p, he_t)
     n_cal = sum(b["count"] for b in bins)
@@ -745,8 +823,8 @@ def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, hist
                                         "half), no rank correlation",
                          "heldout_pairwise_accuracy": 0.5 if held_acc is not None else None,
                          "heldout_spearman": 0.0},
-            "linear_channel_stats": {"description": "ridge regression on per-channel latent mean and std (2C "
-                                                    "features) fitted to the same training labels",
+            "linear_channel_stats": {"description": f"ridge regression on {stats_of} fitted to the same training "
+                                                    "labels",
                                      "heldout_pairwise_accuracy": pairwise_accuracy(lin, he_a, he_b, he_t),
                                      "heldout_spearman": spearman(lin, labels, held_mask)},
         },
@@ -758,7 +836,9 @@ def evaluate(model: LatentRewardModel, labels: LabelSet, split: GroupSplit, hist
         "n_train_groups": len(split.train_groups), "n_heldout_groups": len(split.heldout_groups),
         "heldout_groups": [list(labels.group_keys[g]) for g in split.heldout_groups],
         "rounds": labels.rounds, "raters": labels.raters,
-        "latent_shape": list(labels.latent_shape), "arch": cfg.model.arch,
+        "kind": cfg.model.kind,
+        "latent_shape": None if clip_kind else list(labels.latent_shape),
+        "arch": f"clip head on {Path(cfg.model.clip).name}" if clip_kind else cfg.model.arch,
         "ensemble_size": cfg.train.ensemble_size,
         "best_epochs": [h.best_epoch for h in histories],
         "epochs_run": [len(h.train_loss) for h in histories],
@@ -872,7 +952,7 @@ def default_version(models_dir: str | Path) -> str:
     return name
 
 
-def write_version(model: LatentRewardModel, metrics: dict[str, Any], histories: list[MemberHistory],
+def write_version(model: Any, metrics: dict[str, Any], histories: list[MemberHistory],
                   models_dir: str | Path, version: str) -> Path:
     """Write weights, config, metrics and plots to a temp folder, rename it into place, update latest."""
     root = reward_root(models_dir)
@@ -905,10 +985,16 @@ def train_reward(cfg: TrainRewardConfig, progress: bool = True, vae: Any = None)
     if (reward_root(cfg.output.models_dir) / version).exists():
         raise ConfigError(f"output.version: {reward_root(cfg.output.models_dir) / version} already exists; "
                           "pick another --output.version")
-    labels = load_labels(cfg.data, vae=vae)
+    clip = None
+    if cfg.model.kind == "clip":
+        from poseloop.clip_reward import load_frozen_clip
+
+        clip = load_frozen_clip(cfg.model, device=_device(cfg.train))  # a bad CLIP file fails before the labels load
+    labels = load_labels(cfg.data, vae=vae, with_latents=cfg.model.kind == "latent")
     split = split_groups(labels, cfg.train.holdout_fraction, cfg.train.seed)
-    model, histories = fit_ensemble(labels, split, cfg, version=version, progress=progress)
-    metrics = evaluate(model, labels, split, histories, cfg)
+    inputs = fit_inputs(labels, cfg, clip=clip, progress=progress)
+    model, histories = fit_ensemble(labels, split, cfg, version=version, progress=progress, inputs=inputs)
+    metrics = evaluate(model, labels, split, histories, cfg, inputs)
     metrics["version"] = version
     if metrics["warning"]:
         print(f"warning: {metrics['warning']}", file=sys.stderr)
@@ -918,6 +1004,6 @@ def train_reward(cfg: TrainRewardConfig, progress: bool = True, vae: Any = None)
 
 __all__ = [
     "CONFIG_FILE", "GroupSplit", "LabelDataError", "LabelSet", "MissingTrajectoryError", "PRESETS",
-    "RewardDataConfig", "RewardOutputConfig", "RewardTrainConfig", "TrainRewardConfig", "TrainRewardResult",
-    "evaluate", "fit_ensemble", "load_labels", "split_groups", "train_reward",
+    "FitInputs", "RewardDataConfig", "RewardOutputConfig", "RewardTrainConfig", "TrainRewardConfig",
+    "TrainRewardResult", "evaluate", "fit_ensemble", "fit_inputs", "load_labels", "split_groups", "train_reward",
 ]
