@@ -66,7 +66,8 @@ class AppConfig:
     )
     db_url: str | None = field(
         default=None,
-        metadata={"help": "SQLAlchemy database URL (default: sqlite:///<samples-dir>/feedback.sqlite)."},
+        metadata={"help": "SQLAlchemy database URL (default: sqlite:///<samples-dir>/feedback.sqlite); a "
+                          "team shares postgresql+psycopg://user:password@host/dbname."},
     )
     host: str = field(
         default="127.0.0.1",
@@ -121,7 +122,8 @@ class AppConfig:
             raise ConfigError(f"--samples-dir: {self.samples_dir} is not a directory (run generate.py first "
                               f"or point --samples-dir at an existing samples folder)")
         if self.db_url is not None and "://" not in self.db_url:
-            raise ConfigError(f"--db-url: {self.db_url!r} is not an SQLAlchemy URL (e.g. sqlite:///path/to.db)")
+            raise ConfigError(f"--db-url: {self.db_url!r} is not an SQLAlchemy URL (e.g. sqlite:///path/to.db or "
+                              "postgresql+psycopg://user:password@host/dbname)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port: {self.port} is outside 1..65535")
         if self.token is not None and len(self.token) < 8:
