@@ -81,9 +81,10 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         """Create the cluster and start the server (about a second)."""
-        # trust: the socket lives in a private folder; fsync off: a test cluster need not survive a crash.
+        # trust: the socket lives in a private folder; fsync off: a test cluster need not survive a crash;
+        # locale C exists on every system (C.UTF-8 or en_US.UTF-8 may not), and UTF8 stores any text.
         self._run(["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                   "--locale=C.UTF-8", "--no-sync"])
+                   "--locale=C", "--no-sync"])
         opts = (f"-k {self.root} -p {self.port} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
                 "-c synchronous_commit=off -c max_connections=200")
         self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start"])
