@@ -71,3 +71,43 @@ def test_fifty_threads_store_each_label_exactly_once(app, env: Env) -> None:  # 
         ).all()
         assert dup_events == []
     factory.kw["bind"].dispose()
+
+
+@BOTH_DATABASES
+def test_one_raters_concurrent_changes_form_an_unbroken_history(env: Env) -> None:  # noqa: F811
+    """Eight threads change one rater's score of one sample at once: each event's old value is the previous
+    event's new value, and the stored score is the last event's, so undo restores what was really there."""
+    import random
+
+    from webapp.store import Store, submit_score
+
+    store = Store.open(env.db_url)
+    sid = env.samples[env.groups[env.rounds[0]][0]][0]
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        start.wait()
+        try:
+            for k in range(15):
+                score = rng.randint(-5, 5)
+                store.write(lambda s: submit_score(s, "ann", sid, score, f"t{t}-{k}", (-5, 5), cache=store.cache))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:3]
+    events = store.read(lambda s: [(e.old_score, e.new_score) for e in s.scalars(
+        select(LabelEvent).where(LabelEvent.sample_id == sid).order_by(LabelEvent.id))])
+    final = store.read(lambda s: s.scalar(select(Rating.score).where(Rating.sample_id == sid)))
+    store.dispose()
+    assert len(events) == 8 * 15
+    assert events[0][0] is None
+    broken = [i for i in range(1, len(events)) if events[i][0] != events[i - 1][1]]
+    assert broken == [], f"{len(broken)} events record an old score that was not the stored one"
+    assert final == events[-1][1]
