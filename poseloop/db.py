@@ -51,17 +51,19 @@ class Round(Base):
     __tablename__ = "rounds"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Free-form names and paths are unbounded Text: SQLite never enforces a VARCHAR length, and PostgreSQL would
+    # refuse (with an error, mid-run) a long --store.round, model path or pose name that SQLite stores.
+    name: Mapped[str] = mapped_column(Text, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # "running" until every planned sample is stored, then "complete"; a re-run resumes a running one.
     status: Mapped[str] = mapped_column(String(20), default="running")
     arch: Mapped[str] = mapped_column(String(20))
-    base_model: Mapped[str] = mapped_column(String(500))
-    controlnet_model: Mapped[str] = mapped_column(String(500))
-    lora_path: Mapped[str | None] = mapped_column(String(1000), default=None)
+    base_model: Mapped[str] = mapped_column(Text)
+    controlnet_model: Mapped[str] = mapped_column(Text)
+    lora_path: Mapped[str | None] = mapped_column(Text, default=None)
     lora_scale: Mapped[float | None] = mapped_column(Float, default=None)
     # Policy version (models/policies/<version>) that produced this round, when it came from training.
-    policy_version: Mapped[str | None] = mapped_column(String(200), default=None)
+    policy_version: Mapped[str | None] = mapped_column(Text, default=None)
     # Hash of the generation plan (inputs + sampling settings); a resume must match it.
     plan_hash: Mapped[str] = mapped_column(String(64))
     config_json: Mapped[str] = mapped_column(Text)
@@ -86,11 +88,11 @@ class Group(Base):
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     index: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
-    pose_name: Mapped[str] = mapped_column(String(200))
+    pose_name: Mapped[str] = mapped_column(Text)
     # Pose.to_dict() list as JSON (ground truth for pose rewards / OKS); None when only an image is known.
     keypoints_json: Mapped[str | None] = mapped_column(Text, default=None)
-    condition_path: Mapped[str] = mapped_column(String(1000))
-    source_image_path: Mapped[str | None] = mapped_column(String(1000), default=None)
+    condition_path: Mapped[str] = mapped_column(Text)
+    source_image_path: Mapped[str | None] = mapped_column(Text, default=None)
 
     round: Mapped[Round] = relationship(back_populates="groups")
     samples: Mapped[list[Sample]] = relationship(
@@ -114,9 +116,9 @@ class Sample(Base):
     group_id: Mapped[int] = mapped_column(ForeignKey("sample_groups.id", ondelete="CASCADE"), index=True)
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
-    image_path: Mapped[str] = mapped_column(String(1000))
+    image_path: Mapped[str] = mapped_column(Text)
     # None for imported images that come without a trajectory.
-    trajectory_path: Mapped[str | None] = mapped_column(String(1000), default=None)
+    trajectory_path: Mapped[str | None] = mapped_column(Text, default=None)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     num_steps: Mapped[int] = mapped_column(Integer)
@@ -385,7 +387,7 @@ class Comparison(Base):
     __tablename__ = "comparisons"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)  # free-form, see Round.name
     baseline_round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
     candidate_round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -70,6 +70,30 @@ def test_app_on_postgresql_starts_and_hides_the_password(postgres_server, tmp_pa
         create_app({"samples_dir": tmp_path / "samples", "db_url": url.replace("/t", "/missing_t")})
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite", "postgresql"])
+def test_long_names_and_paths_are_stored_on_both_databases(tmp_path: Path, backend_db_url: str | None) -> None:
+    """A long --store.round, model path or pose name: SQLite never enforced lengths, so PostgreSQL must not either."""
+    factory = db.open_db(backend_db_url or db.default_db_url(tmp_path))
+    long = "x" * 3000
+    with db.session_scope(factory) as s:
+        rnd = db.Round(name="r" + long, arch="sd15", base_model=long, controlnet_model=long, lora_path=long,
+                       policy_version=long, plan_hash="0" * 64, config_json="{}")
+        s.add(rnd)
+        s.flush()
+        grp = db.Group(round_id=rnd.id, index=0, prompt=long, pose_name=long, condition_path=long,
+                       source_image_path=long)
+        s.add(grp)
+        s.flush()
+        s.add(db.Sample(round_id=rnd.id, group_id=grp.id, index=0, seed=2**31 - 1, image_path=long,
+                        trajectory_path=long, width=64, height=64, num_steps=4, guidance_scale=7.5,
+                        controlnet_scale=1.0, eta=1.0))
+        s.add(db.Comparison(name="c" + long, baseline_round_id=rnd.id, candidate_round_id=rnd.id))
+    with db.session_scope(factory) as s:
+        assert s.scalar(select(db.Sample.image_path)) == long
+        assert s.scalar(select(db.Comparison.name)) == "c" + long
+    factory.kw["bind"].dispose()
+
+
 def test_write_transactions_queue_on_the_advisory_lock(postgres_server) -> None:
     """Two writers never overlap: the second waits until the first commits, then sees its row."""
     store = Store.open(postgres_server.create_database())
