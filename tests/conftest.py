@@ -128,15 +128,18 @@ def postgres_server() -> Iterator[Any]:  # -> pg_server.PostgresServer
     """A throwaway PostgreSQL server for the session, started on first use; missing binaries fail, never skip."""
     from pg_server import PostgresServer, PostgresUnavailable
 
+    problem = None
     try:
         server = PostgresServer()
+        try:
+            server.start()
+        except PostgresUnavailable:
+            server.stop()
+            raise
     except PostgresUnavailable as e:
-        pytest.fail(f"PostgreSQL tests cannot run: {e}", pytrace=False)
-    try:
-        server.start()
-    except PostgresUnavailable as e:
-        server.stop()
-        pytest.fail(f"PostgreSQL tests cannot run: {e}", pytrace=False)
+        problem = str(e)
+    if problem is not None:  # outside the except block, so the report is the one line, not a chained traceback
+        pytest.fail(f"PostgreSQL tests cannot run: {problem}", pytrace=False)
     yield server
     server.stop()
 

@@ -130,6 +130,14 @@ def test_missing_server_binaries_are_reported(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("POSELOOP_PG_BIN", str(tmp_path))
     with pytest.raises(PostgresUnavailable, match="holds no initdb and pg_ctl; install Debian's postgresql"):
         find_bin_dir()
+    # A machine without the package: no Debian folder, nothing on PATH.
+    import pg_server
+
+    monkeypatch.delenv("POSELOOP_PG_BIN")
+    monkeypatch.setattr(pg_server.glob, "glob", lambda _pattern: [])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(PostgresUnavailable, match=r"binaries \(initdb, pg_ctl\) not found; install Debian's postgresql"):
+        find_bin_dir()
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
