@@ -8,7 +8,9 @@ then measures POST /api/scores with
 Every tenth label is sent twice with the same request_id, as a double click would. Afterwards the
 database rows are counted: every accepted label must be stored exactly once.
 
-    python bench/bench_webapp.py [--seconds 10]
+    python bench/bench_webapp.py [--seconds 10] [--postgresql]
+
+--postgresql runs the same on a throwaway PostgreSQL server (tests/pg_server.py, Debian's initdb / pg_ctl).
 """
 
 from __future__ import annotations
@@ -165,17 +167,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each scenario")
     ap.add_argument("--threads", type=int, default=8, help="server worker threads")
+    ap.add_argument("--postgresql", action="store_true", help="a throwaway PostgreSQL server instead of SQLite")
     args = ap.parse_args()
 
+    pg = None
+    if args.postgresql:
+        from pg_server import PostgresServer
+
+        pg = PostgresServer().start()
+    try:
+        return _bench(args, pg.create_database() if pg is not None else None)
+    finally:
+        if pg is not None:
+            pg.stop()
+
+
+def _bench(args: argparse.Namespace, db_url: str | None) -> int:
+    """The scenarios on SQLite (db_url None) or on the given database."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_webapp_"))
-    env = build_samples(tmp, n_rounds=1, n_groups=25, k=4)
+    env = build_samples(tmp, n_rounds=1, n_groups=25, k=4, db_url=db_url)
     samples = [s for g in env.groups[env.rounds[0]] for s in env.samples[g]]
     port = free_port()
     # The server log goes to a file: an unread pipe fills up and then blocks the server.
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "webapp", "--samples-dir", str(env.samples_dir), "--port", str(port),
-         "--server", "waitress", "--threads", str(args.threads)],
+         "--server", "waitress", "--threads", str(args.threads), "--db-url", env.db_url],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -193,7 +210,8 @@ def main() -> int:
         log.close()
 
     # Client threads and server share this machine's CPUs; other load there shows up in the tail.
-    print(f"\nserver: waitress, {args.threads} threads, SQLite WAL ({env.db_url}); CPUs: {os.cpu_count()}, "
+    engine = "PostgreSQL" if db_url else "SQLite WAL"
+    print(f"\nserver: waitress, {args.threads} threads, {engine} ({env.db_url}); CPUs: {os.cpu_count()}, "
           f"load average at the end: {os.getloadavg()[0]:.1f}")
     head = f"{'scenario':<34}{'clients':>8}{'labels':>8}{'labels/s':>10}{'median ms':>11}{'p99 ms':>9}" \
            f"{'retries':>9}{'errors':>8}{'stored ok':>11}"
