@@ -10,7 +10,7 @@ grows with N towards 1. Printed for N = the tiny preset's 32 trajectories an epo
     python bench/bench_gradient_noise.py --reward latent:models/reward/latest --epochs 8
 
 Every stochastic step of each trajectory is scored (train.timestep_fraction 1), on the embedded world with
-the tiny preset's settings (LoRA on every layer, per-group normalised advantages), fp32, no update in between.
+the tiny preset's settings (LoRA on every layer, per-group normalised advantages as the trainer computes them), fp32, no update in between.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from poseloop.advantages import PerPromptStatTracker
     from poseloop.rewards import build_reward
     from poseloop.sampling import stochastic_steps
     from poseloop.scripted import RULE
@@ -61,9 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             groups, seeds, keys = tr._epoch_items(epoch)
             batch, rewards, _ = tr._sample_groups(groups, seeds, reward)
             assert rewards is not None
+            # Each group's own images set its baseline, as in the tiny preset's first epochs (stat_min_count = k);
+            # a tracker per epoch keeps the estimates independent.
             k = cfg.sample.images_per_group
-            r = rewards.double().view(-1, k)  # [groups, k]: _epoch_items lists each group's images together
-            adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1).float()  # [N]
+            adv = torch.from_numpy(PerPromptStatTracker(buffer_size=k, min_count=k).update(keys, rewards.numpy()))  # [N]
             steps = stochastic_steps(tr.comp.scheduler, batch.timesteps, cfg.sample.eta).nonzero().flatten().tolist()
             for q in params:
                 q.grad = None

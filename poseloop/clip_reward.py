@@ -33,13 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from poseloop.configlib import ConfigError
-from poseloop.reward_model import (
-    REWARD_FORMAT,
-    WEIGHTS_FILE,
-    RewardModelConfig,
-    read_reward_config,
-    resolve_reward_path,
-)
+from poseloop.reward_model import REWARD_FORMAT, WEIGHTS_FILE, RewardModelConfig, ensemble_mean_std, read_version
 
 PROBE_PROMPT = "a person in a red shirt and blue trousers, on a beach"
 # Tolerance of the probe check: a normalised D-dim embedding has entries of ~1/sqrt(D) (0.03..0.09 for D=128..1024);
@@ -221,9 +215,7 @@ class ClipRewardModel(nn.Module):
     def score_images_with_uncertainty(self, images: torch.Tensor, prompts: Sequence[str]
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean [B], std [B]) over ensemble members; std is 0 for a single-member model."""
-        s = self.member_scores_features(self.features(images, prompts))
-        std = s.std(0, unbiased=False) if s.shape[0] > 1 else torch.zeros_like(s[0])
-        return s.mean(0), std
+        return ensemble_mean_std(self.member_scores_features(self.features(images, prompts)))
 
     def config_dict(self) -> dict[str, Any]:
         """What config.json holds."""
@@ -242,13 +234,7 @@ class ClipRewardModel(nn.Module):
 def load_clip_reward_model(path_or_version: str | Path = "latest", models_dir: str | Path = "models",
                            device: str | torch.device = "cpu", clip: FrozenClip | None = None) -> ClipRewardModel:
     """Load a clip-kind version with its frozen CLIP (from config.json's model.clip, or `clip`), heads frozen."""
-    folder = resolve_reward_path(path_or_version, models_dir)
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder / WEIGHTS_FILE} is missing; the version is incomplete, re-train it")
-    data = read_reward_config(folder)
-    if data["model"].get("kind", "latent") != "clip":
-        raise ValueError(f"{folder}: a latent reward model, not a clip one; load it with "
-                         "poseloop.reward_model.load_reward_model")
+    folder, data = read_version(path_or_version, models_dir, "clip")
     cfg = RewardModelConfig(**data["model"])
     if clip is None:
         if not Path(cfg.clip).expanduser().exists():

@@ -41,6 +41,12 @@ ARCHES = ("almostperfect", "improved")
 KINDS = ("latent", "clip")
 
 
+def ensemble_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [B], std [B]) over the members of values [E, B]; std is 0 for a single member."""
+    std = values.std(0, unbiased=False) if values.shape[0] > 1 else torch.zeros_like(values[0])
+    return values.mean(0), std
+
+
 class LatentShapeError(ValueError):
     """Latents do not match what a reward model was trained on (channel count or rank)."""
 
@@ -218,9 +224,7 @@ class LatentRewardModel(nn.Module):
 
     def score_with_uncertainty(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean [B], std [B]) over ensemble members; std is 0 for a single-member model."""
-        s = self.member_scores(latents)
-        std = s.std(0, unbiased=False) if s.shape[0] > 1 else torch.zeros_like(s[0])
-        return s.mean(0), std
+        return ensemble_mean_std(self.member_scores(latents))
 
     @torch.no_grad()
     def rank(self, latents: torch.Tensor) -> torch.Tensor:
@@ -229,9 +233,7 @@ class LatentRewardModel(nn.Module):
 
     def prefer_prob(self, latents_a: torch.Tensor, latents_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """P(a beats b) = sigmoid(r_a - r_b) per member -> (ensemble mean [B], ensemble std [B])."""
-        p = torch.sigmoid(self.member_scores(latents_a) - self.member_scores(latents_b))  # [E, B]
-        std = p.std(0, unbiased=False) if p.shape[0] > 1 else torch.zeros_like(p[0])
-        return p.mean(0), std
+        return ensemble_mean_std(torch.sigmoid(self.member_scores(latents_a) - self.member_scores(latents_b)))
 
     def score_images(self, images: torch.Tensor, vae: Any) -> torch.Tensor:
         """Reward of images [B, 3, H, W] in 0..1: VAE-encode (posterior mean x scaling) then score -> [B]."""
@@ -334,17 +336,27 @@ def reward_model_kind(path_or_version: str | Path = "latest", models_dir: str | 
     return str(read_reward_config(folder)["model"].get("kind", "latent"))
 
 
-def load_reward_model(path_or_version: str | Path = "latest", models_dir: str | Path = "models",
-                      device: str | torch.device = "cpu") -> LatentRewardModel:
-    """Load a saved version (folder, version name or 'latest') in eval mode with frozen parameters."""
+_LOADERS = {"latent": "poseloop.reward_model.load_reward_model", "clip": "poseloop.clip_reward.load_clip_reward_model"}
+_INPUTS = {"latent": "latents", "clip": "decoded images"}  # what each kind scores
+
+
+def read_version(path_or_version: str | Path, models_dir: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """(folder, config.json) of a complete saved version of `kind`; an incomplete one or another kind is refused."""
     folder = resolve_reward_path(path_or_version, models_dir)
     if not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder / WEIGHTS_FILE} is missing; the version is incomplete, re-train it")
     data = read_reward_config(folder)
-    if data["model"].get("kind", "latent") != "latent":
-        raise ValueError(f"{folder}: a {data['model']['kind']!r} reward model scores decoded images, not latents; load "
-                         "it with poseloop.clip_reward.load_clip_reward_model, or use it as the reward spec "
-                         f"latent:{folder}")
+    found = data["model"].get("kind", "latent")
+    if found != kind:
+        raise ValueError(f"{folder}: a {found!r} reward model scores {_INPUTS[found]}, not {_INPUTS[kind]}; load it "
+                         f"with {_LOADERS[found]}, or use it as the reward spec latent:{folder} (which reads either kind)")
+    return folder, data
+
+
+def load_reward_model(path_or_version: str | Path = "latest", models_dir: str | Path = "models",
+                      device: str | torch.device = "cpu") -> LatentRewardModel:
+    """Load a saved version (folder, version name or 'latest') in eval mode with frozen parameters."""
+    folder, data = read_version(path_or_version, models_dir, "latent")
     cfg = RewardModelConfig(**data["model"])
     model = LatentRewardModel(cfg, data["latent_shape"], data["ensemble_size"], version=data.get("version") or folder.name,
                               extra_config=data.get("training"))
@@ -363,7 +375,8 @@ def load_metrics(path_or_version: str | Path = "latest", models_dir: str | Path 
 
 __all__ = [
     "LatentRewardModel", "LatentShapeError", "PairSuggestion", "RewardModelConfig", "encode_images",
-    "load_metrics", "load_reward_model", "read_latest", "read_reward_config", "resolve_reward_path",
+    "ensemble_mean_std", "load_metrics", "load_reward_model", "read_latest", "read_reward_config", "read_version",
+    "resolve_reward_path",
     "reward_model_kind", "save_reward_model",
     "suggest_pairs", "write_latest",
 ]
