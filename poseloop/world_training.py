@@ -49,6 +49,8 @@ class WorldConfig:
     unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
     prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")
     ema: float = field(0.998, help="EMA decay of the exported diffusion weights")
+    eval_examples: int = field(48, help="fresh examples sampled and measured at each snapshot and at the end "
+                               "(and 4x as many VAE round trips of renders)")
     snapshot_every: int = field(600, help="UNet steps between snapshots (weights + sample grid + metrics)")
     run_dir: str = field("models/world_run", help="folder for stage checkpoints, loss plots and sample grids")
     out: str = field(str(WORLD_WEIGHTS), help="where the shipped fp16 weights are written")
@@ -57,7 +59,7 @@ class WorldConfig:
         """Check fields before any work starts."""
         if self.size < 32 or self.size % 4:
             raise ConfigError(f"size: {self.size} must be a multiple of 4 and >= 32 (the VAE downsamples by 4)")
-        for name in ("examples", "vae_batch", "detector_batch", "unet_batch", "threads", "snapshot_every"):
+        for name in ("examples", "eval_examples", "vae_batch", "detector_batch", "unet_batch", "threads", "snapshot_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         for name in ("vae_steps", "detector_steps", "unet_steps"):
@@ -167,7 +169,7 @@ def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Pat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        curve.append(float(mse))
+        curve.append(float(mse.detach()))
         if step % 50 == 0:
             bar.set_postfix(mse=f"{np.mean(curve[-50:]):.4f}")
     bar.close()
@@ -193,6 +195,23 @@ def encode_all(vae: torch.nn.Module, images: np.ndarray, n_recon: int, batch: in
             r = vae.decode(z[: n_recon - i]).sample.clamp(-1, 1)
             rec.append(((r + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return torch.cat(lat), np.concatenate(rec)
+
+
+@torch.no_grad()
+def roundtrip_attributes(vae: torch.nn.Module, size: int, n: int = 192, seed: int = 777) -> dict[str, float]:
+    """PSNR and attribute accuracy of VAE round trips of n fresh renders: the ceiling the VAE sets for any
+    generator, since a perfect UNet produces exactly these latents."""
+    fresh = make_examples(n, size, seed=seed)
+    x = _to_tensor(fresh.images)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    hits: dict[str, list[bool]] = {"shirt": [], "trousers": [], "background": []}
+    for i in range(n):
+        got, want = measure_attributes(imgs[i], Pose(body=fresh.keypoints[i])), parse_prompt(fresh.prompts[i])
+        for k in hits:
+            hits[k].append(getattr(got, k) == getattr(want, k))
+    return {"psnr_db": float(10 * torch.log10(4.0 / F.mse_loss(rec, x))),
+            **{f"{k}_acc": float(np.mean(v)) for k, v in hits.items()}}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -249,7 +268,7 @@ def train_detector(cfg: WorldConfig, data: WorldBatch, recon: np.ndarray, run: P
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(float(l1))
+        curve.append(float(l1.detach()))
         if step % 50 == 0:
             bar.set_postfix(px_err=f"{np.mean(curve[-50:]):.2f}")
     bar.close()
@@ -356,7 +375,7 @@ def train_diffusion(cfg: WorldConfig, data: WorldBatch, latents: torch.Tensor, m
     ids = tokenizer(data.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     conds = torch.from_numpy(data.conditions).permute(0, 3, 1, 2)  # uint8, scaled per batch
-    fresh = make_examples(48, cfg.size, seed=cfg.seed + 2000)
+    fresh = make_examples(cfg.eval_examples, cfg.size, seed=cfg.seed + 2000)
     curve: list[float] = []
     history: list[dict[str, float]] = []
     for m in trained:
@@ -469,6 +488,9 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
     else:
         lat, recon = encode_all(mods["vae"], data.images, n_recon)
         _atomic_save({"latents": lat, "recon": torch.from_numpy(recon)}, lat_file)
+    # What any generator can reach through this VAE: attributes read on round trips of fresh renders.
+    metrics.update({f"roundtrip_{k}": v for k, v in roundtrip_attributes(mods["vae"], cfg.size,
+                                                                         n=4 * cfg.eval_examples).items()})
     # SD's recipe: scale latents to unit variance so the noise schedule fits them.
     scaling = float(1.0 / lat.std())
     mods["vae"].register_to_config(scaling_factor=scaling)
@@ -487,7 +509,22 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer = _tokenizer(Path(tok_dir), pad_token="<|endoftext|>")
-    final = train_diffusion(cfg, data, lat * scaling, mods, tokenizer, WorldPoseDetector(net), run)
+    detector = WorldPoseDetector(net)
+    diffusion_file = run / "diffusion.safetensors"
+    diffusion = ("unet", "controlnet", "text_encoder")
+    if diffusion_file.is_file():
+        saved = load_file(str(diffusion_file))
+        for name in diffusion:
+            mods[name].load_state_dict({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")})
+            mods[name].eval()
+        # The shipped weights measured on the fresh examples the snapshots use, as the last snapshot did.
+        fresh = make_examples(cfg.eval_examples, cfg.size, seed=cfg.seed + 2000)
+        final = _snapshot_metrics(sample_world(mods, tokenizer, fresh.prompts, fresh.conditions, seed=cfg.seed),
+                                  fresh, detector)
+    else:
+        final = train_diffusion(cfg, data, lat * scaling, mods, tokenizer, detector, run)
+        _atomic_save({f"{name}.{k}": v for name in diffusion for k, v in mods[name].state_dict().items()},
+                     diffusion_file)
     metrics.update({f"generator_{k}": v for k, v in final.items()})
     metrics["minutes"] = (time.time() - start) / 60
     metrics["threads"] = cfg.threads
