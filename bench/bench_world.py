@@ -11,6 +11,8 @@ and measures with the world's own instruments:
   moved (as in the world's training data), where it can say whether the figure follows the pose;
   the built-in poses' shuffled value is printed beside its ceiling
 * attribute accuracy: shirt, trousers and background read in the condition's regions;  >= 80%
+  beside it, the same read on VAE round trips of fresh renders: what a perfect UNet would score
+  through this VAE (its decoder shifts small regions' colours)
 * within-group / across-group spread of mean R, G, B, brightness and warmth;            >= 0.30
 * the pose detector's OKS on fresh renders;                                             >= 0.90
 * the README's main command (`python generate.py`, 96 images) in a child process;      <= 90 s
@@ -25,6 +27,7 @@ round: pose, then its images) for the README.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.world_detector import load_detector
     from poseloop.world_eval import (builtin_poses, evaluate_generator, placed_poses, shuffled_ceiling,
                                      vocabulary_prompts)
-    from poseloop.world_training import detector_heldout_oks
+    from poseloop.world_training import detector_heldout_oks, roundtrip_attributes
 
     cfg = tiny()
     root = ensure_embedded(ROOT / cfg.model.base)
@@ -105,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               progress=True)
     s2 = rep2.summary()
     det = detector_heldout_oks(detector.net, size, n=256, seed=424242)
+    with torch.no_grad():
+        ceiling_vae = roundtrip_attributes(copy.deepcopy(comp.vae).float(), size, n=192, seed=424243)
+    rt_parts = [ceiling_vae[f"{k}_acc"] for k in ("shirt", "trousers", "background")]
     out = Path(args.out)
     save_grid(rep.images, names, args.images, out / "world_grid.png")
     ceiling = shuffled_ceiling(builtin_poses(), size)
@@ -118,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("  shirt", s["shirt_accuracy"], "", None),
         ("  trousers", s["trousers_accuracy"], "", None),
         ("  background", s["background_accuracy"], "", None),
+        ("  VAE round trips of 192 renders (ceiling)", (sum(rt_parts) / 3,) * 3, "", None),
         ("within/across-group spread (mean of 5 stats)", (s["within_across_mean"],) * 3, ">=", 0.3),
         ("pose detector OKS on fresh renders", (det["detector_oks"],) * 3, ">=", 0.9),
     ]
@@ -136,8 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdict = f"(target {op} {target}) {'PASS' if good else 'FAIL'}"
         ci = f" [{lo:.3f}, {hi:.3f}]" if hi != lo else ""
         print(f"{label:52s} {mean:7.3f}{ci:18s} {verdict}")
+    print("VAE round trips, shirt / trousers / background: " + " / ".join(f"{v:.3f}" for v in rt_parts)
+          + f" (PSNR {ceiling_vae['psnr_db']:.1f} dB)")
     print("within/across per statistic: " + json.dumps(s["within_across"]))
-    (out / "world.json").write_text(json.dumps({"builtin": s, "placed": s2, "detector": det, "ceiling": ceiling},
+    (out / "world.json").write_text(json.dumps({"builtin": s, "placed": s2, "detector": det, "ceiling": ceiling,
+                                                "vae_roundtrip": ceiling_vae},
                                                indent=2, default=float))
     return 0 if ok else 1
 
