@@ -8,6 +8,8 @@ grows with N towards 1. Printed for N = the tiny preset's 32 trajectories an epo
 
     python bench/bench_gradient_noise.py                       # brightness, 8 epochs' worth of estimates
     python bench/bench_gradient_noise.py --reward latent:models/reward/latest --epochs 8
+    python bench/bench_gradient_noise.py --reward pose_accuracy:weights=models/tiny-sd15/pose_detector \
+        --controlnet-scale 0.4 --target controlnet        # the pose reward where the base model has headroom
 
 Every stochastic step of each trajectory is scored (train.timestep_fraction 1), on the embedded world with
 the tiny preset's settings (LoRA on every layer, per-group normalised advantages as the trainer computes them), fp32, no update in between.
@@ -31,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reward", default="", help="reward spec (default: the scripted rater's rule)")
     p.add_argument("--epochs", type=int, default=8, help="independent 32-trajectory estimates to draw")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="sample.controlnet_scale of the rollouts")
+    p.add_argument("--target", choices=("unet_lora", "controlnet"), default="unet_lora",
+                   help="trained weights: the tiny preset's UNet LoRA or the full ControlNet")
     p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args(argv)
@@ -52,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reward = build_reward(args.reward or RULE)
     cfg = tiny()
     cfg.model.base, cfg.model.controlnet, cfg.model.threads = str(root), str(root / "controlnet"), args.threads
+    cfg.sample.controlnet_scale, cfg.target.kind = args.controlnet_scale, args.target
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output.root, cfg.output.runs_dir = f"{tmp}/pol", f"{tmp}/runs"
         cfg.output.grid_every = cfg.output.export_every = 0
@@ -86,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sums = [torch.stack(estimates[i:i + m]).sum(0) for i in range(0, len(estimates) - m + 1, m)]
         cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(sums, 2)]
         results[per * m] = {"mean": float(np.mean(cos)), "min": min(cos), "max": max(cos), "pairs": len(cos)}
-    print(f"\nreward {args.reward or RULE}; cosine between gradient estimates from disjoint samples "
-          f"({args.threads} thread(s)):")
+    print(f"\nreward {args.reward or RULE}, ControlNet scale {args.controlnet_scale}, {args.target}; cosine between "
+          f"gradient estimates from disjoint samples ({args.threads} thread(s)):")
     for n, c in results.items():
         print(f"  {n:4d} trajectories each: mean {c['mean']:+.3f} (min {c['min']:+.3f}, max {c['max']:+.3f}) "
               f"over {c['pairs']} pairs")
