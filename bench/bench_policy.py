@@ -14,8 +14,9 @@ runs one warm-up epoch, then times `--epochs` epochs of sampling + reward + PPO 
 seconds per trained sample and the process's peak RSS (resource.getrusage ru_maxrss, which counts
 model loading too; the delta over the loaded state is reported beside it).
 
-Same settings on both sides: the embedded tiny SD1.5-architecture UNet/VAE/text encoder, 128 px
-(trl samples at the UNet's native size), DDIM with eta 1, CFG 5, LoRA r=4 on to_q/to_k/to_v/to_out.0,
+Same settings on both sides: the embedded tiny SD1.5-architecture UNet/VAE/text encoder at the UNet's
+native size (unet sample_size x the VAE's scale factor: 64 px for the embedded world; trl's pipeline
+always samples at that size, so ours is set to it and both sides report it), DDIM with eta 1, CFG 5, LoRA r=4 on to_q/to_k/to_v/to_out.0,
 all timesteps trained, one inner epoch, per-prompt stat tracking, brightness reward, one CPU thread.
 trl handles a plain StableDiffusionPipeline only, so trl gets a plain pipeline built from the same
 components, while poseloop runs its ControlNet pipeline with controlnet_scale 0: the ControlNet
@@ -49,6 +50,13 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def native_size(model_dir: str) -> int:
+    """The image size a diffusers pipeline samples by default: unet sample_size x 2^(VAE levels - 1)."""
+    unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def run_ours(args: argparse.Namespace, out: dict) -> None:
     """poseloop's DDPO (or D3PO, side d3po): time epochs after a warm-up, and the update part of them."""
     import torch
@@ -63,7 +71,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
 
     cfg = tiny()
     cfg.model.base, cfg.model.controlnet = args.model, f"{args.model}/controlnet"
-    cfg.sample.width = cfg.sample.height = 128
+    cfg.sample.width = cfg.sample.height = out["size"] = native_size(args.model)
     cfg.sample.steps = args.steps
     cfg.sample.controlnet_scale = 1.0 if args.side.startswith("pose") else 0.0
     cfg.train.fused_update = args.side in ("fast", "pose_fast")
@@ -155,6 +163,9 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
         return images.float().mean(dim=(1, 2, 3)), {}
 
     trainer = DDPOTrainer(cfg, reward_fn, prompt_fn, pipeline)
+    sd = pipeline.sd_pipeline
+    out["size"] = sd.unet.config.sample_size * sd.vae_scale_factor  # what trl's pipeline call samples at
+    assert out["size"] == native_size(args.model), (out["size"], native_size(args.model))
     loaded = maxrss_mb()
     step = trainer.step(0, 0)  # warm-up
     t0 = time.perf_counter()
@@ -209,7 +220,7 @@ def main() -> int:
             if args.log:  # each child's report as it arrives: a long run interrupted keeps what it measured
                 with open(args.log, "a") as f:
                     f.write(json.dumps(results[side][-1]) + "\n")
-    print(f"DDPO on the tiny SD model, 128 px, {args.steps} steps, {args.samples} samples/epoch, "
+    print(f"DDPO on the tiny SD model, {native_size(args.model)} px, {args.steps} steps, {args.samples} samples/epoch, "
           f"{args.epochs} timed epochs, 1 CPU thread, medians [min, max] of {args.repeats} interleaved runs")
     print(f"{'side':<10}{'s/sample':>10}{'update s/item':>15}{'peak RSS MiB':>14}{'RSS over loaded':>17}")
     ok = {side: [r for r in runs if "error" not in r] for side, runs in results.items()}
