@@ -310,6 +310,10 @@ def tiny() -> PolicyConfig:
     cfg.train.stat_buffer, cfg.train.stat_min_count = 16, cfg.sample.images_per_group
     # 16 epochs x 8 pairs: 128 of a 144-pair round, the D3PO work of 8 x 16 before the epochs doubled for DDPO.
     cfg.d3po.pairs_per_epoch = 8
+    # These steps are ~10x the published ones, and so is the KL per epoch: runs that learned peaked at 0.93
+    # (DDPO on a reward model) and 3.2 (D3PO), the collapsing pose run passed 14 in its fifth epoch. 0.05
+    # would warn in most epochs of a good run; 5 stays quiet there and fires on a runaway.
+    cfg.guard.max_kl = 5.0
     cfg.output.export_every = cfg.output.grid_every = 4
     return cfg
 
@@ -329,6 +333,7 @@ def tiny_faithful() -> PolicyConfig:
     cfg.target.lora_modules = list(DEFAULT_LORA_MODULES)
     cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
     cfg.refl.margin, cfg.refl.scale = 2.0, 1e-3
+    cfg.guard.max_kl = GuardConfig().max_kl  # published steps, published-size KL
     return cfg
 
 
