@@ -28,9 +28,15 @@ from poseloop import db
 RULE = "brightness"  # the reward spec that computes the rater's own statistic (for measuring only)
 
 
+def _rgb(path: Path) -> Image.Image:
+    """An image file as RGB, its file closed (a round has hundreds)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 def image_taste(path: Path) -> float:
     """The rater's taste for one image file: its mean brightness 0..1."""
-    return float(np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean() / 255.0)
+    return float(np.asarray(_rgb(path), dtype=np.float64).mean() / 255.0)
 
 
 def round_samples(samples_dir: Path, round_name: str) -> list[tuple[int, int, Path]]:
@@ -111,7 +117,7 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str) 
         with torch.no_grad():
             for k in range(0, len(rows), 16):
                 chunk = rows[k:k + 16]
-                images = pil_to_tensor([Image.open(store.abs(r[2])).convert("RGB") for r in chunk])
+                images = pil_to_tensor([_rgb(store.abs(r[2])) for r in chunk])
                 out.append(clip_model.score_images(images, [r[4] for r in chunk]).float())
         scores = torch.cat(out).numpy()
     else:
