@@ -59,7 +59,8 @@ class WorldConfig:
         """Check fields before any work starts."""
         if self.size < 32 or self.size % 4:
             raise ConfigError(f"size: {self.size} must be a multiple of 4 and >= 32 (the VAE downsamples by 4)")
-        for name in ("examples", "eval_examples", "vae_batch", "detector_batch", "unet_batch", "threads", "snapshot_every"):
+        for name in ("examples", "eval_examples", "vae_batch", "detector_batch", "unet_batch", "threads",
+                     "snapshot_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         for name in ("vae_steps", "detector_steps", "unet_steps"):
