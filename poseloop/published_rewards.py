@@ -3,7 +3,8 @@
 Both are CLIP models scoring (image, prompt) pairs; both are differentiable in the images (their
 preprocessing is done in torch on 0..1 tensors), so ReFL and DRaFT can use them. The registry entries
 (``pickscore``, ``hps``) are added to ``poseloop.rewards``' registry by ``register``; transformers and
-open_clip are imported only when a reward is built. ImageReward is not supported: see docs/REWARDS.md.
+open_clip are imported only when a reward is built. ImageReward (``image_reward``) lives in poseloop.image_reward
+and is registered here too: see docs/REWARDS.md.
 """
 
 from __future__ import annotations
@@ -273,8 +274,14 @@ def _build_hps(o: dict[str, Any], device: str, models_dir: str) -> HPSReward:
     return HPSReward(load_hps_model(weights, o["arch"], device=device), o["arch"], scale=o["scale"], device=device)
 
 
+def _build_image_reward(o: dict[str, Any], device: str, models_dir: str) -> Any:
+    from poseloop.image_reward import build  # imported late: poseloop.image_reward imports this module
+
+    return build(o, device, models_dir)
+
+
 def register(registry: dict, entry: type, option: type) -> None:
-    """Add the ``pickscore`` and ``hps`` entries to poseloop.rewards' registry (called by that module)."""
+    """Add the ``pickscore``, ``hps`` and ``image_reward`` entries to poseloop.rewards' registry (called by that module)."""
     registry["pickscore"] = entry(
         "PickScore (transformers CLIPModel + processor folders): logit_scale.exp() x cosine(image, prompt); differentiable",
         _build_pickscore,
@@ -291,5 +298,17 @@ def register(registry: dict, entry: type, option: type) -> None:
                                          "default <models_dir>/hps/HPS_v2.1_compressed.pt"),
             "arch": option(str, "ViT-H-14", "open_clip architecture (another only for small or test models)"),
             "scale": option(float, 1.0, "multiplier of the cosine (100 for HPSv2's reported numbers)"),
+        },
+    )
+    registry["image_reward"] = entry(
+        "ImageReward v1.0 (ImageReward.pt + med_config.json + bert-base-uncased tokenizer, on transformers' BLIP "
+        "classes): standardised BLIP image-text MLP score; differentiable",
+        _build_image_reward,
+        {
+            "weights": option(str, None, "ImageReward.pt (THUDM/ImageReward); default <models_dir>/ImageReward/ImageReward.pt"),
+            "med_config": option(str, None, "BLIP med_config.json (THUDM/ImageReward); "
+                                            "default <models_dir>/ImageReward/med_config.json"),
+            "tokenizer": option(str, None, "bert-base-uncased tokenizer folder (vocab.txt); "
+                                           "default <models_dir>/ImageReward/bert-base-uncased"),
         },
     )
