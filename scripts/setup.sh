@@ -27,5 +27,11 @@ if [ "${1:-}" = "--test" ]; then
            "installed (apt-get install postgresql)" >&2
   fi
 fi
+if [ "${1:-}" = "--test" ]; then
+  # image-reward 1.5's own code is the reference tests/test_image_reward.py checks poseloop's port against; it
+  # cannot be installed beside transformers 5, so only its wheel is fetched (the test unzips it).
+  [ -f .test_wheels/image_reward-1.5-py3-none-any.whl ] ||
+    .venv/bin/python -m pip download -q image-reward==1.5 --no-deps -d .test_wheels
+fi
 # torch and torchvision are pinned as a pair that imports cleanly together (see docs/ARCHITECTURE.md).
 .venv/bin/python -m pip install -q -e ".${extras}"

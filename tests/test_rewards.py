@@ -70,7 +70,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_available_rewards_and_protocol() -> None:
     names = R.available_rewards()
     assert set(names) == {"brightness", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
-                          "text_alignment", "aesthetic", "latent", "pickscore", "hps"}  # fmt: skip
+                          "text_alignment", "aesthetic", "latent", "pickscore", "hps", "image_reward"}  # fmt: skip
     assert all(isinstance(h, str) and h and "\n" not in h for h in names.values())
     assert "SYNTHETIC" in names["brightness"]
     for spec in ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "brightness*2"):
