@@ -26,8 +26,6 @@ if [ "${1:-}" = "--test" ]; then
       echo "warning: could not install Debian's postgresql package; the PostgreSQL tests will fail until it is" \
            "installed (apt-get install postgresql)" >&2
   fi
-fi
-if [ "${1:-}" = "--test" ]; then
   # image-reward 1.5's own code is the reference tests/test_image_reward.py checks poseloop's port against; it
   # cannot be installed beside transformers 5, so only its wheel is fetched (the test unzips it).
   [ -f .test_wheels/image_reward-1.5-py3-none-any.whl ] ||
