@@ -405,7 +405,7 @@ def train_diffusion(cfg: WorldConfig, data: WorldBatch, latents: torch.Tensor, m
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        curve.append(float(per.mean()))
+        curve.append(float(per.mean().detach()))
         if step % 50 == 0:
             bar.set_postfix(eps_mse=f"{np.mean(curve[-50:]):.4f}")
         if (step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.unet_steps:
