@@ -51,16 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.sampling import stochastic_steps
     from poseloop.scripted import RULE
     from poseloop.tiny import ensure_embedded
-    from poseloop.training import PolicyTrainer, tiny
+    from poseloop.policy_config import tiny_on
+    from poseloop.training import PolicyTrainer
 
     root = ensure_embedded(ROOT / "models" / "tiny-sd15")
     reward = build_reward(args.reward or RULE)
-    cfg = tiny()
-    cfg.model.base, cfg.model.controlnet, cfg.model.threads = str(root), str(root / "controlnet"), args.threads
-    cfg.sample.controlnet_scale, cfg.target.kind = args.controlnet_scale, args.target
     with tempfile.TemporaryDirectory() as tmp:
-        cfg.output.root, cfg.output.runs_dir = f"{tmp}/pol", f"{tmp}/runs"
-        cfg.output.grid_every = cfg.output.export_every = 0
+        cfg = tiny_on(str(root), tmp, args.threads)
+        cfg.sample.controlnet_scale, cfg.target.kind = args.controlnet_scale, args.target
         tr = PolicyTrainer(cfg, reward=reward, progress=False)
         params = [q for q in tr.policy.parameters() if q.requires_grad]
         estimates = []

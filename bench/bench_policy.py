@@ -16,8 +16,9 @@ model loading too; the delta over the loaded state is reported beside it).
 
 Same settings on both sides: the embedded tiny SD1.5-architecture UNet/VAE/text encoder at the UNet's
 native size (unet sample_size x the VAE's scale factor: 64 px for the embedded world; trl's pipeline
-always samples at that size, so ours is set to it and both sides report it), DDIM with eta 1, CFG 5, LoRA r=4 on to_q/to_k/to_v/to_out.0,
-all timesteps trained, one inner epoch, per-prompt stat tracking, brightness reward, one CPU thread.
+always samples at that size, so ours is set to it and both sides report it), DDIM with eta 1, CFG 5,
+LoRA r=4 on to_q/to_k/to_v/to_out.0, all timesteps trained, one inner epoch, per-prompt stat tracking,
+brightness reward, one CPU thread.
 trl handles a plain StableDiffusionPipeline only, so trl gets a plain pipeline built from the same
 components, while poseloop runs its ControlNet pipeline with controlnet_scale 0: the ControlNet
 still runs on our side (a cost trl does not pay).
@@ -61,7 +62,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     """poseloop's DDPO (or D3PO, side d3po): time epochs after a warm-up, and the update part of them."""
     import torch
 
-    from poseloop.training import PolicyTrainer, tiny
+    from poseloop.policy_config import tiny_on
+    from poseloop.training import PolicyTrainer
 
     class Brightness:
         name, needs_images = "brightness", True
@@ -69,8 +71,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         def __call__(self, images, latents, prompts, metadata):  # type: ignore[no-untyped-def]
             return images.mean(dim=(1, 2, 3))
 
-    cfg = tiny()
-    cfg.model.base, cfg.model.controlnet = args.model, f"{args.model}/controlnet"
+    tmp = tempfile.mkdtemp()
+    cfg = tiny_on(args.model, tmp)
     cfg.sample.width = cfg.sample.height = out["size"] = native_size(args.model)
     cfg.sample.steps = args.steps
     cfg.sample.controlnet_scale = 1.0 if args.side.startswith("pose") else 0.0
@@ -80,11 +82,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     cfg.sample.images_per_group, cfg.sample.batch_size = args.samples // len(PROMPTS), args.samples
     cfg.data.prompts, cfg.data.poses = PROMPTS, ["standing"]
     cfg.train.groups_per_epoch, cfg.train.batch_size = len(PROMPTS), args.samples
-    cfg.output.grid_every = cfg.output.export_every = 0
     # The same work as trl's side: attention LoRA, every timestep (the tiny preset trains more modules on half).
     cfg.target.lora_modules, cfg.train.timestep_fraction = ["to_q", "to_k", "to_v", "to_out.0"], 1.0
-    tmp = tempfile.mkdtemp()
-    cfg.output.root, cfg.output.runs_dir = f"{tmp}/p", f"{tmp}/r"
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     loaded = maxrss_mb()
     algo = trainer.algorithm

@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.rewards import build_reward
     from poseloop.scripted import RULE
     from poseloop.tiny import ensure_embedded
-    from poseloop.training import PolicyTrainer, tiny
+    from poseloop.policy_config import tiny_on
+    from poseloop.training import PolicyTrainer
     from poseloop.world_eval import bootstrap_mean_ci, vocabulary_prompts
 
     root = ensure_embedded(ROOT / "models" / "tiny-sd15")
@@ -52,13 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("ddpo", "rlcm"):
             torch.manual_seed(0)
-            cfg = tiny()
-            cfg.model.base, cfg.model.controlnet = str(root), str(root / "controlnet")
-            cfg.model.threads = args.threads
+            cfg = tiny_on(str(root), f"{tmp}/{name}", args.threads)
             cfg.data.prompts = vocabulary_prompts()[:6]
             cfg.train.epochs = args.epochs
-            cfg.output.root, cfg.output.runs_dir = f"{tmp}/{name}/pol", f"{tmp}/{name}/runs"
-            cfg.output.grid_every = cfg.output.export_every = 0
             cfg.train.resume = False
             if name == "rlcm":
                 cfg.algo = "rlcm"

@@ -318,6 +318,16 @@ def tiny() -> PolicyConfig:
     return cfg
 
 
+def tiny_on(model_dir: str, out_dir: str, threads: int = 0) -> PolicyConfig:
+    """The tiny preset on a model folder (with its controlnet/), runs kept under out_dir, no grids or exports:
+    what benchmarks and experiments start from."""
+    cfg = tiny()
+    cfg.model.base, cfg.model.controlnet, cfg.model.threads = str(model_dir), f"{model_dir}/controlnet", threads
+    cfg.output.root, cfg.output.runs_dir = f"{out_dir}/policies", f"{out_dir}/runs"
+    cfg.output.grid_every = cfg.output.export_every = 0
+    return cfg
+
+
 def tiny_sdxl() -> PolicyConfig:
     """The embedded tiny SDXL-architecture model."""
     cfg = tiny()

@@ -327,6 +327,11 @@ def sample_world(mods: dict[str, torch.nn.Module], tokenizer: Any, prompts: list
     return ((img + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def _fresh_examples(cfg: WorldConfig) -> WorldBatch:
+    """The examples every snapshot and the final measurement sample (never trained on)."""
+    return make_examples(cfg.eval_examples, cfg.size, seed=cfg.seed + 2000)
+
+
 def _snapshot_metrics(images: np.ndarray, fresh: WorldBatch, detector: Any) -> dict[str, float]:
     from poseloop.metrics import oks
 
@@ -376,7 +381,7 @@ def train_diffusion(cfg: WorldConfig, data: WorldBatch, latents: torch.Tensor, m
     ids = tokenizer(data.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     conds = torch.from_numpy(data.conditions).permute(0, 3, 1, 2)  # uint8, scaled per batch
-    fresh = make_examples(cfg.eval_examples, cfg.size, seed=cfg.seed + 2000)
+    fresh = _fresh_examples(cfg)
     curve: list[float] = []
     history: list[dict[str, float]] = []
     for m in trained:
@@ -519,7 +524,7 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
             mods[name].load_state_dict({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")})
             mods[name].eval()
         # The shipped weights measured on the fresh examples the snapshots use, as the last snapshot did.
-        fresh = make_examples(cfg.eval_examples, cfg.size, seed=cfg.seed + 2000)
+        fresh = _fresh_examples(cfg)
         final = _snapshot_metrics(sample_world(mods, tokenizer, fresh.prompts, fresh.conditions, seed=cfg.seed),
                                   fresh, detector)
     else:

@@ -150,3 +150,13 @@ def test_a_non_finite_value_set_in_code_is_refused_too() -> None:
         check_finite(policy)
     policy.d3po.clamp_eps = None
     check_finite(policy)
+
+
+def test_tiny_on_points_the_tiny_preset_at_a_model_and_a_quiet_output_folder() -> None:
+    from poseloop.policy_config import tiny, tiny_on
+
+    cfg = tiny_on("/m/tiny-sd15", "/out", threads=2)
+    assert (cfg.model.base, cfg.model.controlnet, cfg.model.threads) == ("/m/tiny-sd15", "/m/tiny-sd15/controlnet", 2)
+    assert (cfg.output.root, cfg.output.runs_dir) == ("/out/policies", "/out/runs")
+    assert cfg.output.grid_every == cfg.output.export_every == 0
+    assert cfg.train == tiny().train and cfg.sample == tiny().sample  # the preset itself, untouched

@@ -69,8 +69,12 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
         monkeypatch.setattr(wt, stage, finished)
     second = wt.train_world(cfg)
     assert {f.name: f.read_bytes() for f in Path(cfg.out).glob("*.safetensors")} == shipped
-    assert second["generator_oks"] == pytest.approx(first["generator_oks"], abs=1e-6)  # same weights, same seeds
-    assert 0 <= second["roundtrip_shirt_acc"] <= 1 and second["roundtrip_shirt_acc"] == first["roundtrip_shirt_acc"]
+    # Same weights and seeds, measured again: a second call may pick another fp32 kernel order (~1e-6 in a latent),
+    # which can flip a uint8 pixel after 20 steps and nudge a soft-argmax keypoint, or flip one of the 16 round
+    # trips' nearest-colour reads; anything from other weights moves OKS by far more.
+    assert second["generator_oks"] == pytest.approx(first["generator_oks"], abs=1e-3)
+    assert 0 <= second["roundtrip_shirt_acc"] <= 1
+    assert second["roundtrip_shirt_acc"] == pytest.approx(first["roundtrip_shirt_acc"], abs=1 / 16 + 1e-9)
 
 
 def test_eval_examples_must_be_positive() -> None:
