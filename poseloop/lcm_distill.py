@@ -42,7 +42,10 @@ class LcmDistillConfig:
     batch: int = field(16, help="examples per step")
     lr: float = field(1e-3, help="AdamW learning rate of the LoRA")
     lora_rank: int = field(16, help="LoRA rank (alpha = rank: strength 1)")
-    ddim_steps: int = field(50, help="the teacher's DDIM solver steps; the student skips 1000 // ddim_steps timesteps")
+    ddim_steps: int = field(50, help="the grid of training timesteps (k * 1000 / ddim_steps - 1): the LCM sampler's "
+                            "default grid is 50 (its original_inference_steps)")
+    skip: int = field(0, help="timesteps one teacher DDIM step jumps (t -> t - skip); 0: one grid step, 1000 // "
+                      "ddim_steps, as diffusers' example. A multiple of the grid step keeps targets on the grid")
     w_min: float = field(2.0, help="lowest guidance w drawn for the teacher (CFG scale = w + 1)")
     w_max: float = field(5.0, help="highest guidance w drawn for the teacher")
     huber_c: float = field(1e-3, help="Huber loss constant")
@@ -59,23 +62,29 @@ class LcmDistillConfig:
                 raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if not 1 <= self.ddim_steps <= 1000 or 1000 % self.ddim_steps:
             raise ConfigError(f"ddim_steps: must divide 1000 (got {self.ddim_steps}); the published value is 50")
+        if self.skip < 0 or self.skip >= 1000:
+            raise ConfigError(f"skip: must be 0 (one grid step) or 1..999 timesteps (got {self.skip})")
         if not 0 <= self.w_min <= self.w_max:
             raise ConfigError(f"w_min/w_max: need 0 <= w_min <= w_max (got {self.w_min}, {self.w_max})")
 
 
 class DdimSolver:
-    """The teacher's solver: `steps` DDIM timesteps (k*T/steps - 1) and one deterministic step between them."""
+    """The teacher's solver: `steps` DDIM timesteps (k*T/steps - 1) and one deterministic step of `skip` from each."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor, steps: int, num_train_timesteps: int = 1000) -> None:
-        """Precompute the timesteps and alpha_bar at each and at its predecessor."""
+    def __init__(self, alphas_cumprod: torch.Tensor, steps: int, num_train_timesteps: int = 1000, skip: int = 0
+                 ) -> None:
+        """Precompute the timesteps, where each step lands (t - skip, at least 0) and alpha_bar there."""
         ratio = num_train_timesteps // steps
         self.timesteps = torch.arange(1, steps + 1) * ratio - 1  # [steps]: 19, 39, ..., 999 for 50
-        self.skip = ratio
+        self.skip = skip or ratio
+        # diffusers' solver lands on the previous grid point and, from the first, on alpha_bar_0: the same as t - skip
+        # clamped at 0 when skip is one grid step.
+        self.next_timesteps = (self.timesteps - self.skip).clamp(min=0)  # [steps]
         self.alpha = alphas_cumprod[self.timesteps]
-        self.alpha_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[self.timesteps[:-1]]])
+        self.alpha_prev = alphas_cumprod[self.next_timesteps]
 
     def step(self, x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """DDIM (eta 0) from timesteps[index] to timesteps[index - 1]: sqrt(a_prev) x0 + sqrt(1 - a_prev) eps."""
+        """DDIM (eta 0) from timesteps[index] to next_timesteps[index]: sqrt(a_prev) x0 + sqrt(1 - a_prev) eps."""
         a_prev = self.alpha_prev[index].view(-1, 1, 1, 1)
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
@@ -147,7 +156,7 @@ def distill(cfg: LcmDistillConfig, run_dir: Path | None = None) -> dict[str, Any
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     acp = sched.alphas_cumprod.float()
-    solver = DdimSolver(acp, cfg.ddim_steps, sched.config.num_train_timesteps)
+    solver = DdimSolver(acp, cfg.ddim_steps, sched.config.num_train_timesteps, skip=cfg.skip)
     # The boundary scalings the LCM sampler will use at inference (same config: same timestep_scaling).
     boundary = LCMScheduler.from_config(sched.config).get_scalings_for_boundary_condition_discrete
 
@@ -168,7 +177,7 @@ def distill(cfg: LcmDistillConfig, run_dir: Path | None = None) -> dict[str, Any
         b = len(idx)
         index = torch.randint(0, cfg.ddim_steps, (b,), generator=gen)
         t_start = solver.timesteps[index]  # [B]
-        t_next = (t_start - solver.skip).clamp(min=0)  # [B]
+        t_next = solver.next_timesteps[index]  # [B]
         noise = torch.randn(x0.shape, generator=gen)
         x_t = sched.add_noise(x0, noise, t_start)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, generator=gen)

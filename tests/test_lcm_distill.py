@@ -42,11 +42,30 @@ def test_teacher_step_is_diffusers_ddim_with_eta_0() -> None:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_longer_skip_is_diffusers_ddim_over_that_many_timesteps() -> None:
+    # Training timesteps stay on the 50-step grid (the LCM sampler's), the teacher jumps 100 of them:
+    # diffusers' DDIM with 10 inference steps steps t -> t - 100 (and 99 -> alpha_bar_0 via clamping).
+    ddim = sd_ddim()
+    ddim.set_timesteps(10)
+    solver = DdimSolver(ddim.alphas_cumprod, 50, skip=100)
+    assert solver.next_timesteps[[0, 4, 5, 49]].tolist() == [0, 0, 19, 899]
+    g = torch.Generator().manual_seed(1)
+    x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for index in (49, 24):  # t = 999 -> 899 and 499 -> 399: both on DDIM's 10-step grid
+        t = int(solver.timesteps[index])
+        a = ddim.alphas_cumprod[t]
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        ours = solver.step(x0, eps, torch.full((2,), index))
+        torch.testing.assert_close(ours, ddim.step(eps, t, x_t, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_settings_name_the_field() -> None:
     with pytest.raises(ConfigError, match="ddim_steps"):
         LcmDistillConfig(ddim_steps=30).validate()
     with pytest.raises(ConfigError, match="w_min"):
         LcmDistillConfig(w_min=4, w_max=2).validate()
+    with pytest.raises(ConfigError, match="skip"):
+        LcmDistillConfig(skip=1000).validate()
 
 
 def test_a_smoke_distillation_writes_an_lcm_lora_that_fuses(models_dir: Path, tmp_path: Path) -> None:
