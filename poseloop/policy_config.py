@@ -71,9 +71,13 @@ class TrainConfig:
     inner_epochs: int = field(1, help="passes over each epoch's samples (PPO epochs)")
     timestep_fraction: float = field(1.0, help="fraction of each trajectory's steps trained on (0..1]")
     fused_update: bool = field(False, help="DDPO: when an epoch is one optimizer step (inner_epochs 1, its minibatches "
-                               "<= grad_accum), backpropagate the sampling pass's log-prob graphs instead of re-scoring "
-                               "(the same gradient, one forward less per trained step; the activations of every "
-                               "trained step are held: memory grows with steps x batch)")
+                               "<= grad_accum), train from the sampling pass's forward instead of re-scoring (the "
+                               "same gradient, one forward less per trained step); how: train.fused_route")
+    fused_route: str = field("per_sample", help="DDPO fused update: per_sample = backpropagate each trained step while "
+                             "sampling and keep per-sample LoRA gradients (memory: one step's graph + N x LoRA size; "
+                             "target controlnet falls back to graphs); graphs = hold every trained step's log-prob "
+                             "graph until the update (memory grows with steps x batch)",
+                             choices=("per_sample", "graphs"))
     clip_range: float = field(1e-4, help="PPO ratio clip c: r is clipped to [1-c, 1+c] (DDPO: 1e-4)")
     adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
     stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation")
@@ -414,6 +418,7 @@ def config_hash(cfg: PolicyConfig) -> str:
     d = to_dict(cfg)
     d["train"].pop("epochs")
     d["train"].pop("resume")
+    d["train"].pop("fused_route")  # the same gradient either way; runs keep the hashes they had before it existed
     d.pop("output")
     d.pop("guard")
     if cfg.algo != "refl":

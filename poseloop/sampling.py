@@ -349,13 +349,16 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
            cfg: SampleConfig, width: int, height: int,
            on_step: Callable[[int], None] | None = None,
            autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
-           grad_steps: Collection[int] = ()) -> SampleOutput:
+           grad_steps: Collection[int] = (),
+           on_graph: Callable[[int, torch.Tensor], None] | None = None) -> SampleOutput:
     """Denoise a batch with cfg.sampler (DDIM with eta > 0, or LCM), recording latents and log-probabilities.
 
     `autocast` wraps each noise prediction: the policy trainer passes the context its training pass
     runs in (accelerate's autocast), so that re-scoring reproduces the sampled log-probabilities.
     grad_steps: steps whose noise prediction runs with gradients; their log-probs keep the graph
-    (log_prob_graphs), which is what re-scoring them would compute (poseloop.fused); x stays detached.
+    (log_prob_graphs), which is what re-scoring them would compute (DDPO's fused update); x stays detached.
+    on_graph: given, it is called with (step, log-probs [B] with their graph) instead, e.g. to backpropagate
+    them at once (per-sample gradients, poseloop.per_sample_grads); log_prob_graphs then stays empty.
     """
     if not (len(prompts) == len(control_images) == len(seeds)):
         raise ValueError("prompts, control_images and seeds must have the same length")
@@ -381,7 +384,11 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
             x, log_prob = _step(cfg, scheduler, eps, t, x, noise=noise)
         if i in grad_steps:
             # Trajectories are data to the policy gradient: only log p(x_{t-1} | x_t) keeps its graph.
-            graphs[i], x, log_prob = log_prob, x.detach(), log_prob.detach()
+            if on_graph is not None:
+                on_graph(i, log_prob)  # e.g. backpropagated here: the graph is freed before the next step
+            else:
+                graphs[i] = log_prob
+            x, log_prob = x.detach(), log_prob.detach()
         all_latents.append(x)
         all_log_probs.append(log_prob)
         if on_step is not None:

@@ -183,16 +183,28 @@ class PolicyTrainer:
                 "width": self.width, "height": self.height, "group_id": g, "pose_name": spec.pose_name}
 
     def _sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None,
-                       grad_steps: Sequence[int] = ()
+                       grad_steps: Sequence[int] = (), step_mask: torch.Tensor | None = None
                        ) -> tuple[TrajectoryBatch, torch.Tensor | None, list[Image.Image]]:
         """Sample one image per (group, seed) with the current policy; score with `reward`.
 
         grad_steps: steps whose log-probs keep their graphs, in batch.extra["log_prob_graphs"] [N, S].
+        step_mask: [N, T] bool, item i's log-prob of step j backpropagated while sampling; the sums of each
+        item's gradients of the LoRA weights go to batch.extra["per_sample_grads"] ({name: [N, *shape]}),
+        the mask to batch.extra["step_mask"] (poseloop.per_sample_grads; DDPO's fused update).
         """
+        from contextlib import nullcontext
+
+        from poseloop.per_sample_grads import PerSampleGrads
         from poseloop.sampling import sample
 
         cfg = self.cfg
         lat, lps, conds, rewards, images, graphs = [], [], [], [], [], []
+        per_sample: list[dict[str, torch.Tensor]] = []
+        collector = None
+        if step_mask is not None:
+            scaler = getattr(self.accelerator, "scaler", None)  # fp16 mixed precision: scale as the loss is scaled
+            collector = PerSampleGrads(self.policy.module, self.policy.named_trainable(),
+                                       loss_scale=float(scaler.get_scale()) if scaler is not None else 1.0)
         components: dict[str, list[torch.Tensor]] = {}
         timesteps = torch.empty(0)
         bs = cfg.sample.batch_size
@@ -200,10 +212,18 @@ class PolicyTrainer:
             gs, ss = list(groups[i:i + bs]), list(seeds[i:i + bs])
             prompts = [self.specs[g].prompt for g in gs]
             poses = [self._group_image(g) for g in gs]
+            steps, on_graph = frozenset(grad_steps), None
+            if collector is not None and step_mask is not None:
+                mask = step_mask[i:i + len(gs)]  # [b, T]
+                steps = frozenset(mask.any(0).nonzero().flatten().tolist())  # what some item here trains
+                on_graph = collector.backward_step(mask)
             # Sampled in the training pass's numeric context (see _rescore): mixed precision stays consistent.
-            out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
-                         autocast=self.accelerator.autocast, grad_steps=frozenset(grad_steps))
-            if grad_steps:
+            with collector.attached() if collector is not None else nullcontext():
+                out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
+                             autocast=self.accelerator.autocast, grad_steps=steps, on_graph=on_graph)
+            if collector is not None:
+                per_sample.append(collector.take(len(gs)))
+            elif grad_steps:
                 graphs.append(torch.stack([out.log_prob_graphs[j] for j in grad_steps], dim=1))  # [b, S]
             conds.append(out.cond)
             lat.append(out.latents)
@@ -219,6 +239,9 @@ class PolicyTrainer:
         batch = TrajectoryBatch(torch.cat(lat), torch.cat(lps), timesteps, cat_conditioning(conds), cfg.sample)
         if graphs:
             batch.extra["log_prob_graphs"] = torch.cat(graphs)
+        if per_sample:
+            batch.extra["per_sample_grads"] = {n: torch.cat([d[n] for d in per_sample]) for n in per_sample[0]}
+            batch.extra["step_mask"] = step_mask
         return batch, (torch.cat(rewards) if reward is not None else None), images
 
     def _epoch_items(self, epoch: int) -> tuple[list[int], list[int], list[str]]:

@@ -8,16 +8,30 @@ of each minibatch's steps, gradients summed over steps and train.grad_accum mini
 Fused update (train.fused_update, opt-in, used only where exact): when the whole epoch is one optimizer step
 (inner_epochs 1, no more minibatches than grad_accum), every re-scored step would run under the
 weights that sampled it, so r = 1 exactly, the clip is inactive and the re-scoring forward recomputes
-what sampling computed. Then the sampler keeps the log-prob graphs of the steps the update will draw
-(the shuffle generator is replayed before sampling) and the update backpropagates those: the same
-loss, statistics and gradient, one UNet forward per trained step less, the activations of every
-trained step held until the update (memory). Elsewhere the standard re-scoring path runs unchanged.
+what sampling computed: the gradient is sum over (sample i, trained step j) of c_i grad log p_ij, where
+c_i is what the PPO loss gives (-clip(A_i) x the minibatch's weight / (b x len(steps) x grad_accum)).
+The update's generator is replayed before sampling (fused_plan: which steps each sample's minibatch
+will draw), and the sampling forward of those steps runs with gradients. Two routes (train.fused_route):
+
+* per_sample (the default): each trained step's log-probs are backpropagated during sampling at once
+  (that step's graph freed) and only each sample's gradient of the LoRA weights is kept, summed over
+  the steps its minibatch trains ([N, *weight] per weight; poseloop.per_sample_grads); the update
+  computes the loss and statistics from the recorded log-probs, takes c_i as autograd's d loss / d log p
+  (the same coefficients, checked equal over a sample's steps), and backpropagates sum_i c_i g_i through
+  the trainer's usual backward and optimizer step. Memory: one step's graph, as re-scoring.
+* graphs: the sampler keeps the log-prob graphs of the steps and the update backpropagates them once:
+  every trained step's activations are held until the update (memory grows with steps x batch).
+
+Per-sample gradients need every trainable weight to be a LoRA Linear / Conv2d weight: the `controlnet`
+target (a full fine-tune: N copies of the ControlNet's gradient would not fit) falls back to graphs
+with a warning. Elsewhere the standard re-scoring path runs unchanged.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -35,10 +49,14 @@ class DDPO(Algorithm):
         t = self.trainer
         t0 = time.perf_counter()
         groups, seeds, keys = t._epoch_items(epoch)
-        grad_steps = self.fused_steps(epoch, len(keys))
-        batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, grad_steps=grad_steps or ())
-        if grad_steps:
-            batch.extra["graph_steps"] = grad_steps
+        plan = self.fused_plan(epoch, len(keys))  # [n, T] bool or None
+        if plan is not None and self.fused_route() == "per_sample":
+            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, step_mask=plan)
+        else:
+            grad_steps = [] if plan is None else plan.any(0).nonzero().flatten().tolist()
+            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, grad_steps=grad_steps)
+            if grad_steps:
+                batch.extra["graph_steps"] = grad_steps
         assert rewards is not None
         t_sample = time.perf_counter() - t0
         all_rewards = t._gather(rewards)
@@ -58,9 +76,13 @@ class DDPO(Algorithm):
         cfg = t.cfg.train
         n = batch.log_probs.shape[0]
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
-        graphs = batch.extra.pop("log_prob_graphs", None)  # [N, S] (fused update) or None
+        graphs = batch.extra.pop("log_prob_graphs", None)  # [N, S] (fused update, graphs route) or None
         cols = {j: c for c, j in enumerate(batch.extra.pop("graph_steps", []))}
-        pending: torch.Tensor | None = None  # the fused update's summed loss, backpropagated once
+        pending: torch.Tensor | None = None  # the graphs route's summed loss, backpropagated once
+        per_sample = batch.extra.pop("per_sample_grads", None)  # {name: [N, *shape]} (per_sample route) or None
+        planned = batch.extra.pop("step_mask", None)  # [N, T] bool: the steps per_sample sums, per sample
+        coef = torch.full((n,), float("nan"))  # per_sample route: each sample's c_i (NaN = not trained yet)
+        trained = torch.zeros_like(planned) if planned is not None else None  # [N, T] what this update drew
         micro = 0
         procs = t.accelerator.num_processes
         for inner in range(cfg.inner_epochs):
@@ -78,7 +100,10 @@ class DDPO(Algorithm):
                 cond = batch.cond.select(idx)
                 lat = batch.latents[idx]
                 for j in steps:
-                    if graphs is not None:
+                    if per_sample is not None:
+                        # r = 1: re-scoring would compute the recorded value. A leaf: autograd gives d loss / d lp.
+                        lp = batch.log_probs[idx, j].clone().requires_grad_()  # [b]
+                    elif graphs is not None:
                         lp = graphs[idx.to(graphs.device), cols[j]]  # what re-scoring step j would compute
                     else:
                         lp = t._rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)  # [b]
@@ -88,7 +113,12 @@ class DDPO(Algorithm):
                     if t.first_ratio is None:
                         t.first_ratio = float((torch.exp(lp.detach() - old) - 1).abs().max())
                     scaled = loss * weight / (len(steps) * cfg.grad_accum)
-                    if graphs is None:
+                    if per_sample is not None:
+                        assert trained is not None
+                        (c,) = torch.autograd.grad(scaled, lp)  # [b]: this step's coefficient of each grad log p
+                        _note_coefficients(coef, idx, c, j)
+                        trained[idx, j] = True
+                    elif graphs is None:
                         t.accelerator.backward(scaled)
                     else:
                         # Minibatches share the sampling chunks' graphs: one backward of the sum frees them once.
@@ -101,11 +131,47 @@ class DDPO(Algorithm):
                     if pending is not None:
                         t.accelerator.backward(pending)
                         pending = None
+                    if per_sample is not None:
+                        self._backward_per_sample(per_sample, coef, planned, trained)
+                        per_sample = None  # the only optimizer step of the epoch (fused_plan's condition)
                     t._optimizer_step()
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
-    def fused_steps(self, epoch: int, n: int) -> list[int] | None:
-        """The steps the update of `epoch` will train on (n local samples) when the fused update is exact, else None."""
+    def _backward_per_sample(self, per_sample: dict[str, torch.Tensor], coef: torch.Tensor,
+                             planned: torch.Tensor, trained: torch.Tensor) -> None:
+        """Backpropagate sum_i coef[i] x per_sample[.][i] through the trainer's backward (per_sample route)."""
+        if not torch.equal(trained, planned):
+            bad = (trained != planned).any(1).nonzero().flatten().tolist()
+            raise RuntimeError(f"DDPO per-sample route: samples {bad[:5]} trained other steps than sampling summed "
+                               "(fused_plan out of step with update()); set train.fused_route graphs")
+        c = torch.nan_to_num(coef, nan=0.0)  # a sample no minibatch trained here (an empty local part): 0
+        t = self.trainer
+        # d/dp of sum(p * G) is exactly G: the trainer's backward (accelerate's loss scaling included) then
+        # leaves G in p.grad, as if the loss had been backpropagated through every trained step.
+        surrogate = sum((p * torch.tensordot(c.to(per_sample[n]), per_sample[n], dims=1)).sum()
+                        for n, p in t.policy.named_trainable().items())
+        t.accelerator.backward(surrogate)
+
+    def fused_route(self) -> str:
+        """'per_sample' or 'graphs' (train.fused_route; graphs where per-sample gradients do not apply, with a warning)."""
+        t = self.trainer
+        if t.cfg.train.fused_route != "per_sample":
+            return t.cfg.train.fused_route
+        from poseloop.per_sample_grads import unsupported
+
+        why = unsupported(t.policy.module, t.policy.named_trainable())
+        if why:
+            if not getattr(self, "_warned_route", False):
+                warnings.warn(f"train.fused_update: per-sample gradients do not apply to target {t.cfg.target.kind} "
+                              f"({why}): the update holds every trained step's graph instead (memory grows with "
+                              "steps x batch); set train.fused_route graphs to say so, or train.fused_update false",
+                              stacklevel=2)
+                self._warned_route = True
+            return "graphs"
+        return "per_sample"
+
+    def fused_plan(self, epoch: int, n: int) -> torch.Tensor | None:
+        """[n, T] bool: local sample i is trained on step j by the update of `epoch`, when the fused update is exact; else None."""
         t = self.trainer
         cfg = t.cfg.train
         procs = t.accelerator.num_processes
@@ -120,11 +186,19 @@ class DDPO(Algorithm):
         timesteps = _step_scheduler(t.comp, t.cfg.sample).timesteps.detach().to("cpu", torch.long)
         like = SimpleNamespace(timesteps=timesteps, sample_cfg=t.cfg.sample)
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "shuffle", 0, 0))
-        torch.randperm(n * procs, generator=gen)
-        steps: set[int] = set()
-        for _ in range(0, n * procs, bs):
-            steps.update(t._chosen_trainable_steps(like, gen))  # type: ignore[arg-type]
-        return sorted(steps)
+        perm = torch.randperm(n * procs, generator=gen)
+        plan = torch.zeros(n, len(timesteps), dtype=torch.bool)
+        for i in range(0, n * procs, bs):
+            steps = t._chosen_trainable_steps(like, gen)  # type: ignore[arg-type]
+            idx, _ = t._local_part(perm[i:i + bs], n)  # this process's samples of the minibatch
+            for j in steps:
+                plan[idx, j] = True
+        return plan
+
+    def fused_steps(self, epoch: int, n: int) -> list[int] | None:
+        """The steps the update of `epoch` will train on (n local samples) when the fused update is exact, else None."""
+        plan = self.fused_plan(epoch, n)
+        return None if plan is None else plan.any(0).nonzero().flatten().tolist()
 
     def kl_is_measured(self) -> bool:
         """DDPO's approx KL is to the sampling policy: zero by construction when an epoch makes one update."""
@@ -132,3 +206,16 @@ class DDPO(Algorithm):
         samples = tr.groups_per_epoch * self.trainer.cfg.sample.images_per_group
         procs = self.trainer.accelerator.num_processes
         return math.ceil(samples / (tr.batch_size * procs)) * tr.inner_epochs > tr.grad_accum
+
+
+def _note_coefficients(coef: torch.Tensor, idx: torch.Tensor, c: torch.Tensor, step: int) -> None:
+    """Record c [b] as coef[idx]; a sample's coefficient must be the same for each of its steps (r = 1 exactly)."""
+    c = c.detach().cpu()
+    prev = coef[idx]
+    seen = ~torch.isnan(prev)
+    if not torch.equal(prev[seen], c[seen]):
+        # sum_j c_ij g_ij = c_i sum_j g_ij only holds with equal c_ij; the per-step sums cannot be split again.
+        raise RuntimeError(f"DDPO per-sample route: step {step} weighs a sample's gradient differently from its other "
+                           "steps; set train.fused_route graphs")
+    coef[idx] = c
+
