@@ -3,11 +3,13 @@
     python bench/bench_policy.py                  # every side, interleaved, 2 repeats each
     python bench/bench_policy.py --epochs 3 --steps 10 --samples 8 --sides ours fast trl
 
-Sides: `ours` (re-scoring update, train.fused_update false), `fast` (the fused update: the sampling
-pass's log-prob graphs backpropagated, exact here since an epoch is one optimizer step), `trl`,
-`pose_std` / `pose_fast` (ours at controlnet_scale 1: the pose-conditioned case trl cannot run),
-`d3po` (D3PO with reward-picked pairs, d3po.source reward: one pair per prompt an epoch; its update
-time per pair, reference log-probs included, against `ours`' update time per sample).
+Sides: `ours` (re-scoring update, train.fused_update false), `fast` (the fused update, exact here since
+an epoch is one optimizer step, by its default route train.fused_route per_sample: each trained step
+backpropagated while sampling, per-sample LoRA gradients weighted afterwards), `graphs` (the fused
+update's other route: the sampling pass's log-prob graphs held and backpropagated in the update), `trl`,
+`pose_std` / `pose_fast` / `pose_graphs` (ours at controlnet_scale 1: the pose-conditioned case trl
+cannot run), `d3po` (D3PO with reward-picked pairs, d3po.source reward: one pair per prompt an epoch;
+its update time per pair, reference log-probs included, against `ours`' update time per sample).
 
 Each side runs in its own child process (so its peak memory is its own): it builds the trainer,
 runs one warm-up epoch, then times `--epochs` epochs of sampling + reward + PPO update and reports
@@ -76,7 +78,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     cfg.sample.width = cfg.sample.height = out["size"] = native_size(args.model)
     cfg.sample.steps = args.steps
     cfg.sample.controlnet_scale = 1.0 if args.side.startswith("pose") else 0.0
-    cfg.train.fused_update = args.side in ("fast", "pose_fast")
+    cfg.train.fused_update = args.side in ("fast", "pose_fast", "graphs", "pose_graphs")
+    cfg.train.fused_route = "graphs" if args.side in ("graphs", "pose_graphs") else "per_sample"
     if args.side == "d3po":
         cfg.algo, cfg.d3po.source = "d3po", "reward"
     cfg.sample.images_per_group, cfg.sample.batch_size = args.samples // len(PROMPTS), args.samples
@@ -186,7 +189,7 @@ def child(side: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
-SIDES = ("ours", "fast", "trl", "pose_std", "pose_fast", "d3po")
+SIDES = ("ours", "fast", "graphs", "trl", "pose_std", "pose_fast", "pose_graphs", "d3po")
 
 
 def main() -> int:
@@ -221,17 +224,17 @@ def main() -> int:
                     f.write(json.dumps(results[side][-1]) + "\n")
     print(f"DDPO on the tiny SD model, {native_size(args.model)} px, {args.steps} steps, {args.samples} samples/epoch, "
           f"{args.epochs} timed epochs, 1 CPU thread, medians [min, max] of {args.repeats} interleaved runs")
-    print(f"{'side':<10}{'s/sample':>10}{'update s/item':>15}{'peak RSS MiB':>14}{'RSS over loaded':>17}")
+    print(f"{'side':<12}{'s/sample':>10}{'update s/item':>15}{'peak RSS MiB':>14}{'RSS over loaded':>17}")
     ok = {side: [r for r in runs if "error" not in r] for side, runs in results.items()}
     for side, runs in results.items():
         if not ok[side]:
-            print(f"{side:<10}  unavailable: {runs[0]['error']}")
+            print(f"{side:<12}  unavailable: {runs[0]['error']}")
             continue
         sps = statistics.median(r["seconds_per_sample"] for r in ok[side])
         upd = statistics.median(r.get("update_seconds_per_item", float("nan")) for r in ok[side])
         peak = statistics.median(r["rss_peak_mb"] for r in ok[side])
         delta = statistics.median(r["rss_peak_mb"] - r["rss_loaded_mb"] for r in ok[side])
-        print(f"{side:<10}{sps:>10.3f}{upd:>15.3f}{peak:>14.0f}{delta:>17.0f}")
+        print(f"{side:<12}{sps:>10.3f}{upd:>15.3f}{peak:>14.0f}{delta:>17.0f}")
 
     def ratio(a: str, b: str, key: str, label: str) -> None:
         # Repeat k of side a over repeat k of side b: the two ran next to each other (interleaved).
@@ -242,12 +245,17 @@ def main() -> int:
             print(f"{label} = {statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}]")
 
     ratio("ours", "trl", "seconds_per_sample", "time ours (re-scoring) / trl")
-    ratio("fast", "trl", "seconds_per_sample", "time ours fused / trl (target <= 0.70)")
-    ratio("fast", "ours", "seconds_per_sample", "time ours fused / ours re-scoring")
-    ratio("fast", "trl", "rss_peak_mb", "peak RSS ours fused / trl (target <= 1.0)")
+    ratio("fast", "trl", "seconds_per_sample", "time ours fused (per_sample) / trl (target <= 0.70)")
+    ratio("graphs", "trl", "seconds_per_sample", "time ours fused (graphs) / trl")
+    ratio("fast", "ours", "seconds_per_sample", "time ours fused (per_sample) / ours re-scoring")
+    ratio("fast", "graphs", "seconds_per_sample", "time fused per_sample / fused graphs")
+    ratio("fast", "trl", "rss_peak_mb", "peak RSS ours fused (per_sample) / trl (target <= 1.0)")
+    ratio("graphs", "trl", "rss_peak_mb", "peak RSS ours fused (graphs) / trl")
     ratio("ours", "trl", "rss_peak_mb", "peak RSS ours re-scoring / trl")
-    ratio("pose_fast", "pose_std", "seconds_per_sample", "pose (controlnet_scale 1): time fused / re-scoring")
-    ratio("pose_fast", "pose_std", "rss_peak_mb", "pose (controlnet_scale 1): peak RSS fused / re-scoring")
+    ratio("pose_fast", "pose_std", "seconds_per_sample", "pose (controlnet_scale 1): time fused per_sample / re-scoring")
+    ratio("pose_fast", "pose_std", "rss_peak_mb", "pose (controlnet_scale 1): peak RSS fused per_sample / re-scoring")
+    ratio("pose_graphs", "pose_std", "seconds_per_sample", "pose (controlnet_scale 1): time fused graphs / re-scoring")
+    ratio("pose_graphs", "pose_std", "rss_peak_mb", "pose (controlnet_scale 1): peak RSS fused graphs / re-scoring")
     ratio("d3po", "ours", "update_seconds_per_item", "D3PO update s/pair / DDPO update s/sample (target <= 2.2)")
     print("memory: resource.getrusage(RUSAGE_SELF).ru_maxrss of each child process")
     return 0

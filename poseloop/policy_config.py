@@ -232,6 +232,8 @@ class PolicyConfig:
             raise ConfigError(f"train.timestep_fraction: must be in (0, 1] (got {tr.timestep_fraction})")
         if not tr.clip_range > 0 or not tr.adv_clip_max > 0:
             raise ConfigError("train.clip_range and train.adv_clip_max: must be > 0")
+        if tr.fused_route not in ("per_sample", "graphs"):
+            raise ConfigError(f"train.fused_route: {tr.fused_route!r} is not one of 'per_sample', 'graphs'")
         if self.algo == "d3po":
             if not self.d3po.beta > 0:
                 raise ConfigError(f"d3po.beta: must be > 0 (got {self.d3po.beta})")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from poseloop import per_sample_grads
+from poseloop.configlib import ConfigError
 from poseloop.training import PolicyTrainer
 from test_policy import Brightness, policy_cfg
 
@@ -121,20 +123,23 @@ def assert_same_adam_step(w_fast: dict, w_std: dict, g_fast: dict, g_std: dict, 
         assert bool(((w_fast[k] - w_std[k]).abs() <= bound).all()), k
 
 
-@pytest.mark.parametrize("route,kind,dtype", [("per_sample", "unet_lora", torch.float32),
-                                              ("per_sample", "controlnet_lora", torch.float32),
-                                              ("graphs", "unet_lora", torch.float32),
-                                              ("per_sample", "unet_lora", torch.float64)])
+@pytest.mark.parametrize("route,kind,dtype,checkpointing", [("per_sample", "unet_lora", torch.float32, False),
+                                                            ("per_sample", "controlnet_lora", torch.float32, False),
+                                                            ("graphs", "unet_lora", torch.float32, False),
+                                                            ("per_sample", "unet_lora", torch.float64, False),
+                                                            ("per_sample", "unet_lora", torch.float32, True)])
 def test_fused_update_gives_the_standard_gradient_and_step(models_dir: Path, tmp_path: Path, route: str, kind: str,
-                                                           dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           dtype: torch.dtype, checkpointing: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # One optimizer step per epoch: 4 samples, minibatches of 2, grad_accum 2 (the exact case); half the
     # steps, drawn per minibatch (the shuffle generator is replayed to pick them before sampling, so the
     # two minibatches' samples train different steps); CFG 5 (the tiny preset: 2B UNet rows); the pose
     # ControlNet at full strength (it carries the LoRA with controlnet_lora); the tiny preset's LoRA on
     # every linear and conv layer; gradient clipping on (it sees the same gradient, so it clips the same).
+    # Gradient checkpointing (diffusers': non-reentrant) recomputes blocks in the backward, hooks included.
     cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=0.5,
                      sample__controlnet_scale=1.0, optim__max_grad_norm=1e-3, train__fused_update=True,
-                     train__fused_route=route, target__kind=kind)
+                     train__fused_route=route, target__kind=kind, target__gradient_checkpointing=checkpointing)
     assert cfg.sample.guidance_scale > 1 and any(m.startswith("conv") for m in cfg.target.lora_modules)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     if dtype == torch.float64:
@@ -143,8 +148,17 @@ def test_fused_update_gives_the_standard_gradient_and_step(models_dir: Path, tmp
     plan = trainer.algorithm.fused_plan(0, 4)
     assert plan is not None and len({tuple(row.tolist()) for row in plan}) == 2  # the minibatches' step sets differ
     backwards = count_per_sample_backwards(monkeypatch)
+    recomputed = {"n": 0}
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def checkpoint(*args: object, **kw: object) -> object:
+        recomputed["n"] += 1
+        return real_checkpoint(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
     g_fast, w_fast, calls_fast = run_epoch(trainer, 0, True, state)
     assert backwards["n"] == (len(plan.any(0).nonzero()) if route == "per_sample" else 0)  # the route asked for ran
+    assert (recomputed["n"] > 0) == checkpointing  # the sampler's gradient steps ran checkpointed blocks
     g_std, w_std, calls_std = run_epoch(trainer, 0, False, state)
     assert calls_fast == 0 and calls_std > 0  # the fused path never re-scores
     assert float(sum(g.abs().sum() for g in g_std.values())) > 0
@@ -262,6 +276,9 @@ def test_per_sample_route_falls_back_to_graphs_for_the_full_controlnet(models_di
     trainer.cfg.train.fused_route = "graphs"
     assert algo.fused_route() == "graphs"
     assert type(cfg.train)().fused_route == "per_sample"
+    trainer.cfg.train.fused_route = "per-sample"
+    with pytest.raises(ConfigError, match="train.fused_route: 'per-sample' is not one of"):
+        trainer.cfg.validate()
 
 
 def test_fused_update_only_where_exact(models_dir: Path, tmp_path: Path) -> None:
