@@ -99,10 +99,11 @@ class PerSampleGrads:
             for h in handles:
                 h.remove()
 
-    def _forward_hook(self, key: str):  # type: ignore[no-untyped-def]
+    def _forward_hook(self, key: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        """The forward hook of layer `key`: hooks its output's gradient to _add (with the layer's input)."""
         def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not (torch.is_grad_enabled() and output.requires_grad):
-                return  # a no-grad sampling step, or a checkpointed block's first pass
+                return  # a no-grad sampling step (or reentrant checkpointing's no-grad first pass)
             # Kept until the output's gradient arrives (the layer saves x for its weight gradient anyway), then
             # dropped: the graph's nodes may outlive the backward (a caller holding the output) and so the hook.
             kept = [inputs[0].detach()]
