@@ -1,19 +1,18 @@
 """Benchmark: 4-step LCM rounds against the default DDIM round on the embedded world.
 
 Samples the same (prompt, pose, seed) items on one base model: the default round (generate.py's tiny
-preset: DDIM, 10 steps, CFG 5) and a 4-step round with the LCM sampler and no CFG pass
-(`--sample.sampler lcm --sample.steps 4 --sample.guidance_scale 1`) on the undistilled UNet, and, with
---lora, the same with an LCM-LoRA fused in (scripts/train_lcm_lora.py makes one). The DDIM and
-undistilled LCM rounds are timed batch by batch, interleaved (alternating which goes first); pose OKS
-comes from the world's detector.
+preset: DDIM, 10 steps, CFG 5), the tiny-lcm preset's 4-step round (the world's shipped LCM-LoRA fused
+in, LCM sampler, no CFG pass), the same 4 steps on the undistilled UNet, and, with --lora, on another
+LCM-LoRA (scripts/train_lcm_lora.py makes one). The rounds are timed batch by batch, interleaved (each
+batch rotates which goes first); pose OKS comes from the world's detector.
 
-Targets (issue 13 item 4): the LCM round at least 4x faster, its mean OKS within 0.1 of the default's.
+Targets (issue 13 item 4): the tiny-lcm round at least 4x faster, its mean OKS within 0.1 of the default's.
 Printed: seconds per image of each (median over batches, min/max of the per-batch ratios), the time
 ratio, OKS and attribute accuracy (shirt, trousers, background read in the renderer's regions) of each
 with 95% bootstrap intervals, and the paired differences against the DDIM round.
 
     python bench/bench_lcm.py                      # 12 prompts x 12 poses x 2 seeds, 1 thread
-    python bench/bench_lcm.py --lora models/world_run/lcm_lora.safetensors --threads 2
+    python bench/bench_lcm.py --lora models/lcm_experiment/lcm_lora.safetensors --threads 2
 """
 
 from __future__ import annotations
@@ -56,15 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.world import measure_attributes, parse_prompt
     from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, vocabulary_prompts
 
-    base_cfg, lcm_cfg = gen_presets.tiny(), gen_presets.tiny()
+    base_cfg, lcm_cfg, shipped = gen_presets.tiny(), gen_presets.tiny(), gen_presets.tiny_lcm()
     root = ensure_embedded(ROOT / base_cfg.model.base)
-    for c in (base_cfg, lcm_cfg):
+    for c in (base_cfg, lcm_cfg, shipped):
         c.model.base, c.model.controlnet = str(root), str(root / "controlnet")
-    lcm_cfg.sample.sampler, lcm_cfg.sample.steps, lcm_cfg.sample.guidance_scale = "lcm", args.steps, 1.0
+    shipped.model.lcm_lora = str(ROOT / shipped.model.lcm_lora)
+    for c in (lcm_cfg, shipped):
+        c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "lcm", args.steps, 1.0
     # The undistilled UNet under the LCM sampler (it warns that it is no LCM: on purpose here).
-    comps = {"ddim": load_components(base_cfg.model)}
+    comps = {"ddim": load_components(base_cfg.model), "tiny_lcm": load_components(shipped.model)}
     comps["lcm"] = comps["ddim"]
-    samples = {"ddim": base_cfg.sample, "lcm": lcm_cfg.sample}
+    samples = {"ddim": base_cfg.sample, "tiny_lcm": shipped.sample, "lcm": lcm_cfg.sample}
     if args.lora:
         lcm_cfg.model.lcm_lora = args.lora
         comps["lcm_lora"], samples["lcm_lora"] = load_components(lcm_cfg.model), lcm_cfg.sample
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for b, i in enumerate(range(0, len(items), batch)):
         chunk = items[i:i + batch]
         seeds = [10_000 + i + j for j in range(len(chunk))]
-        order = sides if b % 2 == 0 else ("lcm", "ddim", *sides[2:])
+        order = sides[b % len(sides):] + sides[:b % len(sides)]
         for side in order:
             t0 = time.perf_counter()
             with torch.no_grad(), warnings.catch_warnings():
@@ -99,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 hits[side].append(float(np.mean([getattr(got, k) == getattr(want, k)
                                                  for k in ("shirt", "trousers", "background")])))
             images[side] += out.images
-    ratios = [a / b for a, b in zip(seconds["ddim"], seconds["lcm"])]
-    speed = statistics.median(seconds["ddim"]) / statistics.median(seconds["lcm"])
-    diff = np.asarray(scores["lcm"]) - np.asarray(scores["ddim"])
+    ratios = [a / b for a, b in zip(seconds["ddim"], seconds["tiny_lcm"])]
+    speed = statistics.median(seconds["ddim"]) / statistics.median(seconds["tiny_lcm"])
+    diff = np.asarray(scores["tiny_lcm"]) - np.asarray(scores["ddim"])
     res = {
         "images": len(items), "threads": args.threads, "lcm_steps": args.steps,
         "seconds_per_image": {k: statistics.median(v) for k, v in seconds.items()},
@@ -110,12 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "attributes": {k: bootstrap_mean_ci(v) for k, v in hits.items()},
         **{f"{what}_diff_{k}": bootstrap_mean_ci((np.asarray(v[k]) - np.asarray(v["ddim"])).tolist())
            for what, v in (("oks", scores), ("attributes", hits)) for k in sides[1:]},
+        # What the distillation did: the shipped LoRA against the undistilled UNet, both 4 LCM steps.
+        **{f"{what}_distilled_minus_undistilled": bootstrap_mean_ci((np.asarray(v["tiny_lcm"]) -
+                                                                     np.asarray(v["lcm"])).tolist())
+           for what, v in (("oks", scores), ("attributes", hits))},
     }
     fast, close = speed >= 4.0, res["oks_diff"][0] >= -0.1
     print(f"\n{len(items)} images (12 built-in poses x {args.prompts} prompts x {args.images} seeds), "
           f"{args.threads} thread(s), batches of {batch}, interleaved")
     for side, label in (("ddim", f"DDIM {base_cfg.sample.steps} steps, CFG {base_cfg.sample.guidance_scale:g}"),
-                        ("lcm", f"LCM sampler {args.steps} steps, no CFG"),
+                        ("tiny_lcm", f"tiny-lcm: LCM {args.steps} steps + shipped LoRA"),
+                        ("lcm", f"LCM {args.steps} steps, undistilled UNet"),
                         ("lcm_lora", f"same + LCM-LoRA {Path(args.lora).name}")):
         if side not in comps:
             continue
@@ -124,10 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label:36s} {res['seconds_per_image'][side] * 1000:7.1f} ms/image   OKS {m:.3f} [{lo:.3f}, {hi:.3f}]"
               f"   attributes {am:.3f} [{alo:.3f}, {ahi:.3f}]")
     m, lo, hi = res["oks_diff"]
-    print(f"speed-up DDIM / LCM: {speed:.2f}x (per-batch min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 4) "
+    print(f"speed-up DDIM / tiny-lcm: {speed:.2f}x (per-batch min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 4) "
           f"{'PASS' if fast else 'FAIL'}")
-    print(f"OKS LCM - DDIM: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: within 0.1) {'PASS' if close else 'FAIL'}")
-    for key in (k for k in res if k.startswith(("oks_diff_", "attributes_diff_"))):
+    print(f"OKS tiny-lcm - DDIM: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: within 0.1) {'PASS' if close else 'FAIL'}")
+    for key in (k for k in res if k.startswith(("oks_diff_", "attributes_diff_")) or "distilled" in k):
         m, lo, hi = res[key]
         print(f"{key}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     out = Path(args.out)

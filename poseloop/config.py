@@ -10,6 +10,7 @@ from poseloop.single_file import looks_like_file
 
 EMBEDDED_SD15 = "models/tiny-sd15"
 EMBEDDED_SDXL = "models/tiny-sdxl"
+EMBEDDED_LCM_LORA = f"{EMBEDDED_SD15}/lcm_lora.safetensors"  # the world's LCM-LoRA (poseloop.tiny.LCM_LORA_FILE)
 # The embedded world understands a shirt colour, a trousers colour and a background (poseloop.world).
 DEFAULT_PROMPTS = (
     "a person in a red shirt and blue trousers, on a beach",
@@ -213,6 +214,14 @@ def tiny() -> GenerateConfig:
     return cfg
 
 
+def tiny_lcm() -> GenerateConfig:
+    """The embedded world with its distilled LCM-LoRA: 4-step rounds without a CFG pass, ~4x faster than tiny."""
+    cfg = tiny()
+    cfg.model.lcm_lora = EMBEDDED_LCM_LORA
+    cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "lcm", 4, 1.0
+    return cfg
+
+
 def tiny_sdxl() -> GenerateConfig:
     """The embedded tiny SDXL-architecture model (two text encoders, pooled embeds, time ids)."""
     cfg = GenerateConfig()
@@ -245,4 +254,4 @@ def sdxl() -> GenerateConfig:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "tiny-sdxl": tiny_sdxl, "sd15": sd15, "sdxl": sdxl}
+PRESETS = {"tiny": tiny, "tiny-lcm": tiny_lcm, "tiny-sdxl": tiny_sdxl, "sd15": sd15, "sdxl": sdxl}

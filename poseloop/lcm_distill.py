@@ -1,14 +1,17 @@
 """Latent consistency distillation of the embedded world into an LCM-LoRA (4-step rounds).
 
-As diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: a DDIM solver on
-`ddim_steps` timesteps of the training schedule is the teacher (the frozen UNet + ControlNet with CFG
-at a guidance w drawn per example); the student is the same UNet with a LoRA, asked to map a noisy
-latent at timestep t_n straight to the boundary-conditioned x0 that its own (no-grad) prediction at
-the teacher's next point t_{n-k} gives; Huber loss. The ControlNet is frozen and gets the pose in
-every call, so the LoRA learns consistency under pose conditioning. scripts/train_lcm_lora.py runs
-it on renders of the world and writes a LoRA file (peft lora_A/lora_B keys, fp16) that `--model.lcm_lora` fuses
-into the UNet. Not shipped: 300 steps of batch 16 (22 min on a busy 2-core machine) did not beat the
-undistilled UNet under the LCM sampler (docs/WORLD.md, "4-step rounds").
+As diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: a DDIM solver is the
+teacher (the frozen UNet + ControlNet with CFG at a guidance w drawn per example); the student is the
+same UNet with a LoRA, asked to map a noisy latent at a timestep t_n of the 50-step grid straight to the
+boundary-conditioned x0 that its own (no-grad) prediction gives at the teacher's next point t_n - skip;
+pseudo-Huber loss. The ControlNet is frozen and gets the pose in every call, so the LoRA learns
+consistency under pose conditioning. One difference from the example, measured on the world
+(docs/WORLD.md): the teacher jumps `skip` = 250 timesteps (about the 4-step sampler's own jump) instead
+of one 20-timestep grid step, because with a CPU budget of hundreds of steps, not thousands, the
+20-step skip left the loss flat and rounds worse, while longer jumps need fewer bootstrapped links
+between the boundary and t = 999. train_world's last stage (poseloop.world_training.distill_lcm) runs it
+and ships the LoRA (peft lora_A/lora_B keys, fp16) as poseloop/world_weights/lcm_lora.safetensors, which
+the tiny-lcm preset fuses into the UNet; scripts/train_lcm_lora.py runs it alone for experiments.
 """
 
 from __future__ import annotations
@@ -38,25 +41,27 @@ class LcmDistillConfig:
 
     model: str = field("models/tiny-sd15", help="the diffusers folder of the teacher (UNet + ControlNet + text encoder)")
     examples: int = field(2048, help="rendered training examples (random poses, attributes and looks)")
-    steps: int = field(300, help="optimiser steps")
+    steps: int = field(600, help="optimiser steps")
     batch: int = field(16, help="examples per step")
     lr: float = field(1e-3, help="AdamW learning rate of the LoRA")
     lora_rank: int = field(16, help="LoRA rank (alpha = rank: strength 1)")
     ddim_steps: int = field(50, help="the grid of training timesteps (k * 1000 / ddim_steps - 1): the LCM sampler's "
                             "default grid is 50 (its original_inference_steps)")
-    skip: int = field(0, help="timesteps one teacher DDIM step jumps (t -> t - skip); 0: one grid step, 1000 // "
-                      "ddim_steps, as diffusers' example. A multiple of the grid step keeps targets on the grid")
+    skip: int = field(250, help="timesteps one teacher DDIM step jumps (t -> t - skip): 250 is about the 4-step LCM "
+                      "sampler's own jump (999, 759, 499, 259) and learned fastest here; 0: one grid step, "
+                      "1000 // ddim_steps, as diffusers' example (which trains thousands of steps)")
     w_min: float = field(2.0, help="lowest guidance w drawn for the teacher (CFG scale = w + 1)")
     w_max: float = field(5.0, help="highest guidance w drawn for the teacher")
     huber_c: float = field(1e-3, help="Huber loss constant")
     seed: int = field(0, help="seed of the renders, the LoRA init and the data order")
     threads: int = field(2, help="torch threads")
-    out: str = field("models/world_run/lcm/lcm_lora.safetensors", help="LoRA file to write")
+    out: str = field("models/lcm_experiment/lcm_lora.safetensors", help="LoRA file to write (train_world's stage "
+                     "writes its own into its run folder)")
 
     def validate(self) -> None:
         """Check fields before any work starts."""
         if not self.out:
-            raise ConfigError("out: empty; name the LoRA file to write, e.g. models/world_run/lcm/lcm_lora.safetensors")
+            raise ConfigError("out: empty; name the LoRA file to write, e.g. models/lcm_experiment/lcm_lora.safetensors")
         for name in ("examples", "steps", "batch", "lora_rank", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
@@ -232,7 +237,7 @@ def distill(cfg: LcmDistillConfig, run_dir: Path | None = None) -> dict[str, Any
 
 
 def full() -> LcmDistillConfig:
-    """300 steps of 16 renders (about 8 minutes on a quiet 2-core machine, 22 on a busy one)."""
+    """What train_world's LCM stage runs: 600 steps of 16 renders (about 10 minutes on 2 cores)."""
     return LcmDistillConfig()
 
 

@@ -286,6 +286,11 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
 
 def fuse_lcm_lora(pipe: Any, source: str, cfg: ModelConfig) -> None:
     """Fuse an LCM-LoRA (file, folder or hub id; kohya or diffusers keys) into the UNet's weights for good."""
+    if is_embedded(source):
+        ensure_embedded(source)  # the embedded world's own LCM-LoRA comes with its folder
+        if not Path(source).exists():
+            raise ModelLoadError(f"model.lcm_lora: {source} does not exist: this embedded world ships no LCM-LoRA; "
+                                 "make one with python scripts/train_world.py (its last stage, --lcm_steps)")
     local = Path(source).expanduser()
     try:
         hub = {} if local.exists() else {"local_files_only": cfg.local_files_only}

@@ -73,6 +73,7 @@ def _scheduler():  # -> DDIMScheduler
 
 
 WORLD_WEIGHTS = Path(__file__).parent / "world_weights"
+LCM_LORA_FILE = "lcm_lora.safetensors"  # the world's LCM-LoRA, shipped beside its weights (train_world's last stage)
 WORLD_SIZE = 64  # the embedded world's native resolution (16 x 16 latents)
 
 
@@ -148,6 +149,8 @@ def build_tiny_sd15(out_dir: Path, weights_dir: Path = WORLD_WEIGHTS) -> None:
         return
     _save_sd15(out_dir, load_world_modules(weights_dir))
     shutil.copytree(weights_dir / "pose_detector", out_dir / "pose_detector")
+    if (weights_dir / LCM_LORA_FILE).is_file():
+        shutil.copyfile(weights_dir / LCM_LORA_FILE, out_dir / LCM_LORA_FILE)
 
 
 def build_random_sd15(out_dir: Path, seed: int = _SEED) -> None:
@@ -191,6 +194,17 @@ def is_embedded(path: str | os.PathLike[str]) -> bool:
     return any(name in parts for name in EMBEDDED_NAMES)
 
 
+def _add_lcm_lora(root: Path) -> None:
+    """Give a tiny-sd15 folder built before the world shipped its LCM-LoRA that file (atomically)."""
+    src = WORLD_WEIGHTS / LCM_LORA_FILE
+    if root.name != "tiny-sd15" or (root / LCM_LORA_FILE).is_file() or not src.is_file():
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{LCM_LORA_FILE}-", dir=root)
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, root / LCM_LORA_FILE)
+
+
 def ensure_embedded(path: str | os.PathLike[str]) -> Path:
     """Build the embedded model that `path` points into, once, atomically; return its root folder."""
     p = Path(path)
@@ -200,6 +214,7 @@ def ensure_embedded(path: str | os.PathLike[str]) -> Path:
             raise ValueError(f"{path} is not inside an embedded model folder ({', '.join(EMBEDDED_NAMES)})")
         root = root.parent
     if (root / "model_index.json").is_file():
+        _add_lcm_lora(root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so an interrupted build never leaves a half model behind.

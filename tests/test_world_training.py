@@ -21,7 +21,7 @@ def _threads() -> None:
 
 def _micro(tmp_path: Path) -> wt.WorldConfig:
     return replace(wt.smoke(), examples=48, vae_steps=2, detector_steps=2,
-                   detector_batch=4, unet_steps=2, unet_batch=2, snapshot_every=2, eval_examples=4,
+                   detector_batch=4, unet_steps=2, unet_batch=2, lcm_steps=2, snapshot_every=2, eval_examples=4,
                    run_dir=str(tmp_path / "run"), out=str(tmp_path / "weights"))
 
 
@@ -60,13 +60,16 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
     for name in ("vae", "latents", "detector", "diffusion"):
         assert (run / f"{name}.safetensors").is_file(), name
     shipped = {f.name: f.read_bytes() for f in Path(cfg.out).glob("*.safetensors")}
-    assert {"vae.safetensors", "unet.safetensors", "controlnet.safetensors", "text_encoder.safetensors"} <= set(shipped)
+    assert {"vae.safetensors", "unet.safetensors", "controlnet.safetensors", "text_encoder.safetensors",
+            "lcm_lora.safetensors"} <= set(shipped)
+    assert (run / "lcm" / "lcm_lora.safetensors").is_file() and first["lcm_loss_last_50"] > 0
 
     def finished(*_: object, **__: object) -> None:
         raise AssertionError("a finished stage ran again")
 
     for stage in ("train_vae", "encode_all", "train_detector", "train_diffusion"):
         monkeypatch.setattr(wt, stage, finished)
+    monkeypatch.setattr("poseloop.lcm_distill.distill", finished)
     second = wt.train_world(cfg)
     assert {f.name: f.read_bytes() for f in Path(cfg.out).glob("*.safetensors")} == shipped
     # Same weights and seeds, measured again: a second call may pick another fp32 kernel order (~1e-6 in a latent),

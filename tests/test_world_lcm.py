@@ -1,0 +1,106 @@
+"""The embedded world's LCM-LoRA (train_world's last stage): the tiny-lcm preset fuses it, an older build
+gets the file, a world without one says how to make it, and 4-step rounds with it keep the pose and gain
+the prompt's colours over the undistilled UNet on fresh (prompt, pose, seed) items."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poseloop import tiny as tiny_module
+from poseloop.config import EMBEDDED_LCM_LORA, EMBEDDED_SD15, PRESETS, tiny, tiny_lcm
+from poseloop.models import ModelLoadError, load_components
+from poseloop.tiny import LCM_LORA_FILE, WORLD_WEIGHTS, ensure_embedded
+from poseloop.world_detector import load_detector
+from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _on(cfg, models_dir: Path):  # -> GenerateConfig with the embedded paths moved under models_dir
+    root = models_dir / "tiny-sd15"
+    cfg.model.base, cfg.model.controlnet = str(root), str(root / "controlnet")
+    if cfg.model.lcm_lora:
+        cfg.model.lcm_lora = str(root / LCM_LORA_FILE)
+    return cfg
+
+
+def test_the_world_ships_an_lcm_lora_and_the_preset_names_it() -> None:
+    assert (WORLD_WEIGHTS / LCM_LORA_FILE).is_file()
+    assert EMBEDDED_LCM_LORA == f"{EMBEDDED_SD15}/{LCM_LORA_FILE}"
+    cfg = PRESETS["tiny-lcm"]()
+    assert cfg.model.lcm_lora == EMBEDDED_LCM_LORA
+    assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale) == ("lcm", 4, 1.0)
+
+
+def test_the_preset_fuses_the_lora_and_does_not_warn(models_dir: Path) -> None:
+    assert (models_dir / "tiny-sd15" / LCM_LORA_FILE).is_file()  # copied in by the build
+    base = load_components(_on(tiny(), models_dir).model).unet.state_dict()
+    cfg = _on(tiny_lcm(), models_dir)
+    comp = load_components(cfg.model)
+    fused = comp.unet.state_dict()
+    assert fused.keys() == base.keys()
+    assert sum(not torch.equal(base[k], fused[k]) for k in base) > 50  # attention, conv and time layers
+    from poseloop import sampling
+    from poseloop.poses import get_builtin_pose, render_pose
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an LCM-LoRA is loaded: no "not an LCM" warning
+        out = sampling.sample(comp, ["a person in a red shirt and blue trousers, on a beach"],
+                              [render_pose(get_builtin_pose("t_pose"), 64, 64)], [3], cfg.sample, 64, 64)
+    assert out.log_probs.shape == (1, 4)
+
+
+def test_an_older_build_gets_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / LCM_LORA_FILE).write_bytes(b"lora bytes")
+    monkeypatch.setattr(tiny_module, "WORLD_WEIGHTS", weights)
+    root = tmp_path / "models" / "tiny-sd15"
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text("{}")  # built before the world shipped an LCM-LoRA
+    assert ensure_embedded(root) == root
+    assert (root / LCM_LORA_FILE).read_bytes() == b"lora bytes"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_a_world_without_lcm_lora_says_how_to_make_one(models_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiny_module, "WORLD_WEIGHTS", tmp_path / "no_weights")
+    cfg = _on(tiny_lcm(), models_dir)
+    cfg.model.lcm_lora = str(models_dir / "tiny-sd15" / "missing_lcm_lora.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.lcm_lora: .*train_world\.py"):
+        load_components(cfg.model)
+
+
+@pytest.mark.slow
+def test_four_step_rounds_with_the_lora_keep_the_pose_and_gain_colours(models_dir: Path) -> None:
+    # Fresh items: the 12 vocabulary prompts x the 12 built-in poses, one seed each (the distillation trained on the
+    # latents of random renders). Every round samples the same (prompt, pose, seed) items: paired differences.
+    detector = load_detector(models_dir / "tiny-sd15" / "pose_detector")
+    prompts, poses = vocabulary_prompts(), builtin_poses()
+    default = _on(tiny(), models_dir)
+    undistilled = _on(tiny(), models_dir)
+    undistilled.sample.sampler, undistilled.sample.steps, undistilled.sample.guidance_scale = "lcm", 4, 1.0
+    lcm = _on(tiny_lcm(), models_dir)
+    reports = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the undistilled UNet under the LCM sampler warns: on purpose here
+        for name, cfg in (("default", default), ("undistilled", undistilled), ("lcm", lcm)):
+            comp = load_components(cfg.model)
+            reports[name] = evaluate_generator(comp, detector, prompts, poses, 1, cfg.sample, seed=7)
+
+    def hits(name: str) -> np.ndarray:
+        return np.mean([np.asarray(v, float) for v in reports[name].hits.values()], axis=0)  # [48]
+
+    gain = bootstrap_mean_ci((hits("lcm") - hits("undistilled")).tolist())
+    pose = bootstrap_mean_ci((np.asarray(reports["lcm"].oks) - np.asarray(reports["default"].oks)).tolist())
+    # Measured with the shipped LoRA on these 144 items: attributes +0.065 [+0.035, +0.097] (a flipped colour read
+    # moves the mean by 1/432, so kernel-order noise cannot reach 0); OKS against the default round -0.025
+    # [-0.045, -0.007], the issue's bound is 0.1. bench/bench_lcm.py measures them with two other seeds.
+    assert gain[1] > 0, gain
+    assert pose[1] > -0.1, pose
