@@ -334,6 +334,17 @@ def tiny_on(model_dir: str, out_dir: str, threads: int = 0) -> PolicyConfig:
     return cfg
 
 
+def tiny_rlcm() -> PolicyConfig:
+    """RLCM on the embedded world's LCM (its distilled LCM-LoRA fused in): 4 LCM steps, no CFG pass, the tiny
+    preset's training settings, every stochastic step trained (a 4-step trajectory has 3)."""
+    cfg = tiny()
+    cfg.algo = "rlcm"
+    cfg.model.lcm_lora = generate_presets.EMBEDDED_LCM_LORA
+    cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "lcm", 4, 1.0
+    cfg.train.timestep_fraction = 1.0
+    return cfg
+
+
 def tiny_sdxl() -> PolicyConfig:
     """The embedded tiny SDXL-architecture model."""
     cfg = tiny()
@@ -409,7 +420,7 @@ def rlcm_faithful() -> PolicyConfig:
 
 
 PRESETS: dict[str, Callable[[], PolicyConfig]] = {
-    "tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
+    "tiny": tiny, "tiny-rlcm": tiny_rlcm, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
     "sd15": sd15, "sd15-faithful": sd15_faithful, "sdxl": sdxl,
     "rlcm-faithful": rlcm_faithful,
 }

@@ -104,3 +104,24 @@ def test_four_step_rounds_with_the_lora_keep_the_pose_and_gain_colours(models_di
     # [-0.045, -0.007], the bound is 0.1. bench/bench_lcm.py measures them with two other seeds.
     assert gain[1] > 0, gain
     assert pose[1] > -0.1, pose
+
+
+def test_the_tiny_rlcm_preset_trains_on_the_worlds_lcm(models_dir: Path, tmp_path: Path) -> None:
+    from poseloop.policy_config import PRESETS as POLICY_PRESETS
+    from poseloop.policy_config import tiny_on
+    from poseloop.training import PolicyTrainer
+    from test_policy import Brightness  # tests/ is on sys.path under pytest's import mode
+
+    preset = POLICY_PRESETS["tiny-rlcm"]()
+    preset.validate()
+    assert preset.model.lcm_lora == EMBEDDED_LCM_LORA
+    assert (preset.algo, preset.sample.sampler, preset.sample.steps, preset.sample.guidance_scale) == ("rlcm", "lcm", 4, 1.0)
+    cfg = tiny_on(str(models_dir / "tiny-sd15"), str(tmp_path), 1)
+    cfg.algo, cfg.sample, cfg.train.timestep_fraction = preset.algo, preset.sample, preset.train.timestep_fraction
+    cfg.model.lcm_lora = str(models_dir / "tiny-sd15" / LCM_LORA_FILE)
+    cfg.train.epochs, cfg.train.groups_per_epoch, cfg.train.resume = 1, 2, False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not an LCM.*")  # the LoRA makes it an LCM
+        trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+        result = trainer.run()
+    assert trainer.comp.lcm_lora == cfg.model.lcm_lora and result.epochs_done == 1
