@@ -81,11 +81,9 @@ class DdimSolver:
         """Precompute the timesteps, where each step lands (t - skip, at least 0) and alpha_bar there."""
         ratio = num_train_timesteps // steps
         self.timesteps = torch.arange(1, steps + 1) * ratio - 1  # [steps]: 19, 39, ..., 999 for 50
-        self.skip = skip or ratio
         # diffusers' solver lands on the previous grid point and, from the first, on alpha_bar_0: the same as t - skip
         # clamped at 0 when skip is one grid step.
-        self.next_timesteps = (self.timesteps - self.skip).clamp(min=0)  # [steps]
-        self.alpha = alphas_cumprod[self.timesteps]
+        self.next_timesteps = (self.timesteps - (skip or ratio)).clamp(min=0)  # [steps]
         self.alpha_prev = alphas_cumprod[self.next_timesteps]
 
     def step(self, x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

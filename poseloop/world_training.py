@@ -557,9 +557,10 @@ def distill_lcm(cfg: WorldConfig, run: Path) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "tiny-sd15"
             build_tiny_sd15(model, weights_dir=Path(cfg.out))
-            full = LcmDistillConfig()
+            defaults = LcmDistillConfig()
             lcm_cfg = LcmDistillConfig(model=str(model), steps=cfg.lcm_steps, seed=cfg.seed, threads=cfg.threads,
-                                       examples=min(cfg.examples, full.examples), batch=min(cfg.unet_batch, full.batch),
+                                       examples=min(cfg.examples, defaults.examples),
+                                       batch=min(cfg.unet_batch, defaults.batch),
                                        out=str(lcm_file))
             summary = distill(lcm_cfg, run_dir=run / "lcm")
     out = Path(cfg.out) / LCM_LORA_FILE

@@ -13,7 +13,7 @@ import torch
 
 from poseloop import tiny as tiny_module
 from poseloop.config import EMBEDDED_LCM_LORA, EMBEDDED_SD15, PRESETS, tiny, tiny_lcm
-from poseloop.models import ModelLoadError, load_components
+from poseloop.models import Components, ModelLoadError, load_components
 from poseloop.tiny import LCM_LORA_FILE, WORLD_WEIGHTS, ensure_embedded
 from poseloop.world_detector import load_detector
 from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
@@ -37,9 +37,9 @@ def test_the_world_ships_an_lcm_lora_and_the_preset_names_it() -> None:
     assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale) == ("lcm", 4, 1.0)
 
 
-def test_the_preset_fuses_the_lora_and_does_not_warn(models_dir: Path) -> None:
+def test_the_preset_fuses_the_lora_and_does_not_warn(models_dir: Path, sd15_components: Components) -> None:
     assert (models_dir / "tiny-sd15" / LCM_LORA_FILE).is_file()  # copied in by the build
-    base = load_components(_on(tiny(), models_dir).model).unet.state_dict()
+    base = sd15_components.unet.state_dict()  # the tiny preset on the same folder, loaded once per session
     cfg = _on(tiny_lcm(), models_dir)
     comp = load_components(cfg.model)
     fused = comp.unet.state_dict()
@@ -90,8 +90,9 @@ def test_four_step_rounds_with_the_lora_keep_the_pose_and_gain_colours(models_di
     reports = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the undistilled UNet under the LCM sampler warns: on purpose here
-        for name, cfg in (("default", default), ("undistilled", undistilled), ("lcm", lcm)):
-            comp = load_components(cfg.model)
+        base = load_components(default.model)  # the default and undistilled rounds share the weights
+        for name, cfg, comp in (("default", default, base), ("undistilled", undistilled, base),
+                                ("lcm", lcm, load_components(lcm.model))):
             reports[name] = evaluate_generator(comp, detector, prompts, poses, 1, cfg.sample, seed=7)
 
     def hits(name: str) -> np.ndarray:
