@@ -128,6 +128,13 @@ def apply_threads(threads: int) -> int:
     return n
 
 
+def _built_on_first_use(path: str) -> bool:
+    """Whether a path lies in an embedded tiny model's folder, which loading builds (a fresh checkout has none yet)."""
+    from poseloop.tiny import is_embedded  # imports torch; only reached for a missing file
+
+    return is_embedded(path)
+
+
 def validate_model(m: ModelConfig) -> None:
     """Model fields that can be checked without loading anything."""
     if m.threads < 0:
@@ -145,7 +152,8 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.policy: give either model.policy or model.lora, not both")
     if m.lora and not Path(m.lora).is_file():
         raise ConfigError(f"model.lora: file {m.lora!r} does not exist; pass a .safetensors LoRA file")
-    if m.lcm_lora and looks_like_file(m.lcm_lora) and not Path(m.lcm_lora).expanduser().is_file():
+    if m.lcm_lora and looks_like_file(m.lcm_lora) and not Path(m.lcm_lora).expanduser().is_file() \
+            and not _built_on_first_use(m.lcm_lora):
         raise ConfigError(f"model.lcm_lora: file {m.lcm_lora!r} does not exist; pass an LCM-LoRA .safetensors file, "
                           "a folder holding one or a hub id (latent-consistency/lcm-lora-sdv1-5)")
     if m.lora_scale < 0:

@@ -160,3 +160,19 @@ def test_tiny_on_points_the_tiny_preset_at_a_model_and_a_quiet_output_folder() -
     assert (cfg.output.root, cfg.output.runs_dir) == ("/out/policies", "/out/runs")
     assert cfg.output.grid_every == cfg.output.export_every == 0
     assert cfg.train == tiny().train and cfg.sample == tiny().sample  # the preset itself, untouched
+
+
+def test_every_preset_validates_on_a_fresh_checkout(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded folders (and the world's LCM-LoRA in one) are built on first use, after validation: a preset
+    naming them must validate in a folder that has no models/ yet (CI caught tiny-rlcm refusing to start)."""
+    from poseloop.evaluation import PRESETS as EVALUATE_PRESETS
+    from poseloop.policy_config import PRESETS as POLICY_PRESETS
+
+    monkeypatch.chdir(tmp_path)
+    for presets in (PRESETS, POLICY_PRESETS, EVALUATE_PRESETS):
+        for preset in presets.values():
+            preset().validate()  # raises ConfigError naming the field if a preset points at a missing file
+    cfg = PRESETS["tiny-lcm"]()
+    cfg.model.lcm_lora = "elsewhere/lcm_lora.safetensors"
+    with pytest.raises(ConfigError, match="model.lcm_lora: file 'elsewhere/lcm_lora.safetensors' does not exist"):
+        cfg.validate()
