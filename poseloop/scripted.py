@@ -146,8 +146,21 @@ class LearningBudget:
     eval_images: int = 2
     policy_overrides: list[str] = field(default_factory=list)  # extra --set for train_policy (bench budgets)
     threads: int = 1
-    # Which policy runs to train and compare (the slow part): any of POLICY_RUNS; empty = none.
-    policies: tuple[str, ...] = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy")
+    # Which policy runs to train and compare (the slow part): any of POLICY_RUNS; empty = none. The pose
+    # runs need no labels: with only those, the labelled round and the reward model are skipped.
+    policies: tuple[str, ...] = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy", "rlcm_pose_accuracy")
+
+
+POLICY_RUNS = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy", "rlcm_pose_accuracy")
+LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
+# RLCM on pose accuracy: the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) at ControlNet scale
+# 0.4, where the world leaves room to gain (OKS 0.57 against 0.86 at full scale and the detector's 0.98 on
+# true renders), with 64 trajectories (16 groups x 4) per optimizer step: 16 epochs of one step. With 32
+# trajectories a step 4 of 5 run seeds gained (docs/WORLD.md); with 64 every seed tried did. It trains on
+# the vocabulary's first 6 prompts, which hold the comparison's: what is fresh there is the seeds.
+POSE_RLCM_SCALE = 0.4
+POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
+                  "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]
 
 
 def _prompts(n: int, offset: int) -> list[str]:
@@ -165,7 +178,7 @@ def _latest(root: Path) -> str:
 
 def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None = None,
                        log: Any = print) -> dict[str, Any]:
-    """Generate, label through the API, train reward + DDPO + D3PO + pose DDPO, measure each on fresh rounds."""
+    """Generate, label through the API, train reward + DDPO + D3PO + pose DDPO / RLCM, measure each on fresh rounds."""
     import torch
 
     import generate as generate_script
@@ -174,9 +187,13 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     from poseloop.configlib import parse_config
     from poseloop.evaluation import PRESETS as EVAL_PRESETS
     from poseloop.evaluation import EvaluateConfig, evaluate
+    from poseloop.tiny import LCM_LORA_FILE
     from webapp import create_app
 
     b = budget or LearningBudget()
+    unknown = set(b.policies) - set(POLICY_RUNS)
+    if unknown:
+        raise ValueError(f"LearningBudget.policies: unknown run(s) {sorted(unknown)}; choose from {POLICY_RUNS}")
     torch.set_num_threads(b.threads)
     samples, models = work / "samples", work / "models"
     model = ["--model.base", str(embedded), "--model.controlnet", str(embedded / "controlnet"),
@@ -189,55 +206,57 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         assert generate_script.main([*model, "--store.samples_dir", str(samples), "--store.round", round_name,
                                      "--data.prompts", *prompts]) == 0
 
-    # 1. A round, labelled by the scripted rater through the app's JSON API.
-    gen("labelled", _prompts(b.train_prompts, 0))
-    client = create_app({"samples_dir": samples}).test_client()
-    results["labels"] = label_round(client, samples, "labelled")
-    log(f"[{time.time() - t0:.0f} s] labelled: {results['labels']}")
+    if not b.policies or set(b.policies) & set(LABELLED_RUNS):
+        # 1. A round, labelled by the scripted rater through the app's JSON API.
+        gen("labelled", _prompts(b.train_prompts, 0))
+        client = create_app({"samples_dir": samples}).test_client()
+        results["labels"] = label_round(client, samples, "labelled")
+        log(f"[{time.time() - t0:.0f} s] labelled: {results['labels']}")
 
-    # 2. The reward model, checked on a fresh round it never saw.
-    assert train_reward_script.main(["--data.samples_dir", str(samples), "--data.rounds", "labelled",
-                                     "--output.models_dir", str(models), "--output.version", "rm"]) == 0
-    gen("fresh", _prompts(b.fresh_prompts, 6))
-    acc = reward_pair_accuracy(models / "reward" / "rm", samples, "fresh")
-    results["reward_fresh_pair_accuracy"] = {"mean": acc[0], "ci": [acc[1], acc[2]], "pairs": acc[3]}
-    log(f"[{time.time() - t0:.0f} s] reward model on a fresh round: pairwise accuracy {acc[0]:.3f} "
-        f"[{acc[1]:.3f}, {acc[2]:.3f}] over {acc[3]} pairs")
+        # 2. The reward model, checked on a fresh round it never saw.
+        assert train_reward_script.main(["--data.samples_dir", str(samples), "--data.rounds", "labelled",
+                                         "--output.models_dir", str(models), "--output.version", "rm"]) == 0
+        gen("fresh", _prompts(b.fresh_prompts, 6))
+        acc = reward_pair_accuracy(models / "reward" / "rm", samples, "fresh")
+        results["reward_fresh_pair_accuracy"] = {"mean": acc[0], "ci": [acc[1], acc[2]], "pairs": acc[3]}
+        log(f"[{time.time() - t0:.0f} s] reward model on a fresh round: pairwise accuracy {acc[0]:.3f} "
+            f"[{acc[1]:.3f}, {acc[2]:.3f}] over {acc[3]} pairs")
 
     def train(args: list[str]) -> str:
         assert train_policy_script.main([*model, *args, *b.policy_overrides]) == 0
         return _latest(models / "policies")
 
-    def compare(name: str, version: str, metrics: list[str]) -> dict[str, Any]:
+    def compare(name: str, version: str, metrics: list[str], preset: str, extra: list[str]) -> dict[str, Any]:
         argv = [*model, "--store.samples_dir", str(samples), "--data.prompts", *_prompts(b.eval_prompts, 3),
-                "--set", f"sample.images_per_group={b.eval_images}", "--eval.policy", version,
+                "--set", f"sample.images_per_group={b.eval_images}", *extra, "--eval.policy", version,
                 "--eval.name", f"eval-{name}", "--eval.metrics", *metrics, "--set", "eval.bootstrap=2000",
-                "--set", "eval.seeds=learning-check"]  # every comparison shares one baseline round
-        cfg, _ = parse_config(EvaluateConfig, EVAL_PRESETS, "tiny", argv, description="", prog="evaluate.py")
+                # every comparison with one sampler shares one baseline round
+                "--set", "eval.seeds=learning-check" + ("" if preset == "tiny" else f"-{preset}")]
+        cfg, _ = parse_config(EvaluateConfig, EVAL_PRESETS, preset, argv, description="", prog="evaluate.py")
         res = evaluate(cfg)
         return {m.name: {"baseline": m.baseline_mean, "candidate": m.candidate_mean, "diff": m.diff_mean,
                          "ci": list(m.diff_ci), "win_rate": m.win_rate, "n": m.n} for m in res.metrics}
 
-    if not b.policies:
-        results["seconds"] = time.time() - t0
-        return results
-    unknown = set(b.policies) - {"ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy"}
-    if unknown:
-        raise ValueError(f"LearningBudget.policies: unknown run(s) {sorted(unknown)}")
-
-    # 3. DDPO on the learned reward, D3PO straight from the rater's pairs, DDPO on pose accuracy.
+    # 3. DDPO on the learned reward, D3PO straight from the rater's pairs, DDPO and RLCM on pose accuracy.
+    # Each run: its train_policy.py arguments, the metrics compared, the evaluation's preset and arguments.
+    pose = f"pose_accuracy:weights={detector}"
+    lcm = ["--model.lcm_lora", str(embedded / LCM_LORA_FILE)]
     runs = {
-        "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE]),
-        "d3po_pairs": (["--algo", "d3po", "--d3po.samples_dir", str(samples), "--d3po.rounds", "labelled"], [RULE]),
-        "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", f"pose_accuracy:weights={detector}"],
-                               [f"pose_accuracy:weights={detector}"]),
+        "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE], "tiny", []),
+        "d3po_pairs": (["--algo", "d3po", "--d3po.samples_dir", str(samples), "--d3po.rounds", "labelled"], [RULE],
+                       "tiny", []),
+        "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose], [pose], "tiny", []),
+        "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)], [pose],
+                               # twice the comparison's images: 4-step rounds are cheap, OKS is noisy at scale 0.4
+                               "tiny-lcm", [*lcm, "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
+                                            "--set", f"sample.images_per_group={2 * b.eval_images}"]),
     }
-    for name, (args, metrics) in runs.items():
+    for name, (args, metrics, preset, extra) in runs.items():
         if name not in b.policies:
             continue
         start = time.time()
         version = train(args)
-        results[name] = compare(name, version, metrics)
+        results[name] = compare(name, version, metrics, preset, extra)
         results[name]["train_seconds"] = time.time() - start
         log(f"[{time.time() - t0:.0f} s] {name}: " + json.dumps(results[name]))
     results["seconds"] = time.time() - t0
