@@ -15,6 +15,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+# scripts/test.sh runs the suite on two pytest-xdist workers: each gets one of the two cores, so a test that
+# would use two threads uses one there (two 2-thread processes on 2 cores spin against each other, 3-10x slower).
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+TEST_THREADS = 1 if XDIST_WORKER else 2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first: on two workers the longest test starts at once instead of finishing last alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _worker_threads() -> None:
+    """One torch thread per xdist worker (torch's default is every core)."""
+    if XDIST_WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding the embedded tiny-sd15 and tiny-sdxl models, built through ensure_embedded."""

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import TEST_THREADS
 from poseloop import world_training as wt
 from poseloop.configlib import ConfigError
 
 
 @pytest.fixture(autouse=True)
 def _threads() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
 
 
 def _micro(tmp_path: Path) -> wt.WorldConfig:
