@@ -18,8 +18,11 @@ from poseloop.scripted import RULE, LearningBudget, run_learning_check
 
 
 @pytest.mark.slow
-def test_the_loop_learns_the_raters_preference_on_fresh_rounds(models_dir: Path, tmp_path: Path) -> None:
-    budget = LearningBudget(threads=TEST_THREADS, policies=("ddpo_reward_model", "d3po_pairs"))
+# One test per policy run, each from its own labelled round and reward model (the same, from the same seeds):
+# on two xdist workers the runs go in parallel, and a failure names the run.
+@pytest.mark.parametrize("run", ["ddpo_reward_model", "d3po_pairs"])
+def test_the_loop_learns_the_raters_preference_on_fresh_rounds(run: str, models_dir: Path, tmp_path: Path) -> None:
+    budget = LearningBudget(threads=TEST_THREADS, policies=(run,))
     r = run_learning_check(tmp_path, models_dir / "tiny-sd15", budget)
     assert r["labels"] == {"scores": 96, "pairs": 144}
     acc = r["reward_fresh_pair_accuracy"]
@@ -28,9 +31,8 @@ def test_the_loop_learns_the_raters_preference_on_fresh_rounds(models_dir: Path,
     # (b) and (c): the rater's statistic on 48 shared-seed pairs, a bootstrap interval over the pairs. Measured
     # with the preset's 16 epochs on run seeds 0, 1, 2 (docs/WORLD.md): DDPO +0.013, +0.039, +0.027 (each
     # interval above 0; after 8 epochs +0.0001 [-0.009, +0.009]); D3PO +0.029 on seed 0.
-    for run in ("ddpo_reward_model", "d3po_pairs"):
-        m = r[run][RULE]
-        assert m["n"] == 48 and m["ci"][0] > 0, (run, m)
+    m = r[run][RULE]
+    assert m["n"] == 48 and m["ci"][0] > 0, (run, m)
 
 
 @pytest.mark.slow
