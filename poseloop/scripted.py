@@ -136,6 +136,18 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str) 
     return per_group
 
 
+POLICY_RUNS = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy", "rlcm_pose_accuracy")
+LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
+# RLCM on pose accuracy: the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) at ControlNet scale
+# 0.4, where the world leaves room to gain (OKS 0.57 against 0.86 at full scale and the detector's 0.98 on
+# true renders), with 64 trajectories (16 groups x 4) per optimizer step: 16 epochs of one step. With 32
+# trajectories a step 4 of 5 run seeds gained (docs/WORLD.md); with 64 every seed tried did. It trains on
+# the vocabulary's first 6 prompts, which hold the comparison's: what is fresh there is the seeds.
+POSE_RLCM_SCALE = 0.4
+POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
+                  "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]
+
+
 @dataclass
 class LearningBudget:
     """How much data and training the check uses (the test's is small, the bench's larger)."""
@@ -148,19 +160,7 @@ class LearningBudget:
     threads: int = 1
     # Which policy runs to train and compare (the slow part): any of POLICY_RUNS; empty = none. The pose
     # runs need no labels: with only those, the labelled round and the reward model are skipped.
-    policies: tuple[str, ...] = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy", "rlcm_pose_accuracy")
-
-
-POLICY_RUNS = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy", "rlcm_pose_accuracy")
-LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
-# RLCM on pose accuracy: the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) at ControlNet scale
-# 0.4, where the world leaves room to gain (OKS 0.57 against 0.86 at full scale and the detector's 0.98 on
-# true renders), with 64 trajectories (16 groups x 4) per optimizer step: 16 epochs of one step. With 32
-# trajectories a step 4 of 5 run seeds gained (docs/WORLD.md); with 64 every seed tried did. It trains on
-# the vocabulary's first 6 prompts, which hold the comparison's: what is fresh there is the seeds.
-POSE_RLCM_SCALE = 0.4
-POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
-                  "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]
+    policies: tuple[str, ...] = POLICY_RUNS
 
 
 def _prompts(n: int, offset: int) -> list[str]:

@@ -45,3 +45,9 @@ def test_rlcm_on_pose_accuracy_raises_oks_on_fresh_seeds(models_dir: Path, tmp_p
     # 96 shared-seed pairs at ControlNet scale 0.4, 16 epochs of 64 trajectories. Measured (docs/WORLD.md) on
     # 96 items: +0.067, +0.131, +0.076, +0.092 on run seeds 0-3 (each interval above 0).
     assert m["n"] == 96 and m["ci"][0] > 0, m
+
+
+def test_an_unknown_run_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown run\(s\) \['ddpo_pose'\]; choose from"):
+        run_learning_check(tmp_path, tmp_path / "tiny-sd15", LearningBudget(policies=("ddpo_pose",)))
+    assert not any(tmp_path.iterdir())  # nothing generated
