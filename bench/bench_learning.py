@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", nargs="+", default=None, help="policy runs to train (default: all of POLICY_RUNS)")
     p.add_argument("--work", default="", help="keep the rounds, models and reports in this folder (default: a temporary one)")
     args = p.parse_args(argv)
-    from poseloop.scripted import POLICY_RUNS, RULE, LearningBudget, run_learning_check
+    from poseloop.scripted import POLICY_RUNS, RUN_METRIC, LearningBudget, run_learning_check
     from poseloop.tiny import ensure_embedded
 
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
@@ -60,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reward model, fresh round: pairwise accuracy {acc['mean']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}] "
               f"on {acc['pairs']} pairs (target >= 0.75) {'PASS' if acc['mean'] >= 0.75 else 'FAIL'}")
         ok = acc["mean"] >= 0.75
-    for run, metric in (("ddpo_reward_model", RULE), ("d3po_pairs", RULE), ("ddpo_pose_accuracy", "pose_accuracy"),
-                        ("rlcm_pose_accuracy", "pose_accuracy")):
+    for run, metric in RUN_METRIC.items():
         if run not in r:
             continue
         m = r[run][metric]

@@ -136,7 +136,10 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str) 
     return per_group
 
 
-POLICY_RUNS = ("ddpo_reward_model", "d3po_pairs", "ddpo_pose_accuracy", "rlcm_pose_accuracy")
+# Each policy run of the check and the metric its comparison reports (the key in its results).
+RUN_METRIC = {"ddpo_reward_model": RULE, "d3po_pairs": RULE, "ddpo_pose_accuracy": "pose_accuracy",
+              "rlcm_pose_accuracy": "pose_accuracy"}
+POLICY_RUNS = tuple(RUN_METRIC)
 LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
 # RLCM on pose accuracy: the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) at ControlNet scale
 # 0.4, where the world leaves room to gain (OKS 0.57 against 0.86 at full scale and the detector's 0.98 on
