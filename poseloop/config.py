@@ -129,10 +129,12 @@ def apply_threads(threads: int) -> int:
 
 
 def _built_on_first_use(path: str) -> bool:
-    """Whether a path lies in an embedded tiny model's folder, which loading builds (a fresh checkout has none yet)."""
-    from poseloop.tiny import is_embedded  # imports torch; only reached for a missing file
+    """Whether a missing path is the LCM-LoRA that loading writes into the embedded tiny-sd15 folder (a fresh
+    checkout has none yet); a misspelt name there still fails validation."""
+    from poseloop.tiny import LCM_LORA_FILE  # imports torch; only reached for a missing file
 
-    return is_embedded(path)
+    p = Path(path).expanduser()
+    return p.name == LCM_LORA_FILE and p.parent.name == "tiny-sd15"
 
 
 def validate_model(m: ModelConfig) -> None:

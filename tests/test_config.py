@@ -176,3 +176,7 @@ def test_every_preset_validates_on_a_fresh_checkout(tmp_path, monkeypatch: pytes
     cfg.model.lcm_lora = "elsewhere/lcm_lora.safetensors"
     with pytest.raises(ConfigError, match="model.lcm_lora: file 'elsewhere/lcm_lora.safetensors' does not exist"):
         cfg.validate()
+    # Inside the embedded folder only the file its build writes is taken on trust: a typo fails here, not at load.
+    cfg.model.lcm_lora = "models/tiny-sd15/lcm-lora.safetensors"
+    with pytest.raises(ConfigError, match="model.lcm_lora: file 'models/tiny-sd15/lcm-lora.safetensors' does not exist"):
+        cfg.validate()
