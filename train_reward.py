@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from poseloop.configlib import parse_config
 from poseloop.errors import user_errors
-from poseloop.reward_training import PRESETS, TrainRewardConfig, train_reward
+from poseloop.reward_config import PRESETS, TrainRewardConfig
+from poseloop.reward_training import train_reward
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,7 +100,9 @@ def _train(db_url: str, samples: Path, rater: str, models: Path, version: str, s
            ) -> tuple[Any, float]:
     """Fit the ensemble on every label of `rater` so far, save it as `version` and point latest at it."""
     from poseloop.reward_model import save_reward_model, write_latest
-    from poseloop.reward_training import GroupSplit, RewardDataConfig, TrainRewardConfig, fit_ensemble, load_labels
+    from poseloop.reward_config import RewardDataConfig, TrainRewardConfig
+    from poseloop.reward_labels import GroupSplit, load_labels
+    from poseloop.reward_training import fit_ensemble
 
     t0 = time.perf_counter()
     labels = load_labels(RewardDataConfig(samples_dir=str(samples), db_url=db_url, rounds=["pool"], raters=[rater],

@@ -28,15 +28,11 @@ import torch
 from sqlalchemy import select
 
 from poseloop import db
+from poseloop.reward_config import TrainRewardConfig, almostperfect
+from poseloop.reward_labels import load_labels, split_groups
 from poseloop.reward_model import LatentRewardModel, RewardModelConfig, encode_images
-from poseloop.reward_training import (
-    TrainRewardConfig,
-    almostperfect,
-    evaluate,
-    fit_ensemble,
-    load_labels,
-    split_groups,
-)
+from poseloop.reward_report import evaluate
+from poseloop.reward_training import fit_ensemble
 from poseloop.store import SampleStore, load_trajectory
 
 

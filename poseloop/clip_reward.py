@@ -289,7 +289,7 @@ def image_file_features(clip: FrozenClip, paths: Sequence[Path], prompts: Sequen
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Frozen features of PNG files, computed once: (x [N, 2D], x of mirrored images [N, 2D] or None, RGB stats [N, 6]).
 
-    The RGB per-channel mean/std are the linear baseline's features (poseloop.reward_training.linear_baseline).
+    The RGB per-channel mean/std are the linear baseline's features (poseloop.reward_report.linear_baseline).
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -298,7 +298,7 @@ def image_file_features(clip: FrozenClip, paths: Sequence[Path], prompts: Sequen
 
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
-        from poseloop.reward_training import LabelDataError
+        from poseloop.reward_labels import LabelDataError
 
         raise LabelDataError(f"{len(missing)} labelled image file(s) are missing (e.g. {missing[0]}); the clip reward "
                              "model reads the samples' PNGs: restore the round's images/ folder")

@@ -18,8 +18,10 @@ import torch
 
 from poseloop import scripted
 from poseloop.clip_reward import ClipHeadReward, ClipRewardModel, load_clip_reward_model
+from poseloop.reward_config import TrainRewardConfig
+from poseloop.reward_labels import load_labels, split_groups
 from poseloop.reward_model import load_reward_model, reward_model_kind, save_reward_model
-from poseloop.reward_training import TrainRewardConfig, fit_ensemble, fit_inputs, load_labels, split_groups
+from poseloop.reward_training import fit_ensemble, fit_inputs
 from tiny_helpers import save_tiny_clipmodel
 
 torch.set_num_threads(1)

@@ -108,8 +108,8 @@ def _float_fields(cfg_cls: type) -> list[str]:
 def _every_config() -> list[tuple[type, dict, str, str]]:
     from poseloop.evaluation import PRESETS as EVAL_PRESETS
     from poseloop.evaluation import EvaluateConfig
-    from poseloop.reward_training import PRESETS as REWARD_PRESETS
-    from poseloop.reward_training import TrainRewardConfig
+    from poseloop.reward_config import PRESETS as REWARD_PRESETS
+    from poseloop.reward_config import TrainRewardConfig
     from poseloop.training import PRESETS as POLICY_PRESETS
     from poseloop.training import PolicyConfig
 

@@ -157,7 +157,8 @@ def test_train_reward_and_d3po_read_the_labels_from_postgresql(postgres_server, 
 
     import train_reward
     from fake_samples import make_samples
-    from poseloop.reward_training import RewardDataConfig, load_labels
+    from poseloop.reward_config import RewardDataConfig
+    from poseloop.reward_labels import load_labels
     from poseloop.training import D3POConfig, load_preference_pairs
 
     url = postgres_server.create_database()

@@ -17,6 +17,8 @@ import torch
 from sqlalchemy import delete, select
 
 from poseloop import db
+from poseloop.reward_config import TrainRewardConfig
+from poseloop.reward_labels import LabelDataError, MissingTrajectoryError, load_labels, split_groups
 from poseloop.reward_model import (
     LatentRewardModel,
     LatentShapeError,
@@ -24,15 +26,7 @@ from poseloop.reward_model import (
     load_reward_model,
     suggest_pairs,
 )
-from poseloop.reward_training import (
-    LabelDataError,
-    MissingTrajectoryError,
-    TrainRewardConfig,
-    fit_ensemble,
-    load_labels,
-    split_groups,
-    train_reward,
-)
+from poseloop.reward_training import fit_ensemble, train_reward
 from poseloop.store import SampleStore, load_trajectory
 
 
@@ -346,9 +340,10 @@ def test_score_weight_scales_the_score_loss(tmp_path: Path) -> None:
 
 
 def _overfitting_metrics(arch: str) -> dict:
-    """reward_training.evaluate on labels where the model orders every training pair right and every held-out one wrong."""
-    from poseloop.reward_training import GroupSplit, LabelSet, MemberHistory
-    from poseloop.reward_training import evaluate as evaluate_reward
+    """reward_report.evaluate on labels where the model orders every training pair right and every held-out one wrong."""
+    from poseloop.reward_labels import GroupSplit, LabelSet
+    from poseloop.reward_report import evaluate as evaluate_reward
+    from poseloop.reward_training import MemberHistory
 
     n = 8  # 4 groups x 2 samples; value of sample i = i
     latents = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 4, 2, 2).clone()
