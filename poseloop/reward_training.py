@@ -37,7 +37,6 @@ from poseloop.losses import bradley_terry_loss
 from poseloop.reward_config import RewardTrainConfig, TrainRewardConfig
 from poseloop.reward_labels import GroupSplit, LabelDataError, LabelSet, load_labels, split_groups
 from poseloop.reward_model import (
-    CONFIG_FILE,
     METRICS_FILE,
     LatentRewardModel,
     reward_root,
@@ -367,4 +366,4 @@ def train_reward(cfg: TrainRewardConfig, progress: bool = True, vae: Any = None)
     return TrainRewardResult(version=version, folder=folder, metrics=metrics)
 
 
-__all__ = ["CONFIG_FILE", "FitInputs", "TrainRewardResult", "fit_ensemble", "fit_inputs", "train_reward"]
+__all__ = ["FitInputs", "TrainRewardResult", "fit_ensemble", "fit_inputs", "train_reward"]
