@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from poseloop.advantages import PerPromptStatTracker
-    from poseloop.rewards import build_reward
+    from poseloop.reward_spec import build_reward
     from poseloop.sampling import stochastic_steps
     from poseloop.scripted import RULE
     from poseloop.tiny import ensure_embedded

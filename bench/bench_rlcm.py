@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from poseloop.rewards import build_reward
+    from poseloop.reward_spec import build_reward
     from poseloop.scripted import RULE
     from poseloop.policy_config import tiny_on, tiny_rlcm
     from poseloop.tiny import LCM_LORA_FILE, ensure_embedded

@@ -430,7 +430,7 @@ def pin_reward_versions(spec: str, models_dir: str | Path) -> tuple[str, list[st
     which model produced its numbers.
     """
     from poseloop.reward_model import read_latest, resolve_reward_path
-    from poseloop.rewards import parse_reward_spec
+    from poseloop.reward_spec import parse_reward_spec
 
     terms = parse_reward_spec(spec)
     if not any(t.name == "latent" for t in terms):
@@ -536,7 +536,7 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
         specs, skipped = auto_metrics(cfg)
     else:
         specs, skipped = [m for m in cfg.eval.metrics if m != "lpips"], {}
-    from poseloop.rewards import build_reward
+    from poseloop.reward_spec import build_reward
 
     # A re-run keeps the reward model versions of the first run (recorded in metrics.json).
     previous = _previous_pins(report_dir / "metrics.json")
@@ -574,7 +574,7 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
         pairs = load_pairs(session, ids["baseline"], ids["candidate"])
         blind = blind_results(session, comparison.id)
 
-    from poseloop.rewards import parse_reward_spec
+    from poseloop.reward_spec import parse_reward_spec
 
     summaries = []
     for spec in specs:

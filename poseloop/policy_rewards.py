@@ -19,9 +19,9 @@ def resolve_reward(spec: str, device: str = "cpu", models_dir: str = "models") -
     if spec == "latest":
         spec = "latent:latest"
     try:
-        from poseloop.rewards import build_reward
+        from poseloop.reward_spec import build_reward
     except ImportError as e:
-        raise ConfigError(f"reward: poseloop.rewards cannot be imported ({e}); pass a reward object in code") from e
+        raise ConfigError(f"reward: poseloop.reward_spec cannot be imported ({e}); pass a reward object in code") from e
     try:
         return build_reward(spec, device=device, models_dir=models_dir)
     except (ValueError, KeyError) as e:

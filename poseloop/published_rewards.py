@@ -2,7 +2,7 @@
 
 Both are CLIP models scoring (image, prompt) pairs; both are differentiable in the images (their
 preprocessing is done in torch on 0..1 tensors), so ReFL and DRaFT can use them. The registry entries
-(``pickscore``, ``hps``) are added to ``poseloop.rewards``' registry by ``register``; transformers and
+(``pickscore``, ``hps``) are added to ``poseloop.reward_spec``' registry by ``register``; transformers and
 open_clip are imported only when a reward is built. ImageReward (``image_reward``) lives in poseloop.image_reward
 and is registered here too: see docs/REWARDS.md.
 """
@@ -281,7 +281,7 @@ def _build_image_reward(o: dict[str, Any], device: str, models_dir: str) -> Any:
 
 
 def register(registry: dict, entry: type, option: type) -> None:
-    """Add the ``pickscore``, ``hps`` and ``image_reward`` entries to poseloop.rewards' registry (called by that module)."""
+    """Add the ``pickscore``, ``hps`` and ``image_reward`` entries to poseloop.reward_spec's registry (called by that module)."""
     registry["pickscore"] = entry(
         "PickScore (transformers CLIPModel + processor folders): logit_scale.exp() x cosine(image, prompt); differentiable",
         _build_pickscore,

@@ -122,7 +122,7 @@ def _png(path: Path) -> torch.Tensor:
 def test_gradient_reaches_the_policy_latents(trained: Path, world: dict[str, Path]) -> None:
     from poseloop.algos.refl import decode_with_grad
     from poseloop.models import load_components
-    from poseloop.rewards import build_reward
+    from poseloop.reward_spec import build_reward
     from tiny_helpers import model_cfg
 
     reward = build_reward(f"latent:{trained}")  # the same spec as a latent model: the folder says its kind

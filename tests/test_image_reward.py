@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from poseloop import image_reward as IR
-from poseloop import rewards as R
+from poseloop import reward_spec as RS
 
 torch.set_num_threads(1)
 
@@ -171,11 +171,11 @@ PROMPTS = ["a photo of a red cat", "a person dancing", "blue dogs"]
 
 
 def test_registry_entry() -> None:
-    assert "image_reward" in R.available_rewards()
+    assert "image_reward" in RS.available_rewards()
 
 
 def test_scores_match_reference(files: Path) -> None:
-    reward = R.build_reward("image_reward", models_dir=str(files))
+    reward = RS.build_reward("image_reward", models_dir=str(files))
     assert reward.name == "image_reward" and reward.differentiable
     images = torch.rand(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     got = reward(images, None, PROMPTS, _meta(3))
@@ -201,7 +201,7 @@ def test_preprocessing_matches_torchvision(files: Path) -> None:
     """Non-square images: the torch preprocessing equals torchvision's Resize(bicubic) + CenterCrop + Normalize."""
     import torchvision.transforms as tv  # pinned beside torch (pyproject.toml)
 
-    reward = R.build_reward("image_reward", models_dir=str(files))
+    reward = RS.build_reward("image_reward", models_dir=str(files))
     images = torch.rand(2, 3, 48, 80, generator=torch.Generator().manual_seed(2))
     pipe = tv.Compose([tv.Resize(IMG, interpolation=tv.InterpolationMode.BICUBIC, antialias=True), tv.CenterCrop(IMG),
                        tv.Normalize(IR.MEAN, IR.STD)])
@@ -209,7 +209,7 @@ def test_preprocessing_matches_torchvision(files: Path) -> None:
 
 
 def test_gradient_reaches_images(files: Path) -> None:
-    reward = R.build_reward("image_reward", models_dir=str(files))
+    reward = RS.build_reward("image_reward", models_dir=str(files))
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
     reward(images, None, PROMPTS[:2], _meta(2)).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
@@ -225,7 +225,7 @@ def test_missing_file_one_line_error(files: Path, tmp_path: Path, missing: str, 
         if name != missing:
             (d / name).write_bytes((files / "ImageReward" / name).read_bytes())
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward("image_reward", models_dir=str(tmp_path))
+        RS.build_reward("image_reward", models_dir=str(tmp_path))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"image_reward: {option}=") and missing.split("/")[-1] in msg
     assert "huggingface-cli download" in msg
@@ -234,7 +234,7 @@ def test_missing_file_one_line_error(files: Path, tmp_path: Path, missing: str, 
 def test_options_override_paths(files: Path) -> None:
     d = files / "ImageReward"
     spec = f"image_reward:weights={d / 'ImageReward.pt'},med_config={d / 'med_config.json'},tokenizer={d / 'bert-base-uncased'}"
-    reward = R.build_reward(spec, models_dir="/nonexistent")
+    reward = RS.build_reward(spec, models_dir="/nonexistent")
     assert reward(torch.rand(1, 3, IMG, IMG), None, PROMPTS[:1], _meta(1)).shape == (1,)
 
 
@@ -315,7 +315,7 @@ def test_matches_upstream_package(files: Path, tmp_path: Path, monkeypatch: pyte
     visual.load_state_dict({k[len("blip.visual_encoder."):]: v for k, v in sd.items() if k.startswith("blip.visual_encoder.")})
     text.load_state_dict({k[len("blip.text_encoder."):]: v for k, v in sd.items() if k.startswith("blip.text_encoder.")})
     visual.eval(), text.eval()
-    reward = R.build_reward("image_reward", models_dir=str(files))
+    reward = RS.build_reward("image_reward", models_dir=str(files))
     images = torch.rand(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     got = reward(images, None, PROMPTS, _meta(3))
     ids, mask = reward.tokens(PROMPTS)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from poseloop import published_rewards as P
+from poseloop import reward_spec as RS
 from poseloop import rewards as R
 from tiny_helpers import CLIP_MEAN, CLIP_STD, save_tiny_clipmodel, save_tiny_open_clip
 
@@ -58,14 +59,14 @@ def hps_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_registry_has_published_rewards() -> None:
-    names = R.available_rewards()
+    names = RS.available_rewards()
     assert "pickscore" in names and "hps" in names
-    (t,) = R.parse_reward_spec("pickscore:model=/m,processor=/p")
+    (t,) = RS.parse_reward_spec("pickscore:model=/m,processor=/p")
     assert t.options == {"model": "/m", "processor": "/p"}
-    (t,) = R.parse_reward_spec("2*hps:weights=/w/HPS_v2.1_compressed.pt,arch=ViT-H-14,scale=100")
+    (t,) = RS.parse_reward_spec("2*hps:weights=/w/HPS_v2.1_compressed.pt,arch=ViT-H-14,scale=100")
     assert t.weight == 2.0 and t.options["scale"] == "100"
     with pytest.raises(ValueError, match="no option 'arch'"):
-        R.parse_reward_spec("pickscore:arch=x")
+        RS.parse_reward_spec("pickscore:arch=x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_pickscore_formula_matches_clipmodel_forward(pickscore_dirs: tuple[Path,
     from transformers import AutoProcessor, CLIPModel
 
     model_dir, proc_dir = pickscore_dirs
-    r = R.build_reward(f"pickscore:model={model_dir},processor={proc_dir}")
+    r = RS.build_reward(f"pickscore:model={model_dir},processor={proc_dir}")
     assert isinstance(r, P.PickScoreReward) and r.differentiable and r.needs_images
     imgs = _uint8_images(3, 32, 32)
     prompts = ["a dancer", "a red car", "a dancer jumping high"]
@@ -103,7 +104,7 @@ def math_close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
 
 def test_pickscore_preprocessing_matches_processor_on_resized_images(pickscore_dirs: tuple[Path, Path]) -> None:
     model_dir, proc_dir = pickscore_dirs
-    r = R.build_reward(f"pickscore:model={model_dir},processor={proc_dir}")
+    r = RS.build_reward(f"pickscore:model={model_dir},processor={proc_dir}")
     for h, w in ((48, 80), (96, 64), (64, 64), (512, 768)):
         noise = _uint8_images(2, h, w, seed=h + w)
         smooth = F.interpolate(_uint8_images(2, 8, 8, seed=h), size=(h, w), mode="bilinear", align_corners=False)
@@ -134,18 +135,18 @@ def test_pickscore_is_differentiable_in_the_pixels(pickscore_dirs: tuple[Path, P
 
 def test_pickscore_missing_folders(tmp_path: Path, pickscore_dirs: tuple[Path, Path]) -> None:
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward("pickscore", models_dir=str(tmp_path))
+        RS.build_reward("pickscore", models_dir=str(tmp_path))
     msg = str(e.value)
     assert "model=" in msg and str(tmp_path / "pickscore" / "PickScore_v1") in msg and "yuvalkirstain/PickScore_v1" in msg
     assert "\n" not in msg
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward(f"pickscore:model={pickscore_dirs[0]}")  # the model folder holds no processor
+        RS.build_reward(f"pickscore:model={pickscore_dirs[0]}")  # the model folder holds no processor
     msg = str(e.value)
     assert "processor=" in msg and "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in msg
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="model="):
-        R.build_reward(f"pickscore:model={tmp_path / 'broken'},processor={pickscore_dirs[1]}")
+        RS.build_reward(f"pickscore:model={tmp_path / 'broken'},processor={pickscore_dirs[1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_pickscore_missing_folders(tmp_path: Path, pickscore_dirs: tuple[Path, P
 def test_hps_loads_state_dict_and_scores_cosine(hps_file: Path) -> None:
     import open_clip
 
-    r = R.build_reward(f"hps:weights={hps_file},arch={TINY_HPS_ARCH}")
+    r = RS.build_reward(f"hps:weights={hps_file},arch={TINY_HPS_ARCH}")
     assert isinstance(r, P.HPSReward) and r.differentiable
     imgs = _uint8_images(3, 32, 32, seed=2)  # model-sized: the transform is only the normalisation
     prompts = ["a dancer", "a red car", "a dancer"]
@@ -169,7 +170,7 @@ def test_hps_loads_state_dict_and_scores_cosine(hps_file: Path) -> None:
         t = F.normalize(model.encode_text(open_clip.get_tokenizer(TINY_HPS_ARCH)(prompts)), dim=-1)
     expected = torch.diagonal(a @ t.T)
     assert math_close(out, expected, 1e-5)
-    scaled = R.build_reward(f"hps:weights={hps_file},arch={TINY_HPS_ARCH},scale=100")(imgs, None, prompts, _meta(3))
+    scaled = RS.build_reward(f"hps:weights={hps_file},arch={TINY_HPS_ARCH},scale=100")(imgs, None, prompts, _meta(3))
     assert math_close(scaled, 100 * expected, 1e-3)
     # A model with other weights scores differently: the checkpoint was really loaded.
     torch.manual_seed(99)
@@ -195,7 +196,7 @@ def test_hps_preprocessing_is_resize_longest_and_black_padding() -> None:
 
 
 def test_hps_gradients_reach_non_square_images(hps_file: Path) -> None:
-    r = R.build_reward(f"0.5*hps:weights={hps_file},arch={TINY_HPS_ARCH}")  # inside a weighted mix
+    r = RS.build_reward(f"0.5*hps:weights={hps_file},arch={TINY_HPS_ARCH}")  # inside a weighted mix
     imgs = torch.rand(2, 3, 40, 72, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
     r(imgs, None, ["a", "b"], _meta(2)).sum().backward()
     assert imgs.grad is not None and torch.isfinite(imgs.grad).all() and imgs.grad.abs().sum() > 0
@@ -203,28 +204,28 @@ def test_hps_gradients_reach_non_square_images(hps_file: Path) -> None:
 
 def test_hps_errors(tmp_path: Path, hps_file: Path) -> None:
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward("hps", models_dir=str(tmp_path))
+        RS.build_reward("hps", models_dir=str(tmp_path))
     msg = str(e.value)
     assert "weights=" in msg and str(tmp_path / "hps" / "HPS_v2.1_compressed.pt") in msg and "xswu/HPSv2" in msg
     assert "\n" not in msg
     torch.save({"model": {}}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="state_dict"):
-        R.build_reward(f"hps:weights={tmp_path / 'plain.pt'},arch={TINY_HPS_ARCH}")
+        RS.build_reward(f"hps:weights={tmp_path / 'plain.pt'},arch={TINY_HPS_ARCH}")
     (tmp_path / "junk.pt").write_bytes(b"not torch")
     with pytest.raises(ValueError, match="junk.pt"):
-        R.build_reward(f"hps:weights={tmp_path / 'junk.pt'},arch={TINY_HPS_ARCH}")
+        RS.build_reward(f"hps:weights={tmp_path / 'junk.pt'},arch={TINY_HPS_ARCH}")
     with pytest.raises(ValueError, match="no-such-arch"):
-        R.build_reward(f"hps:weights={hps_file},arch=no-such-arch")
+        RS.build_reward(f"hps:weights={hps_file},arch=no-such-arch")
     # The real architecture by default (building ViT-H-14 itself would take ~4 GB and a minute on CPU).
-    assert R._REGISTRY["hps"].options["arch"].default == "ViT-H-14"
-    assert R._typed_options(R.parse_reward_spec(f"hps:weights={hps_file}")[0])["arch"] == "ViT-H-14"
+    assert RS._REGISTRY["hps"].options["arch"].default == "ViT-H-14"
+    assert RS._typed_options(RS.parse_reward_spec(f"hps:weights={hps_file}")[0])["arch"] == "ViT-H-14"
     # A checkpoint of another architecture is refused with the mismatch, not half-loaded.
     import open_clip
 
     torch.save({"state_dict": open_clip.create_model("RN50", pretrained=None).visual.attnpool.state_dict()},
                tmp_path / "other.pt")  # fmt: skip
     with pytest.raises(ValueError, match=f"do not fit open_clip {TINY_HPS_ARCH}"):
-        R.build_reward(f"hps:weights={tmp_path / 'other.pt'},arch={TINY_HPS_ARCH}")
+        RS.build_reward(f"hps:weights={tmp_path / 'other.pt'},arch={TINY_HPS_ARCH}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_aesthetic_matches_reference_layout_and_openai_clip(tmp_path: Path) -> N
     assert not head.training  # dropout off, as the reference's eval()
     # The head was trained on OpenAI CLIP ViT-L/14, which uses QuickGELU: the default architecture says so,
     # because open_clip's plain ViT-L-14 (GELU) with the OpenAI weights gives other embeddings.
-    arch = R._REGISTRY["aesthetic"].options["clip_arch"].default
+    arch = RS._REGISTRY["aesthetic"].options["clip_arch"].default
     assert arch == "ViT-L-14-quickgelu" and arch in open_clip.list_models()
     with pytest.raises(FileNotFoundError, match="ViT-L-14-quickgelu"):
-        R.build_reward(f"aesthetic:weights={tmp_path / 'sac+logos+ava1-l14-linearMSE.pth'}", models_dir=str(tmp_path))
+        RS.build_reward(f"aesthetic:weights={tmp_path / 'sac+logos+ava1-l14-linearMSE.pth'}", models_dir=str(tmp_path))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from poseloop import reward_spec as RS
 from poseloop import rewards as R
 from poseloop.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
 
@@ -68,33 +69,33 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_available_rewards_and_protocol() -> None:
-    names = R.available_rewards()
+    names = RS.available_rewards()
     assert set(names) == {"brightness", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
                           "text_alignment", "aesthetic", "latent", "pickscore", "hps", "image_reward"}  # fmt: skip
     assert all(isinstance(h, str) and h and "\n" not in h for h in names.values())
     assert "SYNTHETIC" in names["brightness"]
     for spec in ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "brightness*2"):
-        assert isinstance(R.build_reward(spec), R.Reward)
+        assert isinstance(RS.build_reward(spec), R.Reward)
 
 
 def test_parse_good_specs() -> None:
-    T = R.RewardTerm
-    assert R.parse_reward_spec("brightness") == [T("brightness", {}, None)]
-    assert R.parse_reward_spec("pose_accuracy:weights=/a/annotators*0.5 + text_alignment*0.5") == [
+    T = RS.RewardTerm
+    assert RS.parse_reward_spec("brightness") == [T("brightness", {}, None)]
+    assert RS.parse_reward_spec("pose_accuracy:weights=/a/annotators*0.5 + text_alignment*0.5") == [
         T("pose_accuracy", {"weights": "/a/annotators"}, 0.5), T("text_alignment", {}, 0.5)]  # fmt: skip
-    assert R.parse_reward_spec("0.25*jpeg_compressibility:quality=80+ 2 * brightness") == [
+    assert RS.parse_reward_spec("0.25*jpeg_compressibility:quality=80+ 2 * brightness") == [
         T("jpeg_compressibility", {"quality": "80"}, 0.25), T("brightness", {}, 2.0)]  # fmt: skip
     # '+' inside a file name is not a separator (the LAION file is sac+logos+ava1-l14-linearMSE.pth) ...
-    assert R.parse_reward_spec("aesthetic:weights=m/sac+logos+ava1-l14-linearMSE.pth,clip_arch=ViT-L-14+brightness*-1") == [
+    assert RS.parse_reward_spec("aesthetic:weights=m/sac+logos+ava1-l14-linearMSE.pth,clip_arch=ViT-L-14+brightness*-1") == [
         T("aesthetic", {"weights": "m/sac+logos+ava1-l14-linearMSE.pth", "clip_arch": "ViT-L-14"}, None),
         T("brightness", {}, -1.0)]  # fmt: skip
     # ... and quotes protect commas and '+name' look-alikes.
-    assert R.parse_reward_spec("text_alignment:weights='/x,y/+brightness.bin',arch=ViT-B-32,scale=100") == [
+    assert RS.parse_reward_spec("text_alignment:weights='/x,y/+brightness.bin',arch=ViT-B-32,scale=100") == [
         T("text_alignment", {"weights": "/x,y/+brightness.bin", "arch": "ViT-B-32", "scale": "100"}, None)]  # fmt: skip
-    assert R.parse_reward_spec("latent:latest") == [T("latent", {"version": "latest"}, None)]
-    assert R.parse_reward_spec("latent:models/reward/v3") == [T("latent", {"version": "models/reward/v3"}, None)]
-    assert R.parse_reward_spec("latent:version=v=2") == [T("latent", {"version": "v=2"}, None)]
-    assert R.parse_reward_spec("1e-1*latent") == [T("latent", {}, 0.1)]
+    assert RS.parse_reward_spec("latent:latest") == [T("latent", {"version": "latest"}, None)]
+    assert RS.parse_reward_spec("latent:models/reward/v3") == [T("latent", {"version": "models/reward/v3"}, None)]
+    assert RS.parse_reward_spec("latent:version=v=2") == [T("latent", {"version": "v=2"}, None)]
+    assert RS.parse_reward_spec("1e-1*latent") == [T("latent", {}, 0.1)]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_parse_good_specs() -> None:
 )  # fmt: skip
 def test_parse_bad_specs(spec: str, needles: list[str]) -> None:
     with pytest.raises(ValueError) as e:
-        R.build_reward(spec)
+        RS.build_reward(spec)
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
 
@@ -125,15 +126,15 @@ def test_parse_bad_specs(spec: str, needles: list[str]) -> None:
 @pytest.mark.parametrize("spec", ["sharpness", "brightness + clip_score*2", "Pose_Accuracy"])
 def test_unknown_name_lists_available(spec: str) -> None:
     with pytest.raises(ValueError) as e:
-        R.build_reward(spec)
+        RS.build_reward(spec)
     msg = str(e.value)
     assert "unknown reward" in msg
-    for name in R.available_rewards():
+    for name in RS.available_rewards():
         assert name in msg
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, poseloop.rewards; bad = [m for m in ('open_clip', 'controlnet_aux', 'lpips') if m in sys.modules];"
+    code = ("import sys, poseloop.rewards, poseloop.reward_spec; bad = [m for m in ('open_clip', 'controlnet_aux', 'lpips') if m in sys.modules];"
             " assert not bad, bad")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -144,7 +145,7 @@ def test_import_is_light() -> None:
 
 def test_brightness() -> None:
     imgs = torch.stack([torch.full((3, 8, 8), 0.2), torch.full((3, 8, 8), 0.9), _rand_images(1, 8)[0]])
-    r = R.build_reward("brightness")
+    r = RS.build_reward("brightness")
     out = r(imgs, None, ["a"] * 3, _meta(3))
     assert out.dtype == torch.float32 and out.shape == (3,)
     assert out.tolist() == pytest.approx([0.2, 0.9, imgs[2].mean().item()])
@@ -164,21 +165,21 @@ def _jpeg_kb(img: torch.Tensor, quality: int = 95) -> float:
 
 def test_jpeg_flat_more_compressible_than_noise() -> None:
     imgs = torch.cat([torch.full((1, 3, 64, 64), 0.5), _rand_images(1)])
-    comp = R.build_reward("jpeg_compressibility")(imgs, None, ["a", "b"], _meta(2))
-    incomp = R.build_reward("jpeg_incompressibility")(imgs, None, ["a", "b"], _meta(2))
+    comp = RS.build_reward("jpeg_compressibility")(imgs, None, ["a", "b"], _meta(2))
+    incomp = RS.build_reward("jpeg_incompressibility")(imgs, None, ["a", "b"], _meta(2))
     assert comp[0] > comp[1] and incomp[1] > incomp[0]
     assert comp.tolist() == pytest.approx([-_jpeg_kb(imgs[0]), -_jpeg_kb(imgs[1])], rel=1e-6)
     assert incomp.tolist() == pytest.approx((-comp).tolist())
-    q10 = R.build_reward("jpeg_incompressibility:quality=10")(imgs, None, ["a", "b"], _meta(2))
+    q10 = RS.build_reward("jpeg_incompressibility:quality=10")(imgs, None, ["a", "b"], _meta(2))
     assert q10[1].item() == pytest.approx(_jpeg_kb(imgs[1], 10)) and q10[1] < incomp[1]
     with pytest.raises(ValueError, match="1..100"):
-        R.build_reward("jpeg_compressibility:quality=0")
+        RS.build_reward("jpeg_compressibility:quality=0")
 
 
 def test_weighted_mix_is_weighted_sum() -> None:
     imgs = torch.cat([torch.full((1, 3, 32, 32), 0.1), _rand_images(2, 32)])
     meta, prompts = _meta(3), ["a", "b", "c"]
-    mix = R.build_reward("brightness*0.3 + 2*jpeg_compressibility + jpeg_incompressibility:quality=50")
+    mix = RS.build_reward("brightness*0.3 + 2*jpeg_compressibility + jpeg_incompressibility:quality=50")
     assert isinstance(mix, R.WeightedReward) and mix.needs_images
     assert mix.name == "0.3*brightness + 2*jpeg_compressibility + 1*jpeg_incompressibility"
     total = mix(imgs, None, prompts, meta)
@@ -190,7 +191,7 @@ def test_weighted_mix_is_weighted_sum() -> None:
     assert torch.equal(mix.last_components["brightness"], b)  # unweighted member values, for logging
     assert mix.weights == {"brightness": 0.3, "jpeg_compressibility": 2.0, "jpeg_incompressibility": 1.0}
     # Same reward twice: distinct log keys.
-    dup = R.build_reward("brightness + brightness*-2")
+    dup = RS.build_reward("brightness + brightness*-2")
     assert dup(imgs, None, prompts, meta).tolist() == pytest.approx((-b).tolist())
     assert list(dup.last_components) == ["brightness", "brightness#2"]
 
@@ -234,9 +235,9 @@ def test_latent_reward_built_through_reward_model_module(monkeypatch: pytest.Mon
     # reward_model_kind: the latent entry asks the folder's kind first (a clip-kind folder builds ClipHeadReward).
     fake = types.SimpleNamespace(load_reward_model=load_reward_model, reward_model_kind=lambda *a, **k: "latent")
     monkeypatch.setitem(sys.modules, "poseloop.reward_model", fake)
-    r = R.build_reward("latent:models/reward/v3", models_dir="/m")
+    r = RS.build_reward("latent:models/reward/v3", models_dir="/m")
     assert calls == [("models/reward/v3", "/m")] and r.name == "latent"
-    R.build_reward("latent")
+    RS.build_reward("latent")
     assert calls[-1] == ("latest", "models")
     assert r(None, torch.ones(1, 4, 2, 2), ["p"], _meta(1)).tolist() == [16.0]
 
@@ -253,7 +254,7 @@ def test_latent_reward_real_saved_model(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model.score(lat)
     for spec in ("latent:latest", "latent", "latent:v1", f"latent:{tmp_path / 'reward' / 'v1'}"):
-        r = R.build_reward(spec, models_dir=str(tmp_path))
+        r = RS.build_reward(spec, models_dir=str(tmp_path))
         assert isinstance(r, R.LatentReward) and r.needs_images is False
         with torch.no_grad():
             out = r(None, lat, ["a", "b", "c"], _meta(3))
@@ -263,7 +264,7 @@ def test_latent_reward_real_saved_model(tmp_path: Path) -> None:
     r(None, g, ["a", "b", "c"], _meta(3)).sum().backward()
     assert g.grad is not None and g.grad.abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="v9"):
-        R.build_reward("latent:v9", models_dir=str(tmp_path))
+        RS.build_reward("latent:v9", models_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ class _ScriptedDetector:
 
 
 def test_pose_accuracy_real_loader_random_weights(openpose_dir: Path) -> None:
-    r = R.build_reward(f"pose_accuracy:weights={openpose_dir}")
+    r = RS.build_reward(f"pose_accuracy:weights={openpose_dir}")
     assert isinstance(r, R.PoseAccuracyReward) and r.needs_images
     # One image only: the body net always works at 184 px height whatever the input size (~3 s on CPU).
     gt = [[BUILTIN_POSES["t_pose"], BUILTIN_POSES["sitting"]]]
@@ -348,7 +349,7 @@ def test_pose_accuracy_requires_ground_truth() -> None:
 
 def test_pose_accuracy_missing_weights(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward("pose_accuracy", models_dir=str(tmp_path))
+        RS.build_reward("pose_accuracy", models_dir=str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path / "annotators") in msg and "body_pose_model.pth" in msg and "lllyasviel/Annotators" in msg
 
@@ -385,7 +386,7 @@ def test_clip_preprocess_matches_torchvision() -> None:
 def test_text_alignment_is_hand_cosine_and_differentiable(tiny_clip: Path) -> None:
     import open_clip
 
-    r = R.build_reward(f"text_alignment:arch={TINY_CLIP},weights={tiny_clip}")
+    r = RS.build_reward(f"text_alignment:arch={TINY_CLIP},weights={tiny_clip}")
     assert isinstance(r, R.TextAlignmentReward)
     imgs = _rand_images(3, 32)  # already CLIP-sized: preprocessing is just the normalisation
     prompts = ["a dancer", "a red car", "a dancer"]
@@ -398,7 +399,7 @@ def test_text_alignment_is_hand_cosine_and_differentiable(tiny_clip: Path) -> No
     assert out.shape == (3,) and torch.allclose(out, expected, atol=1e-5)
     # The text embedding of the same prompt equals itself, so cosine(t, t) = 1 is the top score.
     assert r.clip.text_features(["a dancer"])[0] @ r.clip.text_features(["a dancer"])[0] > 0
-    assert torch.allclose(R.build_reward(f"text_alignment:arch={TINY_CLIP},weights={tiny_clip},scale=100")(
+    assert torch.allclose(RS.build_reward(f"text_alignment:arch={TINY_CLIP},weights={tiny_clip},scale=100")(
         imgs, None, prompts, _meta(3)), 100 * expected, atol=1e-3)  # fmt: skip
     # Differentiable w.r.t. the pixels (for ReFL), with larger, non-square images through the resize.
     big = _rand_images(2, 48).requires_grad_(True)
@@ -408,16 +409,16 @@ def test_text_alignment_is_hand_cosine_and_differentiable(tiny_clip: Path) -> No
 
 def test_clip_missing_and_bad_weights(tmp_path: Path, tiny_clip: Path) -> None:
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward("text_alignment", models_dir=str(tmp_path))
+        RS.build_reward("text_alignment", models_dir=str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path / "open_clip" / "ViT-L-14" / "open_clip_pytorch_model.bin") in msg
     assert "laion/CLIP-ViT-L-14-laion2B-s32B-b82K" in msg
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.bin"):
-        R.build_reward(f"text_alignment:arch={TINY_CLIP},weights={bad}")
+        RS.build_reward(f"text_alignment:arch={TINY_CLIP},weights={bad}")
     with pytest.raises(ValueError, match="no-such-arch"):
-        R.build_reward(f"text_alignment:arch=no-such-arch,weights={tiny_clip}")
+        RS.build_reward(f"text_alignment:arch=no-such-arch,weights={tiny_clip}")
 
 
 def test_aesthetic_mlp_and_linear(tmp_path: Path, tiny_clip: Path) -> None:
@@ -426,7 +427,7 @@ def test_aesthetic_mlp_and_linear(tmp_path: Path, tiny_clip: Path) -> None:
     sd = mlp.state_dict()
     assert sorted(k for k in sd if k.endswith("weight")) == [f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)]
     torch.save(sd, tmp_path / "head.pth")
-    r = R.build_reward(f"aesthetic:weights={tmp_path / 'head.pth'},clip_arch={TINY_CLIP},clip_weights={tiny_clip}")
+    r = RS.build_reward(f"aesthetic:weights={tmp_path / 'head.pth'},clip_arch={TINY_CLIP},clip_weights={tiny_clip}")
     imgs = _rand_images(2, 32)
     out = r(imgs, None, ["a", "b"], _meta(2))
     with torch.no_grad():
@@ -442,7 +443,7 @@ def test_aesthetic_mlp_and_linear(tmp_path: Path, tiny_clip: Path) -> None:
     # A head for another embedding width is refused with both widths named.
     torch.save(R.AestheticMLP(768).state_dict(), tmp_path / "l14.pth")
     with pytest.raises(ValueError, match="768.*16"):
-        R.build_reward(f"aesthetic:weights={tmp_path / 'l14.pth'},clip_arch={TINY_CLIP},clip_weights={tiny_clip}")
+        RS.build_reward(f"aesthetic:weights={tmp_path / 'l14.pth'},clip_arch={TINY_CLIP},clip_weights={tiny_clip}")
     torch.save({"foo": torch.ones(2)}, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="odd.pth"):
         R.load_aesthetic_head(tmp_path / "odd.pth")
@@ -450,17 +451,17 @@ def test_aesthetic_mlp_and_linear(tmp_path: Path, tiny_clip: Path) -> None:
 
 def test_aesthetic_missing_weights(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as e:
-        R.build_reward("aesthetic", models_dir=str(tmp_path))
+        RS.build_reward("aesthetic", models_dir=str(tmp_path))
     msg = str(e.value)
     assert "sac+logos+ava1-l14-linearMSE.pth" in msg and "christophschuhmann/improved-aesthetic-predictor" in msg
     # The '+' in an explicit path is kept by the parser and the file is named.
     with pytest.raises(FileNotFoundError, match=r"x/sac\+logos\+ava1-l14-linearMSE\.pth"):
-        R.build_reward(f"aesthetic:weights={tmp_path}/x/sac+logos+ava1-l14-linearMSE.pth")
+        RS.build_reward(f"aesthetic:weights={tmp_path}/x/sac+logos+ava1-l14-linearMSE.pth")
 
 
 def test_pose_plus_text_mix(tiny_clip: Path) -> None:
     """The pose-ControlNet recipe: pose accuracy + text alignment, with per-member values kept."""
-    text = R.build_reward(f"text_alignment:arch={TINY_CLIP},weights={tiny_clip}")
+    text = RS.build_reward(f"text_alignment:arch={TINY_CLIP},weights={tiny_clip}")
     std = BUILTIN_POSES["standing"]
     pose = R.PoseAccuracyReward(detector=_ScriptedDetector([[std], []]))
     mix = R.WeightedReward([(pose, 0.5), (text, 0.5)])

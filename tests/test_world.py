@@ -95,7 +95,7 @@ def test_detector_finds_the_pose_of_fresh_renders(models_dir: Path, one_thread: 
 
 
 def test_pose_accuracy_reward_uses_the_embedded_detector(models_dir: Path, one_thread: None) -> None:
-    from poseloop.rewards import build_reward
+    from poseloop.reward_spec import build_reward
 
     folder = models_dir / "tiny-sd15" / "pose_detector"
     reward = build_reward(f"pose_accuracy:weights={folder}")
