@@ -35,7 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args(argv)
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)

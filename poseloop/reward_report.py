@@ -62,9 +62,9 @@ def spearman(scores: torch.Tensor, labels: LabelSet, mask: torch.Tensor) -> floa
     return float(spearmanr(pred, truth).statistic)
 
 
-def _channel_stats(latents: torch.Tensor) -> np.ndarray:
-    """Per-channel mean and std of latents [N, C, h, w] -> features [N, 2C]."""
-    return torch.cat([latents.mean(dim=(2, 3)), latents.std(dim=(2, 3))], dim=1).double().numpy()
+def channel_stats(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and std of [N, C, h, w] -> [N, 2C]: the linear baseline's features."""
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
 
 def linear_baseline(labels: LabelSet, split: GroupSplit, ridge: float = 1e-2,
@@ -74,7 +74,7 @@ def linear_baseline(labels: LabelSet, split: GroupSplit, ridge: float = 1e-2,
     Score rows regress z-scores on features; pair rows regress (2 target - 1) on feature differences.
     `stats` replaces the latent statistics (the clip kind passes the RGB images' [N, 6]).
     """
-    f = _channel_stats(labels.latents) if stats is None else stats.double().numpy()
+    f = (channel_stats(labels.latents) if stats is None else stats).double().numpy()
     train_mask = split.sample_mask(labels, False)
     mu, sd = f[train_mask.numpy()].mean(0), f[train_mask.numpy()].std(0) + 1e-8
     f = (f - mu) / sd

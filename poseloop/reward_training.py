@@ -43,7 +43,8 @@ from poseloop.reward_model import (
     save_reward_model,
     write_latest,
 )
-from poseloop.reward_report import eval_pairs, evaluate, pairwise_accuracy, plot_calibration, plot_training_curves
+from poseloop.reward_report import (channel_stats, eval_pairs, evaluate, pairwise_accuracy, plot_calibration,
+                                     plot_training_curves)
 from poseloop.store import apply_umask, storage_errors
 
 
@@ -113,11 +114,6 @@ class FitInputs:
     clip: Any = None  # clip kind: the FrozenClip the features came from (kept for the saved model)
 
 
-def _channel_stats_t(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean and std of [N, C, h, w] -> [N, 2C]."""
-    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-
-
 def fit_inputs(labels: LabelSet, cfg: TrainRewardConfig, clip: Any = None, progress: bool = False) -> FitInputs:
     """Latents as they are, or (clip kind) the frozen CLIP features of every labelled PNG and its mirror image."""
     if cfg.model.kind == "clip":
@@ -129,7 +125,7 @@ def fit_inputs(labels: LabelSet, cfg: TrainRewardConfig, clip: Any = None, progr
                                            progress=progress)
         return FitInputs(x, xf, stats, "per-channel mean and std of the RGB images (6 features)", clip)
     x = labels.latents
-    return FitInputs(x, x.flip(-1) if cfg.train.flip_augment else None, _channel_stats_t(x),
+    return FitInputs(x, x.flip(-1) if cfg.train.flip_augment else None, channel_stats(x),
                      f"per-channel latent mean and std ({2 * x.shape[1]} features)")
 
 
