@@ -418,7 +418,7 @@ def part_ddpo(p: Part) -> None:
     cfg.train.grad_accum = max(1, (2 * per_group) // (2 * cfg.train.batch_size))
     t_load, trainer = p.timed(lambda: PolicyTrainer(cfg, reward=Brightness(), progress=False))
     p.reset_peak()
-    epochs = run_epochs(p, trainer.ddpo_epoch)
+    epochs = run_epochs(p, trainer.algorithm.epoch)
     n = 2 * per_group
     first_s, first = epochs[0]
     steady_s = epochs[-1][0] if len(epochs) > 1 else first_s
@@ -453,7 +453,7 @@ def part_d3po(p: Part) -> None:
     cfg.train.grad_accum = 1
     t_load, trainer = p.timed(lambda: PolicyTrainer(cfg, reward=Brightness(), progress=False))
     p.reset_peak()
-    epochs = run_epochs(p, trainer.d3po_epoch)
+    epochs = run_epochs(p, trainer.algorithm.epoch)
     first_s, first = epochs[0]
     steady_s = epochs[-1][0] if len(epochs) > 1 else first_s
     p.emit({"metric": "d3po", "steps": a.steps, "size": a.size, "pairs_per_epoch": pairs,
@@ -485,7 +485,7 @@ def part_policy_ours(p: Part) -> None:
     cfg.train.stat_buffer, cfg.train.stat_min_count = 16, 8
     t_load, trainer = p.timed(lambda: PolicyTrainer(cfg, reward=Brightness(), progress=False))
     p.reset_peak()
-    epochs = run_epochs(p, trainer.ddpo_epoch)
+    epochs = run_epochs(p, trainer.algorithm.epoch)
     secs = epochs[-1][0]
     p.emit({"metric": "policy", "side": "ours", "steps": a.steps, "size": a.size, "samples_per_epoch": n,
             "s_per_sample": secs / n, "source": "second epoch" if len(epochs) > 1 else "first epoch (warm-up)",

@@ -133,16 +133,6 @@ class PolicyTrainer:
         self.export_dir: Path | None = None
         self.first_ratio: float | None = None  # max |r - 1| of the very first re-scored step (test hook)
 
-    def __getattr__(self, name: str) -> Any:
-        """What the core lacks is the algorithm's: trainer.<algo>_epoch(e), trainer.pairs, trainer.pair_margins()."""
-        algorithm = self.__dict__.get("algorithm")
-        if algorithm is not None and not name.startswith("__"):
-            if name == f"{self.cfg.algo}_epoch":
-                return algorithm.epoch
-            if hasattr(algorithm, name):
-                return getattr(algorithm, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     # -- setup --
 
     def _load_model(self) -> Any:

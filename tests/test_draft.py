@@ -137,7 +137,7 @@ def test_non_differentiable_reward_is_refused(models_dir: Path, tmp_path: Path) 
         PolicyTrainer(draft_cfg(models_dir, tmp_path, draft__k=5), reward=Brightness(), progress=False)
     trainer = PolicyTrainer(draft_cfg(models_dir, tmp_path), reward=JpegCompressibilityReward(), progress=False)
     with pytest.raises(ConfigError, match=r"--algo draft: reward 'jpeg_compressibility'.*not differentiable.*--algo ddpo"):
-        trainer.draft_epoch(0)
+        trainer.algorithm.epoch(0)
 
     class Declared(Brightness):
         name = "declared"
@@ -145,7 +145,7 @@ def test_non_differentiable_reward_is_refused(models_dir: Path, tmp_path: Path) 
 
     trainer.reward = Declared()
     with pytest.raises(ConfigError, match=r"--algo draft: reward 'declared'.*--algo ddpo"):
-        trainer.draft_epoch(0)
+        trainer.algorithm.epoch(0)
 
 
 def test_draft_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path) -> None:
@@ -214,7 +214,7 @@ def test_controlnet_lora_target_is_trained(models_dir: Path, tmp_path: Path) -> 
     cfg = draft_cfg(models_dir, tmp_path, target__kind="controlnet_lora", draft__k=2)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     before = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
-    row = trainer.draft_epoch(0)
+    row = trainer.algorithm.epoch(0)
     after = trainer.policy.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved, "the optimizer step changed nothing"

@@ -63,7 +63,7 @@ def run_epoch(trainer: PolicyTrainer, epoch: int, fused: bool, state: dict) -> t
 
     trainer._optimizer_step, trainer._rescore = step, rescore  # type: ignore[method-assign]
     try:
-        row = trainer.ddpo_epoch(epoch)
+        row = trainer.algorithm.epoch(epoch)
     finally:
         del trainer._optimizer_step, trainer._rescore  # back to the class's methods
     assert row["clipfrac"] == 0.0 and abs(row["ratio"] - 1.0) < 1e-5  # first step: r = 1, clip inactive

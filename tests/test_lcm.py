@@ -362,15 +362,15 @@ def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> 
     cfg = policy_cfg(models_dir, tmp_path, algo="d3po", train__batch_size=3, optim__lr=3e-3, sample__steps=3)
     cfg.d3po.samples_dir = str(store.root)
     trainer = PolicyTrainer(cfg, progress=False)
-    batches = trainer._load_pair_data()
+    batches = trainer.algorithm._load_pair_data()
     assert [b.sample_cfg.sampler for b in batches] == ["lcm"]
     # The stored log-probs are the reference, and re-scoring with the LCM step reproduces them.
     assert torch.allclose(batches[0].extra["ref"], trainer._reference_log_probs(batches[0]), atol=RATIO_TOL, rtol=0)
     from poseloop.store import load_trajectory
 
-    meta = dict(load_trajectory(trainer.pairs[0].winner_path).metadata)
-    assert meta["sampler"] == "lcm" and trainer._sampled_by_reference(meta)
+    meta = dict(load_trajectory(trainer.algorithm.pairs[0].winner_path).metadata)
+    assert meta["sampler"] == "lcm" and trainer.algorithm._sampled_by_reference(meta)
     # A round made with another LCM-LoRA was not sampled by this reference: its stored log-probs are not used.
-    assert not trainer._sampled_by_reference({**meta, "lcm_lora": "other_lcm_lora.safetensors"})
-    row = trainer.d3po_epoch(0)
+    assert not trainer.algorithm._sampled_by_reference({**meta, "lcm_lora": "other_lcm_lora.safetensors"})
+    row = trainer.algorithm.epoch(0)
     assert np.isfinite(row["loss"]) and trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL

@@ -83,7 +83,7 @@ def fixed_seed_rewards(trainer: PolicyTrainer, n: int = 16) -> torch.Tensor:
 
 def test_first_ppo_ratio_is_one(models_dir: Path, tmp_path: Path) -> None:
     trainer = PolicyTrainer(policy_cfg(models_dir, tmp_path), reward=Brightness(), progress=False)
-    row = trainer.ddpo_epoch(0)
+    row = trainer.algorithm.epoch(0)
     assert trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL  # the sampled log-probs, re-scored
     assert np.isfinite(row["loss"]) and row["samples"] == 4
 
@@ -123,7 +123,7 @@ def test_first_ppo_epoch_is_not_clipped_under_bf16_autocast(models_dir: Path, tm
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     assert trainer.accelerator.mixed_precision == "bf16"
     ratios = ratio_spy(monkeypatch)
-    row = trainer.ddpo_epoch(0)
+    row = trainer.algorithm.epoch(0)
     r = torch.cat(ratios)  # [4 trajectories x the chosen steps]
     assert r.numel() == 4 * max(1, round(cfg.train.timestep_fraction * 4)) and trainer.global_step == 1
     # Sampling outside autocast and re-scoring inside gave mean |r - 1| 2.7e-3 and clip fraction 1.0.
@@ -148,7 +148,7 @@ def test_a_deterministic_last_step_is_never_trained_and_gives_no_nan(models_dir:
     monkeypatch.setattr(trainer, "_rescore",
                         lambda cond, lat, ts, j, scfg: trained.append(j) or real(cond, lat, ts, j, scfg))
     ratios = ratio_spy(monkeypatch)
-    row = trainer.ddpo_epoch(0)
+    row = trainer.algorithm.epoch(0)
     assert sorted(set(trained)) == [0, 1, 2]  # every step but the last of 4
     assert all(np.isfinite(v) for v in row.values()), row
     assert (torch.cat(ratios) - 1).abs().max() < RATIO_TOL
@@ -245,11 +245,11 @@ def d3po_cfg(models_dir: Path, tmp: Path, samples: Path, **overrides: object) ->
 
 def test_d3po_from_human_preferences_favours_the_winners(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
     trainer = PolicyTrainer(d3po_cfg(models_dir, tmp_path, rated_round), progress=False)
-    assert len(trainer.pairs) == 12  # 2 groups x C(4, 2); the tie and the skip are ignored
-    start = trainer.pair_margins()
+    assert len(trainer.algorithm.pairs) == 12  # 2 groups x C(4, 2); the tie and the skip are ignored
+    start = trainer.algorithm.pair_margins()
     assert start.abs().max() < 1e-6  # the policy starts as the reference
     result = trainer.run()
-    margins = trainer.pair_margins()
+    margins = trainer.algorithm.pair_margins()
     assert trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL  # policy = reference at first
     assert margins.mean() > 0 and (margins > 0).float().mean() >= 0.75, margins
     assert result.history[-1]["loss"] < result.history[0]["loss"]
@@ -259,7 +259,7 @@ def test_d3po_shows_progress_per_batch_of_pairs_and_ends_with_a_summary(
         models_dir: Path, tmp_path: Path, rated_round: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trainer = PolicyTrainer(d3po_cfg(models_dir, tmp_path, rated_round, train__epochs=1), progress=True)
     capsys.readouterr()
-    trainer.d3po_epoch(0)
+    trainer.algorithm.epoch(0)
     out, err = capsys.readouterr()
     # 12 pairs in batches of 4: the bar moves with each batch instead of sitting at epoch 0/1. The round
     # was sampled by the reference model, so no reference pass (and no bar for it) is needed.
@@ -267,8 +267,8 @@ def test_d3po_shows_progress_per_batch_of_pairs_and_ends_with_a_summary(
     assert all(f"{k}/12" in err for k in (4, 8, 12)), err
     assert "d3po epoch 1/1: 12 pairs in 3 batches, loss " in out
     # When a reference pass is needed (another model or dtype sampled the round), it shows progress too.
-    assert trainer.pair_data is not None
-    batch = trainer.pair_data[0]
+    assert trainer.algorithm.pair_data is not None
+    batch = trainer.algorithm.pair_data[0]
     trainer._reference_log_probs(batch, steps=[0])
     # tqdm redraws at most every 0.1 s and clears the bar (leave=False), so the last count may not show.
     assert "d3po reference log-probs" in (err := capsys.readouterr().err) and "/24" in err, err
@@ -277,19 +277,19 @@ def test_d3po_shows_progress_per_batch_of_pairs_and_ends_with_a_summary(
 def test_d3po_takes_the_reference_log_probs_from_the_stored_trajectories(
         models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
     trainer = PolicyTrainer(d3po_cfg(models_dir, tmp_path, rated_round), progress=False)
-    batches = trainer._load_pair_data()
+    batches = trainer.algorithm._load_pair_data()
     for batch in batches:
         # The same fp16 latents under the same weights: only kernel-order noise separates the two.
         assert torch.allclose(batch.extra["ref"], trainer._reference_log_probs(batch), atol=RATIO_TOL, rtol=0)
     from poseloop.store import load_trajectory
 
-    meta = dict(load_trajectory(trainer.pairs[0].winner_path).metadata)
-    assert trainer._sampled_by_reference(meta)
+    meta = dict(load_trajectory(trainer.algorithm.pairs[0].winner_path).metadata)
+    assert trainer.algorithm._sampled_by_reference(meta)
     for key, value in (("lora", "other.safetensors"), ("policy", "ddpo-x"), ("dtype", "torch.float16"),
                        ("base_model", "stabilityai/sdxl"), ("controlnet", "some/controlnet")):
-        assert not trainer._sampled_by_reference({**meta, key: value}), key
+        assert not trainer.algorithm._sampled_by_reference({**meta, key: value}), key
     trainer.cfg.optim.mixed_precision = "bf16"  # the training pass runs in another numeric context
-    assert not trainer._sampled_by_reference(meta)
+    assert not trainer.algorithm._sampled_by_reference(meta)
 
 
 def test_d3po_faithful_defaults_cannot_move_the_loss(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
@@ -363,6 +363,6 @@ def test_a_weighted_reward_logs_each_member(models_dir: Path, tmp_path: Path) ->
 
     mix = WeightedReward([(Brightness(), 1.0), (Constant(), 0.5)])
     trainer = PolicyTrainer(policy_cfg(models_dir, tmp_path), reward=mix, progress=False)
-    row = trainer.ddpo_epoch(0)
+    row = trainer.algorithm.epoch(0)
     assert row["reward_constant"] == pytest.approx(2.0)
     assert row["reward_mean"] == pytest.approx(row["reward_test_brightness"] + 1.0, abs=1e-5)

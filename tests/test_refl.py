@@ -65,7 +65,7 @@ def test_gradient_flows_only_through_the_stop_step(models_dir: Path, tmp_path: P
 def test_non_differentiable_reward_is_refused(models_dir: Path, tmp_path: Path) -> None:
     trainer = PolicyTrainer(refl_cfg(models_dir, tmp_path), reward=JpegCompressibilityReward(), progress=False)
     with pytest.raises(ConfigError, match=r"jpeg_compressibility.*not differentiable.*--algo ddpo"):
-        trainer.refl_epoch(0)
+        trainer.algorithm.epoch(0)
 
     class Declared(Brightness):
         name = "declared"
@@ -73,7 +73,7 @@ def test_non_differentiable_reward_is_refused(models_dir: Path, tmp_path: Path) 
 
     trainer.reward = Declared()
     with pytest.raises(ConfigError, match=r"'declared'.*--algo ddpo"):
-        trainer.refl_epoch(0)
+        trainer.algorithm.epoch(0)
 
 
 def test_refl_raises_the_reward(models_dir: Path, tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_latent_reward_scores_x0_latents_without_decoding(models_dir: Path, tmp_
 
     monkeypatch.setattr(refl, "decode_with_grad", no_decode)
     before = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
-    row = trainer.refl_epoch(0)
+    row = trainer.algorithm.epoch(0)
     assert torch.isfinite(torch.tensor(row["loss"]))
     after = trainer.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the optimizer step changed nothing"

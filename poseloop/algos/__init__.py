@@ -31,8 +31,7 @@ class Algorithm:
     _epoch_items(epoch) (this process's groups and seeds), _sample_groups(...) (trajectories + rewards),
     _gather(t), _chosen_trainable_steps(batch, gen), _rescore(...) (log-probs [B] with gradient),
     _reference_log_probs(batch) / _log_probs(batch) (no grad), _optimizer_step(); it sets first_ratio.
-    Attributes the trainer lacks are looked up here (trainer.pairs, trainer.pair_margins()), and
-    trainer.<algo>_epoch is epoch().
+    The trainer keeps it as trainer.algorithm (tests call trainer.algorithm.epoch(0), .pairs, ...).
     """
 
     def __init__(self, trainer: PolicyTrainer) -> None:

@@ -16,19 +16,18 @@ then n copies of the final sample noised to the last timestep, each denoised by 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from poseloop.algos.refl import ReFL, decode_with_grad
-from poseloop.rollouts import derive_seed
 
 
 class DRaFT(ReFL):
-    """DRaFT-K / AlignProp on the shared sampler; reuses ReFL's rollout, reward check and scoring."""
+    """DRaFT-K / AlignProp on the shared sampler; reuses ReFL's rollout, reward check, scoring and epoch loop."""
+
+    stat, tag = "k", "draft"  # the logged statistic (K per minibatch) and the epoch's random stream
 
     def draw_k(self, gen: torch.Generator) -> int:
         """K for one minibatch: draft.k, or uniform in 1..draft.k with draft.k_random."""
@@ -103,43 +102,15 @@ class DRaFT(ReFL):
             rewards.append(r.detach())
         return torch.stack(losses_).mean(), torch.stack(rewards).mean(dim=0)
 
-    def epoch(self, epoch: int) -> dict[str, float]:
-        """Minibatches of train.batch_size (group, seed) items: roll out, K steps with gradient, score, update."""
-        from poseloop.sampling import make_conditioning
-
-        t = self.trainer
-        cfg = t.cfg
-        t0 = time.perf_counter()
-        groups, seeds, _ = t._epoch_items(epoch)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, "draft", t.accelerator.process_index))
-        losses_, ks = [], []
-        rewards: list[torch.Tensor] = []
-        bs = cfg.train.batch_size
-        micro = 0
-        starts = list(range(0, len(groups), bs))
-        for j, i in enumerate(starts):
-            gs, ss = groups[i:i + bs], seeds[i:i + bs]
-            prompts = [t.specs[g].prompt for g in gs]
-            cond = make_conditioning(t.comp, prompts, [t._group_image(g) for g in gs], cfg.sample, t.width, t.height)
-            meta = [t._metadata(g) for g in gs]
-            if cfg.draft.lv:
-                k = 1
-                loss, r = self.lv_backward(cond, ss, prompts, meta)
-            else:
-                k = self.draw_k(gen)
-                x = self.final_latents(cond, ss, k)
-                r = self.score(x, prompts, meta)
-                loss = -r.mean() * cfg.draft.scale
-                t.accelerator.backward(loss / cfg.train.grad_accum)
-            losses_.append(float(loss.detach()))
-            ks.append(float(k))
-            rewards.append(r.detach().float().cpu())
-            micro += 1
-            if micro % cfg.train.grad_accum == 0 or j == len(starts) - 1:
-                t._optimizer_step()
-        all_rewards = t._gather(torch.cat(rewards))
-        # The reward of the finished samples drawn by the weights before each minibatch's update (on-policy;
-        # DRaFT-LV: of the re-denoised copies).
-        return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
-                "loss": float(np.mean(losses_)), "k": float(np.mean(ks)),
-                "samples": float(all_rewards.numel()), "seconds": time.perf_counter() - t0}
+    def minibatch(self, cond: Any, seeds: list[int], prompts: list[str], metadata: list[dict[str, Any]],
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """K steps with gradient (or DRaFT-LV's copies), score, backpropagate; (loss, reward [B], K)."""
+        cfg = self.trainer.cfg
+        if cfg.draft.lv:
+            loss, r = self.lv_backward(cond, seeds, prompts, metadata)
+            return loss, r, 1.0
+        k = self.draw_k(gen)
+        r = self.score(self.final_latents(cond, seeds, k), prompts, metadata)
+        loss = -r.mean() * cfg.draft.scale
+        self.trainer.accelerator.backward(loss / cfg.train.grad_accum)
+        return loss, r, float(k)

@@ -51,6 +51,9 @@ def decode_with_grad(comp: Any, latents: torch.Tensor) -> torch.Tensor:
 class ReFL(Algorithm):
     """ReFL with the shared sampler's DDIM step, the trainer's conditioning and optimizer step."""
 
+    stat: str = "stop_step"  # minibatch()'s statistic, logged as its mean over the epoch
+    tag: str = "refl"  # names the epoch's random stream (derive_seed)
+
     def __init__(self, trainer: Any) -> None:
         super().__init__(trainer)
         self.checked = False
@@ -121,41 +124,46 @@ class ReFL(Algorithm):
         """Images of latents with gradient for an image reward (a subclass may checkpoint it)."""
         return decode_with_grad(self.trainer.comp, latents)
 
+    def minibatch(self, cond: Any, seeds: list[int], prompts: list[str], metadata: list[dict[str, Any]],
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Roll out to a late stop step, predict x0 with gradient, score, backpropagate; (loss, reward [B], stop step)."""
+        cfg = self.trainer.cfg
+        stop = self.stop_step(gen)
+        x, timesteps = self.rollout_to(cond, seeds, stop)
+        r = self.score(self.predicted_x0(cond, x, timesteps[stop]), prompts, metadata)
+        loss = losses.refl_loss(r, cfg.refl.margin, cfg.refl.scale)
+        self.trainer.accelerator.backward(loss / cfg.train.grad_accum)
+        return loss, r, float(stop)
+
     def epoch(self, epoch: int) -> dict[str, float]:
-        """Minibatches of train.batch_size (group, seed) items: roll out, one step with gradient, update."""
+        """Minibatches of train.batch_size (group, seed) items: minibatch() backpropagates, then the optimizer steps."""
         from poseloop.sampling import make_conditioning
 
         t = self.trainer
         cfg = t.cfg
         t0 = time.perf_counter()
         groups, seeds, _ = t._epoch_items(epoch)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, "refl", t.accelerator.process_index))
-        stats: dict[str, list[float]] = {"loss": [], "reward": [], "stop_step": []}
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, self.tag, t.accelerator.process_index))
+        losses_: list[float] = []
+        stats: list[float] = []
         rewards: list[torch.Tensor] = []
         bs = cfg.train.batch_size
-        micro = 0
         starts = list(range(0, len(groups), bs))
         for k, i in enumerate(starts):
             gs, ss = groups[i:i + bs], seeds[i:i + bs]
             prompts = [t.specs[g].prompt for g in gs]
             cond = make_conditioning(t.comp, prompts, [t._group_image(g) for g in gs], cfg.sample, t.width, t.height)
-            stop = self.stop_step(gen)
-            x, timesteps = self.rollout_to(cond, ss, stop)
-            x0 = self.predicted_x0(cond, x, timesteps[stop])
-            r = self.score(x0, prompts, [t._metadata(g) for g in gs])
-            loss = losses.refl_loss(r, cfg.refl.margin, cfg.refl.scale)
-            t.accelerator.backward(loss / cfg.train.grad_accum)
-            stats["loss"].append(float(loss.detach()))
-            stats["reward"].append(float(r.detach().mean()))
-            stats["stop_step"].append(float(stop))
+            loss, r, stat = self.minibatch(cond, ss, prompts, [t._metadata(g) for g in gs], gen)
+            losses_.append(float(loss.detach()))
+            stats.append(stat)
             rewards.append(r.detach().float().cpu())
-            micro += 1
-            if micro % cfg.train.grad_accum == 0 or k == len(starts) - 1:
+            if (k + 1) % cfg.train.grad_accum == 0 or k == len(starts) - 1:
                 t._optimizer_step()
         all_rewards = t._gather(torch.cat(rewards))
-        # The reward of predicted x0 at the stop step (not of finished samples): a training signal, not an evaluation.
+        # ReFL: the reward of predicted x0 at the stop step (a training signal, not an evaluation); DRaFT: of the
+        # finished samples drawn by the weights before each minibatch's update (DRaFT-LV: of the re-denoised copies).
         return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
-                "loss": float(np.mean(stats["loss"])), "stop_step": float(np.mean(stats["stop_step"])),
+                "loss": float(np.mean(losses_)), self.stat: float(np.mean(stats)),
                 "samples": float(all_rewards.numel()), "seconds": time.perf_counter() - t0}
 
     def kl_is_measured(self) -> bool:
