@@ -137,6 +137,22 @@ def _built_on_first_use(path: str) -> bool:
     return p.name == LCM_LORA_FILE and p.parent.name == "tiny-sd15"
 
 
+def _source_can_exist(source: str) -> bool:
+    """Whether a model source is an existing path, a syntactically valid hub id, or an embedded model built on first
+    use: a misspelt local path ('/data/sd15', './models/x') fails validation instead of a hub lookup."""
+    if Path(source).expanduser().exists():
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+        return True
+    except HFValidationError:
+        from poseloop.tiny import is_embedded  # imports torch; only reached for a path that does not exist
+
+        return is_embedded(source)
+
+
 def validate_model(m: ModelConfig) -> None:
     """Model fields that can be checked without loading anything."""
     if m.threads < 0:
@@ -150,6 +166,11 @@ def validate_model(m: ModelConfig) -> None:
         if value and looks_like_file(value) and not Path(value).expanduser().is_file():
             raise ConfigError(f"model.{name}: file {value!r} does not exist; pass an existing .safetensors file, "
                               "a diffusers folder or a hub id")
+    for name in ("base", "controlnet", "vae", "lcm_lora"):
+        value = getattr(m, name)
+        if value and not _source_can_exist(value):
+            raise ConfigError(f"model.{name}: {value!r} is neither an existing file or folder nor a hub id (org/name); "
+                              "check the path, or pass a hub id")
     if m.policy and m.lora:
         raise ConfigError("model.policy: give either model.policy or model.lora, not both")
     if m.lora and not Path(m.lora).is_file():

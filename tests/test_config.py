@@ -56,6 +56,10 @@ def test_set_accepts_json_lists() -> None:
         (["--set", "sample.stepz=3"], "sample.stepz"),
         (["--set", "model.dtype=float8"], "model.dtype"),
         (["--set", "data.dataset=/nonexistent.jsonl"], "data.dataset"),
+        # A path that does not exist and cannot be a hub id (org/name) is named before any hub lookup.
+        (["--model.base", "/nonexistent/sd15"], "model.base: '/nonexistent/sd15' is neither an existing file or folder"),
+        (["--model.controlnet", "./models/openpose"], "model.controlnet: './models/openpose' is neither"),
+        (["--model.lcm_lora", "~/loras/lcm"], "model.lcm_lora: '~/loras/lcm' is neither"),
         (["--set", "data.photos=/tmp/x.png"], "data.photos"),
         (["--set", "sample.images_per_group=0"], "sample.images_per_group"),
         (["--set", "sample"], "FIELD=VALUE"),
