@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poseloop.configlib import ConfigError, field
-from poseloop.single_file import looks_like_file
+from poseloop.single_file import WEIGHT_SUFFIXES, looks_like_file
 
 EMBEDDED_SD15 = "models/tiny-sd15"
 EMBEDDED_SDXL = "models/tiny-sdxl"
@@ -175,6 +175,9 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.policy: give either model.policy or model.lora, not both")
     if m.lora and not Path(m.lora).is_file():
         raise ConfigError(f"model.lora: file {m.lora!r} does not exist; pass a .safetensors LoRA file")
+    if m.lora and Path(m.lora).suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ConfigError(f"model.lora: {m.lora!r} is not a weights file (.safetensors, or a weights-only "
+                          ".ckpt/.pt/.pth/.bin); pass a LoRA file")
     if m.lcm_lora and looks_like_file(m.lcm_lora) and not Path(m.lcm_lora).expanduser().is_file() \
             and not _built_on_first_use(m.lcm_lora):
         raise ConfigError(f"model.lcm_lora: file {m.lcm_lora!r} does not exist; pass an LCM-LoRA .safetensors file, "

@@ -376,6 +376,20 @@ def test_unreadable_file_is_named_in_one_line(models_dir: Path, tmp_path: Path, 
     assert "\n" not in str(e.value)
 
 
+def test_an_unreadable_lora_file_is_named_in_one_line(models_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "half_downloaded_lora.safetensors"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match=rf"^model\.lora: {re.escape(str(bad))} is not a readable \.safetensors "
+                                             r"file \(.*\); check that the download is complete$") as e:
+        load_components(model_cfg(models_dir, lora=str(bad)))
+    assert "\n" not in str(e.value)
+    notes = tmp_path / "lora_notes.txt"
+    notes.write_text("trigger word: dancer")
+    cfg = model_cfg(models_dir, lora=str(notes))
+    with pytest.raises(ConfigError, match=r"^model\.lora: '.*lora_notes\.txt' is not a weights file"):
+        validate_model(cfg)
+
+
 def test_wrong_kind_of_file_says_where_it_belongs(files: dict[str, Path], models_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"^model\.base: .* holds no UNet .*pass it to --model\.controlnet"):
         load_components(model_cfg(models_dir, base=str(files["controlnet"])))
