@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop import sampling
     from poseloop.metrics import oks
     from poseloop.models import load_components
-    from poseloop.poses import render_pose
+    from poseloop.openpose import render_pose
     from poseloop.tiny import ensure_embedded
     from poseloop.world_detector import load_detector
     from poseloop.world import measure_attributes, parse_prompt

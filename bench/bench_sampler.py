@@ -28,7 +28,8 @@ from PIL import Image
 
 from poseloop.config import PRESETS
 from poseloop.models import Components, load_components
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 from poseloop.sampling import sample
 
 TARGET = 1.05  # issue 14: within 1.05x of diffusers' pipeline

@@ -99,7 +99,8 @@ def measure_pngs(batch: int) -> None:
     """Print PNG bytes of generated images and pose images at 128 px with the tiny model (and pose at 512)."""
     from poseloop.config import tiny
     from poseloop.models import load_components
-    from poseloop.poses import get_builtin_pose, render_pose
+    from poseloop.openpose import render_pose
+    from poseloop.poses import get_builtin_pose
     from poseloop.sampling import sample
 
     cfg = tiny()

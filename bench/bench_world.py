@@ -65,7 +65,8 @@ def save_grid(images: list, names: Sequence[str], per_group: int, path: Path, gr
     """One column per group: its pose image, then its images below, 2x enlarged."""
     from PIL import Image
 
-    from poseloop.poses import BUILTIN_POSES, render_pose
+    from poseloop.openpose import render_pose
+    from poseloop.poses import BUILTIN_POSES
 
     s = images[0].size[0] * 2
     canvas = Image.new("RGB", (groups * s, (per_group + 1) * s), "white")

@@ -327,7 +327,8 @@ def part_build(p: Part) -> None:
 
 def pose_images(size: int, n: int) -> list[Any]:
     """n OpenPose condition images of the built-in poses, size x size."""
-    from poseloop.poses import get_builtin_pose, render_pose
+    from poseloop.openpose import render_pose
+    from poseloop.poses import get_builtin_pose
 
     rendered = [render_pose(get_builtin_pose(name), size, size) for name in POSES]
     return [rendered[i % len(rendered)] for i in range(n)]

@@ -285,7 +285,8 @@ def readme_section(s: WorkflowSettings) -> str:
 def write_comfy_workflow(folder: str | Path, version: str, config: dict[str, Any], target: str,
                          native_size: int) -> tuple[list[str], str]:
     """Write both workflow files and the pose image into an export folder; (file names, README section)."""
-    from poseloop.poses import get_builtin_pose, render_pose
+    from poseloop.openpose import render_pose
+    from poseloop.poses import get_builtin_pose
 
     folder = Path(folder)
     s = settings_from_config(config, version, target, native_size)

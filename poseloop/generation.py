@@ -27,7 +27,7 @@ from poseloop.config import GenerateConfig
 from poseloop.configlib import ConfigError, check_finite, to_dict
 from poseloop.inputs import GroupSpec, build_groups
 from poseloop.models import Components, load_components, resolve_policy
-from poseloop.poses import render_pose
+from poseloop.openpose import render_pose
 from poseloop.sampling import sample
 from poseloop.store import SampleStore, Trajectory, atomic_write, save_png, save_trajectory, storage_errors
 

@@ -15,7 +15,8 @@ from typing import Any
 from PIL import Image
 
 from poseloop.config import DataConfig
-from poseloop.poses import BUILTIN_POSES, Pose, get_builtin_pose, load_keypoint_file
+from poseloop.pose_files import load_keypoint_file
+from poseloop.poses import BUILTIN_POSES, Pose, get_builtin_pose
 
 
 class InputError(ValueError):
@@ -153,7 +154,7 @@ def pose_sources(data: DataConfig) -> list[tuple[str, list[Pose], Path | None]]:
         # Pixel coordinates need the file's own canvas size (canvas_width / canvas_height).
         out.append((Path(file).stem, _load_keypoints(Path(file), None, None), None))
     if data.photos:
-        from poseloop.poses import detect_poses, load_openpose_detector
+        from poseloop.openpose import detect_poses, load_openpose_detector
 
         detector = load_openpose_detector(data.detector_weights)
         for file in data.photos:

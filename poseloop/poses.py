@@ -1,40 +1,25 @@
-"""OpenPose-18 poses: a Pose type, built-in poses, keypoint-file loading, skeleton rendering and detection.
+"""OpenPose-18 poses: the Pose type and the built-in poses.
 
-controlnet_aux is imported lazily inside functions: importing it pulls in every detector it ships
-(~5 s and a burst of warnings), and ``import poseloop`` must stay fast.
+Reading keypoint files is poseloop.pose_files; drawing skeletons and detecting poses (controlnet_aux's
+OpenPose) is poseloop.openpose.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
-
-if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from controlnet_aux.open_pose import OpenposeDetector, PoseResult
 
 __all__ = [
     "OPENPOSE18_NAMES",
     "BODY_POINTS",
     "HAND_POINTS",
     "FACE_POINTS",
-    "WEIGHT_FILES",
     "Pose",
     "BUILTIN_POSES",
     "get_builtin_pose",
-    "load_keypoint_file",
-    "render_pose",
-    "load_openpose_detector",
-    "detect_poses",
-    "pose_from_result",
-    "pose_to_result",
 ]
 
 OPENPOSE18_NAMES: tuple[str, ...] = (
@@ -61,30 +46,11 @@ BODY_POINTS = 18
 HAND_POINTS = 21
 FACE_POINTS = 68
 
-# File names as published in the Hugging Face repo lllyasviel/Annotators.
-WEIGHT_FILES: tuple[str, str, str] = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
-_WEIGHTS_HINT = (
-    "The OpenPose annotator weights are in the Hugging Face repo lllyasviel/Annotators; "
-    "download them with: huggingface-cli download lllyasviel/Annotators "
-    "body_pose_model.pth hand_pose_model.pth facenet.pth --local-dir {dir}"
-)
 
 # Index permutation that mirrors a body: every right point trades places with its left twin.
 _BODY_FLIP = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)
 
 
-
-def _import_controlnet_aux() -> None:
-    """Import controlnet_aux once with its import-time warnings silenced.
-
-    Importing any part of it imports every detector it ships (timm, mediapipe, ...), which print a
-    screenful of deprecation warnings that say nothing about this program.
-    """
-    if "controlnet_aux.open_pose" in sys.modules:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import controlnet_aux.open_pose  # noqa: F401
 
 def _face_flip() -> tuple[int, ...]:
     """Index permutation mirroring the 68-point (iBUG/Multi-PIE) face layout."""
@@ -102,8 +68,6 @@ def _face_flip() -> tuple[int, ...]:
 
 _FACE_FLIP = _face_flip()
 
-# BODY_25 (OpenPose's default model) -> OpenPose-18: drop mid-hip (8) and the six foot points.
-_BODY25_TO_18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 
 
 def _as_points(value: Any, n: int, field: str) -> np.ndarray:
@@ -401,361 +365,3 @@ def get_builtin_pose(name: str) -> Pose:
         ) from None
     # A copy, so callers that edit keypoints cannot corrupt the shared table.
     return Pose.from_dict(pose.to_dict())
-
-
-# ----------------------------------------------------------------------------------------------
-# Keypoint files.
-
-
-class _Raw:
-    """Keypoints as read from a file, before pixel/normalised resolution."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.parts: dict[str, np.ndarray | None] = {}
-        self.width: float | None = None
-        self.height: float | None = None
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _finish_points(arr: np.ndarray) -> np.ndarray:
-    # OpenPose writes undetected points as (0, 0, 0); treat an exact (0, 0) or confidence <= 0 as missing.
-    missing = (arr[:, 2] <= 0) | ((arr[:, 0] == 0) & (arr[:, 1] == 0))
-    arr[missing] = 0.0
-    return arr
-
-
-def _parse_flat(src: str, field: str, values: Any, sizes: dict[int, str]) -> tuple[np.ndarray, int]:
-    """Parse OpenPose's flat [x, y, c, x, y, c, ...]; ``sizes`` maps accepted lengths to descriptions."""
-    expected = " or ".join(f"{n} ({desc})" for n, desc in sizes.items())
-    if not isinstance(values, list):
-        raise ValueError(f"{src}: {field} must be a flat list of numbers; expected {expected}; found {type(values).__name__}")
-    for i, v in enumerate(values):
-        if not _is_number(v):
-            raise ValueError(f"{src}: {field}[{i}] is {v!r}; expected a finite number")
-    if len(values) not in sizes:
-        raise ValueError(f"{src}: {field} has {len(values)} numbers; expected {expected}.")
-    arr = np.asarray(values, dtype=np.float64).reshape(-1, 3)
-    return arr, len(values)
-
-
-def _parse_nested(src: str, field: str, values: Any, n: int, what: str) -> np.ndarray:
-    """Parse our nested [[x, y] | [x, y, c] | null, ...] with exactly ``n`` entries."""
-    if not isinstance(values, list):
-        raise ValueError(
-            f"{src}: {field} must be a list of {n} points ([x, y], [x, y, confidence] or null) for {what}; "
-            f"found {type(values).__name__}"
-        )
-    if len(values) != n:
-        raise ValueError(
-            f"{src}: {field} has {len(values)} points; expected {n} ({what}, each [x, y], [x, y, confidence] or null)"
-        )
-    arr = np.zeros((n, 3), dtype=np.float64)
-    for i, p in enumerate(values):
-        if p is None:
-            continue
-        if not isinstance(p, list) or len(p) not in (2, 3) or not all(_is_number(v) for v in p):
-            raise ValueError(
-                f"{src}: {field}[{i}] is {p!r}; expected [x, y], [x, y, confidence] or null with finite numbers"
-            )
-        arr[i] = (p[0], p[1], p[2] if len(p) == 3 else 1.0)
-    return _finish_points(arr)
-
-
-def _size_from(src: str, where: str, obj: dict[str, Any], wkey: str, hkey: str) -> tuple[float | None, float | None]:
-    w, h = obj.get(wkey), obj.get(hkey)
-    for key, v in ((wkey, w), (hkey, h)):
-        if v is not None and (not _is_number(v) or v <= 0):
-            raise ValueError(f"{src}: {where}{key} is {v!r}; expected a positive number of pixels")
-    return w, h
-
-
-def _read_openpose(src: str, data: dict[str, Any]) -> list[_Raw]:
-    people = data["people"]
-    if not isinstance(people, list):
-        raise ValueError(f"{src}: people must be a list of person objects; found {type(people).__name__}")
-    if not people:
-        raise ValueError(f"{src}: people is an empty list; expected at least one person")
-    w, h = _size_from(src, "", data, "canvas_width", "canvas_height")
-    out = []
-    for pi, person in enumerate(people):
-        where = f"people[{pi}]"
-        if not isinstance(person, dict):
-            raise ValueError(f"{src}: {where} must be an object; found {type(person).__name__}")
-        if "pose_keypoints_2d" not in person:
-            raise ValueError(f"{src}: {where} has no pose_keypoints_2d; expected 54 numbers (18 points x (x, y, confidence))")
-        raw = _Raw(where)
-        raw.width, raw.height = w, h
-        body, n = _parse_flat(
-            src,
-            f"{where}.pose_keypoints_2d",
-            person["pose_keypoints_2d"],
-            {54: "18 OpenPose body points x (x, y, confidence)", 75: "BODY_25, converted to 18 points"},
-        )
-        if n == 75:
-            body = body[list(_BODY25_TO_18)]
-        raw.parts["body"] = _finish_points(body)
-        for key, part in (("hand_left_keypoints_2d", "left_hand"), ("hand_right_keypoints_2d", "right_hand")):
-            vals = person.get(key)
-            if vals is None or vals == []:  # OpenPose writes [] when hands were not requested
-                raw.parts[part] = None
-                continue
-            arr, _ = _parse_flat(src, f"{where}.{key}", vals, {63: "21 hand points x (x, y, confidence)"})
-            raw.parts[part] = _finish_points(arr)
-        vals = person.get("face_keypoints_2d")
-        if vals is None or vals == []:
-            raw.parts["face"] = None
-        else:
-            arr, n = _parse_flat(
-                src,
-                f"{where}.face_keypoints_2d",
-                vals,
-                {204: "68 face points x (x, y, confidence)", 210: "OpenPose's 70 face points; the 2 pupils are dropped"},
-            )
-            raw.parts["face"] = _finish_points(arr[:FACE_POINTS])
-        out.append(raw)
-    return out
-
-
-def _read_ours(src: str, obj: Any, where: str) -> _Raw:
-    if not isinstance(obj, dict) or "body" not in obj:
-        raise ValueError(
-            f"{src}: {where or 'top level'} must be an object with a 'body' list of 18 points; "
-            f"found {type(obj).__name__}" + (f" with keys {sorted(obj)}" if isinstance(obj, dict) else "")
-        )
-    prefix = f"{where}." if where else ""
-    raw = _Raw(where or "pose")
-    raw.width, raw.height = _size_from(src, prefix, obj, "width", "height")
-    raw.parts["body"] = _parse_nested(src, f"{prefix}body", obj["body"], BODY_POINTS, "OpenPose-18 body points")
-    for key, n, what in (
-        ("left_hand", HAND_POINTS, "hand points"),
-        ("right_hand", HAND_POINTS, "hand points"),
-        ("face", FACE_POINTS, "face points"),
-    ):
-        vals = obj.get(key)
-        raw.parts[key] = None if vals is None else _parse_nested(src, f"{prefix}{key}", vals, n, what)
-    raw.name = str(obj.get("name", "") or "")  # type: ignore[attr-defined]
-    return raw
-
-
-def load_keypoint_file(path: str | Path, width: int | None = None, height: int | None = None) -> list[Pose]:
-    """Load poses from an OpenPose JSON file or our own {"body": [...]} JSON; ValueError names file and field."""
-    path = Path(path)
-    src = str(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{src}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-
-    if isinstance(data, dict) and "people" in data:
-        raws = _read_openpose(src, data)
-    elif isinstance(data, dict) and "body" in data:
-        raws = [_read_ours(src, data, "")]
-    elif isinstance(data, list):
-        if not data:
-            raise ValueError(f"{src}: the top-level list is empty; expected at least one pose object")
-        raws = [_read_ours(src, item, f"[{i}]") for i, item in enumerate(data)]
-    else:
-        found = f"an object with keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{src}: unrecognised keypoint file; expected OpenPose JSON ({{\"people\": [...]}}), "
-            f"a pose object ({{\"body\": [18 points]}}) or a list of pose objects; found {found}"
-        )
-
-    for raw in raws:
-        if not np.any(raw.parts["body"][:, 2] > 0):  # type: ignore[index]
-            raise ValueError(f"{src}: {raw.where} has no visible body points (all missing or confidence 0)")
-
-    # One decision per file: a pixel file whose person happens to sit near the top-left corner must
-    # not be mistaken for a normalised one, so all present coordinates of all people vote together.
-    coords = [p[p[:, 2] > 0, :2] for raw in raws for p in raw.parts.values() if p is not None]
-    allc = np.concatenate(coords) if coords else np.zeros((0, 2))
-    normalised = bool(np.all((allc >= 0.0) & (allc <= 1.0)))
-
-    poses = []
-    for raw in raws:
-        if normalised:
-            w, h = 1.0, 1.0
-        else:
-            # Explicit arguments win over the file so a caller can correct a wrong canvas size.
-            w = float(width) if width is not None else raw.width  # type: ignore[assignment]
-            h = float(height) if height is not None else raw.height  # type: ignore[assignment]
-            if w is None or h is None:
-                keys = "canvas_width/canvas_height" if raws[0].where.startswith("people") else "width/height"
-                raise ValueError(
-                    f"{src}: {raw.where} has pixel coordinates (values outside 0..1) but no canvas size; "
-                    f"add {keys} to the file or pass width= and height= to load_keypoint_file"
-                )
-            if w <= 0 or h <= 0:
-                raise ValueError(f"{src}: canvas size must be positive; got width={w}, height={h}")
-        parts: dict[str, np.ndarray | None] = {}
-        for key, arr in raw.parts.items():
-            if arr is None or not np.any(arr[:, 2] > 0):
-                parts[key] = None if key != "body" else arr
-                continue
-            scaled = arr.astype(np.float32)
-            present = scaled[:, 2] > 0
-            scaled[present, 0] /= w
-            scaled[present, 1] /= h
-            parts[key] = scaled
-        poses.append(
-            Pose(
-                body=parts["body"],  # type: ignore[arg-type]
-                left_hand=parts["left_hand"],
-                right_hand=parts["right_hand"],
-                face=parts["face"],
-                name=getattr(raw, "name", ""),
-            )
-        )
-    return poses
-
-
-# ----------------------------------------------------------------------------------------------
-# controlnet_aux bridge: conversion, rendering, detection.
-
-
-def pose_to_result(pose: Pose) -> PoseResult:
-    """Convert a Pose to controlnet_aux's PoseResult (normalised coordinates, None for missing body points)."""
-    _import_controlnet_aux()
-    from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
-
-    body = [Keypoint(float(x), float(y), float(c), i) if c > 0 else None for i, (x, y, c) in enumerate(pose.body)]
-    present = pose.body[:, 2] > 0
-
-    def part(arr: np.ndarray | None) -> list[Any] | None:
-        if arr is None:
-            return None
-        # controlnet_aux's hand/face drawing dereferences every entry, so missing points must be
-        # Keypoints too; it skips coordinates <= 0, which is how its own detector marks them (-1).
-        return [Keypoint(float(x), float(y), float(c)) if c > 0 else Keypoint(-1.0, -1.0, 0.0) for x, y, c in arr]
-
-    return PoseResult(
-        BodyResult(body, float(pose.body[present, 2].sum()), int(present.sum())),
-        part(pose.left_hand),
-        part(pose.right_hand),
-        part(pose.face),
-    )
-
-
-def pose_from_result(result: Any, name: str = "") -> Pose:
-    """Convert a controlnet_aux PoseResult (normalised coordinates) to a Pose."""
-
-    def part(kps: Sequence[Any] | None, n: int, field: str) -> np.ndarray | None:
-        if kps is None:
-            return None
-        if len(kps) != n:
-            raise ValueError(f"PoseResult.{field} has {len(kps)} keypoints; expected {n}")
-        arr = np.zeros((n, 3), dtype=np.float32)
-        for i, kp in enumerate(kps):
-            # The detector marks unfound hand/face points with negative coordinates (-1 / W).
-            if kp is None or kp.x < 0 or kp.y < 0 or kp.score <= 0:
-                continue
-            arr[i] = (float(kp.x), float(kp.y), float(kp.score))
-        return arr
-
-    body = part(result.body.keypoints, BODY_POINTS, "body.keypoints")
-    return Pose(
-        body=body,  # type: ignore[arg-type]
-        left_hand=part(result.left_hand, HAND_POINTS, "left_hand"),
-        right_hand=part(result.right_hand, HAND_POINTS, "right_hand"),
-        face=part(result.face, FACE_POINTS, "face"),
-        name=name,
-    )
-
-
-_MIN_DRAW = 128
-
-
-def render_pose(
-    pose: Pose | list[Pose], width: int, height: int, draw_hands: bool = True, draw_face: bool = True
-) -> Image.Image:
-    """Render the standard OpenPose skeleton image (RGB, black background) that OpenPose ControlNets expect."""
-    _import_controlnet_aux()
-    from controlnet_aux.open_pose import draw_poses
-
-    if int(width) <= 0 or int(height) <= 0:
-        raise ValueError(f"render_pose needs a positive size; got width={width}, height={height}")
-    poses = [pose] if isinstance(pose, Pose) else list(pose)
-    width, height = int(width), int(height)
-    # controlnet_aux draws limbs 8 px wide whatever the canvas size, which merges a small skeleton
-    # into one blob; small canvases are drawn at >= _MIN_DRAW px and shrunk so proportions survive.
-    factor = max(1, math.ceil(_MIN_DRAW / min(width, height)))
-    canvas = draw_poses([pose_to_result(p) for p in poses], height * factor, width * factor,
-                        draw_body=True, draw_hand=draw_hands, draw_face=draw_face)
-    image = Image.fromarray(canvas, mode="RGB")
-    if factor > 1:
-        image = image.resize((width, height), Image.Resampling.BOX)
-    return image
-
-
-def load_openpose_detector(weights_dir: str | Path, device: str | None = None) -> OpenposeDetector:
-    """Load controlnet_aux's OpenposeDetector from a local folder of the three .pth files; never uses the network."""
-    weights_dir = Path(weights_dir).expanduser()
-    paths = [weights_dir / f for f in WEIGHT_FILES]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        where = "folder does not exist" if not weights_dir.is_dir() else "folder lacks them"
-        raise FileNotFoundError(
-            f"OpenPose weights missing from {weights_dir} ({where}): {', '.join(missing)}. "
-            + _WEIGHTS_HINT.format(dir=weights_dir)
-        )
-    _import_controlnet_aux()
-    from controlnet_aux.open_pose import OpenposeDetector
-    from controlnet_aux.open_pose.body import Body
-    from controlnet_aux.open_pose.face import Face
-    from controlnet_aux.open_pose.hand import Hand
-
-    # Built piece by piece rather than via OpenposeDetector.from_pretrained: that falls back to
-    # hf_hub_download for anything that is not a directory, and we want the failing file named.
-    loaded = []
-    for cls, p in zip((Body, Hand, Face), paths):
-        try:
-            loaded.append(cls(str(p)))
-        except Exception as e:  # torch.load / key transfer / load_state_dict failures
-            raise ValueError(
-                f"{p}: could not load as an OpenPose {cls.__name__.lower()} model state dict "
-                f"({type(e).__name__}: {e}). " + _WEIGHTS_HINT.format(dir=weights_dir)
-            ) from e
-    detector = OpenposeDetector(*loaded)
-    if device is not None:
-        detector.to(device)
-    return detector
-
-
-def detect_poses(
-    image: Image.Image, detector: OpenposeDetector, include_hands: bool = True, include_face: bool = True
-) -> list[Pose]:
-    """Detect every person in ``image`` and return their Poses (normalised coordinates, real body confidences)."""
-    import torch
-    _import_controlnet_aux()
-    from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
-
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    # The networks were trained on BGR (OpenCV) input; OpenposeDetector.detect_poses flips the same way.
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    h, w = bgr.shape[:2]
-    poses = []
-    # This re-does OpenposeDetector.detect_poses because that method rebuilds the body keypoints
-    # without their scores (every confidence becomes 1.0); here the heatmap scores are kept.
-    with torch.no_grad():
-        candidate, subset = detector.body_estimation(bgr)
-        for body in detector.body_estimation.format_body_result(candidate, subset):
-            left = right = face = None
-            if include_hands and detector.hand_estimation is not None:
-                left, right = detector.detect_hands(body, bgr)
-            if include_face and detector.face_estimation is not None:
-                face = detector.detect_face(body, bgr)
-            norm_body = BodyResult(
-                [
-                    Keypoint(float(k.x) / w, float(k.y) / h, float(k.score), int(k.id)) if k is not None else None
-                    for k in body.keypoints
-                ],
-                float(body.total_score),
-                int(body.total_parts),
-            )
-            poses.append(pose_from_result(PoseResult(norm_body, left, right, face)))
-    return poses

@@ -174,7 +174,7 @@ class PoseAccuracyReward:
         if detector is None:
             if weights_dir is None:
                 raise ValueError("PoseAccuracyReward needs weights_dir (folder of the OpenPose .pth files) or a detector")
-            from poseloop.poses import load_openpose_detector
+            from poseloop.openpose import load_openpose_detector
             from poseloop.world_detector import is_detector_folder, load_detector
 
             # Loaded now, not on first call, so a missing file fails at build time with its name.
@@ -191,7 +191,7 @@ class PoseAccuracyReward:
         """Multi-person OKS per image [B] (GT people matched greedily by OKS; unmatched GT people count 0)."""
         from PIL import Image
 
-        from poseloop.poses import detect_poses
+        from poseloop.openpose import detect_poses
 
         images = _check_images(self.name, images, _batch_size(prompts, metadata))
         # Validate every sample's ground truth before running the (slow) detector.

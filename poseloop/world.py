@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from poseloop.inputs import InputError
-from poseloop.poses import BUILTIN_POSES, Pose, _figure, _place, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import BUILTIN_POSES, Pose, _figure, _place
 
 # Clothing colours and backgrounds use disjoint words ("light blue" sky vs "blue" shirt confused a
 # text encoder in a feasibility run).

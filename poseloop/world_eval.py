@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from poseloop.metrics import oks
-from poseloop.poses import BUILTIN_POSES, Pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import BUILTIN_POSES, Pose
 from poseloop.world import COLOURS, BACKGROUNDS, Attributes, measure_attributes, parse_prompt
 
 

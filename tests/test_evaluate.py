@@ -14,7 +14,8 @@ from sqlalchemy import select
 import evaluate as evaluate_script
 from poseloop import db
 from poseloop.evaluation import bootstrap_ci, win_rate
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 from poseloop.store import SampleStore
 
 

@@ -17,7 +17,8 @@ from poseloop.configlib import ConfigError
 from poseloop.generation import generate
 from poseloop.inputs import InputError
 from poseloop.models import load_components
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 from poseloop.store import SampleStore, load_trajectory
 
 

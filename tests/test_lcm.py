@@ -18,7 +18,8 @@ from poseloop import lcm, sampling
 from poseloop.config import SampleConfig
 from poseloop.configlib import ConfigError
 from poseloop.models import Components
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 from poseloop.training import PolicyTrainer
 
 # The policy tests' tiny config and synthetic reward (tests/ is on sys.path under pytest's import mode).

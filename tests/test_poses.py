@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from poseloop import openpose, pose_files
 from poseloop import poses as P
 from poseloop.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
 
@@ -84,7 +85,7 @@ def test_builtin_poses_look_like_their_names() -> None:
 def test_render_builtin(name: str) -> None:
     pose = BUILTIN_POSES[name]
     w, h = 320, 256  # not square, to catch x/y mix-ups
-    img = P.render_pose(pose, w, h)
+    img = openpose.render_pose(pose, w, h)
     assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (w, h)
     arr = np.asarray(img)
     assert arr[:8, :8].max() == 0 and arr[-8:, -8:].max() == 0  # background stays black
@@ -110,17 +111,17 @@ def test_render_multiple_people_hands_and_face() -> None:
     face[:, 1] = 0.15
     face[:, 2] = 1.0
     person = Pose(body=left.body, left_hand=hand, face=face)
-    with_all = np.asarray(P.render_pose([person], 200, 200))
-    no_extras = np.asarray(P.render_pose([person], 200, 200, draw_hands=False, draw_face=False))
+    with_all = np.asarray(openpose.render_pose([person], 200, 200))
+    no_extras = np.asarray(openpose.render_pose([person], 200, 200, draw_hands=False, draw_face=False))
     assert with_all[100, 150].max() > 0 and no_extras[100, 150].max() == 0  # hand at x=0.75, y=0.5
     assert (with_all == 255).all(axis=2).sum() > (no_extras == 255).all(axis=2).sum()  # white face dots
-    two = np.asarray(P.render_pose([left, left.flipped()], 100, 100))
+    two = np.asarray(openpose.render_pose([left, left.flipped()], 100, 100))
     assert two.shape == (100, 100, 3)
 
 
 def test_render_rejects_bad_size() -> None:
     with pytest.raises(ValueError):
-        P.render_pose(BUILTIN_POSES["standing"], 0, 64)
+        openpose.render_pose(BUILTIN_POSES["standing"], 0, 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_load_openpose_pixels(tmp_path: Path) -> None:
     person["hand_right_keypoints_2d"] = []
     person["face_keypoints_2d"] = [300.0, 100.0, 0.7] * 70  # OpenPose writes 70 (68 + 2 pupils)
     f = _write(tmp_path, "op.json", {"version": 1.3, "people": [person], "canvas_width": 400, "canvas_height": 200})
-    (pose,) = P.load_keypoint_file(f)
+    (pose,) = pose_files.load_keypoint_file(f)
     assert pose.body[0].tolist() == pytest.approx([20 / 400, 40 / 200, 0.9])
     assert pose.body[5].tolist() == pytest.approx([70 / 400, 65 / 200, 0.9])
     assert pose.body[16].tolist() == [0.0, 0.0, 0.0]
@@ -209,7 +210,7 @@ def test_load_openpose_pixels(tmp_path: Path) -> None:
 def test_load_openpose_size_from_arguments_and_body25(tmp_path: Path) -> None:
     pts25 = [(float(i + 1), float(2 * i + 2), 1.0) for i in range(25)]
     f = _write(tmp_path, "b25.json", {"people": [_openpose_person(pts25)]})
-    (pose,) = P.load_keypoint_file(f, width=100, height=50)
+    (pose,) = pose_files.load_keypoint_file(f, width=100, height=50)
     # BODY_25 index 9 (right hip) becomes OpenPose-18 index 8; mid-hip (8) is dropped.
     assert pose.body[8, :2].tolist() == pytest.approx([10 / 100, 20 / 50])
     assert pose.body[7, :2].tolist() == pytest.approx([8 / 100, 16 / 50])
@@ -221,21 +222,21 @@ def test_load_our_format_normalised(tmp_path: Path) -> None:
     body[4] = [0.3, 0.3, 0.0]
     body[5] = [0.6, 0.25, 0.8]
     f = _write(tmp_path, "ours.json", {"body": body, "name": "mine"})
-    (pose,) = P.load_keypoint_file(f)
+    (pose,) = pose_files.load_keypoint_file(f)
     assert pose.name == "mine"
     assert pose.body[0].tolist() == pytest.approx([0.5, 0.1, 1.0])
     assert pose.body[3].tolist() == [0, 0, 0] and pose.body[4].tolist() == [0, 0, 0]
     assert pose.body[5].tolist() == pytest.approx([0.6, 0.25, 0.8])
     # A list of pose objects, and Pose.to_dict output, load as well.
     g = _write(tmp_path, "list.json", [BUILTIN_POSES["standing"].to_dict(), BUILTIN_POSES["sitting"].to_dict()])
-    loaded = P.load_keypoint_file(g)
+    loaded = pose_files.load_keypoint_file(g)
     assert loaded == [BUILTIN_POSES["standing"], BUILTIN_POSES["sitting"]]
 
 
 def test_load_our_format_pixels(tmp_path: Path) -> None:
     body = [[64.0 + i, 128.0 + 2 * i] for i in range(18)]
     f = _write(tmp_path, "px.json", {"body": body, "width": 256, "height": 512})
-    (pose,) = P.load_keypoint_file(f)
+    (pose,) = pose_files.load_keypoint_file(f)
     assert pose.body[2].tolist() == pytest.approx([66 / 256, 132 / 512, 1.0])
 
 
@@ -259,7 +260,7 @@ def test_load_our_format_pixels(tmp_path: Path) -> None:
 def test_load_errors(tmp_path: Path, fname: str, content: object, needles: list[str]) -> None:
     f = _write(tmp_path, fname, content)
     with pytest.raises(ValueError) as e:
-        P.load_keypoint_file(f)
+        pose_files.load_keypoint_file(f)
     msg = str(e.value)
     assert fname in msg
     for needle in needles:
@@ -269,7 +270,7 @@ def test_load_errors(tmp_path: Path, fname: str, content: object, needles: list[
 def test_load_malformed_json_names_line(tmp_path: Path) -> None:
     f = _write(tmp_path, "broken.json", '{\n  "people": [\n    {"pose_keypoints_2d": [1, 2,]}\n  ]\n}\n')
     with pytest.raises(ValueError, match=r"broken\.json.*line 3"):
-        P.load_keypoint_file(f)
+        pose_files.load_keypoint_file(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,10 +282,10 @@ def test_result_round_trip() -> None:
     hand[:10] = (0.4, 0.6, 1.0)
     pose = Pose(body=BUILTIN_POSES["kneeling"].body, right_hand=hand)
     pose.body[16] = 0
-    result = P.pose_to_result(pose)
+    result = openpose.pose_to_result(pose)
     assert result.body.keypoints[16] is None and result.body.total_parts == 17
     assert result.right_hand is not None and len(result.right_hand) == 21 and result.left_hand is None
-    assert P.pose_from_result(result) == pose
+    assert openpose.pose_from_result(result) == pose
 
 
 @pytest.fixture
@@ -294,10 +295,10 @@ def random_weights(openpose_weights: Path) -> Path:
 
 
 def test_detector_with_random_weights(random_weights: Path) -> None:
-    det = P.load_openpose_detector(random_weights)
+    det = openpose.load_openpose_detector(random_weights)
     assert det.body_estimation is not None and det.hand_estimation is not None and det.face_estimation is not None
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
-    found = P.detect_poses(img, det)
+    found = openpose.detect_poses(img, det)
     assert isinstance(found, list) and all(isinstance(p, Pose) for p in found)
     for p in found:
         assert p.body.shape == (18, 3)
@@ -326,7 +327,7 @@ def test_detector_with_random_weights(random_weights: Path) -> None:
     det.hand_estimation = one_peak_hand
     det.face_estimation = None
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8))
-    (p,) = P.detect_poses(img, det)
+    (p,) = openpose.detect_poses(img, det)
     assert np.allclose(p.body[:, :2], std[:, :2], atol=1e-5) and np.allclose(p.body[:, 2], 0.9)
     for hand, wrist in ((p.left_hand, "left_wrist"), (p.right_hand, "right_wrist")):
         assert hand is not None and hand.shape == (21, 3)
@@ -335,7 +336,7 @@ def test_detector_with_random_weights(random_weights: Path) -> None:
         assert abs(hand[0, 0] - _xy(BUILTIN_POSES["standing"], wrist)[0]) < 0.08
         assert hand[0, 1] > _xy(BUILTIN_POSES["standing"], wrist)[1] - 0.02
     assert p.face is None
-    assert P.detect_poses(img, det, include_hands=False)[0].left_hand is None
+    assert openpose.detect_poses(img, det, include_hands=False)[0].left_hand is None
 
 
 def test_detect_poses_converts_coordinates() -> None:
@@ -360,7 +361,7 @@ def test_detect_poses_converts_coordinates() -> None:
 
     img = np.zeros((100, 200, 3), np.uint8)
     img[0, 0] = (1, 2, 3)
-    (pose,) = P.detect_poses(Image.fromarray(img), FakeDetector())
+    (pose,) = openpose.detect_poses(Image.fromarray(img), FakeDetector())
     assert pose.body[0].tolist() == pytest.approx([0.25, 0.2, 0.7])
     assert pose.body[1].tolist() == pytest.approx([0.75, 0.8, 0.4])
     assert np.all(pose.body[2:] == 0)
@@ -368,26 +369,27 @@ def test_detect_poses_converts_coordinates() -> None:
 
 def test_detector_missing_files(tmp_path: Path, random_weights: Path) -> None:
     with pytest.raises(FileNotFoundError) as e:
-        P.load_openpose_detector(tmp_path / "nowhere")
+        openpose.load_openpose_detector(tmp_path / "nowhere")
     for f in ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth", "lllyasviel/Annotators"):
         assert f in str(e.value)
     (tmp_path / "body_pose_model.pth").write_bytes((random_weights / "body_pose_model.pth").read_bytes())
     with pytest.raises(FileNotFoundError) as e:
-        P.load_openpose_detector(tmp_path)
+        openpose.load_openpose_detector(tmp_path)
     assert "hand_pose_model.pth" in str(e.value) and "facenet.pth" in str(e.value)
     assert "body_pose_model.pth" not in str(e.value).split("huggingface-cli")[0]
 
 
 def test_detector_corrupt_file_named(tmp_path: Path) -> None:
-    for f in P.WEIGHT_FILES:
+    for f in openpose.WEIGHT_FILES:
         (tmp_path / f).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="body_pose_model.pth"):
-        P.load_openpose_detector(tmp_path)
+        openpose.load_openpose_detector(tmp_path)
 
 
-def test_module_imports_without_controlnet_aux() -> None:
+def test_modules_import_without_controlnet_aux() -> None:
     import subprocess
     import sys
 
-    code = "import poseloop.poses, sys; assert 'controlnet_aux' not in sys.modules and 'torch' not in sys.modules"
+    code = ("import poseloop.poses, poseloop.pose_files, poseloop.openpose, sys; "
+            "assert 'controlnet_aux' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

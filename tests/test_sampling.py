@@ -14,7 +14,8 @@ from PIL import Image
 from poseloop import sampling
 from poseloop.config import SampleConfig
 from poseloop.configlib import ConfigError
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 
 
 def sd_scheduler(steps: int = 20) -> DDIMScheduler:

@@ -24,7 +24,8 @@ from poseloop import sampling
 from poseloop.config import SampleConfig, tiny, tiny_sdxl, validate_model
 from poseloop.configlib import ConfigError
 from poseloop.models import Components, ModelLoadError, load_components
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 from poseloop.single_file import CONFIGS, Fingerprint, detect_base_arch, match_config
 from tiny_helpers import eps_of, model_cfg
 

@@ -46,7 +46,8 @@ def test_the_preset_fuses_the_lora_and_does_not_warn(models_dir: Path, sd15_comp
     assert fused.keys() == base.keys()
     assert sum(not torch.equal(base[k], fused[k]) for k in base) > 50  # attention, conv and time layers
     from poseloop import sampling
-    from poseloop.poses import get_builtin_pose, render_pose
+    from poseloop.openpose import render_pose
+    from poseloop.poses import get_builtin_pose
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an LCM-LoRA is loaded: no "not an LCM" warning

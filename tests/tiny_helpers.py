@@ -9,7 +9,8 @@ import torch
 from poseloop import sampling
 from poseloop.config import ModelConfig, SampleConfig, tiny
 from poseloop.models import Components
-from poseloop.poses import get_builtin_pose, render_pose
+from poseloop.openpose import render_pose
+from poseloop.poses import get_builtin_pose
 
 
 def model_cfg(models_dir: Path, **overrides: object) -> ModelConfig:
