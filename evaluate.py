@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from poseloop.configlib import parse_config
 from poseloop.errors import user_errors
-from poseloop.evaluation import PRESETS, EvaluateConfig, evaluate
+from poseloop.evaluation import evaluate
+from poseloop.evaluation_config import PRESETS, EvaluateConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -110,8 +110,8 @@ def _float_fields(cfg_cls: type) -> list[str]:
 
 
 def _every_config() -> list[tuple[type, dict, str, str]]:
-    from poseloop.evaluation import PRESETS as EVAL_PRESETS
-    from poseloop.evaluation import EvaluateConfig
+    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
+    from poseloop.evaluation_config import EvaluateConfig
     from poseloop.reward_config import PRESETS as REWARD_PRESETS
     from poseloop.reward_config import TrainRewardConfig
     from poseloop.training import PRESETS as POLICY_PRESETS
@@ -169,7 +169,7 @@ def test_tiny_on_points_the_tiny_preset_at_a_model_and_a_quiet_output_folder() -
 def test_every_preset_validates_on_a_fresh_checkout(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded folders (and the world's LCM-LoRA in one) are built on first use, after validation: a preset
     naming them must validate in a folder that has no models/ yet (CI caught tiny-rlcm refusing to start)."""
-    from poseloop.evaluation import PRESETS as EVALUATE_PRESETS
+    from poseloop.evaluation_config import PRESETS as EVALUATE_PRESETS
     from poseloop.policy_config import PRESETS as POLICY_PRESETS
 
     monkeypatch.chdir(tmp_path)

@@ -125,7 +125,8 @@ def test_evaluate_refuses_bad_input_before_generating(tiny_cfg, tmp_path: Path, 
 def test_pose_accuracy_is_measured_only_where_keypoints_are_known(
     tiny_cfg, tmp_path: Path, openpose_weights: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    from poseloop.evaluation import EvaluateConfig, evaluate
+    from poseloop.evaluation import evaluate
+    from poseloop.evaluation_config import EvaluateConfig
 
     trained = tmp_path / "trained"
     make_policy(trained, tiny_cfg.model, "run-0001")
@@ -156,7 +157,8 @@ def test_rerun_command_reproduces_the_config_exactly() -> None:
     import shlex
 
     from poseloop.configlib import parse_config
-    from poseloop.evaluation import PRESETS, EvaluateConfig, rerun_command
+    from poseloop.evaluation import rerun_command
+    from poseloop.evaluation_config import PRESETS, EvaluateConfig
 
     argv = ["--preset", "sd15", "--data.prompts", "a dancer, red dress", "it's \"quoted\"", "--set", "sample.steps=7",
             "--eval.metrics", "brightness", "lpips", "--set", "eval.confidence=0.9", "--eval.policy", "latest"]

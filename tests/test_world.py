@@ -129,7 +129,8 @@ def test_the_embedded_model_draws_the_pose_and_the_prompt(models_dir: Path, one_
 
 def test_evaluate_measures_pose_accuracy_of_the_embedded_model_with_its_detector(models_dir: Path,
                                                                                   tmp_path: Path) -> None:
-    from poseloop.evaluation import PRESETS, auto_metrics
+    from poseloop.evaluation import auto_metrics
+    from poseloop.evaluation_config import PRESETS
 
     cfg = PRESETS["tiny"]()
     cfg.model.base, cfg.model.models_dir = str(models_dir / "tiny-sd15"), str(tmp_path / "models")
