@@ -13,6 +13,7 @@ See docs/POLICY.md.
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 from collections.abc import Sequence
 
@@ -34,4 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A fatal signal (e.g. an abort inside a process group's C++ teardown under `accelerate launch`) prints every
+    # thread's Python stack to stderr, so a crash names where it happened.
+    faulthandler.enable()
     sys.exit(main())
