@@ -7,7 +7,7 @@ scripts/train_world.py on poseloop.world's rendered people. Its weights ship wit
 exactly the same from_pretrained path as a real checkpoint. Its folder also holds the world's pose
 detector (pose_detector/). tiny-sdxl keeps random (seeded) weights: its images are noise-like and it
 exists to exercise the SDXL code paths. build_random_sd15 gives the SD1.5 architecture with random
-weights, for tests that need no picture.
+weights: what tiny-sd15 becomes (with a warning) where no trained world ships.
 """
 
 from __future__ import annotations

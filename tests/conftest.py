@@ -46,16 +46,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def random_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-sd15's architecture with random weights (for tests of mechanics that need no picture)."""
-    from poseloop.tiny import build_random_sd15
-
-    root = tmp_path_factory.mktemp("random_models")
-    build_random_sd15(root / "tiny-sd15")
-    return root
-
-
 def _cfg(preset: str, models_dir: Path, tmp_path: Path):  # -> GenerateConfig
     from poseloop.config import PRESETS
 
