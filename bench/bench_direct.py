@@ -59,8 +59,8 @@ def run(work: Path, threads: int, epochs: int, eval_prompts: int, eval_images: i
 
     import train_policy as train_policy_script
     from poseloop.configlib import parse_config
-    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
     from poseloop.evaluation import evaluate
+    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
     from poseloop.evaluation_config import EvaluateConfig
     from poseloop.scripted import RULE, LearningBudget, _latest, _prompts, run_learning_check
     from poseloop.tiny import ensure_embedded

@@ -161,13 +161,11 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base stable-diffusion-v1-5/stable-diffusion-v1-5")
     if not m.controlnet:
         raise ConfigError("model.controlnet: give an OpenPose ControlNet, e.g. lllyasviel/sd-controlnet-openpose")
-    for name in ("base", "controlnet", "vae"):
-        value = getattr(m, name)
-        if value and looks_like_file(value) and not Path(value).expanduser().is_file():
-            raise ConfigError(f"model.{name}: file {value!r} does not exist; pass an existing .safetensors file, "
-                              "a diffusers folder or a hub id")
     for name in ("base", "controlnet", "vae", "lcm_lora"):
         value = getattr(m, name)
+        if value and name != "lcm_lora" and looks_like_file(value) and not Path(value).expanduser().is_file():
+            raise ConfigError(f"model.{name}: file {value!r} does not exist; pass an existing .safetensors file, "
+                              "a diffusers folder or a hub id")
         if value and not _source_can_exist(value):
             raise ConfigError(f"model.{name}: {value!r} is neither an existing file or folder nor a hub id (org/name); "
                               "check the path, or pass a hub id")

@@ -270,12 +270,6 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
     CLIPTextModel" for each one the file has no keys for, i.e. on every round made with a policy (they
     train the UNet only). The UNet part is loaded alone; a text encoder only when the file holds keys for it.
     """
-    from poseloop.single_file import SingleFileError, read_state_dict
-
-    try:  # a truncated or foreign file gets read_state_dict's one-line reason, not diffusers' traceback text
-        read_state_dict(Path(path).expanduser(), "model.lora")
-    except SingleFileError as e:
-        raise ModelLoadError(str(e)) from None
     try:
         state_dict, alphas, metadata = load_unet_lora(pipe, path, "loaded")
         for name in ("text_encoder", "text_encoder_2"):
@@ -285,6 +279,12 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
                                                  lora_scale=pipe.lora_scale, adapter_name="loaded", metadata=metadata,
                                                  _pipeline=pipe)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
+        from poseloop.single_file import SingleFileError, read_state_dict
+
+        try:  # a truncated or foreign file gets read_state_dict's one-line reason, not diffusers' text
+            read_state_dict(Path(path).expanduser(), "model.lora")
+        except SingleFileError as unreadable:
+            raise ModelLoadError(str(unreadable)) from None
         raise ModelLoadError(f"model.lora: could not load {path!r}: {str(e).strip().rstrip('. ')}. Expected a kohya "
                              "(lora_unet_...) or diffusers (unet....lora_A) LoRA for this base model.") from e
     pipe.set_adapters(["loaded"], adapter_weights=[scale])

@@ -188,8 +188,8 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     import train_policy as train_policy_script
     import train_reward as train_reward_script
     from poseloop.configlib import parse_config
-    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
     from poseloop.evaluation import evaluate
+    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
     from poseloop.evaluation_config import EvaluateConfig
     from poseloop.tiny import LCM_LORA_FILE
     from webapp import create_app

@@ -544,7 +544,7 @@ class PolicyTrainer:
         if self.export_dir is None and self.epoch > 0:
             self.export()  # a resumed run that had nothing left to do still reports (and refreshes) its export
         # Every process tears the process group down together: a rank that destroyed it while the main one was still
-        # writing its checkpoint and export aborted once in the suite (SIGABRT in teardown; 12 reruns did not repeat it).
+        # writing its checkpoint and export aborted once in the suite (SIGABRT in teardown; 32 reruns did not repeat it).
         acc.wait_for_everyone()
         acc.end_training()
         key = "reward_mean" if cfg.online else "pair_accuracy"
