@@ -13,9 +13,11 @@ weights: what tiny-sd15 becomes (with a warning) where no trained world ships.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,6 +76,7 @@ def _scheduler():  # -> DDIMScheduler
 
 WORLD_WEIGHTS = Path(__file__).parent / "world_weights"
 LCM_LORA_FILE = "lcm_lora.safetensors"  # the world's LCM-LoRA, shipped beside its weights (train_world's last stage)
+WORLD_STAMP_FILE = "poseloop_world.json"  # in a built tiny-sd15: the sha256 of the world.json it was built from
 WORLD_SIZE = 64  # the embedded world's native resolution (16 x 16 latents)
 
 
@@ -86,21 +89,29 @@ def world_text_config():  # -> CLIPTextConfig
                           eos_token_id=49407, pad_token_id=49407)
 
 
-def world_modules(scaling_factor: float = 1.0) -> dict[str, torch.nn.Module]:
+# The architecture of worlds built before world.json recorded one (8 heads of 4-8 dims, a (32, 64, 64) VAE).
+LEGACY_WORLD_ARCH = {"unet_heads": 8, "vae_channels": [32, 64, 64]}
+WORLD_ARCH = {"unet_heads": 2, "vae_channels": [32, 64, 64]}
+
+
+def world_modules(scaling_factor: float = 1.0, unet_heads: int = WORLD_ARCH["unet_heads"],
+                  vae_channels: list[int] = WORLD_ARCH["vae_channels"]) -> dict[str, torch.nn.Module]:
     """Fresh (random) vae, unet, controlnet and text_encoder of the embedded world's architecture."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     # Three VAE blocks: latents are 1/4 of the image (64 px -> 16 x 16), cheap enough for 2 cores.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=32, sample_size=WORLD_SIZE,
+                        layers_per_block=1, norm_num_groups=min(vae_channels), sample_size=WORLD_SIZE,
                         scaling_factor=scaling_factor)
+    # diffusers reads attention_head_dim as the number of heads (its config misnomer); few wide heads
+    # halve the CPU time of a noise prediction against 8 narrow ones (docs/WORLD.md).
     unet = UNet2DConditionModel(
         sample_size=WORLD_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=64, attention_head_dim=unet_heads, norm_num_groups=32,
     )
     # The conditioning embedding downsamples by 4 to meet the latents, as SD's does by 8.
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
@@ -129,7 +140,8 @@ def load_world_modules(weights_dir: Path = WORLD_WEIGHTS) -> dict[str, torch.nn.
         raise FileNotFoundError(f"{meta_path}: missing; the trained embedded world ships with poseloop "
                                 "(rebuild it with: python scripts/train_world.py)")
     meta = json.loads(meta_path.read_text())
-    modules = world_modules(float(meta["scaling_factor"]))
+    arch = meta.get("architecture", LEGACY_WORLD_ARCH)  # weights only fit the architecture they were trained in
+    modules = world_modules(float(meta["scaling_factor"]), arch["unet_heads"], arch["vae_channels"])
     for name, module in modules.items():
         path = weights_dir / f"{name}.safetensors"
         if not path.is_file():
@@ -194,38 +206,57 @@ def is_embedded(path: str | os.PathLike[str]) -> bool:
     return any(name in parts for name in EMBEDDED_NAMES)
 
 
-def _add_lcm_lora(root: Path) -> None:
-    """Give a tiny-sd15 folder built before the world shipped its LCM-LoRA that file (atomically)."""
-    src = WORLD_WEIGHTS / LCM_LORA_FILE
-    if root.name != "tiny-sd15" or (root / LCM_LORA_FILE).is_file() or not src.is_file():
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{LCM_LORA_FILE}-", dir=root)
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, root / LCM_LORA_FILE)
+def _world_stamp() -> str:
+    """What a tiny-sd15 folder is built from: the sha256 of the shipped world.json ('' where none ships)."""
+    meta = WORLD_WEIGHTS / "world.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else ""
+
+
+def _is_current(root: Path) -> bool:
+    """Whether a built embedded folder is complete and, for tiny-sd15, built from the world that ships now."""
+    if not (root / "model_index.json").is_file():
+        return False
+    if root.name != "tiny-sd15":
+        return True
+    stamp = root / WORLD_STAMP_FILE
+    return stamp.is_file() and json.loads(stamp.read_text()).get("world_sha256") == _world_stamp()
 
 
 def ensure_embedded(path: str | os.PathLike[str]) -> Path:
-    """Build the embedded model that `path` points into, once, atomically; return its root folder."""
+    """Build the embedded model that `path` points into, once, atomically; return its root folder.
+
+    A tiny-sd15 folder built from another embedded world (an older poseloop) is rebuilt in place."""
     p = Path(path)
     root = p
     while root.name not in EMBEDDED_NAMES:
         if root.parent == root:
             raise ValueError(f"{path} is not inside an embedded model folder ({', '.join(EMBEDDED_NAMES)})")
         root = root.parent
-    if (root / "model_index.json").is_file():
-        _add_lcm_lora(root)
+    if _is_current(root):
         return root
+    stale = (root / "model_index.json").is_file()
+    if stale:
+        print(f"{root}: built from another embedded world than this poseloop ships; rebuilding it "
+              "(LoRAs trained on the old one do not fit the new one)", file=sys.stderr)
     root.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so an interrupted build never leaves a half model behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    old = root.with_name(f".{root.name}-stale-{os.getpid()}")
     try:
         (build_tiny_sd15 if root.name == "tiny-sd15" else build_tiny_sdxl)(tmp)
+        if root.name == "tiny-sd15":
+            (tmp / WORLD_STAMP_FILE).write_text(json.dumps({"world_sha256": _world_stamp()}) + "\n")
+        if stale:
+            try:
+                os.rename(root, old)
+            except OSError:  # another process moved it first
+                pass
         try:
             os.rename(tmp, root)
         except OSError:
-            if not (root / "model_index.json").is_file():  # another process did not win the race
+            if not _is_current(root):  # another process did not win the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return root

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from poseloop.configlib import ConfigError, field, to_dict
 from poseloop.poses import Pose
-from poseloop.tiny import WORLD_WEIGHTS, world_modules
+from poseloop.tiny import WORLD_ARCH, WORLD_WEIGHTS, world_modules
 from poseloop.world import WorldBatch, make_examples, measure_attributes, parse_prompt
 from poseloop.world_detector import KeypointNet, save_detector, soft_argmax
 
@@ -41,10 +41,14 @@ class WorldConfig:
     vae_steps: int = field(2000, help="VAE optimiser steps")
     vae_batch: int = field(8, help="VAE batch size (small batches learned faster per minute on 2 cores)")
     vae_lr: float = field(1e-3, help="VAE learning rate")
+    vae_channels: list[int] = field(default_factory=lambda: list(WORLD_ARCH["vae_channels"]),
+                                    help="VAE block widths, finest first (three blocks: latents are 1/4 of the image)")
     detector_steps: int = field(1500, help="pose detector optimiser steps")
     detector_batch: int = field(32, help="pose detector batch size")
     detector_lr: float = field(2e-3, help="pose detector learning rate")
     unet_steps: int = field(3600, help="UNet + ControlNet + text encoder optimiser steps")
+    unet_heads: int = field(WORLD_ARCH["unet_heads"], help="attention heads of the UNet and ControlNet (diffusers' "
+                            "attention_head_dim): few wide heads run faster on a CPU than many narrow ones")
     unet_batch: int = field(32, help="UNet batch size")
     unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
     prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")
@@ -65,6 +69,11 @@ class WorldConfig:
                      "snapshot_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+        if len(self.vae_channels) != 3 or any(c < 1 or c % min(self.vae_channels) for c in self.vae_channels):
+            raise ConfigError(f"vae_channels: {self.vae_channels} must be three widths, each a multiple of the "
+                              "smallest (the group norm's group count), e.g. 16 32 64")
+        if self.unet_heads < 1 or 32 % self.unet_heads:
+            raise ConfigError(f"unet_heads: {self.unet_heads} must divide 32 (the UNet's narrowest width), e.g. 2")
         for name in ("vae_steps", "detector_steps", "unet_steps", "lcm_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 (got {getattr(self, name)})")
@@ -449,8 +458,11 @@ def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None
             save_detector(detector, tmp / "pose_detector", meta.get("detector"))
         elif (out / "pose_detector").is_dir():
             shutil.copytree(out / "pose_detector", tmp / "pose_detector")
-        (tmp / "world.json").write_text(json.dumps({"scaling_factor": mods["vae"].config.scaling_factor, **meta},
-                                                   indent=2))
+        # The architecture goes with the weights: load_world_modules builds exactly this one.
+        arch = {"unet_heads": mods["unet"].config.attention_head_dim,
+                "vae_channels": list(mods["vae"].config.block_out_channels)}
+        (tmp / "world.json").write_text(json.dumps({"scaling_factor": mods["vae"].config.scaling_factor,
+                                                    "architecture": arch, **meta}, indent=2))
         os.chmod(tmp, 0o755)  # shipped files: readable by everyone, as a package's data is
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
@@ -477,7 +489,8 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
     start = time.time()
     data = make_examples(cfg.examples, cfg.size, seed=cfg.seed, progress=True)
     torch.manual_seed(cfg.seed)
-    mods = world_modules()
+    arch = {"unet_heads": cfg.unet_heads, "vae_channels": list(cfg.vae_channels)}
+    mods = world_modules(1.0, **arch)
     metrics: dict[str, Any] = {}
     vae_file = run / "vae.safetensors"
     if vae_file.is_file():

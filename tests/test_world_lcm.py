@@ -1,9 +1,11 @@
-"""The embedded world's LCM-LoRA (train_world's last stage): the tiny-lcm preset fuses it, an older build
-gets the file, a world without one says how to make it, and 4-step rounds with it keep the pose and gain
+"""The embedded world's LCM-LoRA (train_world's last stage): the tiny-lcm preset fuses it, a folder built
+from an older world is rebuilt with it, a world without one says how to make it, and 4-step rounds with it keep the pose and gain
 the prompt's colours over the undistilled UNet on fresh (prompt, pose, seed) items."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -11,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from poseloop import tiny as tiny_module
 from poseloop.config import EMBEDDED_LCM_LORA, EMBEDDED_SD15, PRESETS, tiny, tiny_lcm
 from poseloop.models import Components, ModelLoadError, load_components
-from poseloop.tiny import LCM_LORA_FILE, WORLD_WEIGHTS, ensure_embedded
+from poseloop.tiny import LCM_LORA_FILE, LEGACY_WORLD_ARCH, WORLD_STAMP_FILE, WORLD_WEIGHTS, ensure_embedded
 from poseloop.world_detector import load_detector
 from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
 
@@ -56,22 +57,28 @@ def test_the_preset_fuses_the_lora_and_does_not_warn(models_dir: Path, sd15_comp
     assert out.log_probs.shape == (1, 4)
 
 
-def test_an_older_build_gets_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    (weights / LCM_LORA_FILE).write_bytes(b"lora bytes")
-    monkeypatch.setattr(tiny_module, "WORLD_WEIGHTS", weights)
+def test_a_folder_built_from_another_world_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "models" / "tiny-sd15"
-    root.mkdir(parents=True)
-    (root / "model_index.json").write_text("{}")  # built before the world shipped an LCM-LoRA
     assert ensure_embedded(root) == root
-    assert (root / LCM_LORA_FILE).read_bytes() == b"lora bytes"
-    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    heads = json.loads((WORLD_WEIGHTS / "world.json").read_text()).get("architecture", LEGACY_WORLD_ARCH)["unet_heads"]
+    stamp = json.loads((root / WORLD_STAMP_FILE).read_text())
+    assert stamp["world_sha256"] == hashlib.sha256((WORLD_WEIGHTS / "world.json").read_bytes()).hexdigest()
+    assert (root / LCM_LORA_FILE).read_bytes() == (WORLD_WEIGHTS / LCM_LORA_FILE).read_bytes()
+    assert ensure_embedded(root) == root and "rebuilding" not in capsys.readouterr().err  # current: kept
+    for old_stamp in ('{"world_sha256": "an older world"}', None):  # another world; before stamps existed
+        (root / "unet" / "config.json").write_text("{}")  # what an older build would have left
+        if old_stamp is None:
+            (root / WORLD_STAMP_FILE).unlink()
+        else:
+            (root / WORLD_STAMP_FILE).write_text(old_stamp)
+        assert ensure_embedded(root) == root
+        assert "built from another embedded world" in capsys.readouterr().err
+        assert json.loads((root / "unet" / "config.json").read_text())["attention_head_dim"] == heads
+        assert json.loads((root / WORLD_STAMP_FILE).read_text()) == stamp
+    assert [p.name for p in root.parent.iterdir()] == ["tiny-sd15"]  # no temporary or stale folder left
 
 
-def test_a_world_without_lcm_lora_says_how_to_make_one(models_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiny_module, "WORLD_WEIGHTS", tmp_path / "no_weights")
+def test_a_world_without_lcm_lora_says_how_to_make_one(models_dir: Path) -> None:
     cfg = _on(tiny_lcm(), models_dir)
     cfg.model.lcm_lora = str(models_dir / "tiny-sd15" / "missing_lcm_lora.safetensors")
     with pytest.raises(ModelLoadError, match=r"model\.lcm_lora: .*train_world\.py"):

@@ -3,6 +3,7 @@ every finished stage and writes the same weights."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,3 +85,33 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
 def test_eval_examples_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="eval_examples"):
         replace(wt.smoke(), eval_examples=0).validate()
+
+
+def test_the_architecture_is_validated() -> None:
+    with pytest.raises(ConfigError, match="vae_channels: .*multiple of the smallest"):
+        replace(wt.smoke(), vae_channels=[16, 24, 64]).validate()
+    with pytest.raises(ConfigError, match="unet_heads: 3 must divide 32"):
+        replace(wt.smoke(), unet_heads=3).validate()
+
+
+def test_the_shipped_files_record_the_architecture_they_fit(tmp_path: Path) -> None:
+    from poseloop.tiny import LEGACY_WORLD_ARCH, load_world_modules, world_modules
+
+    torch.manual_seed(0)
+    mods = world_modules(0.5, unet_heads=4, vae_channels=[16, 32, 32])
+    wt.write_weights(mods, None, tmp_path / "w", {})
+    meta = json.loads((tmp_path / "w" / "world.json").read_text())
+    assert meta["architecture"] == {"unet_heads": 4, "vae_channels": [16, 32, 32]}
+    loaded = load_world_modules(tmp_path / "w")
+    assert loaded["unet"].config.attention_head_dim == 4
+    assert list(loaded["vae"].config.block_out_channels) == [16, 32, 32]
+    want = mods["unet"].state_dict()
+    # fp16 files: each weight comes back within fp16's rounding (relative 2^-11).
+    assert all(torch.allclose(v, want[k], rtol=2**-10, atol=1e-7) for k, v in loaded["unet"].state_dict().items())
+    # A world.json written before the architecture was recorded loads as the architecture of that time.
+    legacy = world_modules(0.5, **LEGACY_WORLD_ARCH)
+    wt.write_weights(legacy, None, tmp_path / "old", {})
+    meta = json.loads((tmp_path / "old" / "world.json").read_text())
+    del meta["architecture"]
+    (tmp_path / "old" / "world.json").write_text(json.dumps(meta))
+    assert load_world_modules(tmp_path / "old")["unet"].config.attention_head_dim == 8
