@@ -89,9 +89,10 @@ def world_text_config():  # -> CLIPTextConfig
                           eos_token_id=49407, pad_token_id=49407)
 
 
-# The architecture of worlds built before world.json recorded one (8 heads of 4-8 dims, a (32, 64, 64) VAE).
+# The shipped world's architecture: what train_world.py builds by default and build_random_sd15 gives.
+WORLD_ARCH = {"unet_heads": 8, "vae_channels": [32, 64, 64]}
+# What a world.json without an "architecture" record was built with (every world before it was recorded).
 LEGACY_WORLD_ARCH = {"unet_heads": 8, "vae_channels": [32, 64, 64]}
-WORLD_ARCH = {"unet_heads": 2, "vae_channels": [32, 64, 64]}
 
 
 def world_modules(scaling_factor: float = 1.0, unet_heads: int = WORLD_ARCH["unet_heads"],
@@ -105,8 +106,8 @@ def world_modules(scaling_factor: float = 1.0, unet_heads: int = WORLD_ARCH["une
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=min(vae_channels), sample_size=WORLD_SIZE,
                         scaling_factor=scaling_factor)
-    # diffusers reads attention_head_dim as the number of heads (its config misnomer); few wide heads
-    # halve the CPU time of a noise prediction against 8 narrow ones (docs/WORLD.md).
+    # diffusers reads attention_head_dim as the number of heads (its config misnomer): the shipped world
+    # has 8 of 4-8 dims; 2 wide ones halve a noise prediction's CPU time (a world rebuilt so: docs/WORLD.md).
     unet = UNet2DConditionModel(
         sample_size=WORLD_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -151,18 +152,24 @@ def load_world_modules(weights_dir: Path = WORLD_WEIGHTS) -> dict[str, torch.nn.
 
 
 def build_tiny_sd15(out_dir: Path, weights_dir: Path = WORLD_WEIGHTS) -> None:
-    """Write the trained embedded world pipeline (+ ControlNet, + pose detector) into out_dir."""
+    """Write the trained embedded world pipeline (+ ControlNet, + pose detector) into out_dir, stamped with
+    the world it came from."""
+    # Built from the shipped world: rebuilt when another one ships; from other weights (train_world's
+    # teacher for the LCM-LoRA): kept as it is.
+    shipped = weights_dir.resolve() == WORLD_WEIGHTS.resolve()
+    stamp = {"world_sha256": _world_stamp(weights_dir), "shipped": shipped}
     if not (weights_dir / "world.json").is_file():
         import warnings
 
         warnings.warn(f"{weights_dir} holds no trained embedded world: tiny-sd15 gets random weights "
                       "(noise images); rebuild the world with: python scripts/train_world.py", stacklevel=2)
         build_random_sd15(out_dir)
-        return
-    _save_sd15(out_dir, load_world_modules(weights_dir))
-    shutil.copytree(weights_dir / "pose_detector", out_dir / "pose_detector")
-    if (weights_dir / LCM_LORA_FILE).is_file():
-        shutil.copyfile(weights_dir / LCM_LORA_FILE, out_dir / LCM_LORA_FILE)
+    else:
+        _save_sd15(out_dir, load_world_modules(weights_dir))
+        shutil.copytree(weights_dir / "pose_detector", out_dir / "pose_detector")
+        if (weights_dir / LCM_LORA_FILE).is_file():
+            shutil.copyfile(weights_dir / LCM_LORA_FILE, out_dir / LCM_LORA_FILE)
+    (out_dir / WORLD_STAMP_FILE).write_text(json.dumps(stamp) + "\n")
 
 
 def build_random_sd15(out_dir: Path, seed: int = _SEED) -> None:
@@ -206,20 +213,24 @@ def is_embedded(path: str | os.PathLike[str]) -> bool:
     return any(name in parts for name in EMBEDDED_NAMES)
 
 
-def _world_stamp() -> str:
-    """What a tiny-sd15 folder is built from: the sha256 of the shipped world.json ('' where none ships)."""
-    meta = WORLD_WEIGHTS / "world.json"
+def _world_stamp(weights_dir: Path | None = None) -> str:
+    """What a tiny-sd15 folder is built from: the sha256 of a world.json ('' where there is none)."""
+    meta = (WORLD_WEIGHTS if weights_dir is None else weights_dir) / "world.json"
     return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else ""
 
 
 def _is_current(root: Path) -> bool:
-    """Whether a built embedded folder is complete and, for tiny-sd15, built from the world that ships now."""
+    """Whether a built embedded folder is complete and, for tiny-sd15, not built from a world other than
+    the one that ships now (a folder without a stamp was built before stamps, from an older world)."""
     if not (root / "model_index.json").is_file():
         return False
     if root.name != "tiny-sd15":
         return True
     stamp = root / WORLD_STAMP_FILE
-    return stamp.is_file() and json.loads(stamp.read_text()).get("world_sha256") == _world_stamp()
+    if not stamp.is_file():
+        return False
+    meta = json.loads(stamp.read_text())
+    return not meta.get("shipped", True) or meta.get("world_sha256") == _world_stamp()
 
 
 def ensure_embedded(path: str | os.PathLike[str]) -> Path:
@@ -244,8 +255,6 @@ def ensure_embedded(path: str | os.PathLike[str]) -> Path:
     old = root.with_name(f".{root.name}-stale-{os.getpid()}")
     try:
         (build_tiny_sd15 if root.name == "tiny-sd15" else build_tiny_sdxl)(tmp)
-        if root.name == "tiny-sd15":
-            (tmp / WORLD_STAMP_FILE).write_text(json.dumps({"world_sha256": _world_stamp()}) + "\n")
         if stale:
             try:
                 os.rename(root, old)

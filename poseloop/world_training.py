@@ -48,7 +48,8 @@ class WorldConfig:
     detector_lr: float = field(2e-3, help="pose detector learning rate")
     unet_steps: int = field(3600, help="UNet + ControlNet + text encoder optimiser steps")
     unet_heads: int = field(WORLD_ARCH["unet_heads"], help="attention heads of the UNet and ControlNet (diffusers' "
-                            "attention_head_dim): few wide heads run faster on a CPU than many narrow ones")
+                            "attention_head_dim; the shipped world has 8): 2 run about 2x faster on a CPU, "
+                            "docs/WORLD.md says what a 2-head world measured")
     unet_batch: int = field(32, help="UNet batch size")
     unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
     prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 
 from poseloop.config import EMBEDDED_LCM_LORA, EMBEDDED_SD15, PRESETS, tiny, tiny_lcm
 from poseloop.models import Components, ModelLoadError, load_components
-from poseloop.tiny import LCM_LORA_FILE, LEGACY_WORLD_ARCH, WORLD_STAMP_FILE, WORLD_WEIGHTS, ensure_embedded
+from poseloop.tiny import (LCM_LORA_FILE, LEGACY_WORLD_ARCH, WORLD_STAMP_FILE, WORLD_WEIGHTS, build_tiny_sd15,
+                           ensure_embedded)
 from poseloop.world_detector import load_detector
 from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
 
@@ -62,7 +64,8 @@ def test_a_folder_built_from_another_world_is_rebuilt(tmp_path: Path, capsys: py
     assert ensure_embedded(root) == root
     heads = json.loads((WORLD_WEIGHTS / "world.json").read_text()).get("architecture", LEGACY_WORLD_ARCH)["unet_heads"]
     stamp = json.loads((root / WORLD_STAMP_FILE).read_text())
-    assert stamp["world_sha256"] == hashlib.sha256((WORLD_WEIGHTS / "world.json").read_bytes()).hexdigest()
+    assert stamp == {"world_sha256": hashlib.sha256((WORLD_WEIGHTS / "world.json").read_bytes()).hexdigest(),
+                     "shipped": True}
     assert (root / LCM_LORA_FILE).read_bytes() == (WORLD_WEIGHTS / LCM_LORA_FILE).read_bytes()
     assert ensure_embedded(root) == root and "rebuilding" not in capsys.readouterr().err  # current: kept
     for old_stamp in ('{"world_sha256": "an older world"}', None):  # another world; before stamps existed
@@ -76,6 +79,17 @@ def test_a_folder_built_from_another_world_is_rebuilt(tmp_path: Path, capsys: py
         assert json.loads((root / "unet" / "config.json").read_text())["attention_head_dim"] == heads
         assert json.loads((root / WORLD_STAMP_FILE).read_text()) == stamp
     assert [p.name for p in root.parent.iterdir()] == ["tiny-sd15"]  # no temporary or stale folder left
+    # A folder built on purpose from other weights (train_world's LCM teacher: the world it just trained)
+    # is used as it is, not replaced by the shipped world.
+    other = tmp_path / "new_world"
+    shutil.copytree(WORLD_WEIGHTS, other)
+    meta = json.loads((other / "world.json").read_text())
+    (other / "world.json").write_text(json.dumps({**meta, "note": "another build"}))
+    teacher = tmp_path / "teacher" / "tiny-sd15"
+    build_tiny_sd15(teacher, weights_dir=other)
+    (teacher / "marker").write_text("mine")
+    assert ensure_embedded(teacher) == teacher and (teacher / "marker").is_file()
+    assert "rebuilding" not in capsys.readouterr().err
 
 
 def test_a_world_without_lcm_lora_says_how_to_make_one(models_dir: Path) -> None:
