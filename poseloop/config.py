@@ -161,12 +161,16 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.base: give a hub id or a local folder, e.g. --model.base stable-diffusion-v1-5/stable-diffusion-v1-5")
     if not m.controlnet:
         raise ConfigError("model.controlnet: give an OpenPose ControlNet, e.g. lllyasviel/sd-controlnet-openpose")
-    for name in ("base", "controlnet", "vae", "lcm_lora"):
+    model_file = "an existing .safetensors file, a diffusers folder or a hub id"
+    for name, instead in (("base", model_file), ("controlnet", model_file), ("vae", model_file),
+                          ("lcm_lora", "an LCM-LoRA .safetensors file, a folder holding one or a hub id "
+                                       "(latent-consistency/lcm-lora-sdv1-5)")):
         value = getattr(m, name)
-        if value and name != "lcm_lora" and looks_like_file(value) and not Path(value).expanduser().is_file():
-            raise ConfigError(f"model.{name}: file {value!r} does not exist; pass an existing .safetensors file, "
-                              "a diffusers folder or a hub id")
-        if value and not _source_can_exist(value):
+        if not value:
+            continue
+        if looks_like_file(value) and not Path(value).expanduser().is_file() and not _built_on_first_use(value):
+            raise ConfigError(f"model.{name}: file {value!r} does not exist; pass {instead}")
+        if not _source_can_exist(value):
             raise ConfigError(f"model.{name}: {value!r} is neither an existing file or folder nor a hub id (org/name); "
                               "check the path, or pass a hub id")
     if m.policy and m.lora:
@@ -176,10 +180,6 @@ def validate_model(m: ModelConfig) -> None:
     if m.lora and Path(m.lora).suffix.lower() not in WEIGHT_SUFFIXES:
         raise ConfigError(f"model.lora: {m.lora!r} is not a weights file (.safetensors, or a weights-only "
                           ".ckpt/.pt/.pth/.bin); pass a LoRA file")
-    if m.lcm_lora and looks_like_file(m.lcm_lora) and not Path(m.lcm_lora).expanduser().is_file() \
-            and not _built_on_first_use(m.lcm_lora):
-        raise ConfigError(f"model.lcm_lora: file {m.lcm_lora!r} does not exist; pass an LCM-LoRA .safetensors file, "
-                          "a folder holding one or a hub id (latent-consistency/lcm-lora-sdv1-5)")
     if m.lora_scale < 0:
         raise ConfigError(f"model.lora_scale: must be >= 0 (got {m.lora_scale})")
 

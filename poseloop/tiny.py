@@ -89,10 +89,10 @@ def world_text_config():  # -> CLIPTextConfig
                           eos_token_id=49407, pad_token_id=49407)
 
 
-# The shipped world's architecture: what train_world.py builds by default and build_random_sd15 gives.
-WORLD_ARCH = {"unet_heads": 8, "vae_channels": [32, 64, 64]}
 # What a world.json without an "architecture" record was built with (every world before it was recorded).
 LEGACY_WORLD_ARCH = {"unet_heads": 8, "vae_channels": [32, 64, 64]}
+# The shipped world's architecture: what train_world.py builds by default and build_random_sd15 gives.
+WORLD_ARCH = LEGACY_WORLD_ARCH  # the shipped world is still that first one
 
 
 def world_modules(scaling_factor: float = 1.0, unet_heads: int = WORLD_ARCH["unet_heads"],
@@ -229,7 +229,10 @@ def _is_current(root: Path) -> bool:
     stamp = root / WORLD_STAMP_FILE
     if not stamp.is_file():
         return False
-    meta = json.loads(stamp.read_text())
+    try:
+        meta = json.loads(stamp.read_text())
+    except (OSError, ValueError):  # an unreadable stamp says nothing about the folder: rebuild it
+        return False
     return not meta.get("shipped", True) or meta.get("world_sha256") == _world_stamp()
 
 

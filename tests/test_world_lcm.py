@@ -68,7 +68,8 @@ def test_a_folder_built_from_another_world_is_rebuilt(tmp_path: Path, capsys: py
                      "shipped": True}
     assert (root / LCM_LORA_FILE).read_bytes() == (WORLD_WEIGHTS / LCM_LORA_FILE).read_bytes()
     assert ensure_embedded(root) == root and "rebuilding" not in capsys.readouterr().err  # current: kept
-    for old_stamp in ('{"world_sha256": "an older world"}', None):  # another world; before stamps existed
+    # Another world; a stamp cut short; a folder from before stamps existed.
+    for old_stamp in ('{"world_sha256": "an older world"}', '{"world_sha2', None):
         (root / "unet" / "config.json").write_text("{}")  # what an older build would have left
         if old_stamp is None:
             (root / WORLD_STAMP_FILE).unlink()
