@@ -477,6 +477,28 @@ def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Fields that do not change what a stage computes: a run may resume under other values of these.
+_RESUMABLE_FIELDS = ("threads", "run_dir", "out")
+
+
+def check_run_dir(cfg: WorldConfig, run: Path) -> None:
+    """Refuse a run folder whose finished stages were trained under another config: they would be
+    reused as they are (a 2-head UNet even loads into an 8-head one without a shape error)."""
+    saved_path = run / "config.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"run_dir: {saved_path} is unreadable; delete {run} or pass another --run_dir") from None
+    now = to_dict(cfg)
+    changed = [k for k in now if k not in _RESUMABLE_FIELDS and k in saved and saved[k] != now[k]]
+    if changed:
+        diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"run_dir: {run} holds stages trained with other settings ({diff}); pass another "
+                          f"--run_dir, or delete {run} to train every stage again")
+
+
 def train_world(cfg: WorldConfig) -> dict[str, Any]:
     """Run every stage (skipping those finished in cfg.run_dir) and write the shipped weights."""
     from safetensors.torch import load_file
@@ -486,6 +508,7 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    check_run_dir(cfg, run)
     (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     start = time.time()
     data = make_examples(cfg.examples, cfg.size, seed=cfg.seed, progress=True)

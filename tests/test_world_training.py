@@ -13,7 +13,7 @@ import torch
 
 from conftest import TEST_THREADS
 from poseloop import world_training as wt
-from poseloop.configlib import ConfigError
+from poseloop.configlib import ConfigError, to_dict
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +115,18 @@ def test_the_shipped_files_record_the_architecture_they_fit(tmp_path: Path) -> N
     del meta["architecture"]
     (tmp_path / "old" / "world.json").write_text(json.dumps(meta))
     assert load_world_modules(tmp_path / "old")["unet"].config.attention_head_dim == 8
+
+
+def test_a_run_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
+    cfg = _micro(tmp_path)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True)
+    wt.check_run_dir(cfg, run)  # no config.json yet: a fresh run
+    (run / "config.json").write_text(json.dumps({**to_dict(cfg), "threads": 1, "out": "elsewhere"}))
+    wt.check_run_dir(cfg, run)  # thread count and output folder do not change what a stage computes
+    (run / "config.json").write_text(json.dumps({**to_dict(cfg), "unet_heads": 2}))
+    with pytest.raises(ConfigError, match=r"run_dir: .*\(unet_heads 2 -> 8\); pass another --run_dir"):
+        wt.check_run_dir(cfg, run)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable"):
+        wt.check_run_dir(cfg, run)
