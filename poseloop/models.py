@@ -147,10 +147,30 @@ def _load(cls: Any, source: str, field_name: str, cfg: ModelConfig, **kwargs: An
         ) from e
 
 
+def vae_class(source: str, cfg: ModelConfig) -> Any:
+    """AutoencoderTiny for a TAESD-style preview decoder (its config's _class_name), else AutoencoderKL."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    if is_embedded(source):
+        ensure_embedded(source)  # the embedded world's preview decoder comes with its folder
+        if not Path(source).exists():
+            raise ModelLoadError(f"model.vae: {source} does not exist: this embedded world ships no preview decoder; "
+                                 "make one with python scripts/train_world.py (its last stage, --preview_steps), "
+                                 "or pass --model.vae '' to decode with the world's VAE")
+    local = Path(source).expanduser()
+    if local.is_file():  # single files are full VAEs (single_file.load_vae_file)
+        return AutoencoderKL
+    try:
+        config = AutoencoderKL.load_config(str(local) if local.exists() else source,
+                                           local_files_only=cfg.local_files_only)
+    except (OSError, ValueError):
+        return AutoencoderKL  # _load then says what is missing, for the class most VAEs are
+    return AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+
+
 def load_components(cfg: ModelConfig) -> Components:
     """Load base pipeline, ControlNet, optional VAE and LoRA; switch to DDIM; freeze everything."""
     from diffusers import (
-        AutoencoderKL,
         ControlNetModel,
         DDIMScheduler,
         StableDiffusionControlNetPipeline,
@@ -170,13 +190,20 @@ def load_components(cfg: ModelConfig) -> Components:
     extra: dict[str, Any] = {"controlnet": _load(ControlNetModel, cfg.controlnet, "model.controlnet", cfg,
                                                  dtype=dtype)}
     if cfg.vae:
-        extra["vae"] = _load(AutoencoderKL, cfg.vae, "model.vae", cfg, dtype=dtype)
+        extra["vae"] = _load(vae_class(cfg.vae, cfg), cfg.vae, "model.vae", cfg, dtype=dtype)
     if cfg.arch == "sd15":
         pipe_cls: Any = StableDiffusionControlNetPipeline
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         pipe_cls = StableDiffusionXLControlNetPipeline
-    pipe = _load(pipe_cls, cfg.base, "model.base", cfg, dtype=dtype, **extra)
+    quiet = type(extra.get("vae")).__name__ == "AutoencoderTiny"
+    verbosity = dlog.get_verbosity()
+    if quiet:  # diffusers warns that the pipeline expects an AutoencoderKL; a TAESD-style one decodes as well
+        dlog.set_verbosity_error()
+    try:
+        pipe = _load(pipe_cls, cfg.base, "model.base", cfg, dtype=dtype, **extra)
+    finally:
+        dlog.set_verbosity(verbosity)
     check_architecture(pipe, cfg)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if cfg.lcm_lora:

@@ -165,8 +165,10 @@ def build_member(cfg: RewardModelConfig, in_channels: int) -> nn.Module:
 def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] in 0..1 -> latents [B, C, H/f, W/f] as the sampler stores them (mean x scaling)."""
     x = images.to(vae.device, vae.dtype) * 2 - 1
-    # The posterior mean, not a sample: scoring must be deterministic.
-    z = vae.encode(x).latent_dist.mean
+    encoded = vae.encode(x)
+    # The posterior mean, not a sample: scoring must be deterministic. An AutoencoderTiny (a TAESD-style
+    # preview VAE) gives its latents directly.
+    z = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         z = z - shift

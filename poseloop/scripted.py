@@ -252,7 +252,8 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose], [pose], "tiny", []),
         "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)], [pose],
                                # twice the comparison's images: 4-step rounds are cheap, OKS is noisy at scale 0.4
-                               "tiny-lcm", [*lcm, "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
+                               # decoded by the world's VAE, as the policy's rewards were (not the preset's preview)
+                               "tiny-lcm", [*lcm, "--model.vae", "", "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
                                             "--set", f"sample.images_per_group={2 * b.eval_images}"]),
     }
     for name, (args, metrics, preset, extra) in runs.items():

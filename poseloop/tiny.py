@@ -76,6 +76,8 @@ def _scheduler():  # -> DDIMScheduler
 
 WORLD_WEIGHTS = Path(__file__).parent / "world_weights"
 LCM_LORA_FILE = "lcm_lora.safetensors"  # the world's LCM-LoRA, shipped beside its weights (train_world's last stage)
+PREVIEW_FILE = "preview_vae.safetensors"  # the world's preview decoder (an AutoencoderTiny), train_world's last stage
+PREVIEW_DIR = "preview_vae"  # ... saved as a diffusers folder in a built tiny-sd15
 WORLD_STAMP_FILE = "poseloop_world.json"  # in a built tiny-sd15: the sha256 of the world.json it was built from
 WORLD_SIZE = 64  # the embedded world's native resolution (16 x 16 latents)
 
@@ -151,6 +153,18 @@ def load_world_modules(weights_dir: Path = WORLD_WEIGHTS) -> dict[str, torch.nn.
     return modules
 
 
+def load_world_preview(weights_dir: Path = WORLD_WEIGHTS):  # -> AutoencoderTiny
+    """The world's preview decoder (train_world's last stage), float32, in the architecture world.json records."""
+    from safetensors.torch import load_file
+
+    from poseloop.preview_vae import PREVIEW_ARCH, preview_module
+
+    meta = json.loads((weights_dir / "world.json").read_text()).get("preview_vae", {})
+    module = preview_module(meta.get("architecture", PREVIEW_ARCH))
+    module.load_state_dict({k: v.float() for k, v in load_file(str(weights_dir / PREVIEW_FILE)).items()})
+    return module.eval()
+
+
 def build_tiny_sd15(out_dir: Path, weights_dir: Path = WORLD_WEIGHTS) -> None:
     """Write the trained embedded world pipeline (+ ControlNet, + pose detector) into out_dir, stamped with
     the world it came from."""
@@ -169,6 +183,14 @@ def build_tiny_sd15(out_dir: Path, weights_dir: Path = WORLD_WEIGHTS) -> None:
         shutil.copytree(weights_dir / "pose_detector", out_dir / "pose_detector")
         if (weights_dir / LCM_LORA_FILE).is_file():
             shutil.copyfile(weights_dir / LCM_LORA_FILE, out_dir / LCM_LORA_FILE)
+        if (weights_dir / PREVIEW_FILE).is_file():
+            preview = out_dir / PREVIEW_DIR
+            load_world_preview(weights_dir).save_pretrained(preview)
+            # AutoencoderTiny registers block_out_channels for pipelines' scale factor but warns when loading
+            # a config that names it; it is registered again at load.
+            config = json.loads((preview / "config.json").read_text())
+            config.pop("block_out_channels", None)
+            (preview / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / WORLD_STAMP_FILE).write_text(json.dumps(stamp) + "\n")
 
 

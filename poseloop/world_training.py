@@ -58,6 +58,11 @@ class WorldConfig:
                                "(and 4x as many VAE round trips of renders)")
     lcm_steps: int = field(600, help="LCM-LoRA distillation steps on the finished world (poseloop.lcm_distill; "
                            "0: no LCM-LoRA is shipped)")
+    preview_steps: int = field(1500, help="steps of the preview decoder (an AutoencoderTiny distilled from the VAE, "
+                               "poseloop.preview_vae; 0: none is shipped); its encoder trains a quarter as long")
+    preview_renders: int = field(6000, help="fresh renders whose VAE latents the preview decoder learns from")
+    preview_generated: int = field(1024, help="items sampled in each of the default and LCM rounds whose final "
+                                   "latents the preview decoder learns from")
     snapshot_every: int = field(600, help="UNet steps between snapshots (weights + sample grid + metrics)")
     run_dir: str = field("models/world_run", help="folder for stage checkpoints, loss plots and sample grids")
     out: str = field(str(WORLD_WEIGHTS), help="where the shipped fp16 weights are written")
@@ -75,7 +80,8 @@ class WorldConfig:
                               "smallest (the group norm's group count), e.g. 16 32 64")
         if self.unet_heads < 1 or 32 % self.unet_heads:
             raise ConfigError(f"unet_heads: {self.unet_heads} must divide 32 (the UNet's narrowest width), e.g. 2")
-        for name in ("vae_steps", "detector_steps", "unet_steps", "lcm_steps"):
+        for name in ("vae_steps", "detector_steps", "unet_steps", "lcm_steps", "preview_steps", "preview_renders",
+                     "preview_generated"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         if not 0 <= self.prompt_dropout < 1:
@@ -92,7 +98,8 @@ def full() -> WorldConfig:
 def smoke() -> WorldConfig:
     """A few steps of every stage: checks the script end to end in about a minute."""
     return WorldConfig(examples=256, vae_steps=20, detector_steps=20, unet_steps=20, unet_batch=8, lcm_steps=5,
-                       snapshot_every=10, run_dir="models/world_run_smoke", out="models/world_weights_smoke")
+                       preview_steps=8, preview_renders=64, preview_generated=16, snapshot_every=10,
+                       run_dir="models/world_run_smoke", out="models/world_weights_smoke")
 
 
 PRESETS = {"full": full, "smoke": smoke}
@@ -577,6 +584,9 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
     if cfg.lcm_steps:
         metrics.update(distill_lcm(cfg, run))
         metrics["minutes"] = (time.time() - start) / 60
+    if cfg.preview_steps:
+        metrics.update(distill_preview_stage(cfg, run))
+        metrics["minutes"] = (time.time() - start) / 60
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -607,3 +617,39 @@ def distill_lcm(cfg: WorldConfig, run: Path) -> dict[str, float]:
     os.replace(tmp_file, out)
     return {"lcm_seconds": summary["seconds"], "lcm_loss_first_50": summary["loss_first_50"],
             "lcm_loss_last_50": summary["loss_last_50"]}
+
+def distill_preview_stage(cfg: WorldConfig, run: Path) -> dict[str, float]:
+    """Distil the shipped world's VAE into its preview decoder (cached in run/preview), ship it as
+    out/preview_vae.safetensors and record its architecture and measurements in out/world.json."""
+    from poseloop.preview_vae import PREVIEW_ARCH, distill_preview, world_preview_data
+    from poseloop.tiny import PREVIEW_FILE, build_tiny_sd15
+
+    cache = run / "preview"
+    weights, summary_file = cache / PREVIEW_FILE, cache / "preview.json"
+    if weights.is_file() and summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "tiny-sd15"
+            build_tiny_sd15(model, weights_dir=Path(cfg.out))  # the world as shipped, LCM-LoRA included
+            data = world_preview_data(model, cfg.preview_renders, cfg.preview_generated, seed=cfg.seed,
+                                      size=cfg.size, threads=cfg.threads)
+        torch.set_num_threads(cfg.threads)
+        module, summary, curves = distill_preview(data, cfg.preview_steps, seed=cfg.seed)
+        _plot({f"{k} loss": v for k, v in curves.items() if v}, cache / "preview_loss.png", "preview decoder")
+        _atomic_save(module.state_dict(), weights, fp16=True)
+        summary_file.write_text(json.dumps(summary, indent=2))
+    out = Path(cfg.out)
+    tmp_file = out / f".{PREVIEW_FILE}.tmp"
+    shutil.copyfile(weights, tmp_file)
+    os.chmod(tmp_file, 0o644)  # shipped: readable by everyone
+    os.replace(tmp_file, out / PREVIEW_FILE)
+    # Recorded with the weights (and so in the stamp of a built tiny-sd15, which then gets its preview_vae/).
+    meta = json.loads((out / "world.json").read_text())
+    meta["preview_vae"] = {"architecture": PREVIEW_ARCH, **summary}
+    tmp_meta = out / ".world.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.chmod(tmp_meta, 0o644)
+    os.replace(tmp_meta, out / "world.json")
+    return summary

@@ -24,6 +24,7 @@ def _threads() -> None:
 def _micro(tmp_path: Path) -> wt.WorldConfig:
     return replace(wt.smoke(), examples=48, vae_steps=2, detector_steps=2,
                    detector_batch=4, unet_steps=2, unet_batch=2, lcm_steps=2, snapshot_every=2, eval_examples=4,
+                   preview_steps=2, preview_renders=8, preview_generated=2,
                    run_dir=str(tmp_path / "run"), out=str(tmp_path / "weights"))
 
 
@@ -63,8 +64,10 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
         assert (run / f"{name}.safetensors").is_file(), name
     shipped = {f.name: f.read_bytes() for f in Path(cfg.out).glob("*.safetensors")}
     assert {"vae.safetensors", "unet.safetensors", "controlnet.safetensors", "text_encoder.safetensors",
-            "lcm_lora.safetensors"} <= set(shipped)
+            "lcm_lora.safetensors", "preview_vae.safetensors"} <= set(shipped)
     assert (run / "lcm" / "lcm_lora.safetensors").is_file() and first["lcm_loss_last_50"] > 0
+    record = json.loads((Path(cfg.out) / "world.json").read_text())["preview_vae"]
+    assert record["architecture"]["decoder_blocks"] and record["preview_psnr_db"] == first["preview_psnr_db"]
 
     def finished(*_: object, **__: object) -> None:
         raise AssertionError("a finished stage ran again")
@@ -72,6 +75,7 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
     for stage in ("train_vae", "encode_all", "train_detector", "train_diffusion"):
         monkeypatch.setattr(wt, stage, finished)
     monkeypatch.setattr("poseloop.lcm_distill.distill", finished)
+    monkeypatch.setattr("poseloop.preview_vae.distill_preview", finished)
     second = wt.train_world(cfg)
     assert {f.name: f.read_bytes() for f in Path(cfg.out).glob("*.safetensors")} == shipped
     # Same weights and seeds, measured again: a second call may pick another fp32 kernel order (~1e-6 in a latent),
@@ -130,3 +134,4 @@ def test_a_run_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
     (run / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable"):
         wt.check_run_dir(cfg, run)
+
