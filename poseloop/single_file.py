@@ -359,6 +359,11 @@ def load_vae_file(path: Path, arch: str, dtype: torch.dtype, field_name: str = "
     sd = read_state_dict(path, field_name)
     conv_in = _vae_conv_in(sd)
     if conv_in is None:
+        # TAESD ships as taesd_decoder.safetensors (keys "1.weight", ...) or with diffusers' AutoencoderTiny keys.
+        if sd and all(k.split(".")[0].isdigit() or k.startswith(("decoder.layers.", "encoder.layers.")) for k in sd):
+            raise SingleFileError(f"{field_name}: {path} looks like a TAESD tiny autoencoder file; pass its diffusers "
+                                  "folder or hub id instead (madebyollin/taesd for SD1.5, madebyollin/taesdxl for "
+                                  "SDXL), which --model.vae loads as an AutoencoderTiny")
         raise SingleFileError(f"{field_name}: {path} holds no VAE (no encoder.conv_in weight); pass a VAE file "
                               "such as sdxl_vae.safetensors or vae-ft-mse-840000-ema-pruned.safetensors")
     # SD1.5's and SDXL's VAEs have the same shapes and differ in the latent scaling factor, which the

@@ -400,6 +400,16 @@ def test_wrong_kind_of_file_says_where_it_belongs(files: dict[str, Path], models
         load_components(model_cfg(models_dir, controlnet=str(files["vae"])))
     with pytest.raises(ModelLoadError, match=r"^model\.vae: .* holds no VAE"):
         load_components(model_cfg(models_dir, vae=str(files["controlnet"])))
+    # A TAESD file as ComfyUI keeps them (models/vae_approx/taesd_decoder.safetensors): its Sequential's keys.
+    from safetensors.torch import save_file
+
+    from poseloop.preview_vae import preview_module
+
+    taesd = tmp_path / "taesd_decoder.safetensors"
+    save_file({k.removeprefix("decoder.layers."): v.contiguous()
+               for k, v in preview_module().state_dict().items() if k.startswith("decoder.")}, str(taesd))
+    with pytest.raises(ModelLoadError, match=r"^model\.vae: .* looks like a TAESD .*madebyollin/taesd for SD1\.5"):
+        load_components(model_cfg(models_dir, vae=str(taesd)))
     txt = tmp_path / "weights.txt"
     txt.write_text("hello")
     with pytest.raises(ModelLoadError, match=r"^model\.base: .* has an unknown suffix '\.txt'"):
