@@ -155,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dec, r in equal.items():
         print(f"  at equal decoders ({dec}): {statistics.median(r):.2f}x (per-batch min {min(r):.2f}, max {max(r):.2f})")
     print(f"OKS tiny-lcm - DDIM: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: within 0.1) {'PASS' if close else 'FAIL'}")
-    for key in (k for k in res if k.startswith(("oks_diff_", "attributes_diff_")) or "distilled" in k or "preview_minus" in k):
+    for key in (k for k in res if k.startswith(("oks_diff_", "attributes_diff_"))
+                or "distilled" in k or "preview_minus" in k):
         m, lo, hi = res[key]
         print(f"{key}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     out = Path(args.out)

@@ -120,7 +120,8 @@ def test_four_step_rounds_with_the_lora_keep_the_pose_and_gain_colours(models_di
         warnings.simplefilter("ignore")  # the undistilled UNet under the LCM sampler warns: on purpose here
         base = load_components(default.model)  # the default and undistilled rounds share the weights
         for name, cfg, comp in (("default", default, base), ("undistilled", undistilled, base),
-                                ("lcm", lcm, load_components(lcm.model)), ("preset", preset, load_components(preset.model))):
+                                ("lcm", lcm, load_components(lcm.model)),
+                                ("preset", preset, load_components(preset.model))):
             reports[name] = evaluate_generator(comp, detector, prompts, poses, 1, cfg.sample, seed=7)
 
     def hits(name: str) -> np.ndarray:
