@@ -101,7 +101,7 @@ def readme_text(version: str, files: list[str], arch: str, base: str, controlnet
             "## ControlNet", "",
             f"- ComfyUI: copy `{CONTROLNET_DIR}/diffusion_pytorch_model.safetensors` into "
             "`ComfyUI/models/controlnet/` (rename it) and load it with *Load ControlNet Model*.",
-            f"- A1111 (sd-webui-controlnet): copy the same file into `extensions/sd-webui-controlnet/models/`.",
+            "- A1111 (sd-webui-controlnet): copy the same file into `extensions/sd-webui-controlnet/models/`.",
             f"- poseloop: `python generate.py --model.controlnet models/policies/{version}/{CONTROLNET_DIR}`.",
             f'- diffusers: `ControlNetModel.from_pretrained("models/policies/{version}/{CONTROLNET_DIR}")`.', "",
         ]
