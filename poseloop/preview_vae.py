@@ -23,6 +23,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from poseloop.world_training import _to_tensor
+
 # Every block of an AutoencoderTiny has one width. No block at full resolution: after the last upsample
 # only two 3x3 convolutions run at 64 px, which is where a decoder spends its time.
 PREVIEW_ARCH: dict[str, Any] = {"channels": 32, "encoder_blocks": [1, 2, 2], "decoder_blocks": [3, 3, 0]}
@@ -64,8 +66,7 @@ def teacher_encode(vae: Any, images: np.ndarray, batch: int = 256) -> torch.Tens
     """Images [N, H, W, 3] uint8 -> the VAE's scaled latents (posterior mode) [N, C, h, w]."""
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+        out.append(vae.encode(_to_tensor(images[i:i + batch])).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(out)
 
 
@@ -106,11 +107,6 @@ def world_preview_data(model_dir: Path, renders: int, generated: int, seed: int 
     return PreviewData(latents=z, decoded=teacher_decode(vae, z), renders=shown.images)
 
 
-def _images(x: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in -1..1."""
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """PSNR in dB of images in -1..1 (peak-to-peak 2)."""
     mse = float(((pred.clamp(-1, 1) - target) ** 2).mean())
@@ -136,6 +132,7 @@ def distill_preview(data: PreviewData, steps: int, batch: int = 32, lr: float = 
     parts = (("decoder", model.decoder, steps), ("encoder", model.encoder, enc_steps))
     bar = tqdm(total=steps + enc_steps, desc="preview decoder", unit="step", mininterval=2.0)
     n_renders = len(data.renders)
+    render_idx = train_idx[train_idx < n_renders]  # the encoder learns from the renders' latents only
     for name, net, n in parts:
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -144,13 +141,12 @@ def distill_preview(data: PreviewData, steps: int, batch: int = 32, lr: float = 
                 g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / max(1, n)))
             if name == "decoder":
                 idx = train_idx[torch.randint(len(train_idx), (batch,), generator=gen).numpy()]
-                pred, target = net(data.latents[idx]), _images(data.decoded[idx])
+                pred, target = net(data.latents[idx]), _to_tensor(data.decoded[idx])
                 loss = (pred - target).abs().mean() + ((pred - target) ** 2).mean()
             else:
-                pool = train_idx[train_idx < n_renders]
-                idx = pool[torch.randint(len(pool), (batch,), generator=gen).numpy()]
+                idx = render_idx[torch.randint(len(render_idx), (batch,), generator=gen).numpy()]
                 # EncoderTiny takes images in -1..1 (it maps them to 0..1 itself) and gives scaled latents.
-                loss = F.mse_loss(net(_images(data.renders[idx])), data.latents[idx])
+                loss = F.mse_loss(net(_to_tensor(data.renders[idx])), data.latents[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -161,10 +157,10 @@ def distill_preview(data: PreviewData, steps: int, batch: int = 32, lr: float = 
     with torch.no_grad():
         test = torch.from_numpy(test_idx)
         decoded = torch.cat([model.decoder(data.latents[test[i:i + 256]]) for i in range(0, len(test), 256)])
-        metrics = {"preview_psnr_db": psnr(decoded, _images(data.decoded[test_idx]))}
+        metrics = {"preview_psnr_db": psnr(decoded, _to_tensor(data.decoded[test_idx]))}
         enc_test = test_idx[test_idx < n_renders]
         if len(enc_test):
-            z = model.encoder(_images(data.renders[enc_test]))
+            z = model.encoder(_to_tensor(data.renders[enc_test]))
             want = data.latents[enc_test]
             metrics["preview_encoder_rel_rmse"] = float(((z - want) ** 2).mean().sqrt() / want.std())
     metrics.update({"preview_seconds": time.time() - start, "preview_decoder_loss_last_50":

@@ -610,13 +610,18 @@ def distill_lcm(cfg: WorldConfig, run: Path) -> dict[str, float]:
                                        batch=min(cfg.unet_batch, defaults.batch),
                                        out=str(lcm_file))
             summary = distill(lcm_cfg, run_dir=run / "lcm")
-    out = Path(cfg.out) / LCM_LORA_FILE
-    tmp_file = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(lcm_file, tmp_file)
-    os.chmod(tmp_file, 0o644)  # shipped: readable by everyone
-    os.replace(tmp_file, out)
+    _ship(lcm_file.read_bytes(), Path(cfg.out) / LCM_LORA_FILE)
     return {"lcm_seconds": summary["seconds"], "lcm_loss_first_50": summary["loss_first_50"],
             "lcm_loss_last_50": summary["loss_last_50"]}
+
+
+def _ship(data: bytes, path: Path) -> None:
+    """Write a shipped file atomically (temporary name, then rename), readable by everyone as package data is."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
 
 def distill_preview_stage(cfg: WorldConfig, run: Path) -> dict[str, float]:
     """Distil the shipped world's VAE into its preview decoder (cached in run/preview), ship it as
@@ -641,15 +646,9 @@ def distill_preview_stage(cfg: WorldConfig, run: Path) -> dict[str, float]:
         _atomic_save(module.state_dict(), weights, fp16=True)
         summary_file.write_text(json.dumps(summary, indent=2))
     out = Path(cfg.out)
-    tmp_file = out / f".{PREVIEW_FILE}.tmp"
-    shutil.copyfile(weights, tmp_file)
-    os.chmod(tmp_file, 0o644)  # shipped: readable by everyone
-    os.replace(tmp_file, out / PREVIEW_FILE)
+    _ship(weights.read_bytes(), out / PREVIEW_FILE)
     # Recorded with the weights (and so in the stamp of a built tiny-sd15, which then gets its preview_vae/).
     meta = json.loads((out / "world.json").read_text())
     meta["preview_vae"] = {"architecture": PREVIEW_ARCH, **summary}
-    tmp_meta = out / ".world.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.chmod(tmp_meta, 0o644)
-    os.replace(tmp_meta, out / "world.json")
+    _ship(json.dumps(meta, indent=2).encode(), out / "world.json")
     return summary
