@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--runs", nargs="+", default=None, help="policy runs to train (default: all of POLICY_RUNS)")
+    p.add_argument("--policy-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="train_policy.py overrides for every policy run, e.g. train.seed=1 train.first_steps=4")
     p.add_argument("--work", default="", help="keep the rounds, models and reports in this folder (default: a temporary one)")
     args = p.parse_args(argv)
     from poseloop.scripted import POLICY_RUNS, RUN_METRIC, LearningBudget, run_learning_check
@@ -46,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
     budget = LearningBudget(threads=args.threads, policies=tuple(args.runs or POLICY_RUNS),
                             **BUDGETS[args.budget])  # type: ignore[arg-type]
+    for kv in args.policy_set:
+        budget.policy_overrides += ["--set", kv]
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         r = run_learning_check(Path(args.work), embedded, budget)

@@ -53,12 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.manual_seed(0)
             cfg = tiny_on(str(root), f"{tmp}/{name}", args.threads)
             cfg.data.prompts = vocabulary_prompts()[:6]
-            cfg.train.epochs = args.epochs
-            cfg.train.resume = False
             if name == "rlcm":  # the tiny-rlcm preset on the same folder: the world's LCM-LoRA fused in
                 rlcm = tiny_rlcm()
-                cfg.algo, cfg.sample, cfg.train.timestep_fraction = rlcm.algo, rlcm.sample, rlcm.train.timestep_fraction
+                cfg.algo, cfg.sample, cfg.train = rlcm.algo, rlcm.sample, rlcm.train
                 cfg.model.lcm_lora = str(root / LCM_LORA_FILE)
+            cfg.train.epochs = args.epochs
+            cfg.train.resume = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the trainer's guard / KL notes are not the point here
                 tr = PolicyTrainer(cfg, reward=reward, progress=False)

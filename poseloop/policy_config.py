@@ -70,6 +70,9 @@ class TrainConfig:
     grad_accum: int = field(1, help="minibatches whose gradients are summed before an optimizer step")
     inner_epochs: int = field(1, help="passes over each epoch's samples (PPO epochs)")
     timestep_fraction: float = field(1.0, help="fraction of each trajectory's steps trained on (0..1]")
+    first_steps: int = field(0, help="train on the first N stochastic steps only (the noisiest, where layout and "
+                             "colour are decided; later steps add noise to the gradient, not signal: docs/WORLD.md); "
+                             "0 = all; timestep_fraction then picks among them")
     fused_update: bool = field(False, help="DDPO: when an epoch is one optimizer step (inner_epochs 1, its minibatches "
                                "<= grad_accum), train from the sampling pass's forward instead of re-scoring (the "
                                "same gradient, one forward less per trained step); how: train.fused_route")
@@ -82,6 +85,9 @@ class TrainConfig:
     adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
     stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation")
     stat_min_count: int = field(16, help="buffered rewards needed before per-prompt statistics replace batch ones")
+    shared_start: bool = field(False, help="the images a group samples in an epoch start from one x_T and differ by "
+                               "their step noise only (D3PO's pairs do): the group's mean reward then also removes "
+                               "the start's share of the reward from each advantage (DDPO, RLCM, D3PO source reward)")
     seed: int = field(0, help="run seed: sampling seeds and shuffles are derived from (seed, epoch, index)")
     resume: bool = field(True, help="continue from the run's last checkpoint when there is one")
 
@@ -230,6 +236,8 @@ class PolicyConfig:
                 raise ConfigError(f"train.{name}: must be >= 1 (got {getattr(tr, name)})")
         if not 0 < tr.timestep_fraction <= 1:
             raise ConfigError(f"train.timestep_fraction: must be in (0, 1] (got {tr.timestep_fraction})")
+        if tr.first_steps < 0:
+            raise ConfigError(f"train.first_steps: must be >= 0, 0 = every step (got {tr.first_steps})")
         if not tr.clip_range > 0 or not tr.adv_clip_max > 0:
             raise ConfigError("train.clip_range and train.adv_clip_max: must be > 0")
         if tr.fused_route not in ("per_sample", "graphs"):
@@ -298,24 +306,25 @@ def tiny() -> PolicyConfig:
     cfg.model, cfg.sample = base.model, base.sample
     cfg.sample.batch_size = 16
     cfg.target.lora_modules = list(ALL_LORA_MODULES)
-    # An epoch's DDPO gradient is nearly all noise here (two estimates from disjoint 32-trajectory samples:
-    # mean cosine -0.006 over 28 pairs; bench/bench_gradient_noise.py), so a run needs many epochs: DDPO on
-    # a learned reward model gained +0.0001 after 8 epochs, +0.013 / +0.039 / +0.027 after 16 on 3 run seeds.
-    cfg.train.epochs = 16
-    # 32 trajectories an epoch, half of each trajectory's steps trained on: a less noisy gradient for
-    # the same CPU time than 16 trajectories on every step.
-    cfg.train.groups_per_epoch = 8
-    cfg.train.timestep_fraction = 0.5
+    # Where the gradient's signal is (bench/bench_gradient_noise.py, docs/WORLD.md): two DDPO estimates from
+    # disjoint 32-trajectory samples had a mean cosine of -0.006 when every step of 32 independent starts was
+    # trained on, so 16 epochs moved the policy by chance (+0.013 / +0.039 / +0.027 on 3 run seeds). A group's
+    # images starting from one x_T (its baseline then removes the start's share of the reward) and training
+    # on the first 4 steps only (the later ones add noise, not signal) raised that cosine to +0.27; 8 epochs
+    # then gained +0.086 / +0.098 / +0.105 with DDPO on a learned reward model (lr 1e-3, below).
+    cfg.train.epochs = 8
+    cfg.train.groups_per_epoch = 8  # 32 trajectories an epoch
+    cfg.train.shared_start = True
+    cfg.train.first_steps, cfg.train.timestep_fraction = 4, 1.0
     cfg.train.batch_size = 4  # 8 optimizer steps per epoch
-    # Measured on the embedded world (docs/WORLD.md): 1e-3 leaves the samples where they were, 5e-3 and
-    # above let a learned reward model be exploited (the images collapse within 8 epochs).
-    cfg.optim.lr = 2e-3
+    # With this gradient, 2e-3 over-optimised the learned reward model on one run seed of three (its score rose,
+    # the rater's statistic did not: +0.013 [-0.022, +0.048]); 1e-3 gained on all three (docs/WORLD.md).
+    cfg.optim.lr = 1e-3
     cfg.train.clip_range = 0.2
-    # A group's own images set its baseline from the first epoch: a run this short rarely revisits a
-    # group, and the batch fallback would reward whole groups for being brighter than others.
-    cfg.train.stat_buffer, cfg.train.stat_min_count = 16, cfg.sample.images_per_group
-    # 16 epochs x 8 pairs: 128 of a 144-pair round, the D3PO work of 8 x 16 before the epochs doubled for DDPO.
-    cfg.d3po.pairs_per_epoch = 8
+    # The baseline is this epoch's images of the group alone: they share a start, which earlier visits do not.
+    cfg.train.stat_buffer = cfg.train.stat_min_count = cfg.sample.images_per_group
+    # 8 epochs x 16 pairs: 128 of a 144-pair round.
+    cfg.d3po.pairs_per_epoch = 16
     # These steps are ~10x the published ones, and so is the KL per epoch: runs that learned peaked at 0.93
     # (DDPO on a reward model) and 3.2 (D3PO), the collapsing pose run passed 14 in its fifth epoch. 0.05
     # would warn in most epochs of a good run; 5 stays quiet there and fires on a runaway.
@@ -341,8 +350,18 @@ def tiny_rlcm() -> PolicyConfig:
     cfg.algo = "rlcm"
     cfg.model.lcm_lora = generate_presets.EMBEDDED_LCM_LORA
     cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "lcm", 4, 1.0
-    cfg.train.timestep_fraction = 1.0
+    # RLCM moved the policy on every run seed tried with these (docs/WORLD.md), before the tiny preset's DDPO
+    # recipe (one start per group, first steps only) existed; that recipe is untested on LCM trajectories.
+    _independent_starts(cfg)
+    cfg.train.epochs, cfg.optim.lr = 16, 2e-3
     return cfg
+
+
+def _independent_starts(cfg: PolicyConfig) -> None:
+    """Every image its own x_T, every stochastic step trainable, a 16-reward baseline per group (the tiny
+    preset's DDPO settings before one start per group)."""
+    cfg.train.shared_start, cfg.train.first_steps, cfg.train.timestep_fraction = False, 0, 1.0
+    cfg.train.stat_buffer, cfg.train.stat_min_count = 16, cfg.sample.images_per_group
 
 
 def tiny_sdxl() -> PolicyConfig:
@@ -356,7 +375,8 @@ def tiny_sdxl() -> PolicyConfig:
 def tiny_faithful() -> PolicyConfig:
     """The tiny model with the published settings (DDPO lr 3e-4, clip 1e-4; D3PO beta 0.1, clamp 0.1)."""
     cfg = tiny()
-    cfg.optim.lr, cfg.train.clip_range, cfg.train.timestep_fraction = 3e-4, 1e-4, 1.0
+    _independent_starts(cfg)
+    cfg.optim.lr, cfg.train.clip_range = 3e-4, 1e-4
     cfg.target.lora_modules = list(DEFAULT_LORA_MODULES)
     cfg.d3po.beta, cfg.d3po.clamp_eps = 0.1, 0.1
     cfg.refl.margin, cfg.refl.scale = 2.0, 1e-3

@@ -306,13 +306,21 @@ def _step(cfg: SampleConfig, scheduler: object, model_output: torch.Tensor, t: t
     return ddim_step_with_logprob(scheduler, model_output, t, x, cfg.eta, prev_sample=prev_sample, noise=noise)
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], start_seeds: Sequence[int] | None = None
+                  ) -> tuple[torch.Tensor, list[torch.Generator]]:
     """x_T for each image from its own CPU generator, so an image depends on its seed alone.
 
+    start_seeds: x_T from these seeds' generators instead (images given one start seed start alike and
+    differ only by their step noise, which still comes from `seeds`).
     Returns (x_T [B, C, h, w] float32 rounded to float16, the generators for the step noise).
     """
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    if start_seeds is None:
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    else:
+        if len(start_seeds) != len(seeds):
+            raise ValueError(f"start_seeds: {len(start_seeds)} given for {len(seeds)} seeds")
+        x = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in start_seeds])
     return x.to(STORE_DTYPE).float(), gens
 
 
@@ -350,7 +358,8 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
            on_step: Callable[[int], None] | None = None,
            autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
            grad_steps: Collection[int] = (),
-           on_graph: Callable[[int, torch.Tensor], None] | None = None) -> SampleOutput:
+           on_graph: Callable[[int, torch.Tensor], None] | None = None,
+           start_seeds: Sequence[int] | None = None) -> SampleOutput:
     """Denoise a batch with cfg.sampler (DDIM with eta > 0, or LCM), recording latents and log-probabilities.
 
     `autocast` wraps each noise prediction: the policy trainer passes the context its training pass
@@ -359,6 +368,7 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     (log_prob_graphs), which is what re-scoring them would compute (DDPO's fused update); x stays detached.
     on_graph: given, it is called with (step, log-probs [B] with their graph) instead, e.g. to backpropagate
     them at once (per-sample gradients, poseloop.per_sample_grads); log_prob_graphs then stays empty.
+    start_seeds: x_T from these seeds instead of `seeds` (initial_noise); the step noise stays the seeds'.
     """
     if not (len(prompts) == len(control_images) == len(seeds)):
         raise ValueError("prompts, control_images and seeds must have the same length")
@@ -371,7 +381,7 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     cond = make_conditioning(comp, prompts, control_images, cfg, width, height)
     timestep_cond = lcm_timestep_cond(comp, cfg, len(prompts))
     shape = (comp.latent_channels, height // comp.vae_scale_factor, width // comp.vae_scale_factor)
-    x, gens = initial_noise(seeds, shape)
+    x, gens = initial_noise(seeds, shape, start_seeds)
     x = x.to(comp.device) * scheduler.init_noise_sigma
     all_latents = [x]
     all_log_probs = []

@@ -141,13 +141,14 @@ RUN_METRIC = {"ddpo_reward_model": RULE, "d3po_pairs": RULE, "ddpo_pose_accuracy
               "rlcm_pose_accuracy": "pose_accuracy"}
 POLICY_RUNS = tuple(RUN_METRIC)
 LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
-# RLCM on pose accuracy: the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) at ControlNet scale
-# 0.4, where the world leaves room to gain (OKS 0.57 against 0.86 at full scale and the detector's 0.98 on
-# true renders), with 64 trajectories (16 groups x 4) per optimizer step: 16 epochs of one step. With 32
-# trajectories a step 4 of 5 run seeds gained (docs/WORLD.md); with 64 every seed tried did. It trains on
-# the vocabulary's first 6 prompts, which hold the comparison's: what is fresh there is the seeds.
-POSE_RLCM_SCALE = 0.4
-POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
+# Pose accuracy is trained and compared at ControlNet scale 0.4, where the world leaves room to gain (OKS 0.57-0.62
+# against 0.86 at full scale and the detector's 0.98 on true renders), on the vocabulary's first 6 prompts, which
+# hold the comparison's: what is fresh there is the seeds. DDPO runs the tiny preset (8 epochs of 32
+# trajectories). RLCM runs the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) with 64 trajectories
+# (16 groups x 4) per optimizer step, 16 epochs of one step: with 32 a step 4 of 5 run seeds gained
+# (docs/WORLD.md); with 64 every seed tried did.
+POSE_SCALE = 0.4
+POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_SCALE),
                   "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]
 
 
@@ -230,38 +231,46 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         assert train_policy_script.main([*model, *args, *b.policy_overrides]) == 0
         return _latest(models / "policies")
 
-    def compare(name: str, version: str, metrics: list[str], preset: str, extra: list[str]) -> dict[str, Any]:
+    def compare(name: str, version: str, metrics: list[str], preset: str, extra: list[str], seed_set: str
+                ) -> dict[str, Any]:
         argv = [*model, "--store.samples_dir", str(samples), "--data.prompts", *_prompts(b.eval_prompts, 3),
                 "--set", f"sample.images_per_group={b.eval_images}", *extra, "--eval.policy", version,
                 "--eval.name", f"eval-{name}", "--eval.metrics", *metrics, "--set", "eval.bootstrap=2000",
-                # every comparison with one sampler shares one baseline round
-                "--set", "eval.seeds=learning-check" + ("" if preset == "tiny" else f"-{preset}")]
+                # every comparison with one sampler and ControlNet scale shares one baseline round
+                "--set", f"eval.seeds={seed_set}"]
         cfg, _ = parse_config(EvaluateConfig, EVAL_PRESETS, preset, argv, description="", prog="evaluate.py")
         res = evaluate(cfg)
         return {m.name: {"baseline": m.baseline_mean, "candidate": m.candidate_mean, "diff": m.diff_mean,
                          "ci": list(m.diff_ci), "win_rate": m.win_rate, "n": m.n} for m in res.metrics}
 
     # 3. DDPO on the learned reward, D3PO straight from the rater's pairs, DDPO and RLCM on pose accuracy.
-    # Each run: its train_policy.py arguments, the metrics compared, the evaluation's preset and arguments.
+    # Each run: its train_policy.py arguments, the metrics compared, the evaluation's preset and arguments, and
+    # the seed set of its comparison (runs that share one share the baseline round).
     pose = f"pose_accuracy:weights={detector}"
     lcm = ["--model.lcm_lora", str(embedded / LCM_LORA_FILE)]
     runs = {
-        "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE], "tiny", []),
+        "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE], "tiny", [],
+                              "learning-check"),
         "d3po_pairs": (["--algo", "d3po", "--d3po.samples_dir", str(samples), "--d3po.rounds", "labelled"], [RULE],
-                       "tiny", []),
-        "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose], [pose], "tiny", []),
+                       "tiny", [], "learning-check"),
+        # at RLCM's ControlNet scale, where the world leaves room to gain, and on the same prompts
+        "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose, "--sample.controlnet_scale", str(POSE_SCALE),
+                                "--data.prompts", *_prompts(6, 0)], [pose], "tiny",
+                               ["--sample.controlnet_scale", str(POSE_SCALE),
+                                "--set", f"sample.images_per_group={2 * b.eval_images}"], "learning-check-pose"),
         "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)], [pose],
                                # twice the comparison's images: 4-step rounds are cheap, OKS is noisy at scale 0.4
                                # decoded by the world's VAE, as the policy's rewards were (not the preset's preview)
-                               "tiny-lcm", [*lcm, "--model.vae", "", "--sample.controlnet_scale", str(POSE_RLCM_SCALE),
-                                            "--set", f"sample.images_per_group={2 * b.eval_images}"]),
+                               "tiny-lcm", [*lcm, "--model.vae", "", "--sample.controlnet_scale", str(POSE_SCALE),
+                                            "--set", f"sample.images_per_group={2 * b.eval_images}"],
+                               "learning-check-tiny-lcm"),
     }
-    for name, (args, metrics, preset, extra) in runs.items():
+    for name, (args, metrics, preset, extra, seed_set) in runs.items():
         if name not in b.policies:
             continue
         start = time.time()
         version = train(args)
-        results[name] = compare(name, version, metrics, preset, extra)
+        results[name] = compare(name, version, metrics, preset, extra, seed_set)
         results[name]["train_seconds"] = time.time() - start
         log(f"[{time.time() - t0:.0f} s] {name}: " + json.dumps(results[name]))
     results["seconds"] = time.time() - t0

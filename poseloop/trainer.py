@@ -173,7 +173,8 @@ class PolicyTrainer:
                 "width": self.width, "height": self.height, "group_id": g, "pose_name": spec.pose_name}
 
     def _sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None,
-                       grad_steps: Sequence[int] = (), step_mask: torch.Tensor | None = None
+                       grad_steps: Sequence[int] = (), step_mask: torch.Tensor | None = None,
+                       start_seeds: Sequence[int] | None = None
                        ) -> tuple[TrajectoryBatch, torch.Tensor | None, list[Image.Image]]:
         """Sample one image per (group, seed) with the current policy; score with `reward`.
 
@@ -181,6 +182,7 @@ class PolicyTrainer:
         step_mask: [N, T] bool, item i's log-prob of step j backpropagated while sampling; the sums of each
         item's gradients of the LoRA weights go to batch.extra["per_sample_grads"] ({name: [N, *shape]}),
         the mask to batch.extra["step_mask"] (poseloop.per_sample_grads; DDPO's fused update).
+        start_seeds: each item's x_T seed (_start_seeds); None = its own seed.
         """
         from contextlib import nullcontext
 
@@ -210,7 +212,8 @@ class PolicyTrainer:
             # Sampled in the training pass's numeric context (see _rescore): mixed precision stays consistent.
             with collector.attached() if collector is not None else nullcontext():
                 out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
-                             autocast=self.accelerator.autocast, grad_steps=steps, on_graph=on_graph)
+                             autocast=self.accelerator.autocast, grad_steps=steps, on_graph=on_graph,
+                             start_seeds=None if start_seeds is None else list(start_seeds[i:i + bs]))
             if collector is not None:
                 per_sample.append(collector.take(len(gs)))
             elif grad_steps:
@@ -251,6 +254,12 @@ class PolicyTrainer:
         per = total // acc.num_processes
         mine = items[acc.process_index * per:(acc.process_index + 1) * per]
         return [g for g, _ in mine], [s for _, s in mine], [self._key(g) for g, _ in mine]
+
+    def _start_seeds(self, epoch: int, groups: Sequence[int]) -> list[int] | None:
+        """Each item's x_T seed with train.shared_start (one per group and epoch, so every process agrees), else None."""
+        if not self.cfg.train.shared_start:
+            return None
+        return [derive_seed(self.cfg.train.seed, "start", epoch, g) for g in groups]
 
     def _key(self, g: int) -> str:
         spec = self.specs[g]
@@ -321,7 +330,8 @@ class PolicyTrainer:
                        autocast=self.accelerator.autocast).float()
 
     def _chosen_trainable_steps(self, batch: TrajectoryBatch, gen: torch.Generator) -> list[int]:
-        """train.timestep_fraction of the steps that have a log-probability (sigma_t > 0), in order.
+        """train.timestep_fraction of the steps that have a log-probability (sigma_t > 0), in order; with
+        train.first_steps N, of the first N of them.
 
         A deterministic step (set_alpha_to_one's last one: variance 0, no density) is never trained
         on. When every step is stochastic this draws exactly what chosen_steps(T, ...) draws.
@@ -331,6 +341,8 @@ class PolicyTrainer:
         mask = stochastic_steps(self.comp.scheduler, batch.timesteps, batch.sample_cfg.eta,
                                 batch.sample_cfg.sampler)  # [T] bool; LCM: all but the last
         trainable = mask.nonzero().flatten().tolist()
+        if self.cfg.train.first_steps:
+            trainable = trainable[:self.cfg.train.first_steps]
         if not trainable:
             raise ConfigError(f"sample.steps: none of the {mask.numel()} step(s) is stochastic (the scheduler's "
                               "set_alpha_to_one makes the last one deterministic); use more steps")

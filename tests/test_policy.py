@@ -154,6 +154,35 @@ def test_a_deterministic_last_step_is_never_trained_and_gives_no_nan(models_dir:
     assert (torch.cat(ratios) - 1).abs().max() < RATIO_TOL
 
 
+def test_shared_start_and_first_steps_shape_what_an_epoch_samples_and_trains(models_dir: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The re-scoring path (grad_accum 2: one optimizer step, ratios before any update), so every trained
+    # step goes through _rescore.
+    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0, train__fused_update=False,
+                     train__shared_start=True, train__first_steps=2)
+    trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    trained: list[int] = []
+    real = trainer._rescore
+    monkeypatch.setattr(trainer, "_rescore",
+                        lambda cond, lat, ts, j, scfg: trained.append(j) or real(cond, lat, ts, j, scfg))
+    batches = []
+    real_sample = trainer._sample_groups
+    monkeypatch.setattr(trainer, "_sample_groups", lambda *a, **k: batches.append(real_sample(*a, **k)) or batches[-1])
+    ratios = ratio_spy(monkeypatch)
+    trainer.algorithm.epoch(0)
+    assert sorted(set(trained)) == [0, 1]  # the first 2 of 4 stochastic steps
+    assert (torch.cat(ratios) - 1).abs().max() < RATIO_TOL
+    groups, _, _ = trainer._epoch_items(0)
+    starts = batches[0][0].latents[:, 0].float()  # [N, C, h, w]: x_T, a group's images next to each other
+    assert groups == [groups[0]] * 2 + [groups[2]] * 2 and groups[0] != groups[2]
+    assert torch.equal(starts[0], starts[1]) and torch.equal(starts[2], starts[3])
+    assert not torch.allclose(starts[0], starts[2], atol=0.1)
+    assert not torch.allclose(batches[0][0].latents[0, -1].float(), batches[0][0].latents[1, -1].float(), atol=0.1)
+    assert trainer._start_seeds(1, groups) != trainer._start_seeds(0, groups)  # a new start every epoch
+    trainer.cfg.train.shared_start = False
+    assert trainer._start_seeds(0, groups) is None
+
+
 def test_ddpo_raises_the_reward(models_dir: Path, tmp_path: Path) -> None:
     # The trained embedded world with the tiny preset's settings, 32 trajectories an epoch.
     cfg = policy_cfg(models_dir, tmp_path, train__epochs=6, train__groups_per_epoch=4, sample__images_per_group=8,

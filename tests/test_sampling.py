@@ -207,6 +207,25 @@ def test_an_image_depends_on_its_seed_not_its_batch(sd15_components) -> None:  #
     assert not torch.allclose(batch.latents[0].float(), batch.latents[1].float(), atol=0.1)
 
 
+def test_start_seeds_give_one_start_and_each_image_its_own_step_noise(sd15_components) -> None:  # type: ignore[no-untyped-def]
+    cfg = SampleConfig(steps=3)
+    prompts, controls = _inputs(3, 64)
+    own = sampling.sample(sd15_components, prompts, controls, [5, 6, 7], cfg, 64, 64)
+    shared = sampling.sample(sd15_components, prompts, controls, [5, 6, 7], cfg, 64, 64, start_seeds=[9, 9, 9])
+    x_t = shared.latents[:, 0].float()
+    torch.testing.assert_close(x_t[1], x_t[0], atol=0, rtol=0)  # one generator draw, copied: equal bits
+    torch.testing.assert_close(x_t[2], x_t[0], atol=0, rtol=0)
+    assert not torch.allclose(own.latents[0, 0].float(), own.latents[1, 0].float(), atol=0.1)
+    # The step noise is still each image's: the same start ends in different images (O(1) apart, where
+    # float16 rounding is < 1e-2).
+    assert (shared.latents[0, -1].float() - shared.latents[1, -1].float()).abs().max() > 0.1
+    # An image's steps do not depend on where its start came from: the first step's noise is its seed's.
+    alone = sampling.sample(sd15_components, prompts[:1], controls[:1], [5], cfg, 64, 64, start_seeds=[9])
+    torch.testing.assert_close(alone.latents[0].float(), shared.latents[0].float(), atol=0.1, rtol=0)
+    with pytest.raises(ValueError, match="start_seeds: 1 given for 3 seeds"):
+        sampling.sample(sd15_components, prompts, controls, [5, 6, 7], cfg, 64, 64, start_seeds=[9])
+
+
 def test_sampler_refuses_a_resolution_the_model_cannot_take(sd15_components) -> None:  # type: ignore[no-untyped-def]
     prompts, controls = _inputs(1, 72)
     with pytest.raises(ValueError, match="multiples of 16"):

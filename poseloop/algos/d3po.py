@@ -53,7 +53,7 @@ class D3PO(Algorithm):
                 raise ConfigError(f"train.groups_per_epoch ({t.cfg.train.groups_per_epoch}) must be divisible by the "
                                   f"number of processes ({t.accelerator.num_processes}) for d3po.source=reward: a "
                                   "group's images pick its pair on one process")
-            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward)
+            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, start_seeds=t._start_seeds(epoch, groups))
             assert rewards is not None
             k = t.cfg.sample.images_per_group
             r = rewards.view(-1, k)  # [G, K]: a group's K images are consecutive

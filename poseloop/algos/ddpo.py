@@ -50,11 +50,12 @@ class DDPO(Algorithm):
         t0 = time.perf_counter()
         groups, seeds, keys = t._epoch_items(epoch)
         plan = self.fused_plan(epoch, len(keys))  # [n, T] bool or None
+        starts = t._start_seeds(epoch, groups)
         if plan is not None and self.fused_route() == "per_sample":
-            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, step_mask=plan)
+            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, step_mask=plan, start_seeds=starts)
         else:
             grad_steps = [] if plan is None else plan.any(0).nonzero().flatten().tolist()
-            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, grad_steps=grad_steps)
+            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, grad_steps=grad_steps, start_seeds=starts)
             if grad_steps:
                 batch.extra["graph_steps"] = grad_steps
         assert rewards is not None
