@@ -7,11 +7,14 @@ grows with N towards 1. Printed for N = the tiny preset's 32 trajectories an epo
 (sums of disjoint epochs' estimates), as the mean over pairs with its min and max.
 
     python bench/bench_gradient_noise.py                       # brightness, 8 epochs' worth of estimates
+    python bench/bench_gradient_noise.py --shared-start --steps 0 4   # the tiny preset's DDPO: one start
+                                                                 # per group, the first 4 steps scored
     python bench/bench_gradient_noise.py --reward latent:models/reward/latest --epochs 8
     python bench/bench_gradient_noise.py --reward pose_accuracy:weights=models/tiny-sd15/pose_detector \
         --controlnet-scale 0.4 --target controlnet        # the pose reward where the base model has headroom
 
-Every stochastic step of each trajectory is scored (train.timestep_fraction 1), on the embedded world with
+Every stochastic step of each trajectory is scored (train.timestep_fraction 1; --steps picks a range), and every
+image has its own start (--shared-start gives a group's images one), on the embedded world with
 the tiny preset's settings (LoRA on every layer, per-group normalised advantages as the trainer computes them), fp32, no update in between.
 """
 
@@ -98,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sums = [torch.stack(estimates[i:i + m]).sum(0) for i in range(0, len(estimates) - m + 1, m)]
         cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(sums, 2)]
         results[per * m] = {"mean": float(np.mean(cos)), "min": min(cos), "max": max(cos), "pairs": len(cos)}
-    print(f"\nreward {args.reward or RULE}, ControlNet scale {args.controlnet_scale}, {args.target}; cosine between "
+    print(f"\nreward {args.reward or RULE}, ControlNet scale {args.controlnet_scale}, {args.target}, "
+          f"{'one start per group' if args.shared_start else 'independent starts'}, "
+          f"steps {'all' if not args.steps else f'{args.steps[0]}..{args.steps[1] - 1}'}; cosine between "
           f"gradient estimates from disjoint samples ({args.threads} thread(s)):")
     for n, c in results.items():
         print(f"  {n:4d} trajectories each: mean {c['mean']:+.3f} (min {c['min']:+.3f}, max {c['max']:+.3f}) "

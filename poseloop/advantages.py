@@ -2,7 +2,9 @@
 
 A prompt (here: a prompt + pose group key) keeps its last `buffer_size` rewards. Its advantage is
 (reward - mean) / std over that buffer once it holds `min_count` rewards; before that the
-statistics of the whole batch are used, as DDPO's PerPromptStatTracker does.
+statistics of the whole batch are used, as DDPO's PerPromptStatTracker does. With buffer_size 0 a key's
+advantages come from its rewards in this update alone (GRPO-style groups: images that share a start share
+nothing with earlier visits of their prompt).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ class PerPromptStatTracker:
     """Running per-key reward buffers that turn rewards into normalised advantages."""
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6) -> None:
-        if buffer_size < 1 or min_count < 1:
-            raise ValueError("buffer_size and min_count must be >= 1")
+        if buffer_size < 0 or min_count < 1:
+            raise ValueError("buffer_size must be >= 0 (0 = this update's rewards of the key) and min_count >= 1")
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.eps = eps
@@ -36,6 +38,10 @@ class PerPromptStatTracker:
         advantages = np.empty_like(rewards)
         for key in dict.fromkeys(keys):  # unique keys, in first-seen order (deterministic)
             idx = np.array([i for i, k in enumerate(keys) if k == key])
+            if self.buffer_size == 0:
+                values = rewards[idx]
+                advantages[idx] = (values - values.mean()) / (values.std() + self.eps)
+                continue
             buf = self.buffers.setdefault(key, deque(maxlen=self.buffer_size))
             buf.extend(rewards[idx].tolist())
             if len(buf) < self.min_count:

@@ -83,7 +83,8 @@ class TrainConfig:
                              choices=("per_sample", "graphs"))
     clip_range: float = field(1e-4, help="PPO ratio clip c: r is clipped to [1-c, 1+c] (DDPO: 1e-4)")
     adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
-    stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation")
+    stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation; 0 = the group's "
+                             "rewards of this epoch alone (with train.shared_start: earlier visits had other starts)")
     stat_min_count: int = field(16, help="buffered rewards needed before per-prompt statistics replace batch ones")
     shared_start: bool = field(False, help="the images a group samples in an epoch start from one x_T and differ by "
                                "their step noise only (D3PO's pairs do): the group's mean reward then also removes "
@@ -230,10 +231,12 @@ class PolicyConfig:
             raise ConfigError(f"optim.lr: must be > 0 (got {o.lr})")
         if o.max_grad_norm < 0:
             raise ConfigError(f"optim.max_grad_norm: must be >= 0 (got {o.max_grad_norm})")
-        for name in ("epochs", "groups_per_epoch", "batch_size", "grad_accum", "inner_epochs", "stat_buffer",
-                     "stat_min_count"):
+        for name in ("epochs", "groups_per_epoch", "batch_size", "grad_accum", "inner_epochs", "stat_min_count"):
             if getattr(tr, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1 (got {getattr(tr, name)})")
+        if tr.stat_buffer < 0:
+            raise ConfigError(f"train.stat_buffer: must be >= 0, 0 = this epoch's rewards of the group (got "
+                              f"{tr.stat_buffer})")
         if not 0 < tr.timestep_fraction <= 1:
             raise ConfigError(f"train.timestep_fraction: must be in (0, 1] (got {tr.timestep_fraction})")
         if tr.first_steps < 0:
@@ -322,7 +325,7 @@ def tiny() -> PolicyConfig:
     cfg.optim.lr = 1e-3
     cfg.train.clip_range = 0.2
     # The baseline is this epoch's images of the group alone: they share a start, which earlier visits do not.
-    cfg.train.stat_buffer = cfg.train.stat_min_count = cfg.sample.images_per_group
+    cfg.train.stat_buffer = 0
     # 8 epochs x 16 pairs: 128 of a 144-pair round.
     cfg.d3po.pairs_per_epoch = 16
     # These steps are ~10x the published ones, and so is the KL per epoch: runs that learned peaked at 0.93

@@ -23,6 +23,19 @@ def test_batch_statistics_until_a_prompt_has_min_count_then_its_own_buffer() -> 
     np.testing.assert_allclose(adv, [(2 - 3.0) / np.std([2.0, 5.0, 2.0])], rtol=1e-6)
 
 
+def test_buffer_size_zero_uses_this_updates_rewards_of_each_key_alone() -> None:
+    t = PerPromptStatTracker(buffer_size=0, min_count=16, eps=0.0)
+    t.update(["a", "a"], [100.0, -100.0])  # an earlier visit: forgotten
+    adv = t.update(["a", "a", "b", "b", "b"], [1.0, 3.0, 2.0, 4.0, 9.0])
+    b = np.array([2.0, 4.0, 9.0])
+    np.testing.assert_allclose(adv, [-1.0, 1.0, *((b - 5.0) / b.std())], rtol=1e-6)
+    assert t.buffers == {}
+    # One image has nothing to be compared with (with the default eps: 0 / 1e-6).
+    assert PerPromptStatTracker(buffer_size=0).update(["c"], [7.0]).tolist() == [0.0]
+    with pytest.raises(ValueError, match="buffer_size must be >= 0"):
+        PerPromptStatTracker(buffer_size=-1)
+
+
 def test_state_round_trip_and_bad_input() -> None:
     t = PerPromptStatTracker(buffer_size=4, min_count=1)
     t.update(["x", "y"], [1.0, 2.0])
