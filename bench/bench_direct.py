@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write bench/out/direct.json; exit 0 (a comparison, no target)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly)")
-    p.add_argument("--epochs", type=int, default=16, help="training epochs of every run (tiny preset: 16)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs of every run (tiny preset: 8)")
     p.add_argument("--eval-prompts", type=int, default=2, help="prompts of the fresh round (x 12 poses)")
     p.add_argument("--eval-images", type=int, default=2, help="images per (prompt, pose) group of the fresh round")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))

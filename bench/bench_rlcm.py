@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.data.prompts = vocabulary_prompts()[:6]
             if name == "rlcm":  # the tiny-rlcm preset on the same folder: the world's LCM-LoRA fused in
                 rlcm = tiny_rlcm()
-                cfg.algo, cfg.sample, cfg.train = rlcm.algo, rlcm.sample, rlcm.train
+                cfg.algo, cfg.sample, cfg.train, cfg.optim = rlcm.algo, rlcm.sample, rlcm.train, rlcm.optim
                 cfg.model.lcm_lora = str(root / LCM_LORA_FILE)
             cfg.train.epochs = args.epochs
             cfg.train.resume = False

@@ -154,7 +154,7 @@ def test_the_tiny_rlcm_preset_trains_on_the_worlds_lcm(models_dir: Path, tmp_pat
     assert preset.model.lcm_lora == EMBEDDED_LCM_LORA
     assert (preset.algo, preset.sample.sampler, preset.sample.steps, preset.sample.guidance_scale) == ("rlcm", "lcm", 4, 1.0)
     cfg = tiny_on(str(models_dir / "tiny-sd15"), str(tmp_path), 1)
-    cfg.algo, cfg.sample, cfg.train = preset.algo, preset.sample, preset.train
+    cfg.algo, cfg.sample, cfg.train, cfg.optim = preset.algo, preset.sample, preset.train, preset.optim
     cfg.model.lcm_lora = str(models_dir / "tiny-sd15" / LCM_LORA_FILE)
     cfg.train.epochs, cfg.train.groups_per_epoch, cfg.train.resume = 1, 2, False
     with warnings.catch_warnings():
