@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", choices=("unet_lora", "controlnet"), default="unet_lora",
                    help="trained weights: the tiny preset's UNet LoRA or the full ControlNet")
     p.add_argument("--shared-start", action="store_true",
-                   help="train.shared_start: a group's images start from one x_T (its baseline then removes the start's share)")
+                   help="train.shared_start: a group's images start from one x_T (its baseline then removes the "
+                        "start's share)")
     p.add_argument("--steps", type=int, nargs=2, default=None, metavar=("FIRST", "END"),
                    help="score only sampling steps FIRST..END-1 (0 = the noisiest), e.g. 0 5 for the first half")
     p.add_argument("--first-epoch", type=int, default=0, help="epoch index of the first estimate (other seeds)")

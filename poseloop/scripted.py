@@ -141,7 +141,7 @@ RUN_METRIC = {"ddpo_reward_model": RULE, "d3po_pairs": RULE, "ddpo_pose_accuracy
               "rlcm_pose_accuracy": "pose_accuracy"}
 POLICY_RUNS = tuple(RUN_METRIC)
 LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
-# Pose accuracy is trained and compared at ControlNet scale 0.4, where the world leaves room to gain (OKS 0.57-0.62
+# Pose accuracy is trained and compared at ControlNet scale 0.4, where the world leaves room to gain (OKS 0.57-0.65
 # against 0.86 at full scale and the detector's 0.98 on true renders), on the vocabulary's first 6 prompts, which
 # hold the comparison's: what is fresh there is the seeds. DDPO runs the tiny preset (8 epochs of 32
 # trajectories). RLCM runs the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) with 64 trajectories
@@ -150,7 +150,7 @@ LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
 POSE_SCALE = 0.4
 # The detector's OKS is the measured quantity itself, not a learned stand-in that a larger step would over-optimise
 # (the preset's lr 1e-3 is for those): at 1e-3 pose DDPO gained +0.033 [-0.003, +0.073] and +0.011 [-0.003,
-# +0.023] on run seeds 0 / 1, at 2e-3 every seed tried gained (docs/WORLD.md).
+# +0.023] on run seeds 0 / 1; at 2e-3 every seed tried gained, seed 0 not always beyond its interval (docs/WORLD.md).
 POSE_DDPO_LR = 2e-3
 POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_SCALE),
                   "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]

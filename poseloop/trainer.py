@@ -256,7 +256,7 @@ class PolicyTrainer:
         return [g for g, _ in mine], [s for _, s in mine], [self._key(g) for g, _ in mine]
 
     def _start_seeds(self, epoch: int, groups: Sequence[int]) -> list[int] | None:
-        """Each item's x_T seed with train.shared_start (one per group and epoch, so every process agrees), else None."""
+        """Each item's x_T seed with train.shared_start (one per group and epoch: every process agrees), else None."""
         if not self.cfg.train.shared_start:
             return None
         return [derive_seed(self.cfg.train.seed, "start", epoch, g) for g in groups]
