@@ -465,4 +465,7 @@ def config_hash(cfg: PolicyConfig) -> str:
         d["sample"].pop("sampler")  # DDIM runs keep the hashes they had before the LCM sampler existed
     if not d["model"].get("lcm_lora"):
         d["model"].pop("lcm_lora", None)
+    for key, off in (("shared_start", False), ("first_steps", 0)):  # runs without them keep their hashes
+        if d["train"].get(key) == off:
+            d["train"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

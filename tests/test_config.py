@@ -184,3 +184,21 @@ def test_every_preset_validates_on_a_fresh_checkout(tmp_path, monkeypatch: pytes
     cfg.model.lcm_lora = "models/tiny-sd15/lcm-lora.safetensors"
     with pytest.raises(ConfigError, match="model.lcm_lora: file 'models/tiny-sd15/lcm-lora.safetensors' does not exist"):
         cfg.validate()
+
+
+def test_runs_without_the_new_ddpo_options_keep_their_hashes() -> None:
+    import hashlib
+
+    from poseloop.policy_config import config_hash, tiny_faithful
+
+    cfg = tiny_faithful()  # shared_start off, first_steps 0: what every run was before the options existed
+    d = to_dict(cfg)
+    for key in ("epochs", "resume", "fused_route", "shared_start", "first_steps"):
+        d["train"].pop(key)
+    for key in ("output", "guard", "refl", "draft"):
+        d.pop(key)
+    d["sample"].pop("sampler")
+    d["model"].pop("lcm_lora")
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    cfg.train.shared_start = True
+    assert config_hash(cfg) != hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
