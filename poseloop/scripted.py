@@ -144,9 +144,8 @@ LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
 # Pose accuracy is trained and compared at ControlNet scale 0.4, where the world leaves room to gain (OKS 0.57-0.65
 # against 0.86 at full scale and the detector's 0.98 on true renders), on the vocabulary's first 6 prompts, which
 # hold the comparison's: what is fresh there is the seeds. DDPO runs the tiny preset (8 epochs of 32
-# trajectories). RLCM runs the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG) with 64 trajectories
-# (16 groups x 4) per optimizer step, 16 epochs of one step: with 32 a step 4 of 5 run seeds gained
-# (docs/WORLD.md); with 64 every seed tried did.
+# trajectories). RLCM runs the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG, one start per group)
+# with 64 trajectories (16 groups x 4) per optimizer step, the preset's 8 epochs of one step (docs/WORLD.md).
 POSE_SCALE = 0.4
 # The detector's OKS is the measured quantity itself, not a learned stand-in that a larger step would over-optimise
 # (the preset's lr 1e-3 is for those): at 1e-3 pose DDPO gained +0.033 [-0.003, +0.073] and +0.011 [-0.003,

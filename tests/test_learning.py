@@ -43,9 +43,9 @@ def test_rlcm_on_pose_accuracy_raises_oks_on_fresh_seeds(models_dir: Path, tmp_p
     r = run_learning_check(tmp_path, models_dir / "tiny-sd15", budget)
     assert "labels" not in r and "ddpo_reward_model" not in r
     m = r["rlcm_pose_accuracy"]["pose_accuracy"]
-    # 96 shared-seed pairs at ControlNet scale 0.4, 16 epochs of 64 trajectories. This check measured +0.096
-    # [+0.078, +0.114] (bench_learning.py, 2 threads); experiments on other items gave +0.067, +0.131, +0.076,
-    # +0.092 on run seeds 0-3, each interval above 0 (docs/WORLD.md).
+    # 96 shared-seed pairs at ControlNet scale 0.4, the preset's 8 epochs of 64 trajectories (one start per
+    # group). Measured (bench_learning.py, 1 thread): +0.132 [+0.109, +0.156], +0.094, +0.141, +0.154 on run
+    # seeds 0-3; 16 epochs of independent starts gave +0.096 on seed 0 (docs/WORLD.md).
     assert m["n"] == 96 and m["ci"][0] > 0, m
 
 
