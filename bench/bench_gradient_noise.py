@@ -44,7 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "start's share)")
     p.add_argument("--steps", type=int, nargs=2, default=None, metavar=("FIRST", "END"),
                    help="score only sampling steps FIRST..END-1 (0 = the noisiest), e.g. 0 5 for the first half")
-    p.add_argument("--first-epoch", type=int, default=0, help="epoch index of the first estimate (other seeds)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = p.parse_args(argv)
@@ -72,14 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tr = PolicyTrainer(cfg, reward=reward, progress=False)
         params = [q for q in tr.policy.parameters() if q.requires_grad]
         estimates = []
-        for epoch in range(args.first_epoch, args.first_epoch + args.epochs):
+        for epoch in range(args.epochs):
             groups, seeds, keys = tr._epoch_items(epoch)
             batch, rewards, _ = tr._sample_groups(groups, seeds, reward, start_seeds=tr._start_seeds(epoch, groups))
             assert rewards is not None
-            # Each group's own images set its baseline, as in the tiny preset's first epochs (stat_min_count = k);
-            # a tracker per epoch keeps the estimates independent.
-            k = cfg.sample.images_per_group
-            adv = torch.from_numpy(PerPromptStatTracker(buffer_size=k, min_count=k).update(keys, rewards.numpy()))  # [N]
+            # Each group's own images of this epoch set its baseline (the tiny preset's stat_buffer 0), which also
+            # keeps the estimates independent.
+            adv = torch.from_numpy(PerPromptStatTracker(buffer_size=0).update(keys, rewards.numpy()))  # [N]
             steps = stochastic_steps(tr.comp.scheduler, batch.timesteps, cfg.sample.eta).nonzero().flatten().tolist()
             if args.steps:
                 steps = [j for j in steps if args.steps[0] <= j < args.steps[1]]

@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
     budget = LearningBudget(threads=args.threads, policies=tuple(args.runs or POLICY_RUNS),
                             **BUDGETS[args.budget])  # type: ignore[arg-type]
-    for kv in args.policy_set:
-        budget.policy_overrides += ["--set", kv]
+    # a new list: BUDGETS' own lists stay as they are
+    budget.policy_overrides = [*budget.policy_overrides, *(x for kv in args.policy_set for x in ("--set", kv))]
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         r = run_learning_check(Path(args.work), embedded, budget)
