@@ -93,8 +93,9 @@ def world_text_config():  # -> CLIPTextConfig
 
 # What a world.json without an "architecture" record was built with (every world before it was recorded).
 LEGACY_WORLD_ARCH = {"unet_heads": 8, "vae_channels": [32, 64, 64]}
-# The shipped world's architecture: what train_world.py builds by default and build_random_sd15 gives.
-WORLD_ARCH = LEGACY_WORLD_ARCH  # the shipped world is still that first one
+# The shipped world's architecture: what train_world.py builds by default and build_random_sd15 gives. Two
+# attention heads: a noise prediction takes half the CPU time of the first world's 8 (docs/WORLD.md).
+WORLD_ARCH = {"unet_heads": 2, "vae_channels": [32, 64, 64]}
 
 
 def world_modules(scaling_factor: float = 1.0, unet_heads: int = WORLD_ARCH["unet_heads"],
@@ -109,7 +110,7 @@ def world_modules(scaling_factor: float = 1.0, unet_heads: int = WORLD_ARCH["une
                         layers_per_block=1, norm_num_groups=min(vae_channels), sample_size=WORLD_SIZE,
                         scaling_factor=scaling_factor)
     # diffusers reads attention_head_dim as the number of heads (its config misnomer): the shipped world
-    # has 8 of 4-8 dims; 2 wide ones halve a noise prediction's CPU time (a world rebuilt so: docs/WORLD.md).
+    # has 2 of 16-32 dims; the first world's 8 of 4-8 dims took twice the CPU time per noise prediction.
     unet = UNet2DConditionModel(
         sample_size=WORLD_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

@@ -48,8 +48,8 @@ class WorldConfig:
     detector_lr: float = field(2e-3, help="pose detector learning rate")
     unet_steps: int = field(3600, help="UNet + ControlNet + text encoder optimiser steps")
     unet_heads: int = field(WORLD_ARCH["unet_heads"], help="attention heads of the UNet and ControlNet (diffusers' "
-                            "attention_head_dim; the shipped world has 8): 2 run about 2x faster on a CPU, "
-                            "docs/WORLD.md says what a 2-head world measured")
+                            "attention_head_dim): 2 run about 2x faster on a CPU than the first world's 8, "
+                            "docs/WORLD.md compares the two")
     unet_batch: int = field(32, help="UNet batch size")
     unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
     prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")
@@ -91,7 +91,7 @@ class WorldConfig:
 
 
 def full() -> WorldConfig:
-    """The shipped embedded world (86 minutes on 2 cores, 50 with unet_heads=2; then 9 for the LCM-LoRA)."""
+    """The shipped embedded world (50 minutes on 2 cores; then 9 for the LCM-LoRA, 14 for the preview decoder)."""
     return WorldConfig()
 
 
@@ -577,16 +577,18 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
         final = train_diffusion(cfg, data, lat * scaling, mods, tokenizer, detector, run)
         _atomic_save({f"{name}.{k}": v for name in diffusion for k, v in mods[name].state_dict().items()},
                      diffusion_file)
+        (run / "minutes.json").write_text(json.dumps({"minutes": (time.time() - start) / 60}))
     metrics.update({f"generator_{k}": v for k, v in final.items()})
-    metrics["minutes"] = (time.time() - start) / 60
+    # The build time of stages 1-5 is that of the run that finished them, not of a later run that resumed.
+    minutes_file = run / "minutes.json"
+    metrics["minutes"] = (json.loads(minutes_file.read_text())["minutes"] if minutes_file.is_file()
+                          else (time.time() - start) / 60)
     metrics["threads"] = cfg.threads
     write_weights(mods, net, Path(cfg.out), {"detector": det_metrics, "metrics": metrics, "config": to_dict(cfg)})
     if cfg.lcm_steps:
         metrics.update(distill_lcm(cfg, run))
-        metrics["minutes"] = (time.time() - start) / 60
     if cfg.preview_steps:
         metrics.update(distill_preview_stage(cfg, run))
-        metrics["minutes"] = (time.time() - start) / 60
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

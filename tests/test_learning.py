@@ -18,10 +18,11 @@ from conftest import TEST_THREADS
 from poseloop.scripted import RULE, LearningBudget, run_learning_check
 
 
-@pytest.mark.slow
 # One test per policy run, each from its own labelled round and reward model (the same, from the same seeds):
-# on two xdist workers the runs go in parallel, and a failure names the run.
-@pytest.mark.parametrize("run", ["ddpo_reward_model", "d3po_pairs"])
+# on two xdist workers the runs go in parallel, and a failure names the run. `seconds`: measured alone on 2 cores,
+# one thread each; conftest deals the slow tests over the workers by them.
+@pytest.mark.parametrize("run", [pytest.param("ddpo_reward_model", marks=pytest.mark.slow(seconds=260)),
+                                 pytest.param("d3po_pairs", marks=pytest.mark.slow(seconds=181))])
 def test_the_loop_learns_the_raters_preference_on_fresh_rounds(run: str, models_dir: Path, tmp_path: Path) -> None:
     budget = LearningBudget(threads=TEST_THREADS, policies=(run,))
     r = run_learning_check(tmp_path, models_dir / "tiny-sd15", budget)
@@ -36,7 +37,7 @@ def test_the_loop_learns_the_raters_preference_on_fresh_rounds(run: str, models_
     assert m["n"] == 48 and m["ci"][0] > 0, (run, m)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=126)
 def test_rlcm_on_pose_accuracy_raises_oks_on_fresh_seeds(models_dir: Path, tmp_path: Path) -> None:
     # No labels needed: the reward is the world's pose detector, the metric its OKS against the condition.
     budget = LearningBudget(threads=TEST_THREADS, policies=("rlcm_pose_accuracy",))

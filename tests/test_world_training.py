@@ -84,6 +84,9 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
     assert second["generator_oks"] == pytest.approx(first["generator_oks"], abs=1e-3)
     assert 0 <= second["roundtrip_shirt_acc"] <= 1
     assert second["roundtrip_shirt_acc"] == pytest.approx(first["roundtrip_shirt_acc"], abs=1 / 16 + 1e-9)
+    # The build time is the first run's, which trained the stages, not the resume's.
+    assert second["minutes"] == first["minutes"] > 0
+    assert json.loads((Path(cfg.out) / "world.json").read_text())["metrics"]["minutes"] == first["minutes"]
 
 
 def test_eval_examples_must_be_positive() -> None:
@@ -128,8 +131,9 @@ def test_a_run_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
     wt.check_run_dir(cfg, run)  # no config.json yet: a fresh run
     (run / "config.json").write_text(json.dumps({**to_dict(cfg), "threads": 1, "out": "elsewhere"}))
     wt.check_run_dir(cfg, run)  # thread count and output folder do not change what a stage computes
-    (run / "config.json").write_text(json.dumps({**to_dict(cfg), "unet_heads": 2}))
-    with pytest.raises(ConfigError, match=r"run_dir: .*\(unet_heads 2 -> 8\); pass another --run_dir"):
+    other = 8 if cfg.unet_heads == 2 else 2
+    (run / "config.json").write_text(json.dumps({**to_dict(cfg), "unet_heads": other}))
+    with pytest.raises(ConfigError, match=rf"run_dir: .*\(unet_heads {other} -> {cfg.unet_heads}\); pass another"):
         wt.check_run_dir(cfg, run)
     (run / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable"):
