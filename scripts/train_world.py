@@ -1,7 +1,7 @@
 """Rebuild the embedded pose world: renders, VAE, pose detector, UNet + OpenPose ControlNet + text encoder,
-and the LCM-LoRA distilled from them.
+and the LCM-LoRA and preview decoder distilled from them.
 
-    python scripts/train_world.py                  # the shipped weights (86 min on 2 cores, +9 for the LCM-LoRA)
+    python scripts/train_world.py                  # the shipped weights (50 min on 2 cores, +17 for the LCM-LoRA and preview decoder)
     python scripts/train_world.py --preset smoke   # every stage for a few steps (about a minute)
 
 Writes fp16 weights to poseloop/world_weights (what the package ships; models/tiny-sd15 is built

@@ -1,6 +1,6 @@
 """The clip-kind reward model: a head on frozen CLIP features trained on the app's labels, saved, loaded, differentiated.
 
-A round of the embedded world (1 prompt x 12 poses x 4 images, 64 px) is labelled through the rating app's API by
+A round of the embedded world (2 prompts x 12 poses x 4 images, 64 px) is labelled through the rating app's API by
 the scripted rater who likes bright images (poseloop.scripted); a second round with another prompt is the fresh
 check. The CLIP is a tiny random transformers CLIPModel saved in the real folder format (tests/tiny_helpers.py):
 its features are random projections of the pixels, which still carry brightness, so the head must learn the rule
@@ -40,8 +40,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = ["--model.base", str(embedded), "--model.controlnet", str(embedded / "controlnet"),
             "--model.models_dir", str(root), "--model.threads", "1", "--store.samples_dir", str(samples),
             "--set", "sample.steps=6"]
-    for name, offset in (("labelled", 0), ("fresh", 6)):
-        assert generate.main([*base, "--store.round", name, "--data.prompts", *scripted._prompts(1, offset)]) == 0
+    for name, n, offset in (("labelled", 2, 0), ("fresh", 1, 6)):
+        assert generate.main([*base, "--store.round", name, "--data.prompts", *scripted._prompts(n, offset)]) == 0
     scripted.label_round(create_app({"samples_dir": samples}).test_client(), samples, "labelled")
     save_tiny_clipmodel(root / "clip", root / "clip")  # processor files in the model folder, as the default expects
     return {"root": root, "samples": samples, "embedded": embedded, "clip": root / "clip"}
@@ -70,7 +70,7 @@ def test_trains_and_writes_the_same_held_out_report(trained: Path, capsys: pytes
     assert conf["model"]["kind"] == "clip" and Path(conf["model"]["clip"]).is_absolute()
     assert conf["feature_dim"] == 32  # [e_i, e_i * e_t] of the tiny CLIP's 16-dim projection
     m = json.loads((trained / "metrics.json").read_text())
-    assert m["kind"] == "clip" and m["latent_shape"] is None and m["n_heldout_groups"] == 3
+    assert m["kind"] == "clip" and m["latent_shape"] is None and m["n_heldout_groups"] == 6
     for key in ("heldout_pairwise_accuracy", "heldout_spearman", "train_pairwise_accuracy", "calibration"):
         assert m[key] is not None
     assert "RGB images" in m["baselines"]["linear_channel_stats"]["description"]
@@ -79,7 +79,9 @@ def test_trains_and_writes_the_same_held_out_report(trained: Path, capsys: pytes
 
 def test_head_learns_the_raters_rule_on_a_fresh_round(trained: Path, world: dict[str, Path]) -> None:
     # 12 groups x 6 pairs of a round no label came from; chance is 0.5. The lower end of the group-bootstrap
-    # interval must clear chance, which a head that learned nothing (or the wrong sign) cannot do.
+    # interval must clear chance, which a head that learned nothing (or the wrong sign) cannot do. Measured on the
+    # 2-head world: 0.82 [0.75, 0.89]; with one labelled prompt (48 images) the head overfit (train 0.93, held-out
+    # 0.69) and scored 0.43 [0.31, 0.54] here.
     mean, lo, hi, pairs = scripted.reward_pair_accuracy(trained, world["samples"], "fresh")
     assert pairs == 72
     assert lo > 0.5, (mean, lo, hi)

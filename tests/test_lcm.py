@@ -100,7 +100,7 @@ def _sample_and_rescore(comp: Components, cfg: SampleConfig) -> sampling.SampleO
         with torch.no_grad():
             lp = sampling.rescore(comp, out.cond, out.latents, out.timesteps, step, cfg)
         # Same weights, batch and threads: the same kernels on the same inputs (bit-equal here); fp32
-        # log-probs of size ~1 leave room for op-order noise far below 1e-5, a wrong x_prev scores > 0.5 lower (below).
+        # log-probs of size ~1 leave room for op-order noise far below 1e-5, a wrong x_prev scores > 0.25 lower (below).
         torch.testing.assert_close(lp, out.log_probs[:, step], atol=1e-5, rtol=1e-5)
     swapped = out.latents.clone()
     # Another image's x_prev at the last stochastic step (the smallest variance, 1 - alpha_bar_prev ~ 0.3).
@@ -108,7 +108,10 @@ def _sample_and_rescore(comp: Components, cfg: SampleConfig) -> sampling.SampleO
     swapped[:, k + 1] = swapped[[1, 2, 0], k + 1]
     with torch.no_grad():
         wrong = sampling.rescore(comp, out.cond, swapped, out.timesteps, k, cfg)
-    assert (wrong < out.log_probs[:, k] - 0.5).all(), (wrong, out.log_probs[:, k])
+    # A log-prob is the mean over the latent's 1,024 elements of a Gaussian log-density: for the right x_prev its
+    # eps^2 / 2 part varies by ~0.02 between images (sqrt(2 / 1024) / 2), so 0.25 lower is > 10 of those; another
+    # image's x_prev scored 0.40-1.19 lower on the 2-head world (0.5+ on the first one).
+    assert (wrong < out.log_probs[:, k] - 0.25).all(), (wrong, out.log_probs[:, k])
     return out
 
 

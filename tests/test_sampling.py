@@ -182,14 +182,17 @@ def test_rescoring_a_recorded_transition_reproduces_its_log_prob(components: str
         with torch.no_grad():
             lp = sampling.rescore(comp, cond, out.latents, out.timesteps, step, cfg)
         # Same weights, batch and threads: the same kernels on the same inputs, so fp32 log-probs of
-        # size ~1-10 agree far below 1e-5 (bit-equal here), while a wrong transition scores > 1 lower.
+        # size ~1-10 agree far below 1e-5 (bit-equal here), while a wrong transition scores far lower (below).
         torch.testing.assert_close(lp, out.log_probs[:, step], atol=1e-5, rtol=0)
-    # A different recorded x_{t-1} (another image's) scores lower: the check can fail.
+    # A different recorded x_{t-1} (another image's) scores lower: the check can fail. A log-prob is the mean over the
+    # latent's elements (1,024 for sd15, 256 for sdxl) of a Gaussian log-density, so for the right x_{t-1} its
+    # eps^2 / 2 part varies by ~0.02-0.04 between images; 0.25 lower is > 6 of those. Measured: 0.76-1.70 lower on
+    # the 2-head world's sd15.
     swapped = out.latents.clone()
     swapped[:, 3] = swapped[[1, 2, 0], 3]
     with torch.no_grad():
         lp_wrong = sampling.rescore(comp, cond, swapped, out.timesteps, 2, cfg)
-    assert (lp_wrong < out.log_probs[:, 2] - 1.0).all()
+    assert (lp_wrong < out.log_probs[:, 2] - 0.25).all(), (lp_wrong, out.log_probs[:, 2])
 
 
 def test_an_image_depends_on_its_seed_not_its_batch(sd15_components) -> None:  # type: ignore[no-untyped-def]
