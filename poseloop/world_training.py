@@ -91,7 +91,7 @@ class WorldConfig:
 
 
 def full() -> WorldConfig:
-    """The shipped embedded world (50 minutes on 2 cores; then 9 for the LCM-LoRA, 14 for the preview decoder)."""
+    """The shipped embedded world (50 minutes on 2 cores; then 5.5 for the LCM-LoRA, 12 for the preview decoder)."""
     return WorldConfig()
 
 
