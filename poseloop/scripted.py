@@ -251,6 +251,8 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     # the seed set of its comparison (runs that share one share the baseline round).
     pose = f"pose_accuracy:weights={detector}"
     lcm = ["--model.lcm_lora", str(embedded / LCM_LORA_FILE)]
+    # Pose comparisons at the training's ControlNet scale, with twice the images: OKS is noisy at scale 0.4.
+    pose_eval = ["--sample.controlnet_scale", str(POSE_SCALE), "--set", f"sample.images_per_group={2 * b.eval_images}"]
     runs = {
         "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE], "tiny", [],
                               "learning-check"),
@@ -259,14 +261,10 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         # at RLCM's ControlNet scale, where the world leaves room to gain, and on the same prompts
         "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose, "--sample.controlnet_scale", str(POSE_SCALE),
                                 "--optim.lr", str(POSE_DDPO_LR), "--data.prompts", *_prompts(6, 0)], [pose], "tiny",
-                               ["--sample.controlnet_scale", str(POSE_SCALE),
-                                "--set", f"sample.images_per_group={2 * b.eval_images}"], "learning-check-pose"),
+                               pose_eval, "learning-check-pose"),
         "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)], [pose],
-                               # twice the comparison's images: 4-step rounds are cheap, OKS is noisy at scale 0.4
                                # decoded by the world's VAE, as the policy's rewards were (not the preset's preview)
-                               "tiny-lcm", [*lcm, "--model.vae", "", "--sample.controlnet_scale", str(POSE_SCALE),
-                                            "--set", f"sample.images_per_group={2 * b.eval_images}"],
-                               "learning-check-tiny-lcm"),
+                               "tiny-lcm", [*lcm, "--model.vae", "", *pose_eval], "learning-check-tiny-lcm"),
     }
     for name, (args, metrics, preset, extra, seed_set) in runs.items():
         if name not in b.policies:

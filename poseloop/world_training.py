@@ -571,8 +571,9 @@ def train_world(cfg: WorldConfig) -> dict[str, Any]:
             mods[name].eval()
         # The shipped weights measured on the fresh examples the snapshots use, as the last snapshot did.
         fresh = _fresh_examples(cfg)
-        final = _snapshot_metrics(sample_world(mods, tokenizer, fresh.prompts, fresh.conditions, seed=cfg.seed),
-                                  fresh, detector)
+        final = {"step": cfg.unet_steps,
+                 **_snapshot_metrics(sample_world(mods, tokenizer, fresh.prompts, fresh.conditions, seed=cfg.seed),
+                                     fresh, detector)}
     else:
         final = train_diffusion(cfg, data, lat * scaling, mods, tokenizer, detector, run)
         _atomic_save({f"{name}.{k}": v for name in diffusion for k, v in mods[name].state_dict().items()},

@@ -82,6 +82,7 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
     # which can flip a uint8 pixel after 20 steps and nudge a soft-argmax keypoint, or flip one of the 16 round
     # trips' nearest-colour reads; anything from other weights moves OKS by far more.
     assert second["generator_oks"] == pytest.approx(first["generator_oks"], abs=1e-3)
+    assert second["generator_step"] == first["generator_step"] == cfg.unet_steps
     assert 0 <= second["roundtrip_shirt_acc"] <= 1
     assert second["roundtrip_shirt_acc"] == pytest.approx(first["roundtrip_shirt_acc"], abs=1 / 16 + 1e-9)
     # The build time is the first run's, which trained the stages, not the resume's.
