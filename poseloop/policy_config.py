@@ -162,7 +162,7 @@ class GuardConfig:
     max_clipfrac: float = field(0.9, help="warn when the PPO clip fraction exceeds this; 0 = off")
     min_kl: float = field(1e-8, help="warn when approx KL stays below this for min_kl_epochs epochs in a row: the "
                           "policy is not moving (learning rate too low for the run's length); 0 = off. The tiny "
-                          "preset's approx KL per epoch (mean over the latent's elements) is 2e-7-2e-6 at its lr "
+                          "preset's approx KL per epoch (mean over the latent's elements) is 1e-7-2e-6 at its lr "
                           "1e-3, where it learns, 2e-9 at 1e-4 and 1e-11 at 1e-5: it scales with lr^2")
     min_kl_epochs: int = field(3, help="epochs in a row below min_kl before the not-moving warning")
     heldout_reward: str = field("", help="second reward scored on the grid images (e.g. text_alignment); "

@@ -148,8 +148,9 @@ LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
 # with 64 trajectories (16 groups x 4) per optimizer step, the preset's 8 epochs of one step (docs/WORLD.md).
 POSE_SCALE = 0.4
 # The detector's OKS is the measured quantity itself, not a learned stand-in that a larger step would over-optimise
-# (the preset's lr 1e-3 is for those): at 1e-3 pose DDPO gained +0.033 [-0.003, +0.073] and +0.011 [-0.003,
-# +0.023] on run seeds 0 / 1; at 2e-3 every seed tried gained, seed 0 not always beyond its interval (docs/WORLD.md).
+# (the preset's lr 1e-3 is for those). On the first, 8-head world pose DDPO gained +0.033 [-0.003, +0.073] and +0.011
+# [-0.003, +0.023] on run seeds 0 / 1 at 1e-3, and at 2e-3 every seed tried gained, seed 0 not always beyond its
+# interval; on the shipped 2-head world neither moved reliably (docs/WORLD.md), so CI's (d) is RLCM's.
 POSE_DDPO_LR = 2e-3
 POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_SCALE),
                   "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]

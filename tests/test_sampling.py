@@ -186,7 +186,7 @@ def test_rescoring_a_recorded_transition_reproduces_its_log_prob(components: str
         torch.testing.assert_close(lp, out.log_probs[:, step], atol=1e-5, rtol=0)
     # A different recorded x_{t-1} (another image's) scores lower: the check can fail. A log-prob is the mean over the
     # latent's elements (1,024 for sd15, 256 for sdxl) of a Gaussian log-density, so for the right x_{t-1} its
-    # eps^2 / 2 part varies by ~0.02-0.04 between images; 0.25 lower is > 6 of those. Measured: 0.76-1.70 lower on
+    # eps^2 / 2 part varies by ~0.02-0.04 between images; 0.25 lower is > 5 of those. Measured: 0.76-1.70 lower on
     # the 2-head world's sd15.
     swapped = out.latents.clone()
     swapped[:, 3] = swapped[[1, 2, 0], 3]
