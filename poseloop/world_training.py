@@ -41,6 +41,10 @@ class WorldConfig:
     vae_steps: int = field(2000, help="VAE optimiser steps")
     vae_batch: int = field(8, help="VAE batch size (small batches learned faster per minute on 2 cores)")
     vae_lr: float = field(1e-3, help="VAE learning rate")
+    vae_posterior: str = field("sample", help="what the VAE's decoder learns from: 'sample' (the posterior's samples, "
+                               "the shipped world) or 'mean' (its mean, as the cached latents the UNet learns are; the "
+                               "log-variance is then fixed so that sample() gives the mean): sharper colours in round "
+                               "trips, but a worse generator in the one build tried (docs/WORLD.md)")
     vae_channels: list[int] = field(default_factory=lambda: list(WORLD_ARCH["vae_channels"]),
                                     help="VAE block widths, finest first (three blocks: latents are 1/4 of the image)")
     detector_steps: int = field(1500, help="pose detector optimiser steps")
@@ -84,6 +88,8 @@ class WorldConfig:
                      "preview_generated"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 (got {getattr(self, name)})")
+        if self.vae_posterior not in ("mean", "sample"):
+            raise ConfigError(f"vae_posterior: {self.vae_posterior!r} must be 'mean' or 'sample'")
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"prompt_dropout: must be in [0, 1) (got {self.prompt_dropout})")
         if not 0 <= self.ema < 1:
@@ -179,7 +185,7 @@ def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Pat
     for step in bar:
         x = _to_tensor(data.images[rng.integers(0, len(data.images), cfg.vae_batch)])
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        rec = vae.decode(post.mode() if cfg.vae_posterior == "mean" else post.sample()).sample
         grad = (F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2)))
         mse = F.mse_loss(rec, x)
         loss = mse + F.l1_loss(rec, x) + 0.5 * grad + 1e-6 * post.kl().mean()
@@ -194,6 +200,8 @@ def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Pat
             bar.set_postfix(mse=f"{np.mean(curve[-50:]):.4f}")
     bar.close()
     vae.eval()
+    if cfg.vae_posterior == "mean":
+        fix_log_variance(vae)
     _plot({"mse (-1..1)": curve}, run / "vae_loss.png", "VAE reconstruction")
     x = _to_tensor(data.images[-256:])
     with torch.no_grad():
@@ -201,6 +209,18 @@ def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Pat
     psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, x)))
     print(f"VAE: {cfg.vae_steps} steps, PSNR {psnr:.1f} dB on 256 renders")
     return {"vae_psnr_db": psnr}
+
+
+# exp(-20 / 2) = 4.5e-5: far below fp16's resolution of the latents (std ~1), so sample() returns the mean.
+DETERMINISTIC_LOG_VARIANCE = -20.0
+
+
+@torch.no_grad()
+def fix_log_variance(vae: torch.nn.Module) -> None:
+    """Make the posterior's log-variance a constant: a decoder trained on means never saw its samples."""
+    half = vae.quant_conv.out_channels // 2  # [means, log-variances] along channels
+    vae.quant_conv.weight[half:] = 0.0
+    vae.quant_conv.bias[half:] = DETERMINISTIC_LOG_VARIANCE
 
 
 @torch.no_grad()
@@ -486,6 +506,8 @@ def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None
 
 # Fields that do not change what a stage computes: a run may resume under other values of these.
 _RESUMABLE_FIELDS = ("threads", "run_dir", "out")
+# What a run folder written before a field existed was trained with.
+_LEGACY_VALUES: dict[str, Any] = {"vae_posterior": "sample"}
 
 
 def check_run_dir(cfg: WorldConfig, run: Path) -> None:
@@ -499,6 +521,7 @@ def check_run_dir(cfg: WorldConfig, run: Path) -> None:
     except (OSError, ValueError):
         raise ConfigError(f"run_dir: {saved_path} is unreadable; delete {run} or pass another --run_dir") from None
     now = to_dict(cfg)
+    saved = {**{k: v for k, v in _LEGACY_VALUES.items() if k not in saved}, **saved}
     changed = [k for k in now if k not in _RESUMABLE_FIELDS and k in saved and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)

@@ -140,3 +140,33 @@ def test_a_run_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unreadable"):
         wt.check_run_dir(cfg, run)
 
+
+def test_a_run_folder_from_before_vae_posterior_existed_trained_on_samples(tmp_path: Path) -> None:
+    cfg = _micro(tmp_path)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True)
+    old = {k: v for k, v in to_dict(cfg).items() if k != "vae_posterior"}
+    (run / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="vae_posterior 'sample' -> 'mean'"):
+        wt.check_run_dir(replace(cfg, vae_posterior="mean"), run)
+    wt.check_run_dir(replace(cfg, vae_posterior="sample"), run)
+    with pytest.raises(ConfigError, match="vae_posterior: 'median' must be 'mean' or 'sample'"):
+        replace(cfg, vae_posterior="median").validate()
+
+
+def test_a_vae_trained_on_means_samples_its_means(tmp_path: Path) -> None:
+    from poseloop.tiny import world_modules
+    from poseloop.world import make_examples
+
+    torch.manual_seed(0)
+    vae = world_modules(1.0, unet_heads=2, vae_channels=[16, 32, 32])["vae"]
+    cfg = replace(_micro(tmp_path), vae_steps=3, vae_batch=2, vae_posterior="mean")
+    Path(cfg.run_dir).mkdir(parents=True)
+    wt.train_vae(cfg, make_examples(8, 64, seed=3), vae, Path(cfg.run_dir))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+    # std exp(-10) = 4.5e-5 against latents of std ~0.1-1: sample() is the mean to fp16 precision (2^-11 relative).
+    assert post.std.max() == pytest.approx(float(torch.exp(torch.tensor(wt.DETERMINISTIC_LOG_VARIANCE / 2))))
+    assert torch.allclose(post.sample(torch.Generator().manual_seed(0)), post.mean, atol=5e-4)
+
