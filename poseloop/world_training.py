@@ -44,7 +44,7 @@ class WorldConfig:
     vae_posterior: str = field("sample", help="what the VAE's decoder learns from: 'sample' (the posterior's samples, "
                                "the shipped world) or 'mean' (its mean, as the cached latents the UNet learns are; the "
                                "log-variance is then fixed so that sample() gives the mean): sharper colours in round "
-                               "trips, but a worse generator in the one build tried (docs/WORLD.md)")
+                               "trips, but a worse generator in the build tried (docs/WORLD.md)")
     vae_channels: list[int] = field(default_factory=lambda: list(WORLD_ARCH["vae_channels"]),
                                     help="VAE block widths, finest first (three blocks: latents are 1/4 of the image)")
     detector_steps: int = field(1500, help="pose detector optimiser steps")
