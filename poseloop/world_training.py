@@ -45,6 +45,9 @@ class WorldConfig:
                                "the shipped world) or 'mean' (its mean, as the cached latents the UNet learns are; the "
                                "log-variance is then fixed so that sample() gives the mean): sharper colours in round "
                                "trips, but a worse generator in the build tried (docs/WORLD.md)")
+    vae_logvar_bias: float | None = field(None, help="initial bias of the VAE's log-variance output (none: diffusers' "
+                                           "initialisation, about 0, the shipped world); -6 starts the posterior's "
+                                           "noise small, and round trips kept the colours (docs/WORLD.md)")
     vae_channels: list[int] = field(default_factory=lambda: list(WORLD_ARCH["vae_channels"]),
                                     help="VAE block widths, finest first (three blocks: latents are 1/4 of the image)")
     detector_steps: int = field(1500, help="pose detector optimiser steps")
@@ -176,6 +179,9 @@ class _Ema:
 
 def train_vae(cfg: WorldConfig, data: WorldBatch, vae: torch.nn.Module, run: Path) -> dict[str, float]:
     """Fit the VAE on renders: L1 + MSE + image-gradient L1 + a tiny KL, as a soft SD-style autoencoder."""
+    if cfg.vae_logvar_bias is not None:
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.quant_conv.out_channels // 2:] = cfg.vae_logvar_bias  # [means, log-variances]
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -507,7 +513,7 @@ def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None
 # Fields that do not change what a stage computes: a run may resume under other values of these.
 _RESUMABLE_FIELDS = ("threads", "run_dir", "out")
 # What a run folder written before a field existed was trained with.
-_LEGACY_VALUES: dict[str, Any] = {"vae_posterior": "sample"}
+_LEGACY_VALUES: dict[str, Any] = {"vae_posterior": "sample", "vae_logvar_bias": None}
 
 
 def check_run_dir(cfg: WorldConfig, run: Path) -> None:

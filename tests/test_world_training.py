@@ -170,3 +170,17 @@ def test_a_vae_trained_on_means_samples_its_means(tmp_path: Path) -> None:
     assert post.std.max() == pytest.approx(float(torch.exp(torch.tensor(wt.DETERMINISTIC_LOG_VARIANCE / 2))))
     assert torch.allclose(post.sample(torch.Generator().manual_seed(0)), post.mean, atol=5e-4)
 
+
+
+def test_the_vae_log_variance_bias_option_sets_the_initial_bias(tmp_path: Path) -> None:
+    from poseloop.tiny import world_modules
+    from poseloop.world import make_examples
+
+    torch.manual_seed(0)
+    vae = world_modules(1.0, unet_heads=2, vae_channels=[16, 32, 32])["vae"]
+    cfg = replace(_micro(tmp_path), vae_steps=0, vae_logvar_bias=-6.0)
+    Path(cfg.run_dir).mkdir(parents=True)
+    wt.train_vae(cfg, make_examples(4, 64, seed=3), vae, Path(cfg.run_dir))
+    half = vae.quant_conv.out_channels // 2
+    assert torch.equal(vae.quant_conv.bias[half:], torch.full((half,), -6.0))
+    assert not torch.equal(vae.quant_conv.bias[:half], torch.full((half,), -6.0))  # the means' bias is untouched
