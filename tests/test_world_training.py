@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -154,15 +155,21 @@ def test_a_run_folder_from_before_vae_posterior_existed_trained_on_samples(tmp_p
         replace(cfg, vae_posterior="median").validate()
 
 
-def test_a_vae_trained_on_means_samples_its_means(tmp_path: Path) -> None:
+def _trained_vae(tmp_path: Path, **overrides: Any) -> torch.nn.Module:
+    """A small VAE after train_vae under the micro config with these overrides."""
     from poseloop.tiny import world_modules
     from poseloop.world import make_examples
 
     torch.manual_seed(0)
     vae = world_modules(1.0, unet_heads=2, vae_channels=[16, 32, 32])["vae"]
-    cfg = replace(_micro(tmp_path), vae_steps=3, vae_batch=2, vae_posterior="mean")
+    cfg = replace(_micro(tmp_path), vae_batch=2, **overrides)
     Path(cfg.run_dir).mkdir(parents=True)
     wt.train_vae(cfg, make_examples(8, 64, seed=3), vae, Path(cfg.run_dir))
+    return vae
+
+
+def test_a_vae_trained_on_means_samples_its_means(tmp_path: Path) -> None:
+    vae = _trained_vae(tmp_path, vae_steps=3, vae_posterior="mean")
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         post = vae.encode(x).latent_dist
@@ -171,16 +178,8 @@ def test_a_vae_trained_on_means_samples_its_means(tmp_path: Path) -> None:
     assert torch.allclose(post.sample(torch.Generator().manual_seed(0)), post.mean, atol=5e-4)
 
 
-
 def test_the_vae_log_variance_bias_option_sets_the_initial_bias(tmp_path: Path) -> None:
-    from poseloop.tiny import world_modules
-    from poseloop.world import make_examples
-
-    torch.manual_seed(0)
-    vae = world_modules(1.0, unet_heads=2, vae_channels=[16, 32, 32])["vae"]
-    cfg = replace(_micro(tmp_path), vae_steps=0, vae_logvar_bias=-6.0)
-    Path(cfg.run_dir).mkdir(parents=True)
-    wt.train_vae(cfg, make_examples(4, 64, seed=3), vae, Path(cfg.run_dir))
+    vae = _trained_vae(tmp_path, vae_steps=0, vae_logvar_bias=-6.0)
     half = vae.quant_conv.out_channels // 2
     assert torch.equal(vae.quant_conv.bias[half:], torch.full((half,), -6.0))
     assert not torch.equal(vae.quant_conv.bias[:half], torch.full((half,), -6.0))  # the means' bias is untouched
