@@ -42,12 +42,13 @@ class WorldConfig:
     vae_batch: int = field(8, help="VAE batch size (small batches learned faster per minute on 2 cores)")
     vae_lr: float = field(1e-3, help="VAE learning rate")
     vae_posterior: str = field("sample", help="what the VAE's decoder learns from: 'sample' (the posterior's samples, "
-                               "the shipped world) or 'mean' (its mean, as the cached latents the UNet learns are; the "
+                               "as the shipped world) or 'mean' (its mean, as the cached latents the UNet learns are; the "
                                "log-variance is then fixed so that sample() gives the mean): sharper colours in round "
                                "trips, but a worse generator in the build tried (docs/WORLD.md)")
-    vae_logvar_bias: float | None = field(None, help="initial bias of the VAE's log-variance output (none: diffusers' "
-                                           "initialisation, about 0, the shipped world); -6 starts the posterior's "
-                                           "noise small, and round trips kept the colours (docs/WORLD.md)")
+    vae_logvar_bias: float | None = field(None, help="initial bias of the VAE's log-variance output: -6 (the next "
+                                           "world) starts the posterior's noise small, so all four latent channels "
+                                           "carry the image and round trips keep the colours; none: diffusers' "
+                                           "initialisation, about 0, as the first worlds (docs/WORLD.md)")
     vae_channels: list[int] = field(default_factory=lambda: list(WORLD_ARCH["vae_channels"]),
                                     help="VAE block widths, finest first (three blocks: latents are 1/4 of the image)")
     detector_steps: int = field(1500, help="pose detector optimiser steps")
@@ -60,6 +61,10 @@ class WorldConfig:
     unet_batch: int = field(32, help="UNet batch size")
     unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
     prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")
+    noise_offset: float = field(0.0, help="std of a per-image, per-channel constant added to the training noise "
+                                "(offset noise): SD's schedule leaves the image's mean colour in its most-noised "
+                                "latents, so a UNet trained without it takes the background from the start noise "
+                                "and not the prompt (docs/WORLD.md); 0: plain noise, as the first worlds")
     ema: float = field(0.998, help="EMA decay of the exported diffusion weights")
     eval_examples: int = field(48, help="fresh examples sampled and measured at each snapshot and at the end "
                                "(and 4x as many VAE round trips of renders)")
@@ -95,6 +100,8 @@ class WorldConfig:
             raise ConfigError(f"vae_posterior: {self.vae_posterior!r} must be 'mean' or 'sample'")
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"prompt_dropout: must be in [0, 1) (got {self.prompt_dropout})")
+        if self.noise_offset < 0:
+            raise ConfigError(f"noise_offset: must be >= 0 (got {self.noise_offset}); 0 turns it off")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema: must be in [0, 1) (got {self.ema})")
 
@@ -409,6 +416,14 @@ def _save_grid(images: np.ndarray, conds: np.ndarray, path: Path, cols: int = 8)
     canvas.save(path)
 
 
+def training_noise(shape: torch.Size, offset: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise [B, C, H, W] plus, with offset > 0, a constant per image and channel of std offset."""
+    noise = torch.randn(shape, generator=gen)
+    if offset:  # no extra draw at 0: a build without offset noise keeps its random stream
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=gen)
+    return noise
+
+
 def train_diffusion(cfg: WorldConfig, data: WorldBatch, latents: torch.Tensor, mods: dict[str, torch.nn.Module],
                     tokenizer: Any, detector: Any, run: Path) -> dict[str, float]:
     """UNet + ControlNet + text encoder on cached latents: epsilon MSE with min-SNR-5 weights, EMA."""
@@ -435,7 +450,7 @@ def train_diffusion(cfg: WorldConfig, data: WorldBatch, latents: torch.Tensor, m
     for step in bar:
         idx = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = training_noise(x0.shape, cfg.noise_offset, gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         xt = sched.add_noise(x0, noise, t)
         tok = ids[idx].clone()
@@ -513,7 +528,7 @@ def write_weights(mods: dict[str, torch.nn.Module], detector: KeypointNet | None
 # Fields that do not change what a stage computes: a run may resume under other values of these.
 _RESUMABLE_FIELDS = ("threads", "run_dir", "out")
 # What a run folder written before a field existed was trained with.
-_LEGACY_VALUES: dict[str, Any] = {"vae_posterior": "sample", "vae_logvar_bias": None}
+_LEGACY_VALUES: dict[str, Any] = {"vae_posterior": "sample", "vae_logvar_bias": None, "noise_offset": 0.0}
 
 
 def check_run_dir(cfg: WorldConfig, run: Path) -> None:

@@ -179,7 +179,27 @@ def test_a_vae_trained_on_means_samples_its_means(tmp_path: Path) -> None:
 
 
 def test_the_vae_log_variance_bias_option_sets_the_initial_bias(tmp_path: Path) -> None:
-    vae = _trained_vae(tmp_path, vae_steps=0, vae_logvar_bias=-6.0)
+    vae = _trained_vae(tmp_path / "a", vae_steps=0, vae_logvar_bias=-6.0)
     half = vae.quant_conv.out_channels // 2
     assert torch.equal(vae.quant_conv.bias[half:], torch.full((half,), -6.0))
     assert not torch.equal(vae.quant_conv.bias[:half], torch.full((half,), -6.0))  # the means' bias is untouched
+    # none keeps diffusers' initialisation (a conv bias drawn within +-1/sqrt(fan_in)), as the first worlds had
+    first = _trained_vae(tmp_path / "b", vae_steps=0, vae_logvar_bias=None)
+    assert float(first.quant_conv.bias[half:].detach().abs().max()) < 1.0
+
+
+def test_offset_noise_adds_a_constant_per_image_and_channel() -> None:
+    shape = torch.Size([512, 4, 16, 16])
+    plain = wt.training_noise(shape, 0.0, torch.Generator().manual_seed(5))
+    # offset 0 draws nothing extra: a build without it keeps the random stream it always had
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(5)))
+    offset = wt.training_noise(shape, 0.3, torch.Generator().manual_seed(5))
+    # the per-image, per-channel means: std 1/16 for plain noise, sqrt(0.3^2 + 1/256) = 0.306 with the offset;
+    # over 2048 means their sample std is within 5% (3.2 standard errors) of either
+    assert abs(float(plain.mean((2, 3)).std()) - 1 / 16) < 0.05 / 16
+    assert abs(float(offset.mean((2, 3)).std()) - (0.09 + 1 / 256) ** 0.5) < 0.05 * 0.306
+    # within an image the offset is constant: the deviations from each image's mean are the plain draw's
+    assert torch.allclose(offset - offset.mean((2, 3), keepdim=True), plain - plain.mean((2, 3), keepdim=True),
+                          atol=1e-6)
+    with pytest.raises(ConfigError, match="noise_offset: must be >= 0"):
+        replace(wt.smoke(), noise_offset=-0.1).validate()
