@@ -1,8 +1,8 @@
 """Benchmark: does active pair choice (--pair-order active) need fewer labels than coverage order?
 
 On the embedded world (models/tiny-sd15): a "pool" round and a FRESH round are generated with generate.py
-(vocabulary prompts x 12 poses x 4 images). A scripted rater who prefers brighter images
-(poseloop.scripted.image_taste) labels pairs of the pool round through the rating app's JSON API in
+(vocabulary prompts x 12 poses x 4 images). A scripted rater (poseloop.scripted.image_taste: a warmer
+light; brighter images before 2026-11-30) labels pairs of the pool round through the rating app's JSON API in
 batches of k pairs; after every batch the reward model (poseloop.reward_training.fit_ensemble: improved
 CNN, 3-member bootstrap ensemble) is retrained on all labels so far and written to the run's
 <models>/reward/latest, and the app chooses the next batch by

@@ -1,6 +1,6 @@
 """Benchmark: learned-reward gain per CPU-second of ReFL, DRaFT-1 and DDPO, with the rater's own rule beside it.
 
-The scripted rater (poseloop.scripted: likes bright images) labels a round through the rating app's
+The scripted rater (poseloop.scripted: likes a warm light; bright images before 2026-11-30) labels a round through the rating app's
 JSON API and a reward model is trained on its labels (what tests/test_learning.py and
 bench/bench_learning.py do). Then ReFL, DRaFT-1 and DDPO each train a LoRA against that LEARNED
 reward model (`--reward latent:<model>`, tiny preset defaults otherwise), in this process, on one

@@ -1,9 +1,9 @@
 """Benchmark: does the loop learn a rater's preference? Effect sizes with 95% intervals on fresh data.
 
 Runs poseloop.scripted.run_learning_check (what tests/test_learning.py runs) with larger budgets: a
-scripted rater who likes bright images labels a round through the rating app's JSON API; then the
+scripted rater who likes a warm light labels a round through the rating app's JSON API; then the
 reward model's within-group pairwise accuracy on a fresh round, and the paired difference of the
-rater's statistic (brightness) between the base model and DDPO (on the reward model) / D3PO (from the
+rater's statistic (warmth) between the base model and DDPO (on the reward model) / D3PO (from the
 pairs), and of pose OKS for DDPO and RLCM (the tiny-rlcm preset at ControlNet scale 0.4) on pose
 accuracy, on shared-seed rounds none of them saw.
 

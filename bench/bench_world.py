@@ -14,6 +14,7 @@ and measures with the world's own instruments:
   beside it, the same read on VAE round trips of fresh renders: what a perfect UNet would score
   through this VAE (its decoder shifts small regions' colours)
 * within-group / across-group spread of mean R, G, B, brightness and warmth;            >= 0.30
+  beside it, the same on true renders (random looks) and on their VAE round trips
 * the pose detector's OKS on fresh renders;                                             >= 0.90
 * the README's main command (`python generate.py`, 96 images) in a child process;      <= 90 s
 
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.tiny import ensure_embedded
     from poseloop.world_detector import load_detector
     from poseloop.world_eval import (builtin_poses, evaluate_generator, placed_poses, shuffled_ceiling,
-                                     vocabulary_prompts)
+                                     reference_spread, vocabulary_prompts)
     from poseloop.world_training import detector_heldout_oks, roundtrip_attributes
 
     cfg = tiny()
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     det = detector_heldout_oks(detector.net, size, n=256, seed=424242)
     with torch.no_grad():
         ceiling_vae = roundtrip_attributes(copy.deepcopy(comp.vae).float(), size, n=192, seed=424243)
+        spread_ref = reference_spread(copy.deepcopy(comp.vae).float(), prompts, builtin_poses(), args.images, size,
+                                      seed=424244)
     rt_parts = [ceiling_vae[f"{k}_acc"] for k in ("shirt", "trousers", "background")]
     out = Path(args.out)
     save_grid(rep.images, names, args.images, out / "world_grid.png")
@@ -127,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("  background", s["background_accuracy"], "", None),
         ("  VAE round trips of 192 renders (ceiling)", (sum(rt_parts) / 3,) * 3, "", None),
         ("within/across-group spread (mean of 5 stats)", (s["within_across_mean"],) * 3, ">=", 0.3),
+        ("  the renders themselves, same design", (spread_ref["renders"],) * 3, "", None),
+        ("  VAE round trips of those renders", (spread_ref["vae_roundtrip"],) * 3, "", None),
         ("pose detector OKS on fresh renders", (det["detector_oks"],) * 3, ">=", 0.9),
     ]
     if not args.skip_generate:
@@ -148,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f" (PSNR {ceiling_vae['psnr_db']:.1f} dB)")
     print("within/across per statistic: " + json.dumps(s["within_across"]))
     (out / "world.json").write_text(json.dumps({"builtin": s, "placed": s2, "detector": det, "ceiling": ceiling,
-                                                "vae_roundtrip": ceiling_vae},
+                                                "vae_roundtrip": ceiling_vae, "reference_spread": spread_ref},
                                                indent=2, default=float))
     return 0 if ok else 1
 

@@ -30,6 +30,7 @@ from poseloop.rewards import (
     PoseAccuracyReward,
     Reward,
     TextAlignmentReward,
+    WarmthReward,
     WeightedReward,
     default_clip_weights,
     load_aesthetic_head,
@@ -98,6 +99,10 @@ _REGISTRY: dict[str, _Entry] = {
     "brightness": _Entry(
         "SYNTHETIC: mean image brightness 0..1, for tests and demos only (trivially hackable)",
         lambda o, d, m: BrightnessReward(),
+    ),
+    "warmth": _Entry(
+        "SYNTHETIC: mean red minus mean blue -1..1 (a warm light scores high), for tests and demos only",
+        lambda o, d, m: WarmthReward(),
     ),
     "jpeg_compressibility": _Entry(
         "DDPO task: -(JPEG size in kB at quality 95); not differentiable",

@@ -35,6 +35,7 @@ from poseloop.poses import Pose
 __all__ = [
     "Reward",
     "BrightnessReward",
+    "WarmthReward",
     "JpegCompressibilityReward",
     "PoseAccuracyReward",
     "OpenClipEmbedder",
@@ -92,18 +93,41 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 # Simple rewards
 
 
-class BrightnessReward:
-    """Mean pixel value in 0..1: a SYNTHETIC reward for tests and demos (trivially hackable, not a quality signal)."""
+class _ImageStatReward:
+    """A statistic of the decoded images, one value per image."""
 
-    name = "brightness"
+    name = ""
     needs_images = True
 
     def __call__(
         self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str], metadata: list[dict]
     ) -> torch.Tensor:
+        """The statistic of each image [B]."""
+        return self.stat(_check_images(self.name, images, _batch_size(prompts, metadata)).float())
+
+    def stat(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in 0..1 -> [B]."""
+        raise NotImplementedError
+
+
+class BrightnessReward(_ImageStatReward):
+    """Mean pixel value in 0..1: a SYNTHETIC reward for tests and demos (trivially hackable, not a quality signal)."""
+
+    name = "brightness"
+
+    def stat(self, images: torch.Tensor) -> torch.Tensor:
         """Mean brightness of each image [B]."""
-        images = _check_images(self.name, images, _batch_size(prompts, metadata))
-        return images.float().mean(dim=(1, 2, 3))
+        return images.mean(dim=(1, 2, 3))
+
+
+class WarmthReward(_ImageStatReward):
+    """Mean red minus mean blue, -1..1: a SYNTHETIC reward for tests and demos (a warm light scores high)."""
+
+    name = "warmth"
+
+    def stat(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean red minus mean blue of each image [B]."""
+        return (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
 
 
 class JpegCompressibilityReward:

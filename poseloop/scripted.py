@@ -1,10 +1,11 @@
 """A scripted rater and the learning check: does the loop make the model produce what a rater prefers?
 
-The rater likes bright images (mean pixel value); it looks at the PNGs of a round and labels them
-through the rating app's JSON API, as a person's browser would: scores -5..+5 by its taste and, for
-every pair of images of a group, the brighter one. (Brightness varies within a group of the embedded
-world: clothing shades, background light. Its warm/cool tint varied too little in the generated
-images for a first choice, warmth, to be a fair test.) The check then
+The rater likes a warm light (mean red minus mean blue, `world.warmth`); it looks at the PNGs of a
+round and labels them through the rating app's JSON API, as a person's browser would: scores -5..+5 by
+its taste and, for every pair of images of a group, the warmer one. (The embedded world lights each
+image warm or cool. The first worlds drew that tint too faintly, so until the light-modes world the
+rater liked bright images; on this world brightness varies little within a group: docs/WORLD.md.)
+The check then
 runs the real scripts (train_reward.py, train_policy.py with the preset's defaults, evaluate.py)
 and measures, on rounds the models never saw, whether each step moved what the rater wants.
 tests/test_learning.py runs it with a CPU-test budget; bench/bench_learning.py with larger ones.
@@ -17,15 +18,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
 from poseloop import db
+from poseloop.world import warmth
 
-RULE = "brightness"  # the reward spec that computes the rater's own statistic (for measuring only)
+RULE = "warmth"  # the reward spec that computes the rater's own statistic (for measuring only)
 
 
 def _rgb(path: Path) -> Image.Image:
@@ -34,9 +36,14 @@ def _rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def image_taste(path: Path) -> float:
-    """The rater's taste for one image file: its mean brightness 0..1."""
+def brightness_taste(path: Path) -> float:
+    """The rater's taste before the light-modes world: an image file's mean brightness 0..1."""
     return float(np.asarray(_rgb(path), dtype=np.float64).mean() / 255.0)
+
+
+def image_taste(path: Path) -> float:
+    """The rater's taste for one image file: its warmth, mean red minus mean blue -1..1."""
+    return float(warmth(np.asarray(_rgb(path))[None])[0])
 
 
 def round_samples(samples_dir: Path, round_name: str) -> list[tuple[int, int, Path]]:
@@ -52,10 +59,11 @@ def round_samples(samples_dir: Path, round_name: str) -> list[tuple[int, int, Pa
     return [(int(i), int(g), samples_dir / p) for i, g, p in rows]
 
 
-def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "likes-bright-images") -> dict[str, int]:
+def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "likes-warm-light",
+                taste_of: Callable[[Path], float] = image_taste) -> dict[str, int]:
     """Score every image and judge every within-group pair through the JSON API; return the counts."""
     rows = round_samples(samples_dir, round_name)
-    taste = {sid: image_taste(path) for sid, _, path in rows}
+    taste = {sid: taste_of(path) for sid, _, path in rows}
     ranked = sorted(taste, key=taste.__getitem__)
     n_scores = n_pairs = 0
     for rank, sid in enumerate(ranked):
@@ -77,13 +85,13 @@ def label_round(client: Any, samples_dir: Path, round_name: str, rater: str = "l
     return {"scores": n_scores, "pairs": n_pairs}
 
 
-def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, seed: int = 0
-                         ) -> tuple[float, float, float, int]:
+def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, seed: int = 0,
+                         taste_of: Callable[[Path], float] = image_taste) -> tuple[float, float, float, int]:
     """Within-group pairwise agreement of a reward model (either kind) with the rater on a round: mean, 95% CI, pairs.
 
     The interval resamples whole groups (pairs of a group share images, so they are not independent).
     """
-    per_group = reward_pair_agreement(reward_dir, samples_dir, round_name)
+    per_group = reward_pair_agreement(reward_dir, samples_dir, round_name, taste_of)
     flat = np.array([x for g in per_group for x in g], dtype=np.float64)
     rng = np.random.default_rng(seed)
     boots = []
@@ -93,7 +101,8 @@ def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, s
     return float(flat.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)), len(flat)
 
 
-def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str) -> list[list[bool]]:
+def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
+                          taste_of: Callable[[Path], float] = image_taste) -> list[list[bool]]:
     """Per group of a round (in database order), whether the reward model orders each within-group pair as the rater."""
     import torch
 
@@ -125,7 +134,7 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str) 
         latents = torch.stack([load_trajectory(store.abs(r[3])).latents[-1].float() for r in rows])
         with torch.no_grad():
             scores = model.score(latents).float().numpy()
-    taste = np.array([image_taste(samples_dir / r[2]) for r in rows])
+    taste = np.array([taste_of(samples_dir / r[2]) for r in rows])
     groups: dict[int, list[int]] = {}
     for i, (_, gid, *_rest) in enumerate(rows):
         groups.setdefault(int(gid), []).append(i)

@@ -35,6 +35,8 @@ BACKGROUNDS: dict[str, str] = {"beach": "on a beach", "forest": "in a forest", "
                                "studio": "in a studio"}
 SKIN = ((224, 172, 130), (198, 140, 100), (150, 100, 70), (240, 200, 170))
 HAIR = ((40, 28, 20), (90, 60, 30), (20, 20, 20), (170, 130, 70))
+LIGHT_LEVELS = (0.65, 1.2)  # the background's dim and bright light (Look.background_shade modes)
+TINT_STRENGTH = 0.25  # a full warm tint multiplies red by 1.25 and blue by 0.75
 _SS = 4  # supersampling factor of the renderer (antialiased edges after the BOX shrink)
 
 
@@ -174,10 +176,13 @@ class Look:
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> Look:
-        """Draw a look uniformly from the world's ranges."""
-        return cls(tint=rng.uniform(-1.0, 1.0), shirt_shade=rng.uniform(0.75, 1.12),
-                   trousers_shade=rng.uniform(0.75, 1.12), background_shade=rng.uniform(0.85, 1.12),
-                   thickness=rng.uniform(0.85, 1.15), skin=int(rng.integers(len(SKIN))),
+        """Draw a look: a dim or bright light, a warm or cool tint, and continuous shades."""
+        # The light level and the tint come in two modes each: the generator drew a narrow continuous
+        # range as one average look (a group's spread 0.08 of the renders' 0.3), two modes it keeps.
+        light = LIGHT_LEVELS[int(rng.integers(2))] * rng.uniform(0.95, 1.05)
+        return cls(tint=float(rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.0)),
+                   shirt_shade=rng.uniform(0.8, 1.12), trousers_shade=rng.uniform(0.8, 1.12),
+                   background_shade=light, thickness=rng.uniform(0.85, 1.15), skin=int(rng.integers(len(SKIN))),
                    hair=int(rng.integers(len(HAIR))), texture_seed=int(rng.integers(2**31)))
 
 
@@ -318,7 +323,7 @@ def render_person(pose: Pose, attrs: Attributes, look: Look, size: int = 64) -> 
     # Soft light from one side across the whole scene, and the warm/cool tint raters can judge.
     side = 1.0 + 0.08 * rng.uniform(-1, 1) * (np.linspace(-1, 1, size)[None, :, None])
     img = (alpha * fg + (1 - alpha) * bg) * side
-    img = img * np.array([1 + 0.12 * look.tint, 1.0, 1 - 0.12 * look.tint])
+    img = img * np.array([1 + TINT_STRENGTH * look.tint, 1.0, 1 - TINT_STRENGTH * look.tint])
     img = img + rng.normal(0.0, 3.0, img.shape)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return Render(image=image, person=alpha[..., 0].astype(np.float32), shirt=masks["shirt"].astype(np.float32),
@@ -352,16 +357,26 @@ def _classify_colour(rgb: np.ndarray) -> str:
     return best
 
 
-_BACKGROUND_MEANS: dict[str, np.ndarray] = {}
+_BACKGROUND_TEMPLATES: dict[int, dict[str, np.ndarray]] = {}
 
 
-def _background_means(size: int) -> dict[str, np.ndarray]:
-    if not _BACKGROUND_MEANS:
+def _background_features(img: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Mean RGB of the free pixels in the top third and the bottom third: [6]."""
+    size = img.shape[0]
+    rows = np.arange(size)[:, None] * np.ones((1, size))
+    top, bottom = free & (rows < size // 3), free & (rows >= size - size // 3)
+    top, bottom = (top if top.any() else free), (bottom if bottom.any() else free)
+    return np.concatenate([img[top].mean(axis=0), img[bottom].mean(axis=0)])
+
+
+def _background_templates(size: int) -> dict[str, np.ndarray]:
+    if size not in _BACKGROUND_TEMPLATES:
         rng = np.random.default_rng(0)
-        for name in BACKGROUNDS:
-            _BACKGROUND_MEANS[name] = np.mean([_background(name, size, 1.0, rng).mean(axis=(0, 1))
-                                               for _ in range(16)], axis=0)
-    return _BACKGROUND_MEANS
+        free = np.ones((size, size), bool)
+        _BACKGROUND_TEMPLATES[size] = {
+            name: np.mean([_background_features(_background(name, size, 1.0, rng), free) for _ in range(16)], axis=0)
+            for name in BACKGROUNDS}
+    return _BACKGROUND_TEMPLATES[size]
 
 
 def measure_attributes(image: np.ndarray, pose: Pose) -> Attributes:
@@ -375,11 +390,21 @@ def measure_attributes(image: np.ndarray, pose: Pose) -> Attributes:
         if core.sum() < 3:
             core = mask > 0.5
         out[part] = _classify_colour(img[core].mean(axis=0)) if core.any() else ""
-    # Background: pixels well away from the person (its mask grown by a few pixels).
-    grown = np.asarray(Image.fromarray((m.person * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(5))) > 0
-    bg = img[~grown].mean(axis=0)
-    means = _background_means(size)
-    out["background"] = min(means, key=lambda k: float(np.linalg.norm(bg - means[k])))
+    # Background: pixels well away from the person (its mask grown by a few pixels), top and bottom
+    # third apart (a tinted beach's mean colour is a tinted studio's; its sky and sand are not), each
+    # template fitted with its best light level and warm/cool tint (both scale the whole scene).
+    free = np.asarray(Image.fromarray((m.person * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(5))) == 0
+    f = _background_features(img, free)
+
+    def distance(ref: np.ndarray) -> float:
+        # f ~ light * (1 + tint, 1, 1 - tint) * ref per channel: linear in (light, light * tint).
+        design = np.stack([ref, ref * np.tile([1.0, 0.0, -1.0], 2)], axis=1)  # [6, 2]
+        light, lt = np.linalg.lstsq(design, f, rcond=None)[0]
+        light = float(np.clip(light, 0.5, 1.4))
+        tint = float(np.clip(lt / light, -1.5 * TINT_STRENGTH, 1.5 * TINT_STRENGTH))
+        return float(np.linalg.norm(f - light * (design[:, 0] + tint * design[:, 1])))
+
+    out["background"] = min(_background_templates(size).items(), key=lambda kv: distance(kv[1]))[0]
     return Attributes(out["shirt"], out["trousers"], out["background"])
 
 

@@ -45,10 +45,10 @@ class WorldConfig:
                                "as the shipped world) or 'mean' (its mean, as the cached latents the UNet learns are; the "
                                "log-variance is then fixed so that sample() gives the mean): sharper colours in round "
                                "trips, but a worse generator in the build tried (docs/WORLD.md)")
-    vae_logvar_bias: float | None = field(None, help="initial bias of the VAE's log-variance output (none: diffusers' "
-                                           "initialisation, about 0, the shipped world); -6 starts the posterior's "
-                                           "noise small, so all four latent channels carry the image and round trips "
-                                           "keep the colours (docs/WORLD.md)")
+    vae_logvar_bias: float | None = field(-6.0, help="initial bias of the VAE's log-variance output; -6 (the shipped "
+                                           "world) starts the posterior's noise small, so all four latent channels "
+                                           "carry the image and round trips keep the colours; none: diffusers' "
+                                           "initialisation, about 0, whose round trips lose them (docs/WORLD.md)")
     vae_channels: list[int] = field(default_factory=lambda: list(WORLD_ARCH["vae_channels"]),
                                     help="VAE block widths, finest first (three blocks: latents are 1/4 of the image)")
     detector_steps: int = field(1500, help="pose detector optimiser steps")
@@ -61,11 +61,10 @@ class WorldConfig:
     unet_batch: int = field(32, help="UNet batch size")
     unet_lr: float = field(8e-4, help="UNet, ControlNet and text encoder learning rate")
     prompt_dropout: float = field(0.1, help="fraction of empty prompts, so classifier-free guidance works")
-    noise_offset: float = field(0.0, help="std of a per-image, per-channel constant added to the training noise "
+    noise_offset: float = field(0.2, help="std of a per-image, per-channel constant added to the training noise "
                                 "(offset noise): SD's schedule leaves the image's mean colour in its most-noised "
                                 "latents, so a UNet trained without it takes the background from the start noise "
-                                "and not the prompt; 0.2 fixed that, but a group's images then came out alike "
-                                "(docs/WORLD.md); 0: plain noise, the shipped world")
+                                "and not the prompt (docs/WORLD.md); 0: plain noise")
     ema: float = field(0.998, help="EMA decay of the exported diffusion weights")
     eval_examples: int = field(48, help="fresh examples sampled and measured at each snapshot and at the end "
                                "(and 4x as many VAE round trips of renders)")

@@ -86,7 +86,9 @@ def test_lcm_log_prob_is_the_gaussian_density_of_the_renoising_step() -> None:
 
 def _inputs(n: int) -> tuple[list[str], list]:
     pose = render_pose(get_builtin_pose("t_pose"), 64, 64)
-    return [f"prompt number {i}" for i in range(n)], [pose] * n
+    # Different backgrounds: images whose x0 predictions differ (a swapped x_prev must score lower, below).
+    places = ("on a beach", "at night", "in a studio", "in a forest")
+    return [f"a person in a red shirt and blue trousers, {places[i % 4]}" for i in range(n)], [pose] * n
 
 
 def _sample_and_rescore(comp: Components, cfg: SampleConfig) -> sampling.SampleOutput:
@@ -109,8 +111,10 @@ def _sample_and_rescore(comp: Components, cfg: SampleConfig) -> sampling.SampleO
     with torch.no_grad():
         wrong = sampling.rescore(comp, out.cond, swapped, out.timesteps, k, cfg)
     # A log-prob is the mean over the latent's 1,024 elements of a Gaussian log-density: for the right x_prev its
-    # eps^2 / 2 part varies by ~0.02 between images (sqrt(2 / 1024) / 2), so 0.25 lower is > 10 of those; another
-    # image's x_prev scored 0.40-1.19 lower on the 2-head world (0.5+ on the first one).
+    # eps^2 / 2 part varies by ~0.02 between images (sqrt(2 / 1024) / 2), so 0.25 lower is > 10 of those. The drop
+    # is how far apart the two images' x0 predictions are: on the light-modes world another background's x_prev
+    # scored 0.85-2.74 lower (0.29 for night against forest, both dark, hence beach / night / studio here; the
+    # 2-head world: 0.40-1.19 with prompts that named no background).
     assert (wrong < out.log_probs[:, k] - 0.25).all(), (wrong, out.log_probs[:, k])
     return out
 

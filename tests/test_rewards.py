@@ -70,10 +70,10 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_available_rewards_and_protocol() -> None:
     names = RS.available_rewards()
-    assert set(names) == {"brightness", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
+    assert set(names) == {"brightness", "warmth", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
                           "text_alignment", "aesthetic", "latent", "pickscore", "hps", "image_reward"}  # fmt: skip
     assert all(isinstance(h, str) and h and "\n" not in h for h in names.values())
-    assert "SYNTHETIC" in names["brightness"]
+    assert "SYNTHETIC" in names["brightness"] and "SYNTHETIC" in names["warmth"]
     for spec in ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "brightness*2"):
         assert isinstance(RS.build_reward(spec), R.Reward)
 
@@ -154,6 +154,23 @@ def test_brightness() -> None:
         r(None, torch.zeros(3, 4, 1, 1), ["a"] * 3, _meta(3))
     with pytest.raises(ValueError, match="metadata"):
         r(imgs, None, ["a"] * 3, _meta(2))
+
+
+def test_warmth_is_red_minus_blue_as_the_world_measures_it() -> None:
+    from poseloop.world import warmth
+
+    warm = torch.tensor([0.9, 0.5, 0.3]).view(3, 1, 1).expand(3, 8, 8)
+    imgs = torch.stack([warm, warm.flip(0), _rand_images(1, 8)[0]])
+    r = RS.build_reward("warmth")
+    out = r(imgs, None, ["a"] * 3, _meta(3))
+    assert out.dtype == torch.float32 and out.shape == (3,) and r.needs_images and r.name == "warmth"
+    assert out[:2].tolist() == pytest.approx([0.6, -0.6], abs=1e-6)
+    # The scripted rater's taste (world.warmth on the saved uint8 PNG) agrees up to the uint8 rounding:
+    # half a level in red and in blue each, so 1/255 in their difference (plus float32 fuzz).
+    as_png = (imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert out.tolist() == pytest.approx(warmth(as_png).tolist(), abs=1 / 255 + 1e-6)
+    with pytest.raises(ValueError, match="needs decoded images"):
+        r(None, torch.zeros(3, 4, 1, 1), ["a"] * 3, _meta(3))
 
 
 def _jpeg_kb(img: torch.Tensor, quality: int = 95) -> float:
