@@ -110,10 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               progress=True)
     s2 = rep2.summary()
     det = detector_heldout_oks(detector.net, size, n=256, seed=424242)
+    vae32 = copy.deepcopy(comp.vae).float()  # the round trips in fp32, whatever the pipeline's dtype
     with torch.no_grad():
-        ceiling_vae = roundtrip_attributes(copy.deepcopy(comp.vae).float(), size, n=192, seed=424243)
-        spread_ref = reference_spread(copy.deepcopy(comp.vae).float(), prompts, builtin_poses(), args.images, size,
-                                      seed=424244)
+        ceiling_vae = roundtrip_attributes(vae32, size, n=192, seed=424243)
+        spread_ref = reference_spread(vae32, prompts, builtin_poses(), args.images, size, seed=424244)
     rt_parts = [ceiling_vae[f"{k}_acc"] for k in ("shirt", "trousers", "background")]
     out = Path(args.out)
     save_grid(rep.images, names, args.images, out / "world_grid.png")

@@ -153,18 +153,13 @@ def reference_spread(vae: Any, prompts: Sequence[str], poses: Sequence[Pose], im
     """Within/across-group spread of true renders (random looks) in evaluate_generator's design, and of
     their round trips through ``vae``: what a generator that draws the world's looks, or a perfect UNet
     behind this VAE, would score."""
-    import torch
-
     from poseloop.world import Look, render_person
+    from poseloop.world_training import encode_all
 
     rng = np.random.default_rng(seed)
     images = np.stack([render_person(pose, parse_prompt(prompt), Look.random(rng), size).image
                        for prompt in prompts for pose in poses for _ in range(images_per_group)])
     groups = np.repeat(np.arange(len(prompts) * len(poses)), images_per_group)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in -1..1
-    with torch.no_grad():
-        rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
-                         for i in range(0, len(x), 64)])
-    trips = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    _, trips = encode_all(vae, images, n_recon=len(images), batch=64)
     return {"renders": float(within_across_ratio(image_stats(images), groups).mean()),
             "vae_roundtrip": float(within_across_ratio(image_stats(trips), groups).mean())}

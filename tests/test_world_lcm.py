@@ -114,12 +114,8 @@ def test_four_step_rounds_with_the_lora_keep_the_pose_and_the_colours(models_dir
     lcm = _on(tiny_lcm(), models_dir)
     lcm.model.vae = ""  # the LoRA, decoded by the world's VAE as the default round is
     reports = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # loading notes are not under test here
-        for name, cfg, comp in (("default", default, load_components(default.model)),
-                                ("lcm", lcm, load_components(lcm.model)),
-                                ("preset", preset, load_components(preset.model))):
-            reports[name] = evaluate_generator(comp, detector, prompts, poses, 1, cfg.sample, seed=7)
+    for name, cfg in (("default", default), ("lcm", lcm), ("preset", preset)):
+        reports[name] = evaluate_generator(load_components(cfg.model), detector, prompts, poses, 1, cfg.sample, seed=7)
 
     def hits(name: str) -> np.ndarray:
         return np.mean([np.asarray(v, float) for v in reports[name].hits.values()], axis=0)  # [48]

@@ -41,7 +41,7 @@ class _Identity(torch.nn.Module):
 
 def test_roundtrip_attributes_of_a_lossless_vae_read_the_renders() -> None:
     got = wt.roundtrip_attributes(_Identity(), 64, n=24, seed=5)
-    # measure_attributes reads renders' clothes and backgrounds right (99.7-100%, docs/WORLD.md).
+    # measure_attributes reads renders' clothes and backgrounds right (100% of 288, docs/WORLD.md).
     assert got["shirt_acc"] == 1.0 and got["trousers_acc"] == 1.0
     assert got["background_acc"] >= 0.95
     assert got["psnr_db"] > 60  # only the uint8 rounding of the round trip differs
