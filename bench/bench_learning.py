@@ -4,8 +4,8 @@ Runs poseloop.scripted.run_learning_check (what tests/test_learning.py runs) wit
 scripted rater who likes a warm light labels a round through the rating app's JSON API; then the
 reward model's within-group pairwise accuracy on a fresh round, and the paired difference of the
 rater's statistic (warmth) between the base model and DDPO (on the reward model) / D3PO (from the
-pairs), and of pose OKS for DDPO and RLCM (the tiny-rlcm preset at ControlNet scale 0.4) on pose
-accuracy, on shared-seed rounds none of them saw.
+pairs), and of pose OKS for DDPO and RLCM (the tiny-rlcm-pose preset: a ControlNet LoRA at ControlNet
+scale 0.4) on pose accuracy, on shared-seed rounds none of them saw.
 
     python bench/bench_learning.py                       # the test's budget
     python bench/bench_learning.py --budget large        # 4x the labels, 2x the evaluation, longer training

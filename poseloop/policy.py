@@ -161,4 +161,6 @@ class Policy:
         sd = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
         plain = ControlNetModel.from_config(self.module.config)
         plain.load_state_dict(sd, strict=True)
-        return plain.to(next(self.module.parameters()).dtype)
+        # torch's own cast: diffusers' override warns about fp32-kept modules on every export although the
+        # ControlNet has none (its list is empty, not None)
+        return torch.nn.Module.to(plain, next(self.module.parameters()).dtype)

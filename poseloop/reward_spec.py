@@ -65,6 +65,11 @@ class _Entry:
 
 def _build_pose(o: dict[str, Any], device: str, models_dir: str) -> Reward:
     weights = Path(o["weights"] or Path(models_dir) / "annotators")
+    if o["weights"]:
+        from poseloop.tiny import ensure_embedded, is_embedded
+
+        if is_embedded(weights):
+            ensure_embedded(weights)  # the embedded world's detector comes with its folder, built on first use
     embedded = Path(models_dir) / "tiny-sd15" / "pose_detector"
     if not o["weights"] and not weights.is_dir() and embedded.is_dir():
         raise FileNotFoundError(f"pose_accuracy: no OpenPose weights in {weights}; for the embedded model use its "

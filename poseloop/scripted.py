@@ -150,19 +150,16 @@ RUN_METRIC = {"ddpo_reward_model": RULE, "d3po_pairs": RULE, "ddpo_pose_accuracy
               "rlcm_pose_accuracy": "pose_accuracy"}
 POLICY_RUNS = tuple(RUN_METRIC)
 LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
-# Pose accuracy is trained and compared at ControlNet scale 0.4, where the world leaves room to gain (OKS 0.57-0.65
-# against 0.86 at full scale and the detector's 0.98 on true renders), on the vocabulary's first 6 prompts, which
-# hold the comparison's: what is fresh there is the seeds. DDPO runs the tiny preset (8 epochs of 32
-# trajectories). RLCM runs the tiny-rlcm preset (the world's LCM-LoRA, 4 steps, no CFG, one start per group)
-# with 64 trajectories (16 groups x 4) per optimizer step, the preset's 8 epochs of one step (docs/WORLD.md).
-POSE_SCALE = 0.4
+# Pose accuracy is trained and compared at ControlNet scale 0.4 (policy_config.POSE_SCALE), where the world leaves
+# room to gain, on the vocabulary's first 6 prompts, which hold the comparison's: what is fresh there is the seeds.
+# RLCM runs the tiny-rlcm-pose preset: a LoRA on the ControlNet, the world's LCM-LoRA fused into the UNet, 4 steps,
+# no CFG, 8 epochs of one 64-trajectory step. DDPO runs the tiny preset (8 epochs of 32 trajectories, a UNet LoRA).
 # The detector's OKS is the measured quantity itself, not a learned stand-in that a larger step would over-optimise
-# (the preset's lr 1e-3 is for those). On the first, 8-head world pose DDPO gained +0.033 [-0.003, +0.073] and +0.011
-# [-0.003, +0.023] on run seeds 0 / 1 at 1e-3, and at 2e-3 every seed tried gained, seed 0 not always beyond its
-# interval; on the shipped 2-head world neither moved reliably (docs/WORLD.md), so CI's (d) is RLCM's.
+# (the tiny preset's lr 1e-3 is for those). On the first, 8-head world pose DDPO gained +0.033 [-0.003, +0.073] and
+# +0.011 [-0.003, +0.023] on run seeds 0 / 1 at 1e-3, and at 2e-3 every seed tried gained, seed 0 not always beyond
+# its interval; on the later worlds neither moved reliably (docs/WORLD.md), so CI's (d) is RLCM's.
 POSE_DDPO_LR = 2e-3
-POSE_RLCM_ARGS = ["--preset", "tiny-rlcm", "--sample.controlnet_scale", str(POSE_SCALE),
-                  "--train.groups_per_epoch", "16", "--train.grad_accum", "16"]
+POSE_RLCM_ARGS = ["--preset", "tiny-rlcm-pose"]
 
 
 @dataclass
@@ -205,6 +202,7 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     from poseloop.evaluation import evaluate
     from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
     from poseloop.evaluation_config import EvaluateConfig
+    from poseloop.policy_config import POSE_SCALE
     from poseloop.tiny import LCM_LORA_FILE
     from webapp import create_app
 

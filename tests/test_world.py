@@ -147,6 +147,19 @@ def test_pose_accuracy_reward_uses_the_embedded_detector(models_dir: Path, one_t
         build_reward("pose_accuracy", models_dir=str(models_dir))
 
 
+def test_the_embedded_detector_is_built_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tiny-rlcm-pose names models/tiny-sd15/pose_detector; a fresh checkout builds that folder when the model loads,
+    # which is after the reward: naming the detector must build it too, not fail on a missing config.json.
+    from poseloop.reward_spec import build_reward
+
+    monkeypatch.chdir(tmp_path)
+    reward = build_reward("pose_accuracy:weights=models/tiny-sd15/pose_detector")
+    assert reward.name == "pose_accuracy" and (tmp_path / "models" / "tiny-sd15" / "model_index.json").is_file()
+    with pytest.raises(FileNotFoundError, match="elsewhere"):  # outside an embedded folder nothing is built
+        build_reward("pose_accuracy:weights=elsewhere/pose_detector")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_the_embedded_model_draws_the_pose_and_the_prompt(models_dir: Path, one_thread: None) -> None:
     """A small version of bench/bench_world.py: 12 poses x 2 prompts x 1 image at the default sampler."""
     from poseloop.config import tiny
