@@ -5,7 +5,8 @@ scripted rater who likes a warm light labels a round through the rating app's JS
 reward model's within-group pairwise accuracy on a fresh round, and the paired difference of the
 rater's statistic (warmth) between the base model and DDPO (on the reward model) / D3PO (from the
 pairs), and of pose OKS for DDPO and RLCM (the tiny-rlcm-pose preset: a ControlNet LoRA at ControlNet
-scale 0.4) on pose accuracy, on shared-seed rounds none of them saw.
+scale 0.4) on pose accuracy alone and on the preset's own reward (half pose accuracy, half the prompt's
+attributes), with the prompt's attributes reported beside, on shared-seed rounds none of them saw.
 
     python bench/bench_learning.py                       # the test's budget
     python bench/bench_learning.py --budget large        # 4x the labels, 2x the evaluation, longer training
@@ -70,9 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = r[run][metric]
         good = m["ci"][0] > 0
         ok &= good
-        print(f"{run:20s} {metric:14s} {m['baseline']:.4f} -> {m['candidate']:.4f}: diff {m['diff']:+.4f} "
+        print(f"{run:20s} {metric:17s} {m['baseline']:.4f} -> {m['candidate']:.4f}: diff {m['diff']:+.4f} "
               f"[{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}], win {m['win_rate']:.0%} of {m['n']}, "
               f"{r[run]['train_seconds']:.0f} s  {'PASS' if good else 'FAIL'}")
+        for other, o in r[run].items():  # what else the comparison measured (the pose runs: the prompt's colours)
+            if other != metric and isinstance(o, dict):
+                print(f"{'':20s} {other:17s} {o['baseline']:.4f} -> {o['candidate']:.4f}: diff {o['diff']:+.4f} "
+                      f"[{o['ci'][0]:+.4f}, {o['ci'][1]:+.4f}] (reported, not a target)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"learning_{args.budget}.json").write_text(json.dumps(r, indent=2, default=float))

@@ -28,6 +28,7 @@ from poseloop.rewards import (
     LatentReward,
     OpenClipEmbedder,
     PoseAccuracyReward,
+    PromptAttributesReward,
     Reward,
     TextAlignmentReward,
     WarmthReward,
@@ -108,6 +109,11 @@ _REGISTRY: dict[str, _Entry] = {
     "warmth": _Entry(
         "SYNTHETIC: mean red minus mean blue -1..1 (a warm light scores high), for tests and demos only",
         lambda o, d, m: WarmthReward(),
+    ),
+    "prompt_attributes": _Entry(
+        "SYNTHETIC, embedded world only: share 0..1 of the prompt's shirt, trousers and background colours the "
+        "world's reader finds in the image (its stand-in for text_alignment)",
+        lambda o, d, m: PromptAttributesReward(),
     ),
     "jpeg_compressibility": _Entry(
         "DDPO task: -(JPEG size in kB at quality 95); not differentiable",

@@ -38,6 +38,7 @@ __all__ = [
     "WarmthReward",
     "JpegCompressibilityReward",
     "PoseAccuracyReward",
+    "PromptAttributesReward",
     "OpenClipEmbedder",
     "TextAlignmentReward",
     "AestheticMLP",
@@ -162,7 +163,7 @@ class JpegCompressibilityReward:
 # Pose accuracy
 
 
-def ground_truth_poses(meta: dict, index: int = 0) -> list[Pose]:
+def ground_truth_poses(meta: dict, index: int = 0, reward: str = "pose_accuracy") -> list[Pose]:
     """The GT poses of one sample's metadata ("keypoints": Pose dicts, a JSON string of them, or Poses).
 
     Raises ValueError when absent: a pose reward without ground truth would silently train on garbage.
@@ -175,8 +176,8 @@ def ground_truth_poses(meta: dict, index: int = 0) -> list[Pose]:
         kp = [kp]
     if not kp:
         raise ValueError(
-            f"pose_accuracy: {where} has no ground-truth keypoints (metadata['keypoints'] missing or empty); "
-            "pose accuracy needs the pose the sample was conditioned on. Drop this reward for pose-free groups."
+            f"{reward}: {where} has no ground-truth keypoints (metadata['keypoints'] missing or empty); "
+            "it needs the pose the sample was conditioned on. Drop this reward for pose-free groups."
         )
     poses = []
     for p in kp:
@@ -233,6 +234,35 @@ class PoseAccuracyReward:
                 scores.append(multi_person_oks(gt, found, width=w, height=h))
             except ValueError as e:
                 raise ValueError(f"pose_accuracy: sample {i}: {e}") from e
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+
+class PromptAttributesReward:
+    """SYNTHETIC, the embedded world only: the share of the prompt's shirt colour, trousers colour and background
+    that the world's reader (poseloop.world.measure_attributes) finds in the image, in the condition pose's
+    regions: 0, 1/3, 2/3 or 1. The world's stand-in for a text-alignment reward."""
+
+    name = "prompt_attributes"
+    needs_images = True
+
+    def __call__(
+        self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str], metadata: list[dict]
+    ) -> torch.Tensor:
+        """Share of the prompt's three attributes found in each image [B]."""
+        from poseloop.world import WorldError, measure_attributes, parse_prompt
+
+        images = _check_images(self.name, images, _batch_size(prompts, metadata))
+        wants = []
+        for i, prompt in enumerate(prompts):  # every prompt checked before any image is read
+            try:
+                wants.append(parse_prompt(prompt))
+            except WorldError as e:
+                raise ValueError(f"{self.name}: sample {i}: {e}") from None
+        poses = [ground_truth_poses(m, i, self.name)[0] for i, m in enumerate(metadata)]
+        scores = []
+        for arr, want, pose in zip(_to_uint8(images), wants, poses):
+            got = measure_attributes(arr, pose)
+            scores.append(sum(getattr(got, k) == getattr(want, k) for k in ("shirt", "trousers", "background")) / 3)
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
 

@@ -147,17 +147,19 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
 
 # Each policy run of the check and the metric its comparison reports (the key in its results).
 RUN_METRIC = {"ddpo_reward_model": RULE, "d3po_pairs": RULE, "ddpo_pose_accuracy": "pose_accuracy",
-              "rlcm_pose_accuracy": "pose_accuracy"}
+              "rlcm_pose_accuracy": "pose_accuracy", "rlcm_pose_and_prompt": "pose_accuracy"}
 POLICY_RUNS = tuple(RUN_METRIC)
 LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
 # Pose accuracy is trained and compared at ControlNet scale 0.4 (policy_config.POSE_SCALE), where the world leaves
 # room to gain, on the vocabulary's first 6 prompts, which hold the comparison's: what is fresh there is the seeds.
 # RLCM runs the tiny-rlcm-pose preset: a LoRA on the ControlNet, the world's LCM-LoRA fused into the UNet, 4 steps,
-# no CFG, 8 epochs of one 64-trajectory step. DDPO runs the tiny preset (8 epochs of 32 trajectories, a UNet LoRA).
-# The detector's OKS is the measured quantity itself, not a learned stand-in that a larger step would over-optimise
-# (the tiny preset's lr 1e-3 is for those). On the first, 8-head world pose DDPO gained +0.033 [-0.003, +0.073] and
-# +0.011 [-0.003, +0.023] on run seeds 0 / 1 at 1e-3, and at 2e-3 every seed tried gained, seed 0 not always beyond
-# its interval; on the later worlds neither moved reliably (docs/WORLD.md), so CI's (d) is RLCM's.
+# no CFG, 8 epochs of one 64-trajectory step; on pose accuracy alone (the (d)) and on the preset's own
+# reward (half pose accuracy, half the prompt's attributes). Each pose comparison also reports the prompt's
+# attributes (prompt_attributes), which pose accuracy alone can cost. DDPO runs the tiny preset (8 epochs of 32
+# trajectories, a UNet LoRA). The detector's OKS is the measured quantity itself, not a learned stand-in that a
+# larger step would over-optimise (the tiny preset's lr 1e-3 is for those). On the first, 8-head world pose DDPO
+# gained +0.033 [-0.003, +0.073] and +0.011 [-0.003, +0.023] on run seeds 0 / 1 at 1e-3, and at 2e-3 every seed
+# tried gained, seed 0 not always beyond its interval; on the later worlds neither moved reliably (docs/WORLD.md).
 POSE_DDPO_LR = 2e-3
 POSE_RLCM_ARGS = ["--preset", "tiny-rlcm-pose"]
 
@@ -202,7 +204,7 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     from poseloop.evaluation import evaluate
     from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
     from poseloop.evaluation_config import EvaluateConfig
-    from poseloop.policy_config import POSE_SCALE
+    from poseloop.policy_config import POSE_SCALE, pose_and_prompt_reward
     from poseloop.tiny import LCM_LORA_FILE
     from webapp import create_app
 
@@ -268,11 +270,16 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
                        "tiny", [], "learning-check"),
         # at RLCM's ControlNet scale, where the world leaves room to gain, and on the same prompts
         "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose, "--sample.controlnet_scale", str(POSE_SCALE),
-                                "--optim.lr", str(POSE_DDPO_LR), "--data.prompts", *_prompts(6, 0)], [pose], "tiny",
+                                "--optim.lr", str(POSE_DDPO_LR), "--data.prompts", *_prompts(6, 0)],
+                               [pose, "prompt_attributes"], "tiny",
                                pose_eval, "learning-check-pose"),
-        "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)], [pose],
-                               # decoded by the world's VAE, as the policy's rewards were (not the preset's preview)
-                               "tiny-lcm", [*lcm, "--model.vae", "", *pose_eval], "learning-check-tiny-lcm"),
+        # decoded by the world's VAE, as the policy's rewards were (not the tiny-lcm preset's preview decoder)
+        "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)],
+                               [pose, "prompt_attributes"], "tiny-lcm", [*lcm, "--model.vae", "", *pose_eval],
+                               "learning-check-tiny-lcm"),
+        "rlcm_pose_and_prompt": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose_and_prompt_reward(str(detector)),
+                                  "--data.prompts", *_prompts(6, 0)], [pose, "prompt_attributes"], "tiny-lcm",
+                                 [*lcm, "--model.vae", "", *pose_eval], "learning-check-tiny-lcm"),
     }
     for name, (args, metrics, preset, extra, seed_set) in runs.items():
         if name not in b.policies:

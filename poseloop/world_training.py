@@ -154,7 +154,8 @@ def _plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(title)
-    ax.legend()
+    if ax.lines:  # a run of zero steps (a stage switched off) has no curve to label
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -70,11 +70,12 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_available_rewards_and_protocol() -> None:
     names = RS.available_rewards()
-    assert set(names) == {"brightness", "warmth", "jpeg_compressibility", "jpeg_incompressibility", "pose_accuracy",
-                          "text_alignment", "aesthetic", "latent", "pickscore", "hps", "image_reward"}  # fmt: skip
+    assert set(names) == {"brightness", "warmth", "prompt_attributes", "jpeg_compressibility", "jpeg_incompressibility",
+                          "pose_accuracy", "text_alignment", "aesthetic", "latent", "pickscore", "hps",
+                          "image_reward"}  # fmt: skip
     assert all(isinstance(h, str) and h and "\n" not in h for h in names.values())
-    assert "SYNTHETIC" in names["brightness"] and "SYNTHETIC" in names["warmth"]
-    for spec in ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "brightness*2"):
+    assert all("SYNTHETIC" in names[n] for n in ("brightness", "warmth", "prompt_attributes"))
+    for spec in ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "brightness*2", "prompt_attributes"):
         assert isinstance(RS.build_reward(spec), R.Reward)
 
 

@@ -147,6 +147,24 @@ def test_pose_accuracy_reward_uses_the_embedded_detector(models_dir: Path, one_t
         build_reward("pose_accuracy", models_dir=str(models_dir))
 
 
+def test_prompt_attributes_reward_reads_the_prompts_colours(one_thread: None) -> None:
+    from poseloop.reward_spec import build_reward
+
+    reward = build_reward("prompt_attributes")
+    fresh = W.make_examples(8, 64, seed=98)
+    images = torch.from_numpy(fresh.images).permute(0, 3, 1, 2).float() / 255.0
+    meta = [{"keypoints": [Pose(body=k).to_dict()]} for k in fresh.keypoints]
+    own = reward(images, None, fresh.prompts, meta)
+    # the same renders judged against the next image's prompt: only the attributes the two happen to share count
+    other = reward(images, None, fresh.prompts[1:] + fresh.prompts[:1], meta)
+    assert own.shape == (8,) and float(own.mean()) >= 0.9 and float(other.mean()) < float(own.mean()) - 0.3
+    assert torch.allclose(own * 3, (own * 3).round(), atol=1e-6)  # thirds: each of the three parts found or not
+    with pytest.raises(ValueError, match=r"prompt_attributes: sample 1: prompt 'a teal shirt.*unknown colour word 'teal'"):
+        reward(images[:2], None, [fresh.prompts[0], "a teal shirt and red trousers, on a beach"], meta[:2])
+    with pytest.raises(ValueError, match=r"prompt_attributes: sample 0 has no ground-truth keypoints"):
+        reward(images[:1], None, fresh.prompts[:1], [{}])
+
+
 def test_the_embedded_detector_is_built_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # tiny-rlcm-pose names models/tiny-sd15/pose_detector; a fresh checkout builds that folder when the model loads,
     # which is after the reward: naming the detector must build it too, not fail on a missing config.json.
