@@ -470,7 +470,8 @@ def rlcm_faithful() -> PolicyConfig:
 
 
 PRESETS: dict[str, Callable[[], PolicyConfig]] = {
-    "tiny": tiny, "tiny-rlcm": tiny_rlcm, "tiny-rlcm-pose": tiny_rlcm_pose, "tiny-sdxl": tiny_sdxl, "tiny-faithful": tiny_faithful,
+    "tiny": tiny, "tiny-rlcm": tiny_rlcm, "tiny-rlcm-pose": tiny_rlcm_pose, "tiny-sdxl": tiny_sdxl,
+    "tiny-faithful": tiny_faithful,
     "sd15": sd15, "sd15-faithful": sd15_faithful, "sdxl": sdxl,
     "rlcm-faithful": rlcm_faithful,
 }
