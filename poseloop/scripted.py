@@ -5,9 +5,8 @@ round and labels them through the rating app's JSON API, as a person's browser w
 its taste and, for every pair of images of a group, the warmer one. (The embedded world lights each
 image warm or cool. The first worlds drew that tint too faintly, so until the light-modes world the
 rater liked bright images; on this world brightness varies little within a group: docs/WORLD.md.)
-The check then
-runs the real scripts (train_reward.py, train_policy.py with the preset's defaults, evaluate.py)
-and measures, on rounds the models never saw, whether each step moved what the rater wants.
+The check then runs the real scripts (train_reward.py, train_policy.py with the preset's defaults,
+evaluate.py) and measures, on rounds the models never saw, whether each step moved what the rater wants.
 tests/test_learning.py runs it with a CPU-test budget; bench/bench_learning.py with larger ones.
 """
 
@@ -263,6 +262,12 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
     lcm = ["--model.lcm_lora", str(embedded / LCM_LORA_FILE)]
     # Pose comparisons at the training's ControlNet scale, with twice the images: OKS is noisy at scale 0.4.
     pose_eval = ["--sample.controlnet_scale", str(POSE_SCALE), "--set", f"sample.images_per_group={2 * b.eval_images}"]
+
+    def rlcm_pose_run(reward: str) -> tuple[list[str], list[str], str, list[str], str]:
+        # compared decoded by the world's VAE, as the policy's rewards were (not the tiny-lcm preset's preview decoder)
+        return ([*POSE_RLCM_ARGS, *lcm, "--reward", reward, "--data.prompts", *_prompts(6, 0)],
+                [pose, "prompt_attributes"], "tiny-lcm", [*lcm, "--model.vae", "", *pose_eval], "learning-check-tiny-lcm")
+
     runs = {
         "ddpo_reward_model": (["--algo", "ddpo", "--reward", f"latent:{models / 'reward' / 'rm'}"], [RULE], "tiny", [],
                               "learning-check"),
@@ -271,15 +276,9 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         # at RLCM's ControlNet scale, where the world leaves room to gain, and on the same prompts
         "ddpo_pose_accuracy": (["--algo", "ddpo", "--reward", pose, "--sample.controlnet_scale", str(POSE_SCALE),
                                 "--optim.lr", str(POSE_DDPO_LR), "--data.prompts", *_prompts(6, 0)],
-                               [pose, "prompt_attributes"], "tiny",
-                               pose_eval, "learning-check-pose"),
-        # decoded by the world's VAE, as the policy's rewards were (not the tiny-lcm preset's preview decoder)
-        "rlcm_pose_accuracy": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose, "--data.prompts", *_prompts(6, 0)],
-                               [pose, "prompt_attributes"], "tiny-lcm", [*lcm, "--model.vae", "", *pose_eval],
-                               "learning-check-tiny-lcm"),
-        "rlcm_pose_and_prompt": ([*POSE_RLCM_ARGS, *lcm, "--reward", pose_and_prompt_reward(str(detector)),
-                                  "--data.prompts", *_prompts(6, 0)], [pose, "prompt_attributes"], "tiny-lcm",
-                                 [*lcm, "--model.vae", "", *pose_eval], "learning-check-tiny-lcm"),
+                               [pose, "prompt_attributes"], "tiny", pose_eval, "learning-check-pose"),
+        "rlcm_pose_accuracy": rlcm_pose_run(pose),
+        "rlcm_pose_and_prompt": rlcm_pose_run(pose_and_prompt_reward(str(detector))),
     }
     for name, (args, metrics, preset, extra, seed_set) in runs.items():
         if name not in b.policies:
