@@ -2,7 +2,7 @@
 
 File paths in rows are relative to the samples directory, so a samples folder can be moved or
 copied to another machine together with its SQLite file. SQLite is the default; a team shares one
-PostgreSQL database instead (`postgresql+psycopg://user:password@host/dbname`, see README "Team setup").
+PostgreSQL database instead (`postgresql+psycopg://user:password@host/dbname`, see docs/RATING.md, "Team setup").
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ class EvalSettings:
     policy: str = field("latest", help="candidate: a policy version under <models_dir>/policies, or 'latest'")
     baseline: str = field("base", help="baseline: 'base' (the model without a policy) or a policy version")
     metrics: list[str] = field(default_factory=lambda: ["auto"],
-                               help="reward specs to report (see README 'Rewards'); 'auto' = every metric whose "
+                               help="reward specs to report (see docs/REWARDS.md); 'auto' = every metric whose "
                                "weights are present: pose accuracy, text alignment, the learned reward, LPIPS")
     detector_weights: str = field("", help="OpenPose weights folder for pose accuracy (auto metrics); empty = "
                                   "data.detector_weights or <models_dir>/annotators")

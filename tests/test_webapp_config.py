@@ -21,15 +21,15 @@ def test_every_field_is_a_documented_flag() -> None:
     for f in dataclasses.fields(AppConfig):
         assert flag_name(f.name) in flags
         assert f.metadata["help"]
-    doc = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "RATING.md").read_text()
     for f in dataclasses.fields(AppConfig):
-        assert f"`{flag_name(f.name)}" in doc, f"{flag_name(f.name)} missing from README.md"
+        assert f"`{flag_name(f.name)}" in doc, f"{flag_name(f.name)} missing from docs/RATING.md"
 
 
 def test_every_shortcut_is_documented() -> None:
     from webapp.shortcuts import SHORTCUTS
 
-    doc = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "RATING.md").read_text()
     for _where, keys, what in SHORTCUTS:
         assert f"`{keys}`" in doc and what in doc, keys
 

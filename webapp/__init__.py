@@ -1,4 +1,4 @@
-"""Browser rating app: scores and pairwise preferences from several raters (see README.md)."""
+"""Browser rating app: scores and pairwise preferences from several raters (see docs/RATING.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""JSON API: everything the page does, usable from scripts (see README.md)."""
+"""JSON API: everything the page does, usable from scripts (see docs/RATING.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The keyboard shortcuts: one list feeds the help dialog, and a test checks README.md names each."""
+"""The keyboard shortcuts: one list feeds the help dialog, and a test checks docs/RATING.md names each."""
 
 from __future__ import annotations
 
