@@ -312,28 +312,22 @@ def tiny() -> PolicyConfig:
     cfg.model, cfg.sample = base.model, base.sample
     cfg.sample.batch_size = 16
     cfg.target.lora_modules = list(ALL_LORA_MODULES)
-    # Where the gradient's signal is (bench/bench_gradient_noise.py, docs/WORLD.md): two DDPO estimates from
-    # disjoint 32-trajectory samples had a mean cosine of -0.006 when every step of 32 independent starts was
-    # trained on, so 16 epochs moved the policy by chance (+0.013 / +0.039 / +0.027 on 3 run seeds). A group's
-    # images starting from one x_T (its baseline then removes the start's share of the reward) and training
-    # on the first 4 steps only (the later ones add noise, not signal) raised that cosine to +0.27; 8 epochs
-    # then gained +0.086 / +0.098 / +0.105 with DDPO on a learned reward model (lr 1e-3, below).
+    # One x_T per group (its baseline then removes the start's share of the reward) and only the first 4 steps
+    # (later ones add noise, not signal) turn a 32-trajectory gradient from noise into signal (docs/WORLD.md).
     cfg.train.epochs = 8
     cfg.train.groups_per_epoch = 8  # 32 trajectories an epoch
     cfg.train.shared_start = True
     cfg.train.first_steps, cfg.train.timestep_fraction = 4, 1.0
     cfg.train.batch_size = 4  # 8 optimizer steps per epoch
-    # With this gradient, 2e-3 over-optimised the learned reward model on one run seed of three (its score rose,
-    # the rater's statistic did not: +0.013 [-0.022, +0.048]); 1e-3 gained on all three (docs/WORLD.md).
+    # With this gradient 2e-3 over-optimised a learned reward model (its score rose, the rater's statistic did not).
     cfg.optim.lr = 1e-3
     cfg.train.clip_range = 0.2
     # The baseline is this epoch's images of the group alone: they share a start, which earlier visits do not.
     cfg.train.stat_buffer = 0
     # 8 epochs x 16 pairs: 128 of a 144-pair round.
     cfg.d3po.pairs_per_epoch = 16
-    # These steps are ~10x the published ones, and so is the KL per epoch: runs that learned peaked at 0.93
-    # (DDPO on a reward model) and 3.2 (D3PO), the collapsing pose run passed 14 in its fifth epoch. 0.05
-    # would warn in most epochs of a good run; 5 stays quiet there and fires on a runaway.
+    # These steps are ~10x the published ones, and so is the KL per epoch: runs that learned stayed under about 3,
+    # a collapsing run passed 14; 5 stays quiet on a good run and fires on a runaway.
     cfg.guard.max_kl = 5.0
     cfg.output.export_every = cfg.output.grid_every = 4
     return cfg
@@ -356,9 +350,8 @@ def tiny_rlcm() -> PolicyConfig:
     cfg.algo = "rlcm"
     cfg.model.lcm_lora = generate_presets.EMBEDDED_LCM_LORA
     cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "lcm", 4, 1.0
-    # The tiny preset's recipe (one start per group, this epoch's baseline; every one of the 3 stochastic steps
-    # is among the first 4) at RLCM's measured lr: on pose accuracy 8 epochs gained more than 16 epochs of
-    # independent starts did (docs/WORLD.md).
+    # The tiny preset's recipe (one start per group, this epoch's baseline; all 3 stochastic steps are among the
+    # first 4) at the lr RLCM learned with in 8 epochs.
     cfg.optim.lr = 2e-3
     return cfg
 
@@ -377,14 +370,11 @@ def tiny_rlcm_pose() -> PolicyConfig:
     """RLCM on the embedded world's pose accuracy, training the ControlNet (a LoRA on it) at ControlNet scale 0.4."""
     cfg = tiny_rlcm()
     # As the pose-ControlNet RL reference pairs its pose reward with text alignment: pose accuracy alone cost some
-    # of the prompt's colours (the world's reader: -0.069 [-0.101, -0.045] on one run seed of five, -0.019 on
-    # average); with the prompt's attributes at half weight the colours held or rose (-0.010 to +0.097, mean
-    # +0.022 on 4 seeds) and OKS gained as much (+0.047 to +0.153, mean +0.090; docs/WORLD.md).
+    # of the prompt's colours, half weight on them kept the colours at the same OKS gain (docs/RESULTS.md).
     cfg.reward = pose_and_prompt_reward(f"{EMBEDDED_SD15}/pose_detector")
     cfg.sample.controlnet_scale = POSE_SCALE
-    # The pose-ControlNet RL reference trains the ControlNet, not the UNet: on the light-modes world (pose accuracy
-    # alone) a UNet LoRA gained on 2 of 3 run seeds (+0.010, -0.008, +0.020), a ControlNet LoRA at 2e-3 on 3 of 4,
-    # at 4e-3 on all five (+0.045 to +0.110; docs/WORLD.md). The preset's LoCon modules match the ControlNet's too.
+    # The pose-ControlNet RL reference trains the ControlNet, not the UNet: here a UNet LoRA gained unreliably and a
+    # ControlNet LoRA at 4e-3 on every seed tried. The preset's LoCon modules match the ControlNet's too.
     cfg.target.kind = "controlnet_lora"
     cfg.optim.lr = 4e-3
     # 64 trajectories (16 groups x 4) per optimizer step, one step an epoch: with 4 a step Adam followed the noise.

@@ -3,8 +3,7 @@
 The rater likes a warm light (mean red minus mean blue, `world.warmth`); it looks at the PNGs of a
 round and labels them through the rating app's JSON API, as a person's browser would: scores -5..+5 by
 its taste and, for every pair of images of a group, the warmer one. (The embedded world lights each
-image warm or cool. The first worlds drew that tint too faintly, so until the light-modes world the
-rater liked bright images; on this world brightness varies little within a group: docs/WORLD.md.)
+image warm or cool, a difference that survives generation; brightness varies little within a group.)
 The check then runs the real scripts (train_reward.py, train_policy.py with the preset's defaults,
 evaluate.py) and measures, on rounds the models never saw, whether each step moved what the rater wants.
 tests/test_learning.py runs it with a CPU-test budget; bench/bench_learning.py with larger ones.
@@ -155,10 +154,8 @@ LABELLED_RUNS = ("ddpo_reward_model", "d3po_pairs")
 # no CFG, 8 epochs of one 64-trajectory step; on pose accuracy alone (the (d)) and on the preset's own
 # reward (half pose accuracy, half the prompt's attributes). Each pose comparison also reports the prompt's
 # attributes (prompt_attributes), which pose accuracy alone can cost. DDPO runs the tiny preset (8 epochs of 32
-# trajectories, a UNet LoRA). The detector's OKS is the measured quantity itself, not a learned stand-in that a
-# larger step would over-optimise (the tiny preset's lr 1e-3 is for those). On the first, 8-head world pose DDPO
-# gained +0.033 [-0.003, +0.073] and +0.011 [-0.003, +0.023] on run seeds 0 / 1 at 1e-3, and at 2e-3 every seed
-# tried gained, seed 0 not always beyond its interval; on the later worlds neither moved reliably (docs/WORLD.md).
+# trajectories, a UNet LoRA) at 2e-3: the detector's OKS is the measured quantity itself, not a learned stand-in that
+# a larger step would over-optimise (the tiny preset's lr 1e-3 is for those).
 POSE_DDPO_LR = 2e-3
 POSE_RLCM_ARGS = ["--preset", "tiny-rlcm-pose"]
 
