@@ -1,9 +1,9 @@
 """Screenshots of the rating app in headless Chromium, for the README: desktop and phone views.
 
-    python scripts/screenshot_app.py --samples-dir samples --out docs/images
+    python scripts/screenshot_app.py --samples-dir samples --out docs/images [--rubric "LOW | HIGH"]
 
 Starts `python -m webapp` on a free loopback port over an existing samples folder (run generate.py
-first), signs in as a rater and saves, for the newest round, the pairs mode and the grid at 1200x760
+first), signs in as a rater and saves, for the newest round, the pairs mode and the grid at 1280x800
 (app_pairs.png, app_grid.png) and score, pairs and grid modes at a 390x844 phone size (rating_phone.png,
 rating_phone_pairs.png, rating_phone_grid.png). `--only NAME ...` writes just those files.
 Needs Debian's chromium and chromium-driver (scripts/setup.sh --test installs them).
@@ -37,8 +37,8 @@ class View(NamedTuple):
 
 
 VIEWS = (
-    View("app_pairs.png", "pairs", 1200, 760, 1, False),
-    View("app_grid.png", "grid", 1200, 760, 1, False),
+    View("app_pairs.png", "pairs", 1280, 800, 1, False),
+    View("app_grid.png", "grid", 1280, 800, 1, False),
     # Phones have 2-3 device pixels per CSS pixel; 2 keeps the file small and the text sharp.
     View("rating_phone.png", "score", 390, 844, 2, True),
     View("rating_phone_pairs.png", "pairs", 390, 844, 2, True),
@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples-dir", default="samples", help="samples folder with at least one round")
     p.add_argument("--out", default="docs/images", help="folder for the PNG files")
     p.add_argument("--only", nargs="+", choices=[v.name for v in VIEWS], help="write only these files")
+    p.add_argument("--rubric", default="", help="passed to the app's --rubric, to show one in the pictures")
     args = p.parse_args(argv)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -88,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     views = [v for v in VIEWS if not args.only or v.name in args.only]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "webapp", "--samples-dir", args.samples_dir, "--port", str(port)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "webapp", "--samples-dir", args.samples_dir, "--port", str(port),
+                               "--rubric", args.rubric], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts.binary_location = "/usr/bin/chromium"
         with tempfile.TemporaryDirectory() as profile:
             for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--no-first-run", f"--user-data-dir={profile}", "--window-size=1200,760",
+                        "--no-first-run", f"--user-data-dir={profile}", "--window-size=1280,800",
                         "--hide-scrollbars"):
                 opts.add_argument(arg)
             d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
