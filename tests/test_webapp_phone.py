@@ -79,6 +79,12 @@ return [...scope.querySelectorAll('button, a, select, label.toggle, input:not([t
 """
 
 
+def loaded(d: Any, *ids: str) -> bool:
+    """True when each of these images has its file decoded (until then its height is 0)."""
+    return d.execute_script("return arguments[0].every((id) => { const i = document.getElementById(id);"
+                            "return i.complete && i.naturalWidth > 0; })", list(ids))
+
+
 def assert_page_fits(d: Any) -> None:
     """No horizontal scrolling, and every visible tap target at least 44 px each way."""
     sw, cw = d.execute_script("const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
@@ -99,11 +105,11 @@ def test_phone_every_mode_is_usable(browser: Any, live: LiveServer, env: Env) ->
     enter_rater(d, RATER)
 
     # Score: the image spans the width above the buttons; the header is two rows.
-    wait_for(lambda: "/media/sample/" in src(d, "score-img"))
-    wait_for(lambda: box(d, "#score-img")["width"] >= 0.9 * vw)
+    wait_for(lambda: "/media/sample/" in src(d, "score-img") and loaded(d, "score-img", "score-pose"))
     img, header = box(d, "#score-img"), box(d, "#bar")
     assert header["height"] <= 120, header
-    assert img["top"] >= header["bottom"] - 1 and img["height"] >= 0.9 * vw  # square renders stay square
+    assert img["width"] >= 0.9 * vw and img["height"] >= 0.9 * vw, img  # square renders stay square
+    assert img["top"] >= header["bottom"] - 1
     buttons = d.find_elements(By.CSS_SELECTOR, "#scale button")
     assert [b.text for b in buttons] == ["-5", "-4", "-3", "-2", "-1", "0", "+1", "+2", "+3", "+4", "+5"]
     scale, rubric = box(d, "#scale"), box(d, "#score-rubric")
@@ -136,7 +142,7 @@ def test_phone_every_mode_is_usable(browser: Any, live: LiveServer, env: Env) ->
 
     # Pairs: both images side by side at nearly half the width, the choices under them on screen.
     d.find_element(By.CSS_SELECTOR, 'button[data-mode="pairs"]').click()
-    wait_for(lambda: "/media/sample/" in src(d, "pair-left") and box(d, "#pair-left")["width"] > 0)
+    wait_for(lambda: "/media/sample/" in src(d, "pair-left") and loaded(d, "pair-left", "pair-right", "pair-pose"))
     left, right, pose = box(d, "#pair-left"), box(d, "#pair-right"), box(d, "#pair-pose")
     assert left["width"] >= 0.4 * vw and right["width"] >= 0.4 * vw, (left, right)
     assert abs(left["top"] - right["top"]) < 1 and left["right"] <= right["left"]
@@ -157,7 +163,7 @@ def test_phone_every_mode_is_usable(browser: Any, live: LiveServer, env: Env) ->
 
     # Blind: laid out like pairs.
     d.find_element(By.CSS_SELECTOR, 'button[data-mode="blind"]').click()
-    wait_for(lambda: "/media/blind/" in src(d, "blind-left") and box(d, "#blind-left")["width"] > 0)
+    wait_for(lambda: "/media/blind/" in src(d, "blind-left") and loaded(d, "blind-left", "blind-right", "blind-pose"))
     assert min(box(d, "#blind-left")["width"], box(d, "#blind-right")["width"]) >= 0.4 * vw
     assert box(d, "#view-blind .choices")["bottom"] <= vh
     assert box(d, "#bar")["height"] <= 120
