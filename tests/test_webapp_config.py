@@ -114,3 +114,54 @@ def test_custom_scale(env: Env) -> None:
     hist = c.get("/api/stats").json["raters"][0]["histogram"]
     assert [h["score"] for h in hist] == list(range(1, 11))
     app.extensions["poseloop_store"].dispose()
+
+
+def test_help_and_hint_name_only_keys_of_the_scale(env: Env) -> None:
+    from webapp.shortcuts import for_scale, scale_hint
+
+    # 1..10: digits 1-9 and 0 for ten; no negative keys at all.
+    rows = {keys: what for where, keys, what in for_scale(1, 10) if where in ("score", "grid")}
+    assert rows["1 … 9"] == "give that score (+1 … +9) and go to the next image"
+    assert rows["0"] == "give +10 and go to the next image" and rows["1 … 9, 0 (+10)"] == "score the selected image"
+    assert not [k for k in rows if "Shift" in k or "then" in k]
+    assert scale_hint(1, 10) == "1 … 9, 0 for +10 score and advance"
+    # -2..2: two negative keys.
+    rows = {keys: what for where, keys, what in for_scale(-2, 2) if where == "score"}
+    assert "0 … 2" in rows and rows["Shift+1 / Shift+2"].startswith("give the negative score (-1 / -2)")
+    assert scale_hint(-2, 2) == "0 … 2 score and advance · Shift+1 / 2 for -1 / -2"
+    # The page renders the configured scale's keys.
+    app = create_app({"samples_dir": env.samples_dir, "db_url": env.db_url, "score_min": 1, "score_max": 10})
+    html = app.test_client().get("/").get_data(as_text=True)
+    assert "<kbd>1 … 9</kbd>" in html and "<kbd>0</kbd>" in html and "Shift+" not in html
+    app.extensions["poseloop_store"].dispose()
+
+
+@pytest.mark.parametrize(
+    "rubric, error",
+    [
+        ("a | b | c", "at most one '|'"),
+        (" | high end only", "at most one '|'"),
+        ("x" * 121, "the sentence is 121 characters"),
+        ("short | " + "y" * 130, "the high end is 130 characters"),
+        ("line one\nline two", "one line"),
+    ],
+)
+def test_bad_rubric_fails_early_naming_the_flag(env: Env, rubric: str, error: str) -> None:
+    with pytest.raises(ConfigError, match="^--rubric: ") as exc:
+        parse_args(["--samples-dir", str(env.samples_dir), "--rubric", rubric])
+    assert error in str(exc.value)
+
+
+def test_rubric_sentence_or_two_ends(env: Env) -> None:
+    cfg = parse_args(["--samples-dir", str(env.samples_dir), "--rubric", "  pose wrong |  pose right  "])
+    assert cfg.rubric == "pose wrong | pose right"
+    assert cfg.rubric_parts == {"low": "pose wrong", "high": "pose right"}
+    cfg = parse_args(["--samples-dir", str(env.samples_dir), "--rubric", "x" * 120])
+    assert cfg.rubric_parts == {"sentence": "x" * 120}
+    assert parse_args(["--samples-dir", str(env.samples_dir)]).rubric_parts == {}
+    # Shown in the start dialog and under the buttons of every mode, escaped.
+    app = create_app({"samples_dir": env.samples_dir, "db_url": env.db_url, "rubric": "match the <pose> exactly"})
+    html = app.test_client().get("/").get_data(as_text=True)
+    assert html.count('<p class="rubric" id="') == 4
+    assert "match the &lt;pose&gt; exactly" in html and "<pose>" not in html
+    app.extensions["poseloop_store"].dispose()

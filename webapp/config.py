@@ -15,6 +15,8 @@ from typing import Any
 
 TOKEN_ENV = "POSELOOP_TOKEN"
 PAIR_ORDERS = ("coverage", "active")
+# A rubric is read beside the score buttons, on a phone too: one short line per end of the scale.
+RUBRIC_PART_MAX = 120
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,14 @@ class AppConfig:
     )
     score_min: int = field(default=-5, metadata={"help": "Lowest score on the scale (>= -9)."})
     score_max: int = field(default=5, metadata={"help": "Highest score on the scale (<= 10)."})
+    rubric: str = field(
+        default="",
+        metadata={
+            "help": "What the scale means, shown to raters in the start dialog and beside the buttons: one "
+                    "sentence, or the lowest and the highest end separated by '|', e.g. 'pose ignored or body "
+                    f"broken | pose matched, natural person' (at most {RUBRIC_PART_MAX} characters per part)."
+        },
+    )
     server: str = field(
         default="waitress",
         metadata={
@@ -139,6 +149,7 @@ class AppConfig:
             raise ConfigError("--score-min/--score-max: the keyboard scale supports -9..10 (digit keys)")
         if self.score_min >= self.score_max:
             raise ConfigError(f"--score-min ({self.score_min}) must be below --score-max ({self.score_max})")
+        self.rubric = self._clean_rubric()
         if self.server not in ("waitress", "werkzeug"):
             raise ConfigError(f"--server: {self.server!r} is not one of waitress, werkzeug")
         if not 1 <= self.threads <= 64:
@@ -162,6 +173,33 @@ class AppConfig:
                               "anyone's DNS (DNS rebinding), so they need --token SECRET (or "
                               f"${TOKEN_ENV}) as well")
         return tuple(names)
+
+    def _clean_rubric(self) -> str:
+        """The --rubric text with its parts stripped and joined by ' | '; a ConfigError for a bad one."""
+        text = str(self.rubric or "").strip()
+        if not text:
+            return ""
+        if any(ord(c) < 32 for c in text):
+            raise ConfigError("--rubric: keep it on one line (no line breaks or control characters); separate "
+                              "the low and the high end with '|'")
+        parts = [p.strip() for p in text.split("|")]
+        if len(parts) > 2 or not all(parts):
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise ConfigError(f"--rubric: {shown!r} is neither one sentence nor 'LOW END | HIGH END'; use "
+                              "at most one '|', with text on both sides of it")
+        for name, part in zip(("sentence",) if len(parts) == 1 else ("low end", "high end"), parts):
+            if len(part) > RUBRIC_PART_MAX:
+                raise ConfigError(f"--rubric: the {name} is {len(part)} characters; shorten it to at most "
+                                  f"{RUBRIC_PART_MAX} (raters read it beside the score buttons, also on a phone)")
+        return " | ".join(parts)
+
+    @property
+    def rubric_parts(self) -> dict[str, str]:
+        """The rubric as {'sentence': ...} or {'low': ..., 'high': ...} ({} when there is none)."""
+        parts = [p.strip() for p in self.rubric.split("|")] if self.rubric.strip() else []
+        if len(parts) == 2:
+            return {"low": parts[0], "high": parts[1]}
+        return {"sentence": parts[0]} if parts else {}
 
     @property
     def resolved_db_url(self) -> str:

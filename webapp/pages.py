@@ -10,7 +10,7 @@ from flask import Blueprint, Response, abort, current_app, render_template, requ
 from poseloop.db import Group, Sample
 
 from . import blind
-from .shortcuts import SHORTCUTS
+from .shortcuts import fmt_score, for_scale, scale_hint
 from .store import Store, clean_rater_name
 
 bp = Blueprint("pages", __name__)
@@ -19,7 +19,10 @@ bp = Blueprint("pages", __name__)
 @bp.get("/")
 def index() -> str:
     """The rating page (score, pairs and grid views)."""
-    return render_template("index.html", shortcuts=SHORTCUTS)
+    cfg = current_app.config["POSELOOP"]
+    return render_template("index.html", shortcuts=for_scale(cfg.score_min, cfg.score_max),
+                           scale_hint=scale_hint(cfg.score_min, cfg.score_max), rubric=cfg.rubric_parts,
+                           score_low=fmt_score(cfg.score_min), score_high=fmt_score(cfg.score_max))
 
 
 @bp.get("/stats")

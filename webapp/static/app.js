@@ -16,6 +16,7 @@ const S = {
   gridSel: 0,
   onlyUnrated: LS.getItem("poseloop:onlyUnrated") === "1",
   overlay: LS.getItem("poseloop:overlay") === "1",
+  crisp: false, // crisp pixels: remembered per rater (crispKey), read when the rater is known
   pairs: [], // queue of upcoming pairs; pairs[0] is on screen
   pairsShown: [], // judged pairs of this session, so undo can bring one back
   pairProgress: { done: 0, total: 0 },
@@ -189,7 +190,18 @@ function setRater(name) {
   S.rater = name.trim();
   LS.setItem("poseloop:rater", S.rater);
   $("rater-btn").textContent = S.rater;
+  S.crisp = LS.getItem(crispKey()) === "1";
   reload();
+}
+
+// Crisp pixels is a matter of taste and screen, so each rater's choice is kept apart (raters may share a
+// browser); localStorage is per device, like the rater's name.
+const crispKey = () => `poseloop:crisp:${S.rater}`;
+
+function setCrisp(on) {
+  S.crisp = on;
+  if (S.rater) LS.setItem(crispKey(), on ? "1" : "0");
+  render();
 }
 
 // ------------------------------------------------------------------ loading
@@ -311,6 +323,8 @@ function showEmpty(msg) {
 function render() {
   document.body.classList.toggle("overlay-on", S.overlay);
   $("overlay-toggle").checked = S.overlay;
+  document.body.classList.toggle("crisp", S.crisp);
+  $("crisp-toggle").checked = S.crisp;
   $("only-unrated").checked = S.onlyUnrated;
   for (const b of document.querySelectorAll(".modes button")) b.classList.toggle("active", b.dataset.mode === S.mode);
   document.body.classList.toggle("blind-mode", S.mode === "blind");
@@ -331,6 +345,8 @@ function scoreProgress() {
 
 function renderScale(current) {
   const scale = $("scale");
+  const n = S.cfg.score_max - S.cfg.score_min + 1;
+  scale.style.setProperty("--per-row", String(Math.ceil(n / Math.ceil(n / 6))));
   const buttons = [];
   for (let v = S.cfg.score_min; v <= S.cfg.score_max; v++) {
     const b = el("button", { type: "button", textContent: fmtScore(v), title: keyHint(v) });
@@ -453,7 +469,11 @@ function renderLightbox() {
   else if (S.mode === "pairs" && S.pairs[0]) urls = [S.pairs[0].left.image_url, S.pairs[0].right.image_url];
   else if (S.items.length) urls = [S.items[S.mode === "grid" ? S.gridSel : S.pos].image_url];
   box.classList.toggle("zoom", S.zoom);
-  box.replaceChildren(...urls.map((u) => el("img", { src: u, alt: "fullscreen" })));
+  // A phone has no Esc key: the close button is how fullscreen ends there.
+  const close = el("button", { type: "button", className: "lightbox-close", textContent: "×", title: "Close (Esc)" });
+  close.setAttribute("aria-label", "Close fullscreen");
+  close.addEventListener("click", (e) => { e.stopPropagation(); toggleLightbox(false); });
+  box.replaceChildren(...urls.map((u) => el("img", { src: u, alt: "fullscreen" })), close);
 }
 
 // ------------------------------------------------------------------ actions
@@ -654,6 +674,14 @@ function toggleHelp() {
   if (d.open) d.close(); else d.showModal();
 }
 
+// The options menu of narrow screens (on wide ones the same toggles sit in the header itself).
+function toggleOptions(force) {
+  const bar = $("bar");
+  const open = force === undefined ? !bar.classList.contains("opts-open") : force;
+  bar.classList.toggle("opts-open", open);
+  $("opts-btn").setAttribute("aria-expanded", String(open));
+}
+
 // ------------------------------------------------------------------ keyboard
 
 // US-layout shifted digits, for browsers that report Shift+2 as "@" without a usable code.
@@ -697,7 +725,7 @@ function onKey(e) {
   const handled = () => e.preventDefault();
 
   if (k === "?") { handled(); return toggleHelp(); }
-  if (k === "Escape") { handled(); S.minusArmed = false; return toggleLightbox(false); }
+  if (k === "Escape") { handled(); S.minusArmed = false; toggleOptions(false); return toggleLightbox(false); }
   if (!S.rater) return;
   if (k === "b") { handled(); return setMode(S.mode === "blind" ? S.lastLabelMode : "blind"); }
   if (S.mode === "blind") return onBlindKey(e, k, handled);
@@ -795,6 +823,9 @@ function wire() {
   });
   for (const b of document.querySelectorAll(".modes button")) b.addEventListener("click", () => setMode(b.dataset.mode));
   $("only-unrated").addEventListener("change", () => toggleOnlyUnrated());
+  $("crisp-toggle").addEventListener("change", (e) => setCrisp(e.target.checked));
+  $("opts-btn").addEventListener("click", (e) => { e.stopPropagation(); toggleOptions(); });
+  document.addEventListener("click", (e) => { if (!$("opts").contains(e.target)) toggleOptions(false); });
   $("overlay-toggle").addEventListener("change", (e) => {
     S.overlay = e.target.checked;
     LS.setItem("poseloop:overlay", S.overlay ? "1" : "0");
@@ -814,9 +845,12 @@ function wire() {
     e.target.blur();
     loadBlind(true).then(render, (err) => toast(err.message, true));
   });
-  $("score-img").addEventListener("click", () => toggleLightbox(true));
+  for (const id of ["score-img", "pair-left", "pair-right", "blind-left", "blind-right"]) {
+    $(id).addEventListener("click", () => toggleLightbox(true));
+  }
   $("lightbox").addEventListener("click", () => { S.zoom = !S.zoom; renderLightbox(); });
   $("help-btn").addEventListener("click", toggleHelp);
+  $("help-close").addEventListener("click", () => $("help-dialog").close());
   $("help-dialog").addEventListener("click", (e) => { if (e.target === $("help-dialog")) $("help-dialog").close(); });
   $("rater-btn").addEventListener("click", askRater);
   $("rater-form").addEventListener("submit", () => {
@@ -844,6 +878,7 @@ async function main() {
   if (S.mode === "score" || S.mode === "pairs") S.lastLabelMode = S.mode;
   else if (!["grid", "blind"].includes(S.mode)) S.mode = "score";
   $("rater-btn").textContent = S.rater || "set rater";
+  S.crisp = S.rater ? LS.getItem(crispKey()) === "1" : false;
   if (!S.rater) askRater();
   else reload();
 }

@@ -45,9 +45,35 @@ function setExports(roundId) {
   $("exp-history").href = `/api/export/labels.jsonl?${q}&history=1`;
 }
 
+// The page opens with "Loading…" in every table (stats.html); a round change shows it again until the
+// new numbers are in, so old and new rows are never mixed.
+function setLoading(on) {
+  $("stats-loading").hidden = !on;
+  document.querySelector("main").setAttribute("aria-busy", String(on));
+  if (!on) return;
+  for (const t of document.querySelectorAll("table.data")) {
+    const cell = el("td", { textContent: "Loading…", colSpan: t.tHead.rows[0].cells.length });
+    t.tBodies[0].replaceChildren(el("tr", { className: "loading-row" }, [cell]));
+  }
+  for (const note of document.querySelectorAll(".empty-note")) note.hidden = true;
+}
+
+// Tables still saying "Loading…" when there is nothing (more) to load are emptied.
+function clearLoadingRows() {
+  for (const row of document.querySelectorAll("tr.loading-row")) row.remove();
+}
+
+function showError(e) {
+  setLoading(false);
+  clearLoadingRows();
+  document.querySelector("main").prepend(el("p", { className: "error", textContent: `Could not load: ${e.message}` }));
+}
+
 async function show(roundId) {
   setExports(roundId);
+  setLoading(true);
   const s = await getJson(`/api/stats?round_id=${roundId}`);
+  setLoading(false);
   showAcrossRounds(s);
   $("rater-table").tBodies[0].replaceChildren(...s.raters.map((r) => el("tr", {}, [
     el("td", { textContent: r.rater }),
@@ -104,9 +130,16 @@ async function main() {
   const saved = Number(localStorage.getItem("poseloop:round"));
   if (data.rounds.some((r) => r.id === saved)) sel.value = String(saved);
   else if (data.default_round_id !== null) sel.value = String(data.default_round_id);
-  sel.addEventListener("change", () => show(Number(sel.value)));
-  if (data.rounds.length) await show(Number(sel.value));
-  else showAcrossRounds(await getJson("/api/stats"));
+  sel.addEventListener("change", () => show(Number(sel.value)).catch(showError));
+  if (data.rounds.length) {
+    await show(Number(sel.value));
+  } else {
+    const s = await getJson("/api/stats");
+    setLoading(false);
+    showAcrossRounds(s);
+    clearLoadingRows();
+    $("no-raters").hidden = false;
+  }
 }
 
-main().catch((e) => document.querySelector("main").prepend(el("p", { className: "error", textContent: e.message })));
+main().catch(showError);
