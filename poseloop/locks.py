@@ -6,13 +6,15 @@ again without any clean-up; the pid in the file only names the run that holds it
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from poseloop.configlib import ConfigError
 
@@ -92,4 +94,33 @@ def folder_lock(path: Path, what: str, fix: str, wait: float = 0.0) -> Iterator[
         release(path, fd)
 
 
-__all__ = ["LockBusyError", "folder_lock", "owner_pid", "release", "try_lock"]
+T = TypeVar("T")
+
+
+def run_locked(accelerator: Any, path: Path, what: str, fix: str, work: Callable[[], T]) -> T:
+    """work() while the main process of an accelerate run holds `path`; a busy lock stops every process.
+
+    The processes of one `accelerate launch` are one run: only the main one locks, and the others learn
+    the outcome by a broadcast instead of entering collective operations the main one never reaches.
+    """
+    with contextlib.ExitStack() as held:
+        busy: LockBusyError | None = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(folder_lock(path, what, fix))
+            except LockBusyError as e:
+                busy = e
+        message = str(busy) if busy is not None else ""
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([message])[0]
+        if busy is not None:
+            raise busy
+        if message:
+            raise ConfigError(message)
+        return work()
+    raise AssertionError("unreachable")  # ExitStack does not swallow exceptions here
+
+
+__all__ = ["LockBusyError", "folder_lock", "owner_pid", "release", "run_locked", "try_lock"]

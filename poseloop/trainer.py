@@ -581,14 +581,11 @@ class PolicyTrainer:
 
 def train(cfg: PolicyConfig, reward: Any = None, heldout_reward: Any = None, progress: bool = True) -> TrainResult:
     """Run DDPO or D3PO as configured; `reward` overrides cfg.reward with any callable reward object."""
-    trainer = PolicyTrainer(cfg, reward=reward, heldout_reward=heldout_reward, progress=progress)
-    if not trainer.accelerator.is_main_process:  # the processes of one `accelerate launch` are one run
-        return trainer.run()
-    from poseloop.locks import folder_lock
+    from poseloop.locks import run_locked
 
+    trainer = PolicyTrainer(cfg, reward=reward, heldout_reward=heldout_reward, progress=progress)
     # Two runs into one folder would overwrite each other's checkpoint and metrics: the second stops here.
-    with folder_lock(trainer.run_dir / ".lock", f"run folder {trainer.run_dir}",
-                     "wait for that run to finish (the same command then resumes from its checkpoint), or pick "
-                     "another --output.run_name"):
-        return trainer.run()
+    return run_locked(trainer.accelerator, trainer.run_dir / ".lock", f"run folder {trainer.run_dir}",
+                      "wait for that run to finish (the same command then resumes from its checkpoint), or pick "
+                      "another --output.run_name", trainer.run)
 
