@@ -248,7 +248,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
         # stored stays consistent and the same command resumes once the disk has room.
         with storage_errors(store.root):
             return _generate_into(cfg, specs, comp, width, height, phash, store, db_url, start)
-    raise AssertionError("unreachable")  # ExitStack could swallow an exception for mypy's sake; it does not
+    raise AssertionError("unreachable")  # for type checkers: an ExitStack may swallow exceptions, this one does not
 
 
 def _generate_into(cfg: GenerateConfig, specs: list[GroupSpec], comp: Components, width: int, height: int,

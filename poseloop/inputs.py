@@ -148,7 +148,7 @@ def check_source_images(specs: list[GroupSpec], dataset: str | Path, allowed: li
                              f"{real.parent}")
         try:
             with Image.open(real) as im:
-                im.load()  # decoded in full: a file with an image header and anything after it is refused too
+                im.load()  # decoded in full: a renamed text file or a bare image header is refused
         except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, DecompressionBombError)
             raise InputError(f'{dataset}: "image" {spec.source_image} is not a readable image ({type(e).__name__}); '
                              'point "image" at the source photo (PNG, JPEG, WebP) or remove the key') from None

@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,19 +74,16 @@ def release(path: Path, fd: int) -> None:
 
 
 @contextmanager
-def folder_lock(path: Path, what: str, fix: str, wait: float = 0.0) -> Iterator[None]:
-    """Hold the lock file `path` for the block; LockBusyError naming the other run's pid when it stays busy.
+def folder_lock(path: Path, what: str, fix: str) -> Iterator[None]:
+    """Hold the lock file `path` for the block; LockBusyError naming the other run's pid when it is held.
 
-    `what` says what is locked ("samples folder samples/"), `fix` what to do instead; `wait` seconds are
-    spent retrying before giving up.
+    `what` says what is locked ("samples folder samples/"), `fix` what to do instead.
     """
-    deadline = time.monotonic() + wait
-    while (fd := try_lock(path)) is None:
-        if time.monotonic() >= deadline:
-            pid, command = _owner(path)
-            who = f"pid {pid}" + (f", `{command[:120]}`" if command else "") if pid else "another process"
-            raise LockBusyError(f"{what} is in use by another run ({who}; lock file {path}); {fix}", pid)
-        time.sleep(0.2)
+    fd = try_lock(path)
+    if fd is None:
+        pid, command = _owner(path)
+        who = f"pid {pid}" + (f", `{command[:120]}`" if command else "") if pid else "another process"
+        raise LockBusyError(f"{what} is in use by another run ({who}; lock file {path}); {fix}", pid)
     try:
         yield
     finally:
