@@ -29,11 +29,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from poseloop.configlib import ConfigError
-from poseloop.reward_model import REWARD_FORMAT, WEIGHTS_FILE, RewardModelConfig, ensemble_mean_std, read_version
+from poseloop.reward_model import (
+    REWARD_FORMAT,
+    WEIGHTS_FILE,
+    RewardModelConfig,
+    ensemble_mean_std,
+    load_checked_weights,
+    read_version,
+)
 
 PROBE_PROMPT = "a person in a red shirt and blue trousers, on a beach"
 # Tolerance of the probe check: a normalised D-dim embedding has entries of ~1/sqrt(D) (0.03..0.09 for D=128..1024);
@@ -254,7 +260,7 @@ def load_clip_reward_model(path_or_version: str | Path = "latest", models_dir: s
                                  f"(the {key} embedding of a fixed probe differs); restore the original CLIP files")
     model = ClipRewardModel(cfg, data["feature_dim"], data["ensemble_size"], version=data.get("version") or folder.name,
                             extra_config=data.get("training"), clip=clip, probe=probe)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    load_checked_weights(model, folder / WEIGHTS_FILE)
     model.to(device)
     model.eval()
     # A frozen reward for the policy trainer; gradients still flow to the input images.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from poseloop.configlib import ConfigError, field
+from poseloop.configlib import ConfigError, check_name, field
 from poseloop.single_file import WEIGHT_SUFFIXES, looks_like_file
 
 EMBEDDED_SD15 = "models/tiny-sd15"
@@ -98,6 +98,9 @@ class StoreConfig:
     samples_dir: str = field("samples", help="folder for images, pose images and trajectories")
     db_url: str = field("", help="SQLAlchemy URL; empty = sqlite file <samples_dir>/feedback.sqlite")
     round: str = field("", help="round name; empty = resume the unfinished round with the same plan, else a new one")
+    source_dirs: list[str] = field(default_factory=list,
+                                   help="folders a dataset's \"image\" files may come from besides the dataset "
+                                   "file's own folder and the samples folder (they are copied into the round)")
 
 
 @dataclass
@@ -116,6 +119,8 @@ class GenerateConfig:
         validate_data(self.data)
         if not self.store.samples_dir:
             raise ConfigError("store.samples_dir: must not be empty")
+        if self.store.round:  # <samples_dir>/<round>/...: '../x' would write outside the samples folder
+            check_name(self.store.round, "store.round")
 
 
 def apply_threads(threads: int) -> int:
@@ -185,6 +190,13 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.lora_scale: must be >= 0 (got {m.lora_scale})")
 
 
+# Upper bounds that no real run reaches and that keep a typo (65536, 10**9) from ending in a MemoryError
+# minutes later: a 4096 px SDXL image is 16x the native pixel count; a group is 2-16 images.
+MAX_SIDE = 4096
+MAX_IMAGES_PER_GROUP = 256
+MAX_BATCH_SIZE = 1024
+
+
 def validate_sample(s: SampleConfig) -> None:
     """Sampler fields."""
     for name in ("width", "height"):
@@ -192,6 +204,9 @@ def validate_sample(s: SampleConfig) -> None:
         if value < 0 or value % 8:
             raise ConfigError(f"sample.{name}: {value} is not a multiple of 8 (the VAE downsamples by 8); "
                               f"use e.g. 512, or 0 for the model's native size")
+        if value > MAX_SIDE:
+            raise ConfigError(f"sample.{name}: {value} px is above the limit of {MAX_SIDE} (its latents and "
+                              "activations would not fit in memory); use the model's native size, e.g. 512 or 1024")
     if s.steps < 1 or s.steps > 1000:
         raise ConfigError(f"sample.steps: must be between 1 and 1000 (got {s.steps})")
     if not s.eta > 0:
@@ -204,11 +219,11 @@ def validate_sample(s: SampleConfig) -> None:
         raise ConfigError(f"sample.guidance_scale: must be >= 1 (got {s.guidance_scale}); 1 disables CFG")
     if s.controlnet_scale < 0:
         raise ConfigError(f"sample.controlnet_scale: must be >= 0 (got {s.controlnet_scale})")
-    if s.images_per_group < 1:
-        raise ConfigError(f"sample.images_per_group: must be >= 1 (got {s.images_per_group}); "
-                          "use 2 or more so raters can compare images of a group")
-    if s.batch_size < 1:
-        raise ConfigError(f"sample.batch_size: must be >= 1 (got {s.batch_size})")
+    if not 1 <= s.images_per_group <= MAX_IMAGES_PER_GROUP:
+        raise ConfigError(f"sample.images_per_group: must be between 1 and {MAX_IMAGES_PER_GROUP} (got "
+                          f"{s.images_per_group}); use 2 or more so raters can compare images of a group")
+    if not 1 <= s.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"sample.batch_size: must be between 1 and {MAX_BATCH_SIZE} (got {s.batch_size})")
     if s.seed < 0:
         raise ConfigError(f"sample.seed: must be >= 0 (got {s.seed})")
 

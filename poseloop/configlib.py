@@ -75,6 +75,9 @@ def _convert(name: str, raw: Any, tp: Any, choices: Sequence[str] | None) -> Any
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{name}: {raw!r} is not a JSON list ({e.msg}); "
                                       f'write e.g. --set {name}=\'["a", "b"]\'') from None
+                except RecursionError:
+                    raise ConfigError(f"{name}: the JSON list is nested too deeply; write a flat list, e.g. "
+                                      f'--set {name}=\'["a", "b"]\'') from None
             else:
                 items = [] if text == "" else [raw]
         else:
@@ -125,6 +128,33 @@ def check_finite(cfg: Any) -> None:
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
                 raise ConfigError(_not_finite(name, v))
+
+
+MAX_NAME_LENGTH = 120  # a name becomes a folder holding files with longer names; most filesystems stop at 255
+
+
+def check_name(value: str, name: str, fix: str = "") -> None:
+    """A name that becomes one folder or file name (a round, a version): ConfigError naming the field otherwise.
+
+    Refused: path separators, '.' and '..', a leading dot (hidden, and poseloop's temporaries), control
+    characters and over-long names, so that the path built from it stays inside its parent folder.
+    """
+    bad = ""
+    if not value.strip():
+        bad = "is empty"
+    elif "/" in value or "\\" in value:
+        bad = "contains a path separator"
+    elif value.startswith("."):
+        bad = "starts with '.'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        bad = "contains a control character"
+    elif len(value) > MAX_NAME_LENGTH:
+        bad = f"is {len(value)} characters long (at most {MAX_NAME_LENGTH})"
+    elif value != value.strip():
+        bad = "starts or ends with a space"
+    if bad:
+        raise ConfigError(f"{name}: {value[:60]!r} {bad}; it becomes a folder name, so use a plain name such as "
+                          f"{fix or 'round-0003'} (letters, digits, '-', '_', '.')")
 
 
 def get_field(cfg: Any, dotted: str) -> Any:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from poseloop.config import PRESETS as GENERATE_PRESETS
 from poseloop.config import DataConfig, GenerateConfig, ModelConfig, SampleConfig, StoreConfig
-from poseloop.configlib import ConfigError, check_finite, field
+from poseloop.configlib import ConfigError, check_finite, check_name, field
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -54,6 +54,8 @@ class EvaluateConfig:
                               "with --eval.baseline; the model section is the base model")
         if not self.eval.policy:
             raise ConfigError("eval.policy: name the candidate policy version, or 'latest'")
+        if self.eval.name:  # the rounds are named <name>-baseline / <name>-candidate, folders of the samples dir
+            check_name(self.eval.name, "eval.name", fix="pose-eval-1")
         if self.eval.bootstrap < 100:
             raise ConfigError(f"eval.bootstrap: use at least 100 resamples (got {self.eval.bootstrap})")
         if not 0.5 < self.eval.confidence < 1:

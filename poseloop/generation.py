@@ -8,6 +8,7 @@ interrupted run left behind; files that no row references are removed at the end
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,11 +26,15 @@ from tqdm.auto import tqdm
 from poseloop import db
 from poseloop.config import GenerateConfig
 from poseloop.configlib import ConfigError, check_finite, to_dict
-from poseloop.inputs import GroupSpec, build_groups
+from poseloop.inputs import GroupSpec, build_groups, check_source_images
+from poseloop.locks import folder_lock
 from poseloop.models import Components, load_components, resolve_policy
 from poseloop.openpose import render_pose
 from poseloop.sampling import sample
 from poseloop.store import SampleStore, Trajectory, atomic_write, save_png, save_trajectory, storage_errors
+
+
+GENERATE_LOCK = ".generate.lock"  # in the samples folder, held while a generate.py runs
 
 
 @dataclass
@@ -223,16 +228,27 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     cfg = dataclasses.replace(cfg, model=resolve_policy(cfg.model))
     # Inputs are parsed before the model loads so that bad files fail in a second, not a minute.
     specs = build_groups(cfg.data)
-    comp = load_components(cfg.model)
-    width, height = resolve_size(cfg, comp)
-    phash = plan_hash(cfg, specs, width, height)
-
+    if cfg.data.dataset:  # their "image" files are copied into the round: only images, from allowed folders
+        check_source_images(specs, cfg.data.dataset, [cfg.store.samples_dir, *cfg.store.source_dirs])
     store = SampleStore(cfg.store.samples_dir)
-    db_url = cfg.store.db_url or db.default_db_url(store.root)
-    # A read-only folder or a full disk ends in a one-line StorageError; rows follow files, so what is
-    # stored stays consistent and the same command resumes once the disk has room.
-    with storage_errors(store.root):
-        return _generate_into(cfg, specs, comp, width, height, phash, store, db_url, start)
+    with contextlib.ExitStack() as held:
+        # One generate.py per samples folder at a time (two would race for round names and rows); a second
+        # stops here, before loading the model, naming the first one's pid.
+        with storage_errors(store.root):
+            held.enter_context(folder_lock(
+                store.root / GENERATE_LOCK, f"samples folder {store.root}",
+                "wait for that generate.py to finish (running the same command again then resumes or adds to "
+                "its round), or use another --store.samples_dir"))
+        comp = load_components(cfg.model)
+        width, height = resolve_size(cfg, comp)
+        phash = plan_hash(cfg, specs, width, height)
+
+        db_url = cfg.store.db_url or db.default_db_url(store.root)
+        # A read-only folder or a full disk ends in a one-line StorageError; rows follow files, so what is
+        # stored stays consistent and the same command resumes once the disk has room.
+        with storage_errors(store.root):
+            return _generate_into(cfg, specs, comp, width, height, phash, store, db_url, start)
+    raise AssertionError("unreachable")  # for type checkers: an ExitStack may swallow exceptions, this one does not
 
 
 def _generate_into(cfg: GenerateConfig, specs: list[GroupSpec], comp: Components, width: int, height: int,

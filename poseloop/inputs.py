@@ -85,6 +85,9 @@ def read_jsonl(path: str | Path) -> list[GroupSpec]:
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
                              '{"image": ..., "condition_image": ..., "text": ...} object') from None
+        except RecursionError:  # Python's JSON parser recurses once per nesting level
+            raise InputError(f"{where}: JSON nested too deeply; each line must be one flat "
+                             '{"image": ..., "condition_image": ..., "text": ...} object') from None
         if not isinstance(obj, dict):
             raise InputError(f"{where}: expected a JSON object, found {type(obj).__name__}")
         for key in ("condition_image", "text"):
@@ -129,6 +132,26 @@ def _load_keypoints(path: Path, width: int | None, height: int | None) -> list[P
     if not poses:
         raise InputError(f"{path}: no person in the file")
     return poses
+
+
+def check_source_images(specs: list[GroupSpec], dataset: str | Path, allowed: list[str | Path]) -> None:
+    """A dataset's "image" files are copied into the samples folder: each must be an image (it is decoded) in the
+    dataset file's folder or an allowed one, so a line cannot copy a secrets file or /proc/self/environ in."""
+    roots = [Path(dataset).resolve().parent, *(Path(a).expanduser().resolve() for a in allowed)]
+    for spec in specs:
+        if spec.source_image is None:
+            continue
+        real = spec.source_image.resolve()  # symlinks followed: a link in the dataset folder to elsewhere is elsewhere
+        if not any(real.is_relative_to(root) for root in roots):
+            raise InputError(f'{dataset}: "image" {spec.source_image} is outside the dataset file\'s folder '
+                             f"{roots[0]}; move the photo there, or allow its folder with --store.source_dirs "
+                             f"{real.parent}")
+        try:
+            with Image.open(real) as im:
+                im.load()  # decoded in full: a renamed text file or a bare image header is refused
+        except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, DecompressionBombError)
+            raise InputError(f'{dataset}: "image" {spec.source_image} is not a readable image ({type(e).__name__}); '
+                             'point "image" at the source photo (PNG, JPEG, WebP) or remove the key') from None
 
 
 def read_prompts_file(path: str | Path) -> list[str]:

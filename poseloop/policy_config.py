@@ -32,6 +32,11 @@ from poseloop.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, TARGETS
 # ---- configuration -------------------------------------------------------------------------------
 
 
+# Sane upper bounds (see validate): DDPO's published runs sample 256-512 trajectories an epoch.
+MAX_EPOCH_TRAJECTORIES = 16384
+MAX_GRID_IMAGES = 64
+
+
 @dataclass
 class TargetConfig:
     """What is trained."""
@@ -237,6 +242,13 @@ class PolicyConfig:
         for name in ("epochs", "groups_per_epoch", "batch_size", "grad_accum", "inner_epochs", "stat_min_count"):
             if getattr(tr, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1 (got {getattr(tr, name)})")
+        # An epoch's trajectories are held in memory together: bound them before a typo ends in a MemoryError.
+        if tr.groups_per_epoch * self.sample.images_per_group > MAX_EPOCH_TRAJECTORIES:
+            raise ConfigError(f"train.groups_per_epoch: {tr.groups_per_epoch} groups x {self.sample.images_per_group} "
+                              f"images is above {MAX_EPOCH_TRAJECTORIES} trajectories an epoch, which are held in "
+                              "memory together; use fewer groups and more epochs")
+        if self.output.grid_images > MAX_GRID_IMAGES:
+            raise ConfigError(f"output.grid_images: must be <= {MAX_GRID_IMAGES} (got {self.output.grid_images})")
         if tr.stat_buffer < 0:
             raise ConfigError(f"train.stat_buffer: must be >= 0, 0 = this epoch's rewards of the group (got "
                               f"{tr.stat_buffer})")

@@ -155,11 +155,18 @@ def load_keypoint_file(path: str | Path, width: int | None = None, height: int |
     """Load poses from an OpenPose JSON file or our own {"body": [...]} JSON; ValueError names file and field."""
     path = Path(path)
     src = str(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
+                         "keypoint file as UTF-8 JSON") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{src}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:  # Python's JSON parser recurses once per nesting level
+        raise ValueError(f"{src}: JSON nested too deeply; a keypoint file needs a few levels "
+                         '({"people": [{"pose_keypoints_2d": [...]}]})') from None
 
     if isinstance(data, dict) and "people" in data:
         raws = _read_openpose(src, data)

@@ -45,6 +45,7 @@ from poseloop.reward_model import (
 )
 from poseloop.reward_report import (channel_stats, eval_pairs, evaluate, pairwise_accuracy, plot_calibration,
                                      plot_training_curves)
+from poseloop.locks import LockBusyError, owner_pid, release, try_lock
 from poseloop.store import apply_umask, storage_errors
 
 
@@ -303,13 +304,49 @@ class TrainRewardResult:
 
 
 def default_version(models_dir: str | Path) -> str:
-    """A timestamp name that does not exist yet."""
+    """A timestamp name that does not exist yet (reserve_version also skips names another run has reserved)."""
     base = datetime.now().strftime("%Y%m%d-%H%M%S")
     name, k = base, 1
     while (reward_root(models_dir) / name).exists():
         k += 1
         name = f"{base}-{k}"
     return name
+
+
+def _version_lock(models_dir: str | Path, version: str) -> Path:
+    return reward_root(models_dir) / f".{version}.lock"
+
+
+def reserve_version(models_dir: str | Path, explicit: str = "") -> tuple[str, Path, int]:
+    """(version, lock file, descriptor): a version name no finished version has and no running train_reward.py
+    holds, locked until release(). Two runs in the same second get -2, -3, ... names; two runs given the
+    same --output.version: the second stops at once naming the first's pid, before any training."""
+    with storage_errors(reward_root(models_dir)):
+        if explicit:
+            path = _version_lock(models_dir, explicit)
+            fd = try_lock(path)
+            if fd is None:
+                pid = owner_pid(path)
+                raise LockBusyError(f"output.version: {explicit!r} is being trained by another train_reward.py "
+                                    f"(pid {pid}; lock file {path}); pick another --output.version, or wait for "
+                                    "that run to finish", pid)
+            if (reward_root(models_dir) / explicit).exists():
+                release(path, fd)
+                raise ConfigError(f"output.version: {reward_root(models_dir) / explicit} already exists; pick "
+                                  "another --output.version")
+            return explicit, path, fd
+        base = default_version(models_dir)
+        name, k = base, 1
+        while True:
+            if not (reward_root(models_dir) / name).exists():
+                path = _version_lock(models_dir, name)
+                fd = try_lock(path)
+                if fd is not None:
+                    if not (reward_root(models_dir) / name).exists():  # finished while we took the lock
+                        return name, path, fd
+                    release(path, fd)
+            k += 1
+            name = f"{base}-{k}"
 
 
 def write_version(model: Any, metrics: dict[str, Any], histories: list[MemberHistory],
@@ -341,10 +378,22 @@ def write_version(model: Any, metrics: dict[str, Any], histories: list[MemberHis
 def train_reward(cfg: TrainRewardConfig, progress: bool = True, vae: Any = None) -> TrainRewardResult:
     """Load labels, split by group, fit the ensemble, evaluate, write the version and point latest at it."""
     cfg.validate()
-    version = cfg.output.version or default_version(cfg.output.models_dir)
-    if (reward_root(cfg.output.models_dir) / version).exists():
-        raise ConfigError(f"output.version: {reward_root(cfg.output.models_dir) / version} already exists; "
-                          "pick another --output.version")
+    root = reward_root(cfg.output.models_dir)
+    existed = root.is_dir()
+    version, lock_path, lock_fd = reserve_version(cfg.output.models_dir, cfg.output.version)
+    try:
+        return _train_version(cfg, version, progress, vae)
+    finally:
+        release(lock_path, lock_fd)
+        if not existed:  # a run that stored nothing leaves no empty folder behind
+            try:
+                root.rmdir()
+            except OSError:
+                pass
+
+
+def _train_version(cfg: TrainRewardConfig, version: str, progress: bool, vae: Any) -> TrainRewardResult:
+    """train_reward() once `version` is reserved."""
     clip = None
     if cfg.model.kind == "clip":
         from poseloop.clip_reward import load_frozen_clip

@@ -16,23 +16,64 @@ from PIL import Image
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Python, numpy and torch (CPU and CUDA) RNG states, as tensors, ints and tuples only.
+
+    numpy's key array is stored as a tensor so that the file loads with torch.load(weights_only=True).
+    """
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore rng_state() output."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointFileError(ValueError):
+    """A resume file holds something other than tensors and plain containers; the message names the file."""
+
+
+def _numpy_globals() -> list[Any]:
+    """What a numpy array in an older rng.pt needs: the array type, its dtypes and numpy's rebuild function."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_resume_file(path: Path) -> Any:
+    """torch.load(weights_only=True) of optimizer.pt / rng.pt: code planted in a pickle never runs.
+
+    Checkpoints written before rng.pt held only tensors stored numpy's key array; numpy arrays (no other
+    class) are allowed for them.
+    """
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... by file
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointFileError(
+            f"{path}: refused, not a resume file of tensors and plain values ({reason}); it was not written by "
+            "train_policy.py or is damaged: delete the checkpoint folder or pass --train.resume false to start "
+            "over") from None
+
+
 def write_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer: dict[str, Any],
                      state: dict[str, Any]) -> Path:
-    """Atomically replace <run_dir>/checkpoint: weights, optimizer state, RNG states (now) and state.json."""
+    """Atomically replace <run_dir>/checkpoint: weights, optimizer state, RNG states (now) and state.json.
+
+    optimizer.pt and rng.pt hold tensors and plain containers only, so load_resume_file reads them without
+    running pickled code."""
     from safetensors.torch import save_file
 
     final = run_dir / "checkpoint"

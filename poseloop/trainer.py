@@ -461,6 +461,8 @@ class PolicyTrainer:
         """Restore the last checkpoint of this run, if any; refuse one made with another config."""
         from safetensors.torch import load_file
 
+        from poseloop.run_files import CheckpointFileError, load_resume_file
+
         ckpt = self.run_dir / "checkpoint"
         if not (ckpt / "state.json").is_file():
             return False
@@ -469,8 +471,12 @@ class PolicyTrainer:
             raise ConfigError(f"output.run_name: the checkpoint in {ckpt} was made with a different config; pick "
                               "another --output.run_name, or pass --train.resume false to start over")
         self.policy.load_state_dict(load_file(str(ckpt / "weights.safetensors")))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-        set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        try:  # weights_only: a pickle planted in the run folder must not run (load_resume_file)
+            optimizer_state, rng = load_resume_file(ckpt / "optimizer.pt"), load_resume_file(ckpt / "rng.pt")
+        except CheckpointFileError as e:
+            raise ConfigError(f"train.resume: {e}") from None
+        self.optimizer.load_state_dict(optimizer_state)
+        set_rng_state(rng)
         self.tracker.load_state_dict(state["tracker"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = list(state["history"])
@@ -575,5 +581,11 @@ class PolicyTrainer:
 
 def train(cfg: PolicyConfig, reward: Any = None, heldout_reward: Any = None, progress: bool = True) -> TrainResult:
     """Run DDPO or D3PO as configured; `reward` overrides cfg.reward with any callable reward object."""
-    return PolicyTrainer(cfg, reward=reward, heldout_reward=heldout_reward, progress=progress).run()
+    from poseloop.locks import run_locked
+
+    trainer = PolicyTrainer(cfg, reward=reward, heldout_reward=heldout_reward, progress=progress)
+    # Two runs into one folder would overwrite each other's checkpoint and metrics: the second stops here.
+    return run_locked(trainer.accelerator, trainer.run_dir / ".lock", f"run folder {trainer.run_dir}",
+                      "wait for that run to finish (the same command then resumes from its checkpoint), or pick "
+                      "another --output.run_name", trainer.run)
 

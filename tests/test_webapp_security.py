@@ -270,8 +270,8 @@ def test_import_refuses_nan_and_infinite_scores(env: Env) -> None:
 def test_clean_int_refuses_non_finite_and_out_of_range() -> None:
     from webapp.store import ApiError, clean_int
 
-    assert clean_int(3.0, "score") == 3 and clean_int(2**63 - 1, "id") == 2**63 - 1
-    for bad in (float("nan"), float("inf"), -float("inf"), 2**63, -(2**63) - 1, 1e30, 1.5, True, "3", None):
+    assert clean_int(3.0, "score") == 3 and clean_int(2**31 - 1, "id") == 2**31 - 1
+    for bad in (float("nan"), float("inf"), -float("inf"), 2**31, 2**63, -(2**63) - 1, 1e30, 1.5, True, "3", None):
         with pytest.raises(ApiError, match="'score'"):
             clean_int(bad, "score")
 

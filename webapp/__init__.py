@@ -14,16 +14,17 @@ from poseloop.db import DatabaseUrlError
 from .active import PairRanker
 from .blind import load_key
 from .config import AppConfig, ConfigError, config_from_mapping
-from .store import ApiError, Store
+from .store import INT_MAX, ApiError, Store
 
 __all__ = ["AppConfig", "ConfigError", "create_app"]
 
 
-class Int64Converter(IntegerConverter):
-    """`<int:...>` limited to what SQLite can store: a larger id is no row (404), not an overflow (500)."""
+class IdConverter(IntegerConverter):
+    """`<int:...>` limited to the ids both databases store (PostgreSQL's INTEGER is 32 bits): a larger id is no
+    row (404), not an overflow (500)."""
 
     def __init__(self, map: Map, *args: Any, **kwargs: Any) -> None:  # noqa: A002 (werkzeug's name)
-        kwargs.setdefault("max", 2**63 - 1)
+        kwargs.setdefault("max", INT_MAX)
         super().__init__(map, *args, **kwargs)
 
 
@@ -31,8 +32,8 @@ def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None)
     """Build the Flask app from an AppConfig or a mapping of AppConfig field overrides."""
     cfg = config_from_mapping(config_or_overrides).validate()
     app = Flask(__name__)
-    # Before any blueprint adds its rules, so every <int:...> route gets the 64-bit bound.
-    app.url_map.converters["int"] = Int64Converter
+    # Before any blueprint adds its rules, so every <int:...> route gets the bound.
+    app.url_map.converters["int"] = IdConverter
     app.config["POSELOOP"] = cfg
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ def json_body() -> dict[str, Any]:
 
 
 def arg_int(name: str, required: bool = False) -> int | None:
-    """An integer query parameter (64-bit range), or a 400 naming it."""
+    """An integer query parameter (the 32-bit range both databases store), or a 400 naming it."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         if required:
@@ -58,7 +58,7 @@ def arg_int(name: str, required: bool = False) -> int | None:
     except ValueError:
         raise ApiError(400, f"query parameter '{name}' must be an integer, got {raw[:40]!r}") from None
     if not store.INT_MIN <= value <= store.INT_MAX:
-        raise ApiError(400, f"query parameter '{name}' must be an integer between -2**63 and 2**63-1")
+        raise ApiError(400, f"query parameter '{name}' must be an integer between {store.INT_RANGE}")
     return value
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 TOKEN_ENV = "POSELOOP_TOKEN"
+MIN_TOKEN_LENGTH = 8
+MIN_TOKEN_DISTINCT = 4  # a token of one or two repeated characters is among the first an attacker tries
 PAIR_ORDERS = ("coverage", "active")
 # A rubric is read beside the score buttons, on a phone too: one short line per end of the scale.
 RUBRIC_PART_MAX = 120
@@ -136,8 +138,8 @@ class AppConfig:
                               "postgresql+psycopg://user:password@host/dbname)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port: {self.port} is outside 1..65535")
-        if self.token is not None and len(self.token) < 8:
-            raise ConfigError("--token: use at least 8 characters so it cannot be guessed quickly")
+        if self.token is not None:
+            self._check_token(self.token)
         if not is_loopback(self.host) and not self.token:
             raise ConfigError(
                 f"--host: {self.host} is not a loopback address, so anyone on the network could read and "
@@ -158,6 +160,22 @@ class AppConfig:
             raise ConfigError(f"--pair-order: {self.pair_order!r} is not one of {', '.join(PAIR_ORDERS)}")
         self.models_dir = Path(self.models_dir)
         return self
+
+    @staticmethod
+    def _check_token(token: str) -> None:
+        """Refuse a token that is blank, holds spaces or control characters, is short or repeats a few characters."""
+        fix = f"pass e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe(16))') (or set ${TOKEN_ENV})"
+        if not token.strip():
+            raise ConfigError(f"--token: is blank (only whitespace), which anyone can guess; {fix}")
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise ConfigError(f"--token: contains whitespace or control characters, which are lost or changed in "
+                              f"URLs and headers; {fix}")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(f"--token: use at least {MIN_TOKEN_LENGTH} characters so it cannot be guessed quickly; "
+                              f"{fix}")
+        if len(set(token)) < MIN_TOKEN_DISTINCT:
+            raise ConfigError(f"--token: {len(set(token))} distinct characters (e.g. 'aaaaaaaa') are guessed first; "
+                              f"{fix}")
 
     def _clean_allowed_hosts(self) -> tuple[str, ...]:
         """The --allowed-hosts names, normalised; a ConfigError for a bad name or a missing token."""

@@ -163,8 +163,10 @@ class Store:
 # ---------------------------------------------------------------- validation helpers
 
 
-# SQLite stores integers as signed 64 bits; a larger id or score cannot name a row, and binding it raises.
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+# The id and score columns are INTEGER: signed 64 bits on SQLite but 32 bits on PostgreSQL, where binding a
+# larger value raises (a 500). One range for both databases: no row can have an id outside it.
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+INT_RANGE = "-2**31 and 2**31-1"
 MAX_RATER_NAME = 100
 # Unicode line and paragraph separators break lines like a newline does; bidi controls can make a name
 # display as another (or reorder the columns of an export).
@@ -212,7 +214,7 @@ def clean_int(value: Any, name: str) -> int:
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
         raise ApiError(400, f"'{name}' must be an integer, got {value!r}")
     if not INT_MIN <= value <= INT_MAX:
-        raise ApiError(400, f"'{name}' must be an integer between -2**63 and 2**63-1, got {value!r}")
+        raise ApiError(400, f"'{name}' must be an integer between {INT_RANGE}, got {value!r}")
     return int(value)
 
 
