@@ -68,8 +68,9 @@ class KnownFile:
 # Hub id (lower case) -> the file ComfyUI users have. Names and links from ComfyUI's workflow templates
 # (comfyui-workflow-templates 0.1.45: SD1.5 checkpoint, SD1.5 OpenPose ControlNet, SDXL base) and
 # ComfyUI-Manager's model-list.json (OpenPoseXL2); docs/POLICY.md has the table.
-_SD15 = KnownFile("v1-5-pruned-emaonly-fp16.safetensors", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive"
-                  "/resolve/main/v1-5-pruned-emaonly-fp16.safetensors", True)
+_SD15 = KnownFile("v1-5-pruned-emaonly-fp16.safetensors",
+                  "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                  "v1-5-pruned-emaonly-fp16.safetensors", True)
 _OPENPOSE_V11 = "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/" \
                 "control_v11p_sd15_openpose_fp16.safetensors"
 KNOWN_FILES: dict[str, KnownFile] = {
@@ -78,7 +79,8 @@ KNOWN_FILES: dict[str, KnownFile] = {
     "comfy-org/stable-diffusion-v1-5-archive": _SD15,
     "stabilityai/stable-diffusion-xl-base-1.0": KnownFile(
         "sd_xl_base_1.0.safetensors",
-        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors", True),
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+        True),
     "lllyasviel/control_v11p_sd15_openpose": KnownFile("control_v11p_sd15_openpose_fp16.safetensors", _OPENPOSE_V11,
                                                        True),
     # ControlNet 1.0's OpenPose model: ComfyUI users keep its v1.1 successor (same architecture and input).

@@ -11,7 +11,8 @@ import torch
 
 from poseloop.config import ModelConfig, apply_threads
 from poseloop.configlib import ConfigError
-from poseloop.export import CONTROLNET_DIR, DIFFUSERS_LORA_NAME, LEGACY_KOHYA_NAME, kohya_lora_name, resolve_latest
+from poseloop.export import (CONTROLNET_DIR, DIFFUSERS_LORA_NAME, LEGACY_KOHYA_NAME, kohya_lora_name,
+                             resolve_latest)
 from poseloop.tiny import ensure_embedded, is_embedded
 
 
@@ -65,8 +66,8 @@ class Components:
 
 
 def policy_lora_files(version: str) -> tuple[str, ...]:
-    """A policy's LoRA files, preferred first: the diffusers file carries its adapter metadata; the kohya
-    file (named after the version, or lora_kohya.safetensors in older exports) is for ComfyUI / A1111."""
+    """A policy's LoRA file names, preferred first (diffusers' carries its adapter metadata; then kohya's)."""
+    # The kohya file is named after the version; exports made before that hold lora_kohya.safetensors.
     return (DIFFUSERS_LORA_NAME, kohya_lora_name(version), LEGACY_KOHYA_NAME)
 
 

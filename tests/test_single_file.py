@@ -369,3 +369,66 @@ def test_real_configs_have_the_published_sizes_and_key_layout() -> None:
         fingerprint = Fingerprint(320, 768 if arch == "sd15" else 2048, arch == "sdxl")
         assert match_config(fingerprint, "unet", "model.base", Path("x")) == folder
         assert match_config(fingerprint, "controlnet", "model.controlnet", Path("x")) == folder
+
+
+def _script(name: str) -> Any:
+    """A script under scripts/ as a module (its main(argv))."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_to_single_file_round_trip(models_dir: Path, tmp_path: Path, sd15_components: Components,
+                                   sdxl_components: Components, one_thread: None,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/to_single_file.py writes checkpoints and ControlNets that load back as the folders they came from."""
+    main = _script("to_single_file").main
+    out = {name: tmp_path / f"{name}.safetensors" for name in ("sd15", "sd15-cn", "sdxl", "sdxl-cn")}
+    sd15, sdxl = models_dir / "tiny-sd15", models_dir / "tiny-sdxl"
+    # fp16 (the default) is lossless for the embedded SD1.5 world (see above); tiny-sdxl's random weights need fp32.
+    assert main(["--source", str(sd15), "--out", str(out["sd15"])]) == 0
+    assert main(["--source", str(sd15 / "controlnet"), "--out", str(out["sd15-cn"])]) == 0
+    assert main(["--source", str(sdxl), "--out", str(out["sdxl"]), "--dtype", "float32"]) == 0
+    assert main(["--source", str(sdxl / "controlnet"), "--out", str(out["sdxl-cn"]), "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(f"wrote {out['sd15']}: sd15 checkpoint, ") and "float16" in lines[0]
+    assert "sd15 ControlNet" in lines[1] and "sdxl checkpoint" in lines[2] and "sdxl ControlNet" in lines[3]
+    assert {v.dtype for v in load_file(str(out["sd15"])).values()} == {torch.float16}
+    # The SD1.5 ControlNet in control_v11p_sd15_openpose's layout, the SDXL one with diffusers' keys (as they ship).
+    assert all(k.startswith("control_model.") for k in load_file(str(out["sd15-cn"])))
+    assert "controlnet_cond_embedding.conv_in.weight" in load_file(str(out["sdxl-cn"]))
+
+    comp = load_components(model_cfg(models_dir, base=str(out["sd15"]), controlnet=str(out["sd15-cn"])))
+    for name in ("unet", "vae", "text_encoder", "controlnet"):
+        _same_weights(getattr(comp.pipe, name), getattr(sd15_components.pipe, name))
+    torch.testing.assert_close(eps_of(comp), eps_of(sd15_components), **TOL)
+    for ours, theirs in zip(_controlnet_out(comp), _controlnet_out(sd15_components), strict=True):
+        torch.testing.assert_close(ours, theirs, **TOL)
+    cfg = tiny_sdxl().model
+    cfg.base, cfg.controlnet = str(out["sdxl"]), str(out["sdxl-cn"])
+    comp = load_components(cfg)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+        _same_weights(getattr(comp.pipe, name), getattr(sdxl_components.pipe, name))
+    for ours, theirs in zip(_controlnet_out(comp), _controlnet_out(sdxl_components), strict=True):
+        torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_to_single_file_names_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main = _script("to_single_file").main
+    with pytest.raises(SystemExit) as e:  # argparse's error: usage, then the line
+        main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "--source: " in capsys.readouterr().err
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    (tmp_path / "half" / "unet" / "config.json").write_text("{}")
+    assert main(["--source", str(tmp_path / "half"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and "holds no model.safetensors or diffusion_pytorch" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(SystemExit):
+        main(["--source", str(tmp_path / "half"), "--out", str(tmp_path / "x.ckpt")])
+    assert "must be a .safetensors file" in capsys.readouterr().err
