@@ -2,18 +2,20 @@
 
 Two files describe one graph: the UI format (``comfyui_workflow.json``, dragged onto ComfyUI's canvas)
 and the API format (``comfyui_workflow_api.json``, POSTed to ``/prompt`` as its "prompt"). Node types,
-input names and output slots are ComfyUI's own (nodes.py, see tests/test_comfy_workflow.py for the
-commit they were taken from).
+input names and output slots are ComfyUI's own; tests/test_comfy_workflow.py checks them against the
+/object_info of a real ComfyUI (tests/fixtures/comfyui_object_info.json names its version).
+Models are named by the files ComfyUI users have (KNOWN_FILES); the UI file also carries their download
+links the way ComfyUI's own templates do, so the frontend offers to fetch a missing one.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from poseloop.export import KOHYA_NAME
+from poseloop.export import controlnet_file_name, kohya_lora_name
 from poseloop.store import atomic_write
 
 WORKFLOW_NAME = "comfyui_workflow.json"
@@ -25,7 +27,7 @@ TRAINED_LORA_STRENGTH = 1.0
 # steps_offset 1 (timesteps 1, 1 + 1000 // T, ...): ComfyUI's ddim_uniform schedule gives those timesteps,
 # and its "ddim" sampler is DDIM with eta = 0.
 SAMPLER, SCHEDULER = "ddim", "ddim_uniform"
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 # Widgets the ComfyUI frontend adds after a node's own widget: saved in the UI format's widgets_values,
 # never sent in the API format.
 FRONTEND_WIDGETS = {"control_after_generate": "fixed", "upload": "image"}
@@ -52,6 +54,59 @@ NODE_TYPES: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, st
 }
 
 
+
+@dataclass(frozen=True)
+class KnownFile:
+    """The single file ComfyUI users keep for a hub model, where ComfyUI's templates or ComfyUI-Manager get it."""
+
+    name: str
+    url: str
+    same_weights: bool  # False: a successor with the same architecture and input (see `note`)
+    note: str = ""
+
+
+# Hub id (lower case) -> the file ComfyUI users have. Names and links from ComfyUI's workflow templates
+# (comfyui-workflow-templates 0.1.45: SD1.5 checkpoint, SD1.5 OpenPose ControlNet, SDXL base) and
+# ComfyUI-Manager's model-list.json (OpenPoseXL2); docs/POLICY.md has the table.
+_SD15 = KnownFile("v1-5-pruned-emaonly-fp16.safetensors",
+                  "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                  "v1-5-pruned-emaonly-fp16.safetensors", True)
+_OPENPOSE_V11 = "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/" \
+                "control_v11p_sd15_openpose_fp16.safetensors"
+KNOWN_FILES: dict[str, KnownFile] = {
+    "runwayml/stable-diffusion-v1-5": _SD15,
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": _SD15,
+    "comfy-org/stable-diffusion-v1-5-archive": _SD15,
+    "stabilityai/stable-diffusion-xl-base-1.0": KnownFile(
+        "sd_xl_base_1.0.safetensors",
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+        True),
+    "lllyasviel/control_v11p_sd15_openpose": KnownFile("control_v11p_sd15_openpose_fp16.safetensors", _OPENPOSE_V11,
+                                                       True),
+    # ControlNet 1.0's OpenPose model: ComfyUI users keep its v1.1 successor (same architecture and input).
+    "lllyasviel/sd-controlnet-openpose": KnownFile(
+        "control_v11p_sd15_openpose_fp16.safetensors", _OPENPOSE_V11, False,
+        "ControlNet 1.1's OpenPose model, the successor of the 1.0 model poseloop used (same architecture and "
+        "pose input, other weights)"),
+    "thibaud/controlnet-openpose-sdxl-1.0": KnownFile(
+        "OpenPoseXL2.safetensors",
+        "https://huggingface.co/thibaud/controlnet-openpose-sdxl-1.0/resolve/main/OpenPoseXL2.safetensors", True),
+}
+# What a workflow's weight name is: a file given by path, a known hub model, a diffusers folder to convert
+# with scripts/to_single_file.py, or an unknown hub id the user picks a file for.
+NameKind = str  # "file" | "known" | "folder" | "hub"
+
+
+@dataclass(frozen=True)
+class WeightName:
+    """A file name ComfyUI will look up, and where it comes from."""
+
+    name: str
+    kind: NameKind
+    source: str = ""
+    known: KnownFile | None = None
+
+
 @dataclass(frozen=True)
 class WorkflowSettings:
     """What the workflow reproduces: file names ComfyUI will look up and the training sampler."""
@@ -71,8 +126,8 @@ class WorkflowSettings:
     seed: int
     controlnet_strength: float
     lora_strength: float = TRAINED_LORA_STRENGTH
-    checkpoint_is_placeholder: bool = False
-    controlnet_is_placeholder: bool = False
+    checkpoint_source: WeightName | None = None
+    controlnet_source: WeightName | None = None  # None: the policy's own ControlNet file
     vae: str = ""  # model.vae: a VAE poseloop used instead of the checkpoint's own
 
 
@@ -87,25 +142,44 @@ class Node:
     row: int
     links: dict[str, tuple[int, int]]  # input name -> (source node id, source output slot)
     widgets: dict[str, Any]
+    models: list[dict[str, str]] = field(default_factory=list)  # download links for the frontend
 
 
-def weight_file_name(source: str, default: str) -> tuple[str, bool]:
-    """(file name ComfyUI lists, whether it is a placeholder) for a hub id, a diffusers folder or a single file."""
+def weight_file_name(source: str, default: str) -> WeightName:
+    """The file name ComfyUI lists for a model source: a single file, a known hub id, a folder or another hub id."""
+    source = source.strip()
     path = Path(source.rstrip("/\\")) if source else None
     if path is None or not path.name:
-        return default, True
+        return WeightName(default, "hub")
     if path.suffix.lower() in WEIGHT_SUFFIXES:
-        return path.name, False
+        return WeightName(path.name, "file", source)
+    known = KNOWN_FILES.get(source.rstrip("/").lower())
+    if known is not None and not Path(source).expanduser().is_dir():
+        return WeightName(known.name, "known", source, known)
     name = path.name
     # models/tiny-sd15/controlnet -> "tiny-sd15-controlnet": a bare "controlnet" says nothing in a list.
     if name.lower() == "controlnet" and path.parent.name:
         name = f"{path.parent.name}-controlnet"
-    return f"{name}.safetensors", True
+    return WeightName(f"{name}.safetensors", "folder" if Path(source).expanduser().is_dir() else "hub", source)
 
 
-def exported_controlnet_name(version: str) -> str:
-    """The name the README asks a ControlNet policy's weights to be copied into ComfyUI/models/controlnet/ as."""
-    return f"poseloop-{version}-controlnet.safetensors"
+# The UNet shapes ComfyUI's model detection keys on; the embedded tiny models match no model type it knows.
+_COMFY_UNET_FIELDS = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
+
+
+def comfyui_model_problem(unet_config: dict[str, Any]) -> str | None:
+    """Why ComfyUI cannot load this base model (one line), or None when its UNet has SD1.5's or SDXL's shapes."""
+    from poseloop.single_file import CONFIGS
+
+    def shape(cfg: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (cfg.get(k) for k in _COMFY_UNET_FIELDS))
+
+    for arch in ("sd15", "sdxl"):
+        if shape(unet_config) == shape(json.loads((CONFIGS / arch / "unet" / "config.json").read_text())):
+            return None
+    return (f"ComfyUI: no workflow written: this base model's UNet (channels {shape(unet_config)[1]}, cross-attention "
+            f"{unet_config.get('cross_attention_dim')}) has neither SD1.5's nor SDXL's shapes, so ComfyUI cannot load "
+            "it (\"Could not detect model type\"); train on an SD1.5 or SDXL checkpoint for a ComfyUI workflow.")
 
 
 def pose_image_name(version: str) -> str:
@@ -152,22 +226,22 @@ def settings_from_config(config: dict[str, Any], version: str, target: str, nati
     """Workflow settings from an export's config dict (missing sections take poseloop's defaults)."""
     model = config.get("model") or {}
     sample, data = config_section(config, "sample"), config_section(config, "data")
-    checkpoint, ckpt_placeholder = weight_file_name(str(model.get("base", "")), "base_model.safetensors")
+    checkpoint = weight_file_name(str(model.get("base", "")), "base_model.safetensors")
+    controlnet_source: WeightName | None = None
     if target == "unet_lora":
-        controlnet, cn_placeholder = weight_file_name(str(model.get("controlnet", "")),
-                                                      "openpose_controlnet.safetensors")
-        lora: str | None = KOHYA_NAME
+        controlnet_source = weight_file_name(str(model.get("controlnet", "")), "openpose_controlnet.safetensors")
+        controlnet, lora = controlnet_source.name, kohya_lora_name(version)
     else:
         # ControlNet policies export the whole trained ControlNet; the base ControlNet is not used.
-        controlnet, cn_placeholder, lora = exported_controlnet_name(version), False, None
+        controlnet, lora = controlnet_file_name(version), None
     return WorkflowSettings(
-        version=version, checkpoint=checkpoint, controlnet=controlnet, lora=lora,
+        version=version, checkpoint=checkpoint.name, controlnet=controlnet, lora=lora,
         pose_image=pose_image_name(version), prompt=training_prompt(data),
         negative_prompt=str(sample["negative_prompt"]),
         width=int(sample["width"]) or native_size, height=int(sample["height"]) or native_size,
         steps=int(sample["steps"]), cfg=float(sample["guidance_scale"]), eta=float(sample["eta"]),
         seed=int(sample["seed"]), controlnet_strength=float(sample["controlnet_scale"]),
-        checkpoint_is_placeholder=ckpt_placeholder, controlnet_is_placeholder=cn_placeholder,
+        checkpoint_source=checkpoint, controlnet_source=controlnet_source,
         vae=str(model.get("vae", "")),
     )
 
@@ -177,17 +251,21 @@ def build_nodes(s: WorkflowSettings) -> list[Node]:
     nodes: list[Node] = []
 
     def add(type_: str, title: str, col: int, row: int, links: dict[str, tuple[int, int]],
-            widgets: dict[str, Any]) -> int:
-        nodes.append(Node(len(nodes) + 1, type_, title, col, row, links, widgets))
+            widgets: dict[str, Any], source: WeightName | None = None, directory: str = "") -> int:
+        known = source.known if source is not None else None
+        models = [{"name": known.name, "url": known.url, "directory": directory}] if known else []
+        nodes.append(Node(len(nodes) + 1, type_, title, col, row, links, widgets, models))
         return len(nodes)
 
-    ckpt = add("CheckpointLoaderSimple", "Load Checkpoint", 0, 0, {}, {"ckpt_name": s.checkpoint})
+    ckpt = add("CheckpointLoaderSimple", "Load Checkpoint", 0, 0, {}, {"ckpt_name": s.checkpoint},
+               s.checkpoint_source, "checkpoints")
     model, clip = (ckpt, 0), (ckpt, 1)
     if s.lora is not None:
         lora = add("LoraLoader", f"poseloop policy {s.version}", 0, 1, {"model": model, "clip": clip},
                    {"lora_name": s.lora, "strength_model": s.lora_strength, "strength_clip": s.lora_strength})
         model, clip = (lora, 0), (lora, 1)
-    cn = add("ControlNetLoader", "Load ControlNet Model", 0, 2, {}, {"control_net_name": s.controlnet})
+    cn = add("ControlNetLoader", "Load ControlNet Model", 0, 2, {}, {"control_net_name": s.controlnet},
+             s.controlnet_source, "controlnet")
     pose = add("LoadImage", "Pose image", 0, 3, {}, {"image": s.pose_image, "upload": "image"})
     pos = add("CLIPTextEncode", "Positive prompt", 1, 0, {"clip": clip}, {"text": s.prompt})
     neg = add("CLIPTextEncode", "Negative prompt", 1, 1, {"clip": clip}, {"text": s.negative_prompt})
@@ -226,7 +304,8 @@ def ui_workflow(nodes: list[Node], version: str = "") -> dict[str, Any]:
             "flags": {}, "order": order, "mode": 0, "inputs": inputs,
             "outputs": [{"name": name, "type": type_, "links": [], "slot_index": i}
                         for i, (name, type_) in enumerate(outputs)],
-            "properties": {"Node name for S&R": node.type},
+            # "models": what ComfyUI's own templates carry, so the frontend offers to download a missing file.
+            "properties": {"Node name for S&R": node.type, **({"models": node.models} if node.models else {})},
             "widgets_values": [node.widgets[w] for w in widget_names],
         })
     # Sources are always earlier nodes (execution order), so every output's links are known by now.
@@ -248,6 +327,31 @@ def api_prompt(nodes: list[Node]) -> dict[str, Any]:
     return out
 
 
+CONVERT_COMMAND = "python scripts/to_single_file.py"
+
+
+def model_line(w: WeightName, node: str, directory: str) -> str:
+    """One README line: where the file a loader node names comes from."""
+    target = f"ComfyUI/models/{directory}/{w.name}"
+    if w.kind == "file":
+        return f"- Copy `{w.source}` (the file poseloop used) into `ComfyUI/models/{directory}/`."
+    if w.kind == "folder":
+        return (f"- Write the diffusers folder `{w.source}` as the single file *{node}* names: "
+                f"`{CONVERT_COMMAND} --source {w.source} --out {target}`.")
+    if w.kind == "known" and w.known is not None:
+        line = (f"- *{node}* names `{w.name}`, the file ComfyUI users keep for `{w.source}`; ComfyUI offers to "
+                f"download it into `ComfyUI/models/{directory}/` when it is missing ({w.known.url}).")
+        if not w.known.same_weights:
+            line += (f" It is {w.known.note}; for the very weights poseloop used, convert that repo's folder with "
+                     f"`{CONVERT_COMMAND} --source FOLDER --out ComfyUI/models/{directory}/NAME.safetensors` "
+                     "and pick it in the node.")
+        return line
+    origin = f"`{w.source}`" if w.source else "nothing (the config names no model)"
+    return (f"- *{node}* names `{w.name}`, derived from {origin}, a hub id poseloop knows no ComfyUI file name for: "
+            f"pick your single file of that model in the node, or write one from a downloaded copy of the repo with "
+            f"`{CONVERT_COMMAND} --source FOLDER --out {target}`.")
+
+
 def readme_section(s: WorkflowSettings) -> str:
     """The export README's ComfyUI-workflow section: which file goes where, what to pick by hand."""
     lines = ["## ComfyUI workflow", "",
@@ -258,20 +362,14 @@ def readme_section(s: WorkflowSettings) -> str:
              f"- Copy `{s.pose_image}` into `ComfyUI/input/`."]
     if s.lora is not None:
         lines.append(f"- Copy `{s.lora}` into `ComfyUI/models/loras/`; the *Load LoRA* node uses it at strength "
-                     f"{s.lora_strength:g}, the trained strength (pick it there again if you renamed the file).")
-        where = (": the name is derived from the config's `model.controlnet` (a hub id or diffusers folder), "
-                 "pick your copy of that ControlNet in the node." if s.controlnet_is_placeholder else ".")
-        lines.append(f"- *Load ControlNet Model* expects the OpenPose ControlNet poseloop used as `{s.controlnet}` "
-                     f"in `ComfyUI/models/controlnet/`{where}")
+                     f"{s.lora_strength:g}, the trained strength.")
     else:
-        lines.append(f"- Copy `controlnet/diffusion_pytorch_model.safetensors` into `ComfyUI/models/controlnet/` "
-                     f"as `{s.controlnet}` (the trained ControlNet; there is no LoRA to load).")
-    if s.checkpoint_is_placeholder:
-        lines.append(f"- *Load Checkpoint* names `{s.checkpoint}`, derived from the config's `model.base` (a hub id "
-                     "or diffusers folder, not a single file): pick your single-file checkpoint of that base model "
-                     "in the node.")
-    else:
-        lines.append(f"- Copy the base checkpoint `{s.checkpoint}` into `ComfyUI/models/checkpoints/`.")
+        lines.append(f"- Copy `{s.controlnet}` (the trained ControlNet, fp16) into `ComfyUI/models/controlnet/`; "
+                     "there is no LoRA to load.")
+    if s.checkpoint_source is not None:
+        lines.append(model_line(s.checkpoint_source, "Load Checkpoint", "checkpoints"))
+    if s.controlnet_source is not None:
+        lines.append(model_line(s.controlnet_source, "Load ControlNet Model", "controlnet"))
     if s.vae:
         # Kept out of the graph: a VAELoader needs a file name the config cannot give (vae is a hub id or folder).
         lines.append(f"- poseloop decoded with the VAE `{s.vae}`: add a *Load VAE* node with your copy of it and "
@@ -283,11 +381,18 @@ def readme_section(s: WorkflowSettings) -> str:
 
 
 def write_comfy_workflow(folder: str | Path, version: str, config: dict[str, Any], target: str,
-                         native_size: int) -> tuple[list[str], str]:
-    """Write both workflow files and the pose image into an export folder; (file names, README section)."""
+                         native_size: int, unet_config: dict[str, Any] | None = None) -> tuple[list[str], str]:
+    """Write both workflow files and the pose image into an export folder; (file names, README section).
+
+    With the UNet config of a model ComfyUI cannot load (the embedded tiny ones), nothing is written and
+    the README section is the one line that says why.
+    """
     from poseloop.openpose import render_pose
     from poseloop.poses import get_builtin_pose
 
+    problem = comfyui_model_problem(unet_config) if unet_config is not None else None
+    if problem is not None:
+        return [], f"## ComfyUI workflow\n\n{problem}\n"
     folder = Path(folder)
     s = settings_from_config(config, version, target, native_size)
     nodes = build_nodes(s)

@@ -56,9 +56,29 @@ def save_kohya_lora(model: torch.nn.Module, path: str | Path, metadata: dict[str
 # ---- versioned policy exports ------------------------------------------------------------------
 
 LATEST_FILE = "latest"
-KOHYA_NAME = "lora_kohya.safetensors"
+# Exports before the kohya file was named after its version; still read (poseloop.models.resolve_policy).
+LEGACY_KOHYA_NAME = "lora_kohya.safetensors"
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 CONTROLNET_DIR = "controlnet"
+
+
+def kohya_lora_name(version: str) -> str:
+    """The kohya LoRA's file name: named after the policy, so policies sit side by side in ComfyUI's loras/."""
+    return f"poseloop-{version}.safetensors"
+
+
+def controlnet_file_name(version: str) -> str:
+    """A ControlNet policy's single file (fp16), under the name its ComfyUI workflow loads it by."""
+    return f"poseloop-{version}-controlnet.safetensors"
+
+
+def save_controlnet_file(controlnet: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None
+                         ) -> Path:
+    """Write a ControlNet as one fp16 file in the layout ComfyUI and A1111 load (poseloop.original_layout)."""
+    from poseloop.original_layout import controlnet_file_dict, save_weights_file
+
+    sd = controlnet_file_dict(controlnet.state_dict(), dict(controlnet.config))  # type: ignore[attr-defined]
+    return save_weights_file(sd, Path(path), torch.float16, metadata)
 
 
 def save_diffusers_lora(pipe: Any, unet: torch.nn.Module, folder: str | Path, adapter: str = "default") -> Path:
@@ -83,14 +103,15 @@ def readme_text(version: str, files: list[str], arch: str, base: str, controlnet
     lines = [f"# Policy {version}", "", f"Base model: `{base}` ({arch}); ControlNet: `{controlnet}`.", "",
              "Files: " + ", ".join(f"`{f}`" for f in files), ""]
     pipe = "StableDiffusionXLControlNetPipeline" if arch == "sdxl" else "StableDiffusionControlNetPipeline"
-    if KOHYA_NAME in files:
+    kohya, cn_file = kohya_lora_name(version), controlnet_file_name(version)
+    if kohya in files:
         lines += [
             "## LoRA", "",
-            f"- ComfyUI: copy `{KOHYA_NAME}` into `ComfyUI/models/loras/` and use a *Load LoRA* node at "
+            f"- ComfyUI: copy `{kohya}` into `ComfyUI/models/loras/` and use a *Load LoRA* node at "
             "strength 1.0 (the file's alpha gives the trained strength).",
-            f"- A1111 / Forge: copy `{KOHYA_NAME}` into `stable-diffusion-webui/models/Lora/` and add "
-            f"`<lora:{Path(KOHYA_NAME).stem}:1>` to the prompt (rename the file to tell versions apart).",
-            f"- poseloop: `python generate.py --model.lora models/policies/{version}/{KOHYA_NAME}`.",
+            f"- A1111 / Forge: copy `{kohya}` into `stable-diffusion-webui/models/Lora/` and add "
+            f"`<lora:{Path(kohya).stem}:1>` to the prompt.",
+            f"- poseloop: `python generate.py --model.lora models/policies/{version}/{kohya}`.",
             "- diffusers:", "", "```python",
             f"pipe = {pipe}.from_pretrained(base, controlnet=controlnet)",
             f'pipe.load_lora_weights("models/policies/{version}", weight_name="{DIFFUSERS_LORA_NAME}")',
@@ -99,9 +120,9 @@ def readme_text(version: str, files: list[str], arch: str, base: str, controlnet
     if CONTROLNET_DIR in files:
         lines += [
             "## ControlNet", "",
-            f"- ComfyUI: copy `{CONTROLNET_DIR}/diffusion_pytorch_model.safetensors` into "
-            "`ComfyUI/models/controlnet/` (rename it) and load it with *Load ControlNet Model*.",
-            "- A1111 (sd-webui-controlnet): copy the same file into `extensions/sd-webui-controlnet/models/`.",
+            f"- ComfyUI: copy `{cn_file}` (fp16) into `ComfyUI/models/controlnet/` and load it with "
+            "*Load ControlNet Model*.",
+            f"- A1111 (sd-webui-controlnet): copy `{cn_file}` into `extensions/sd-webui-controlnet/models/`.",
             f"- poseloop: `python generate.py --model.controlnet models/policies/{version}/{CONTROLNET_DIR}`.",
             f'- diffusers: `ControlNetModel.from_pretrained("models/policies/{version}/{CONTROLNET_DIR}")`.', "",
         ]
@@ -129,17 +150,21 @@ def export_policy(policy: Any, root: str | Path, version: str, config: dict[str,
         meta = {"poseloop_version": version, "ss_base_model_version": comp.arch,
                 **{k: str(v) for k, v in (extra_metadata or {}).items()}}
         if policy.target == "unet_lora":
-            save_kohya_lora(comp.unet, tmp / KOHYA_NAME, metadata=meta)
+            save_kohya_lora(comp.unet, tmp / kohya_lora_name(version), metadata=meta)
             save_diffusers_lora(comp.pipe, comp.unet, tmp)
-            files += [KOHYA_NAME, DIFFUSERS_LORA_NAME]
+            files += [kohya_lora_name(version), DIFFUSERS_LORA_NAME]
         else:
-            # ComfyUI loads diffusers-format ControlNets, not ControlNet LoRAs: export full weights.
-            policy.merged_controlnet().save_pretrained(tmp / CONTROLNET_DIR, safe_serialization=True)
-            files.append(CONTROLNET_DIR)
+            # ComfyUI loads whole ControlNets, not ControlNet LoRAs: export full weights, as a diffusers
+            # folder (poseloop, diffusers) and as the single fp16 file the ComfyUI workflow names.
+            merged = policy.merged_controlnet()
+            merged.save_pretrained(tmp / CONTROLNET_DIR, safe_serialization=True)
+            save_controlnet_file(merged, tmp / controlnet_file_name(version), metadata=meta)
+            files += [CONTROLNET_DIR, controlnet_file_name(version)]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         from poseloop.comfy_workflow import write_comfy_workflow  # imports this module: not at the top
 
-        comfy_files, comfy_readme = write_comfy_workflow(tmp, version, config, policy.target, comp.native_size)
+        comfy_files, comfy_readme = write_comfy_workflow(tmp, version, config, policy.target, comp.native_size,
+                                                         dict(comp.unet.config))
         files += comfy_files
         model = config.get("model", {})
         (tmp / "README.md").write_text(readme_text(version, files, comp.arch, str(model.get("base", "")),

@@ -11,7 +11,8 @@ import torch
 
 from poseloop.config import ModelConfig, apply_threads
 from poseloop.configlib import ConfigError
-from poseloop.export import CONTROLNET_DIR, DIFFUSERS_LORA_NAME, KOHYA_NAME, resolve_latest
+from poseloop.export import (CONTROLNET_DIR, DIFFUSERS_LORA_NAME, LEGACY_KOHYA_NAME, kohya_lora_name,
+                             resolve_latest)
 from poseloop.tiny import ensure_embedded, is_embedded
 
 
@@ -64,8 +65,10 @@ class Components:
         return int(self.unet.config.in_channels)
 
 
-# Preferred first: the diffusers file carries its adapter metadata; the kohya file is for ComfyUI / A1111.
-POLICY_LORA_FILES = (DIFFUSERS_LORA_NAME, KOHYA_NAME)
+def policy_lora_files(version: str) -> tuple[str, ...]:
+    """A policy's LoRA file names, preferred first (diffusers' carries its adapter metadata; then kohya's)."""
+    # The kohya file is named after the version; exports made before that hold lora_kohya.safetensors.
+    return (DIFFUSERS_LORA_NAME, kohya_lora_name(version), LEGACY_KOHYA_NAME)
 
 
 def policy_versions(models_dir: str | Path) -> list[str]:
@@ -94,10 +97,11 @@ def resolve_policy(cfg: ModelConfig) -> ModelConfig:
     if not folder.is_dir():
         raise ConfigError(f"model.policy: {folder} does not exist; available: "
                           f"{', '.join(policy_versions(cfg.models_dir)) or 'none'}")
-    lora = next((folder / f for f in POLICY_LORA_FILES if (folder / f).is_file()), None)
+    lora_files = policy_lora_files(version)
+    lora = next((folder / f for f in lora_files if (folder / f).is_file()), None)
     controlnet = folder / CONTROLNET_DIR
     if lora is None and not controlnet.is_dir():
-        raise ConfigError(f"model.policy: {folder} holds neither a LoRA ({' or '.join(POLICY_LORA_FILES)}) "
+        raise ConfigError(f"model.policy: {folder} holds neither a LoRA ({' or '.join(lora_files)}) "
                           "nor a controlnet/ folder; was the export interrupted? Pick another version")
     return dataclasses.replace(cfg, policy=version, lora=str(lora) if lora else "",
                                controlnet=str(controlnet) if controlnet.is_dir() else cfg.controlnet)

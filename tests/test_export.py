@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from poseloop.config import ModelConfig
-from poseloop.export import KOHYA_NAME, LATEST_FILE, export_policy, resolve_latest
+from poseloop.export import LATEST_FILE, controlnet_file_name, export_policy, kohya_lora_name, resolve_latest
 from poseloop.models import load_components
 from poseloop.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, Policy
 from tiny_helpers import eps_of, model_cfg
@@ -68,13 +68,14 @@ def test_unet_lora_exports_reload_and_reproduce_the_trained_model(models_dir: Pa
     for f in [*folder.iterdir(), tmp_path / "policies" / LATEST_FILE]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
 
-    with safe_open(str(folder / KOHYA_NAME), framework="pt") as f:
+    kohya = kohya_lora_name("run-e0003")
+    with safe_open(str(folder / kohya), framework="pt") as f:
         keys = list(f.keys())
         alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
     assert all(k.startswith("lora_unet_") for k in keys)
     assert alphas == {8.0}
 
-    for name in (KOHYA_NAME, "pytorch_lora_weights.safetensors"):
+    for name in (kohya, "pytorch_lora_weights.safetensors"):
         reloaded = load_components(model_cfg(models_dir, lora=str(folder / name)))
         torch.testing.assert_close(eps_of(reloaded), trained, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -109,13 +110,25 @@ def test_controlnet_export_reloads_with_from_pretrained(models_dir: Path, tmp_pa
         torch.testing.assert_close(eps_of(comp), base, atol=1e-6, rtol=0)
 
     folder = export_policy(policy, tmp_path / "policies", "cn-e0001", {"model": {}})
-    assert not (folder / KOHYA_NAME).exists()
+    assert not (folder / kohya_lora_name("cn-e0001")).exists()
     cn = ControlNetModel.from_pretrained(str(folder / "controlnet"))
     assert not any("lora" in k for k in cn.state_dict())
     with safe_open(str(folder / "controlnet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
         assert "controlnet_cond_embedding.conv_in.weight" in f.keys()  # what ComfyUI detects
     reloaded = load_components(model_cfg(models_dir, controlnet=str(folder / "controlnet")))
     torch.testing.assert_close(eps_of(reloaded), trained, atol=1e-5, rtol=1e-4)
+
+    # The single fp16 file ComfyUI loads (under the name its workflow gives) holds the trained ControlNet
+    # rounded to fp16: loaded back, it equals that rounding bit for bit, and so predicts as it does.
+    single = load_components(model_cfg(models_dir, controlnet=str(folder / controlnet_file_name("cn-e0001"))))
+    trained_sd = policy.merged_controlnet().state_dict()
+    for k, v in single.controlnet.state_dict().items():
+        assert torch.equal(v, trained_sd[k].half().float()), k
+    if target == "controlnet":  # (a ControlNet LoRA's merged weights are rounded, not its factors: not comparable)
+        with torch.no_grad():
+            for p in comp.controlnet.parameters():
+                p.copy_(p.half().float())
+        torch.testing.assert_close(eps_of(single), eps_of(comp), atol=1e-5, rtol=1e-4)
 
 
 def test_resolve_latest_without_exports_says_what_to_do(tmp_path: Path) -> None:
@@ -158,6 +171,24 @@ def test_sdxl_unet_lora_export_reloads_and_reproduces_the_trained_model(models_d
     trained = eps_of(comp)
     assert (trained - base).abs().max() > 1e-3
     folder = export_policy(policy, tmp_path / "policies", "xl-e0001", {"model": {}})
-    for name in (KOHYA_NAME, "pytorch_lora_weights.safetensors"):
+    for name in (kohya_lora_name("xl-e0001"), "pytorch_lora_weights.safetensors"):
         reloaded = load_components(sdxl_cfg(lora=str(folder / name)))
         torch.testing.assert_close(eps_of(reloaded), trained, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_policy_named_by_version_reads_old_exports_too(models_dir: Path, tmp_path: Path) -> None:
+    """generate.py --model.policy finds the kohya file under its versioned name, and lora_kohya.safetensors of
+    exports made before files were named after their policy."""
+    import dataclasses
+
+    from poseloop.export import save_kohya_lora
+    from poseloop.models import resolve_policy
+
+    comp = load_components(model_cfg(models_dir))
+    Policy(comp, "unet_lora", rank=2, alpha=2.0)
+    cfg = dataclasses.replace(model_cfg(models_dir), models_dir=str(tmp_path))
+    for version, name in (("new-e0001", kohya_lora_name("new-e0001")), ("old-e0001", "lora_kohya.safetensors")):
+        save_kohya_lora(comp.unet, tmp_path / "policies" / version / name)
+        resolved = resolve_policy(dataclasses.replace(cfg, policy=version))
+        assert resolved.lora == str(tmp_path / "policies" / version / name)
+    assert kohya_lora_name("new-e0001") == "poseloop-new-e0001.safetensors"

@@ -258,13 +258,13 @@ def test_main_runs_in_process_and_reports_errors_cleanly(
 def test_generate_with_a_trained_policy_records_its_version(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
     from peft import LoraConfig
 
-    from poseloop.export import save_kohya_lora
+    from poseloop.export import kohya_lora_name, save_kohya_lora
 
     comp = load_components(tiny_cfg.model)
     torch.manual_seed(0)
     comp.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
     version_dir = tmp_path / "models" / "policies" / "run-0001"
-    save_kohya_lora(comp.unet, version_dir / "lora_kohya.safetensors")
+    save_kohya_lora(comp.unet, version_dir / kohya_lora_name("run-0001"))
     (tmp_path / "models" / "policies" / "latest").write_text("run-0001\n")
     tiny_cfg.model.models_dir = str(tmp_path / "models")
     tiny_cfg.data.poses = ["standing"]
@@ -282,7 +282,7 @@ def test_generate_with_a_trained_policy_records_its_version(tiny_cfg: GenerateCo
         rounds = {r.name: r for r in s.scalars(select(db.Round))}
         assert rounds["baseline"].policy_version is None
         assert rounds["candidate"].policy_version == "run-0001"
-        assert rounds["candidate"].lora_path == str(version_dir / "lora_kohya.safetensors")
+        assert rounds["candidate"].lora_path == str(version_dir / kohya_lora_name("run-0001"))
         by_round = {name: sorted((x.group.index, x.index, x.seed, x.trajectory_path) for x in r.samples)
                     for name, r in rounds.items()}
     # Same seed namespace: the same seeds, so the two rounds differ only by the weights.

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from poseloop import lcm, sampling
 from poseloop.config import SampleConfig
 from poseloop.configlib import ConfigError
+from poseloop.export import kohya_lora_name
 from poseloop.models import Components
 from poseloop.openpose import render_pose
 from poseloop.poses import get_builtin_pose
@@ -306,7 +307,8 @@ def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
     # Re-scoring stored LCM steps (fused update off), as any run with several optimizer steps an epoch does.
     straight, result = run(2, "straight", output__export_every=1)
     assert set(trained) == {0, 1}  # 3 LCM steps: the deterministic last one (index 2) never
-    assert result.export_dir is not None and (result.export_dir / "lora_kohya.safetensors").is_file()  # type: ignore[attr-defined]
+    export_dir = result.export_dir  # type: ignore[attr-defined]
+    assert export_dir is not None and (export_dir / kohya_lora_name(export_dir.name)).is_file()
     assert all(np.isfinite(row["loss"]) for row in result.history)  # type: ignore[attr-defined]
     assert any(v.abs().max() > 0 for k, v in straight.items() if "lora_B" in k), "training changed nothing"
     run(1, "split")

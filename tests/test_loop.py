@@ -15,6 +15,7 @@ import generate as generate_script
 import train_policy as train_policy_script
 import train_reward as train_reward_script
 from poseloop import db
+from poseloop.export import kohya_lora_name
 from poseloop.store import SampleStore, load_trajectory
 
 
@@ -75,7 +76,7 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     latest = json.loads((models / "policies" / "latest").read_text())["version"]
     assert latest.startswith("ddpo")
-    assert (models / "policies" / latest / "lora_kohya.safetensors").is_file()  # under model.models_dir
+    assert (models / "policies" / latest / kohya_lora_name(latest)).is_file()  # under model.models_dir
     assert (models / "policy_runs").is_dir()
 
     # 5. The next round generates with the new weights and records them.

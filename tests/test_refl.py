@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from poseloop.configlib import ConfigError
 from poseloop.evaluation import bootstrap_ci
+from poseloop.export import kohya_lora_name
 from poseloop.rewards import JpegCompressibilityReward
 from poseloop.training import PolicyConfig, PolicyTrainer, train
 
@@ -95,7 +96,7 @@ def test_resume_and_export_files(models_dir: Path, tmp_path: Path) -> None:
     cfg.output.run_name = "refl-run"
     result = train(cfg, reward=Brightness(), progress=False)
     assert result.epochs_done == 2
-    assert result.export_dir is not None and (result.export_dir / "lora_kohya.safetensors").is_file()
+    assert result.export_dir is not None and (result.export_dir / kohya_lora_name(result.export_dir.name)).is_file()
     assert (result.run_dir / "metrics.csv").read_text().startswith("epoch,reward_mean,reward_std")
     weights = load_file(str(result.run_dir / "checkpoint" / "weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k), "training changed nothing"

@@ -1,9 +1,8 @@
 """Single-file checkpoints: the embedded models written in the original (LDM / ComfyUI) layout load like the folders.
 
-The helpers below invert diffusers' conversion (after diffusers' scripts/convert_diffusers_to_original_*.py,
-generalised from SD's fixed 4 x 2 block layout to any number of levels and layers, which the tiny
-models need). Loading a converted file must give back the very same weights; outputs are compared
-with tolerances justified where they are asserted.
+The files are written by poseloop.original_layout (the inverse of diffusers' conversion, which
+scripts/to_single_file.py offers users). Loading a converted file must give back the very same weights;
+outputs are compared with tolerances justified where they are asserted.
 """
 
 from __future__ import annotations
@@ -25,132 +24,13 @@ from poseloop.config import SampleConfig, tiny, tiny_sdxl, validate_model
 from poseloop.configlib import ConfigError
 from poseloop.models import Components, ModelLoadError, load_components
 from poseloop.openpose import render_pose
+from poseloop.original_layout import (checkpoint_dict, clip_to_ldm, controlnet_to_ldm, open_clip_to_ldm, unet_to_ldm,
+                                      vae_to_ldm)
 from poseloop.poses import get_builtin_pose
 from poseloop.single_file import CONFIGS, Fingerprint, detect_base_arch, match_config
 from tiny_helpers import eps_of, model_cfg
 
 Tensors = dict[str, torch.Tensor]
-
-# ---- diffusers -> original layout (test helpers) ------------------------------------------------
-
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _resnet(rest: str) -> str:
-    for ours, theirs in _RESNET:
-        if rest.startswith(ours + "."):
-            return theirs + rest[len(ours):]
-    return rest
-
-
-def _unet_key(key: str, config: dict[str, Any]) -> str:
-    """One UNet / ControlNet key in LDM's numbering: input_blocks (1 + level * (L + 1) + layer), ..."""
-    per = config["layers_per_block"] + 1  # LDM counts a level's downsampler (or upsampler) as a layer
-    head, _, rest = key.partition(".")
-    if (m := re.match(r"(time_embedding|add_embedding)\.(linear_\d)\.(.*)", key)):
-        return f"{_UNET_TOP[m[1] + '.' + m[2]]}.{m[3]}"
-    if head in ("conv_in", "conv_norm_out", "conv_out"):
-        return f"{_UNET_TOP[head]}.{rest}"
-    if (m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)):
-        index = 1 + int(m[1]) * per + int(m[3])
-        return f"input_blocks.{index}.0.{_resnet(m[4])}" if m[2] == "resnets" else f"input_blocks.{index}.1.{m[4]}"
-    if (m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key)):
-        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
-    if (m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key)):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    if (m := re.match(r"mid_block\.attentions\.0\.(.*)", key)):
-        return f"middle_block.1.{m[1]}"
-    if (m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)):
-        index = int(m[1]) * per + int(m[3])
-        return f"output_blocks.{index}.0.{_resnet(m[4])}" if m[2] == "resnets" else f"output_blocks.{index}.1.{m[4]}"
-    if (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key)):
-        block = int(m[1])
-        slot = 2 if config["up_block_types"][block].startswith("CrossAttn") else 1  # after the attention, if any
-        return f"output_blocks.{block * per + per - 1}.{slot}.conv.{m[2]}"
-    raise KeyError(key)
-
-
-def unet_to_ldm(sd: Tensors, config: dict[str, Any]) -> Tensors:
-    """A diffusers UNet state dict in the original layout (model.diffusion_model.*)."""
-    return {"model.diffusion_model." + _unet_key(k, config): v for k, v in sd.items()}
-
-
-def controlnet_to_ldm(sd: Tensors, config: dict[str, Any]) -> Tensors:
-    """A diffusers ControlNet in the original layout (control_model.*, as in control_v11p_sd15_openpose)."""
-    blocks = len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")})
-    out: Tensors = {}
-    for k, v in sd.items():
-        if (m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", k)):
-            key = f"zero_convs.{m[1]}.0.{m[2]}"
-        elif k.startswith("controlnet_mid_block."):
-            key = "middle_block_out.0." + k.split(".", 1)[1]
-        elif (m := re.match(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(.*)", k)):
-            # A Sequential of convs with a SiLU after each: conv_in at 0, block b at 2b + 2, conv_out last.
-            index = 0 if m[1] == "conv_in" else 2 * blocks + 2 if m[1] == "conv_out" else 2 * int(m[2]) + 2
-            key = f"input_hint_block.{index}.{m[3]}"
-        else:
-            key = _unet_key(k, config)
-        out["control_model." + key] = v
-    return out
-
-
-def vae_to_ldm(sd: Tensors, config: dict[str, Any], prefix: str = "first_stage_model.") -> Tensors:
-    """A diffusers VAE in the original layout: decoder levels reversed, attention as 1x1 convs."""
-    levels = len(config["block_out_channels"])
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out: Tensors = {}
-    for k, v in sd.items():
-        key = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
-        key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
-        key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
-                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", key)
-        key = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
-        key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", key)
-        if (m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key)):
-            key = f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"
-            v = v[:, :, None, None] if v.ndim == 2 else v
-        out[prefix + key] = v
-    return out
-
-
-def clip_to_ldm(sd: Tensors, prefix: str) -> Tensors:
-    """A transformers CLIPTextModel in the original layout (<prefix>text_model.*)."""
-    return {f"{prefix}text_model.{k.removeprefix('text_model.')}": v for k, v in sd.items()}
-
-
-def open_clip_to_ldm(sd: Tensors, prefix: str = "conditioner.embedders.1.model.") -> Tensors:
-    """A CLIPTextModelWithProjection in OpenCLIP's layout: fused q/k/v, transposed text_projection."""
-    out: Tensors = {}
-    names = {"embeddings.token_embedding.weight": "token_embedding.weight",
-             "embeddings.position_embedding.weight": "positional_embedding",
-             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-    for k, v in sd.items():
-        k = k.removeprefix("text_model.")
-        if k == "text_projection.weight":
-            out[prefix + "text_projection"] = v.T.contiguous()
-        elif k in names:
-            out[prefix + names[k]] = v
-        elif (m := re.match(r"encoder\.layers\.(\d+)\.(.*)", k)):
-            layer, rest = m[1], m[2]
-            if re.match(r"self_attn\.[qkv]_proj\.", rest):
-                if rest.startswith("self_attn.q_proj."):
-                    kind = rest.rsplit(".", 1)[1]
-                    parts = [sd.get(f"text_model.encoder.layers.{layer}.self_attn.{x}_proj.{kind}",
-                                    sd.get(f"encoder.layers.{layer}.self_attn.{x}_proj.{kind}")) for x in "qkv"]
-                    out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts)
-                continue
-            rest = (rest.replace("self_attn.", "attn.").replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
-                    .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))
-            out[f"{prefix}transformer.resblocks.{layer}.{rest}"] = v
-        else:
-            raise KeyError(k)
-    return out
 
 
 def _cfg_json(folder: Path, component: str) -> dict[str, Any]:
@@ -164,17 +44,16 @@ def _weights(folder: Path, component: str) -> Tensors:
 
 def sd15_checkpoint(folder: Path) -> Tensors:
     """The tiny SD1.5 pipeline folder as one original-layout state dict (UNet, VAE, CLIP text encoder)."""
-    return {**unet_to_ldm(_weights(folder, "unet"), _cfg_json(folder, "unet")),
-            **vae_to_ldm(_weights(folder, "vae"), _cfg_json(folder, "vae")),
-            **clip_to_ldm(_weights(folder, "text_encoder"), "cond_stage_model.transformer.")}
+    sd, arch = checkpoint_dict(folder)
+    assert arch == "sd15"
+    return sd
 
 
 def sdxl_checkpoint(folder: Path) -> Tensors:
     """The tiny SDXL pipeline folder as one original-layout state dict (both text encoders)."""
-    return {**unet_to_ldm(_weights(folder, "unet"), _cfg_json(folder, "unet")),
-            **vae_to_ldm(_weights(folder, "vae"), _cfg_json(folder, "vae")),
-            **clip_to_ldm(_weights(folder, "text_encoder"), "conditioner.embedders.0.transformer."),
-            **open_clip_to_ldm(_weights(folder, "text_encoder_2"))}
+    sd, arch = checkpoint_dict(folder)
+    assert arch == "sdxl"
+    return sd
 
 
 def half(sd: Tensors) -> Tensors:
@@ -490,3 +369,66 @@ def test_real_configs_have_the_published_sizes_and_key_layout() -> None:
         fingerprint = Fingerprint(320, 768 if arch == "sd15" else 2048, arch == "sdxl")
         assert match_config(fingerprint, "unet", "model.base", Path("x")) == folder
         assert match_config(fingerprint, "controlnet", "model.controlnet", Path("x")) == folder
+
+
+def _script(name: str) -> Any:
+    """A script under scripts/ as a module (its main(argv))."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_to_single_file_round_trip(models_dir: Path, tmp_path: Path, sd15_components: Components,
+                                   sdxl_components: Components, one_thread: None,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/to_single_file.py writes checkpoints and ControlNets that load back as the folders they came from."""
+    main = _script("to_single_file").main
+    out = {name: tmp_path / f"{name}.safetensors" for name in ("sd15", "sd15-cn", "sdxl", "sdxl-cn")}
+    sd15, sdxl = models_dir / "tiny-sd15", models_dir / "tiny-sdxl"
+    # fp16 (the default) is lossless for the embedded SD1.5 world (see above); tiny-sdxl's random weights need fp32.
+    assert main(["--source", str(sd15), "--out", str(out["sd15"])]) == 0
+    assert main(["--source", str(sd15 / "controlnet"), "--out", str(out["sd15-cn"])]) == 0
+    assert main(["--source", str(sdxl), "--out", str(out["sdxl"]), "--dtype", "float32"]) == 0
+    assert main(["--source", str(sdxl / "controlnet"), "--out", str(out["sdxl-cn"]), "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(f"wrote {out['sd15']}: sd15 checkpoint, ") and "float16" in lines[0]
+    assert "sd15 ControlNet" in lines[1] and "sdxl checkpoint" in lines[2] and "sdxl ControlNet" in lines[3]
+    assert {v.dtype for v in load_file(str(out["sd15"])).values()} == {torch.float16}
+    # The SD1.5 ControlNet in control_v11p_sd15_openpose's layout, the SDXL one with diffusers' keys (as they ship).
+    assert all(k.startswith("control_model.") for k in load_file(str(out["sd15-cn"])))
+    assert "controlnet_cond_embedding.conv_in.weight" in load_file(str(out["sdxl-cn"]))
+
+    comp = load_components(model_cfg(models_dir, base=str(out["sd15"]), controlnet=str(out["sd15-cn"])))
+    for name in ("unet", "vae", "text_encoder", "controlnet"):
+        _same_weights(getattr(comp.pipe, name), getattr(sd15_components.pipe, name))
+    torch.testing.assert_close(eps_of(comp), eps_of(sd15_components), **TOL)
+    for ours, theirs in zip(_controlnet_out(comp), _controlnet_out(sd15_components), strict=True):
+        torch.testing.assert_close(ours, theirs, **TOL)
+    cfg = tiny_sdxl().model
+    cfg.base, cfg.controlnet = str(out["sdxl"]), str(out["sdxl-cn"])
+    comp = load_components(cfg)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+        _same_weights(getattr(comp.pipe, name), getattr(sdxl_components.pipe, name))
+    for ours, theirs in zip(_controlnet_out(comp), _controlnet_out(sdxl_components), strict=True):
+        torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_to_single_file_names_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main = _script("to_single_file").main
+    with pytest.raises(SystemExit) as e:  # argparse's error: usage, then the line
+        main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "--source: " in capsys.readouterr().err
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    (tmp_path / "half" / "unet" / "config.json").write_text("{}")
+    assert main(["--source", str(tmp_path / "half"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and "holds no model.safetensors or diffusion_pytorch" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(SystemExit):
+        main(["--source", str(tmp_path / "half"), "--out", str(tmp_path / "x.ckpt")])
+    assert "must be a .safetensors file" in capsys.readouterr().err
