@@ -21,7 +21,9 @@ Measures, with OMP_NUM_THREADS and --model.threads set to --threads:
 With --baseline DIR (another checkout, e.g. `git archive <commit> | tar -x -C DIR`) every --help and round
 runs for both checkouts, interleaved, each with its own folder on PYTHONPATH.
 
-Wall-clock times on a shared machine swing; the ratios are of runs next to each other. Exit 0 when every
+Wall-clock times on a shared machine swing; the ratios are of runs next to each other, and each round's CPU
+seconds (user + system, from rusage) are printed beside its wall time, with their ratio, for information; the
+phase breakdown is in CPU seconds (time.process_time in the child), steadier under other load. Exit 0 when every
 --help is under 2 s without torch and the round ratio is >= 3x, else 1.
 """
 
@@ -32,6 +34,7 @@ import collections
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,9 @@ FLOOR = ("import torch, diffusers, transformers, peft; from diffusers import UNe
 # In-process phase timer: runs generate.py's main with load_components and sample wrapped.
 PHASES = """
 import json, sys, time
-t_start = time.perf_counter()
+clock = time.process_time if "--cpu" in sys.argv else time.perf_counter
+sys.argv = [a for a in sys.argv if a != "--cpu"]
+t_start = clock()
 sys.argv = ["generate.py", *sys.argv[1:]]
 sys.path.insert(0, ".")
 import generate as script
@@ -58,11 +63,11 @@ marks = {}
 import poseloop.generation as gen
 real_load, real_sample, real_generate = gen.load_components, gen.sample, gen.generate
 def load(*a, **k):
-    t = time.perf_counter(); out = real_load(*a, **k); spent["load_components"] += time.perf_counter() - t; return out
+    t = clock(); out = real_load(*a, **k); spent["load_components"] += clock() - t; return out
 def sample(*a, **k):
-    t = time.perf_counter(); out = real_sample(*a, **k); spent["sample_calls"].append(time.perf_counter() - t); return out
+    t = clock(); out = real_sample(*a, **k); spent["sample_calls"].append(clock() - t); return out
 def generate(cfg):
-    marks["generate"] = time.perf_counter(); out = real_generate(cfg); marks["end"] = time.perf_counter(); return out
+    marks["generate"] = clock(); out = real_generate(cfg); marks["end"] = clock(); return out
 gen.load_components, gen.sample, gen.generate = load, sample, generate
 code = script.main()
 calls = spent["sample_calls"]
@@ -80,13 +85,20 @@ def env(threads: int, root: Path) -> dict[str, str]:
 
 
 def timed(cmd: list[str], threads: int, root: Path = ROOT) -> tuple[float, subprocess.CompletedProcess]:
-    """Wall seconds of one whole process (start to exit) in checkout `root` and its result; a failure stops the bench."""
+    """Wall seconds of one whole process (start to exit) in checkout `root` and its result; a failure stops the bench.
+    The process's CPU seconds (user + system, from the children's rusage) go to CPU[-1]."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env(threads, root))
     seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return seconds, proc
+
+
+CPU: list[float] = []  # each timed() process's CPU seconds, in order
 
 
 def import_breakdown(stderr: str) -> tuple[float, list[tuple[str, float]], bool]:
@@ -142,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             rs = [b / a for a, b in zip(times[""], times["baseline "])]
             print(f"  baseline / this checkout = {statistics.median(rs):.2f}x [{min(rs):.2f}, {max(rs):.2f}]")
     floor = [timed([py, "-c", FLOOR], args.threads)[0] for _ in range(args.repeats)]
+    floor_cpu = CPU[-args.repeats:]
     print(f"{'floor: import torch+diffusers+...':<34}{statistics.median(floor):>8.2f}{min(floor):>8.2f}"
-          f"{max(floor):>8.2f}")
+          f"{max(floor):>8.2f}   CPU s {statistics.median(floor_cpu):.2f}")
     print("goal: every --help < 2 s without torch")
     if args.skip_generate:
         return 0 if ok else 1
 
     runs: dict[str, list[float]] = {tag + name: [] for tag in roots for name in ROUNDS}
+    cpu: dict[str, list[float]] = {key: [] for key in runs}
     with tempfile.TemporaryDirectory(prefix="bench_startup-") as tmp:
         for r in range(args.repeats):
             order = list(ROUNDS) if r % 2 == 0 else list(ROUNDS)[::-1]
@@ -157,20 +171,24 @@ def main(argv: list[str] | None = None) -> int:
                     folder = f"{tmp}/{tag.strip()}{name}-{r}"
                     runs[tag + name].append(timed([py, "generate.py", *generate_argv(args, name, folder)],
                                                   args.threads, root)[0])
+                    cpu[tag + name].append(CPU[-1])
             print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in runs.items()),
                   flush=True)
         phases = {}
-        for name in ROUNDS:
-            t, proc = timed([py, "-c", PHASES, *generate_argv(args, name, f"{tmp}/{name}-phases")], args.threads)
+        for name in ROUNDS:  # CPU seconds (process_time in the child, rusage for the whole): steadier under load
+            _, proc = timed([py, "-c", PHASES, *generate_argv(args, name, f"{tmp}/{name}-phases"), "--cpu"],
+                            args.threads)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES ")][-1]
-            phases[name] = {"whole": t, **json.loads(line[7:])}
+            phases[name] = {"whole": CPU[-1], **json.loads(line[7:])}
         _, proc = timed([py, "-X", "importtime", "generate.py", *generate_argv(args, "tiny-lcm", f"{tmp}/lcm-imports")],
                         args.threads)
         total, top, _ = import_breakdown(proc.stderr)
 
-    print(f"\n{'generate.py round (96 images)':<34}{'wall s':>8}{'min':>8}{'max':>8}")
+    print(f"\n{'generate.py round (96 images)':<34}{'wall s':>8}{'min':>8}{'max':>8}{'CPU s':>8}{'min':>8}{'max':>8}")
     for name, times in runs.items():
-        print(f"{name:<34}{statistics.median(times):>8.2f}{min(times):>8.2f}{max(times):>8.2f}")
+        c = cpu[name]
+        print(f"{name:<34}{statistics.median(times):>8.2f}{min(times):>8.2f}{max(times):>8.2f}"
+              f"{statistics.median(c):>8.2f}{min(c):>8.2f}{max(c):>8.2f}")
     for tag in roots:
         ratios = [d / lcm for d, lcm in zip(runs[tag + "default"], runs[tag + "tiny-lcm"])]
         ratio = statistics.median(ratios)
@@ -178,12 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             ok &= ratio >= 3.0
         print(f"{tag}whole process default / tiny-lcm = {ratio:.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] "
               f"(goal >= 3x): {'PASS' if ratio >= 3.0 else 'FAIL'}")
+        cr = [d / lcm for d, lcm in zip(cpu[tag + "default"], cpu[tag + "tiny-lcm"])]
+        print(f"{tag}  the same in CPU seconds (information; less sensitive to other load): "
+              f"{statistics.median(cr):.2f}x [{min(cr):.2f}, {max(cr):.2f}]")
     if args.baseline:
         for name in ROUNDS:
             rs = [b / a for a, b in zip(runs[name], runs["baseline " + name])]
             print(f"{name}: baseline / this checkout = {statistics.median(rs):.2f}x [{min(rs):.2f}, {max(rs):.2f}]")
 
-    print(f"\nwhere one process's time goes (one run each), s{'':<8}{'default':>10}{'tiny-lcm':>10}")
+    print(f"\nwhere one process's CPU time goes (one run each), s{'':<4}{'default':>10}{'tiny-lcm':>10}")
     d, lcm = phases["default"], phases["tiny-lcm"]
     for p in phases.values():
         p["outside"] = p["whole"] - p["in_generate"]
@@ -199,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
           f"first-call extra (first - later mean): {d['first_sample'] - per_call['default']:.2f} / "
           f"{lcm['first_sample'] - per_call['tiny-lcm']:.2f} s")
     # The ratio a process could reach if its start-up were only the floor (everything else as measured).
-    fixed = statistics.median(floor)
+    fixed = statistics.median(floor_cpu)
     work = {n: p["in_generate"] - p["load_components"] for n, p in phases.items()}
-    print(f"  with start-up cut to the import floor ({fixed:.2f} s, model weights loading not counted): "
+    print(f"  with start-up cut to the import floor ({fixed:.2f} CPU s, model weights loading not counted): "
           f"default / tiny-lcm <= {(fixed + work['default']) / (fixed + work['tiny-lcm']):.2f}x; "
           f"with no start-up at all: {work['default'] / work['tiny-lcm']:.2f}x")
 
