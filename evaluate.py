@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from poseloop.configlib import parse_config
 from poseloop.errors import user_errors
-from poseloop.evaluation import evaluate
 from poseloop.evaluation_config import PRESETS, EvaluateConfig
 
 
@@ -21,6 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(EvaluateConfig, PRESETS, "tiny", argv, description=__doc__, prog="evaluate.py",
                           aliases={"policy": "eval.policy", "baseline": "eval.baseline"})
     with user_errors():
+        from poseloop.evaluation import evaluate  # torch and diffusers: after --help and argument errors
+
         result = evaluate(cfg)
     print(result.summary())
     return 0

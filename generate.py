@@ -16,7 +16,6 @@ from types import FrameType
 from poseloop.config import PRESETS, GenerateConfig
 from poseloop.configlib import parse_config
 from poseloop.errors import user_errors
-from poseloop.generation import generate
 
 
 class Terminated(BaseException):
@@ -36,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         with user_errors():
+            from poseloop.generation import generate  # torch and diffusers: after --help and argument errors
+
             result = generate(cfg)
     except (KeyboardInterrupt, Terminated) as e:
         how, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from poseloop.configlib import parse_config
 from poseloop.errors import user_errors
-from poseloop.training import PRESETS, PolicyConfig, train
+from poseloop.policy_config import PRESETS, PolicyConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(PolicyConfig, PRESETS, "tiny", argv, description=__doc__, prog="train_policy.py")
     try:
         with user_errors():
+            from poseloop.training import train  # torch and diffusers: after --help and argument errors
+
             result = train(cfg)
     except KeyboardInterrupt:
         return 130

@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from poseloop.configlib import parse_config
 from poseloop.errors import user_errors
 from poseloop.reward_config import PRESETS, TrainRewardConfig
-from poseloop.reward_training import train_reward
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, train one version, print a one-line summary."""
     cfg, _ = parse_config(TrainRewardConfig, PRESETS, "default", argv, description=__doc__, prog="train_reward.py")
     with user_errors():  # LabelDataError is an InputError: bad labels print one line and exit 2
+        from poseloop.reward_training import train_reward  # torch: after --help and argument errors
+
         result = train_reward(cfg)
     print(result.summary())
     return 0

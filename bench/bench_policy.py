@@ -17,14 +17,23 @@ runs one warm-up epoch, then times `--epochs` epochs of sampling + reward + PPO 
 seconds per trained sample and the process's peak RSS (resource.getrusage ru_maxrss, which counts
 model loading too; the delta over the loaded state is reported beside it).
 
-Same settings on both sides: the embedded tiny SD1.5-architecture UNet/VAE/text encoder at the UNet's
-native size (unet sample_size x the VAE's scale factor: 64 px for the embedded world; trl's pipeline
-always samples at that size, so ours is set to it and both sides report it), DDIM with eta 1, CFG 5,
-LoRA r=4 on to_q/to_k/to_v/to_out.0, all timesteps trained, one inner epoch, per-prompt stat tracking,
-brightness reward, one CPU thread.
+The same work on both sides (`ours`, `fast`, `graphs` against `trl`): ours_config() sets every field that
+changes the work explicitly, whatever the tiny preset says, and work_ours() / work_trl() describe each side's
+work in the same terms (steps sampled and trained per trajectory, one x_T per trajectory, LoRA modules,
+rank and alpha, trajectories, sample and train batches, optimizer steps, CFG in sampling and training,
+eta, resolution, dtype, optimizer and PPO settings, per-prompt statistics). The run prints them side by side
+with `trained steps per trajectory: ours N / trl N`, and refuses to time sides whose work differs; each child
+also reports what it actually trained (steps per trajectory, x_T per trajectory; trl's live LoRA config and
+num_train_timesteps), checked against the declared work. tests/test_bench_policy.py checks the mapping
+without trl or a training loop. The settings: the embedded tiny SD1.5-architecture UNet/VAE/text encoder at
+the UNet's native size (unet sample_size x the VAE's scale factor: 64 px for the embedded world; trl's
+pipeline always samples at that size), DDIM with eta 1, CFG 5 in sampling and training, LoRA r=4 alpha 4 on
+to_q/to_k/to_v/to_out.0, all 10 steps trained, one x_T per trajectory, one inner epoch, one optimizer step
+per epoch, per-prompt stat tracking (buffer 16, min count 8), trl's optimizer and PPO defaults, brightness
+reward, one CPU thread.
 trl handles a plain StableDiffusionPipeline only, so trl gets a plain pipeline built from the same
-components, while poseloop runs its ControlNet pipeline with controlnet_scale 0: the ControlNet
-still runs on our side (a cost trl does not pay).
+components, while poseloop runs its ControlNet pipeline with controlnet_scale 0, at which
+poseloop.sampling.predict_noise skips the ControlNet's forward pass (its residuals would be zero).
 
 trl is a peer, not a dependency: install it beside the project without touching the venv:
     pip download trl==0.23.1 --no-deps -d /tmp/trl_wheels
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -43,6 +53,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "bench" / ".peers"
@@ -61,11 +72,163 @@ def native_size(model_dir: str) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+# What trl 0.23.1 fixes in code rather than in DDPOConfig: DefaultDDPOStableDiffusionPipeline(use_lora=True)
+# adds LoraConfig(r=4, lora_alpha=4, target_modules=[...]) (trl/models/modeling_sd_base.py); DDPOTrainer trains
+# int(sample_num_steps * train_timestep_fraction) steps of every trajectory, each from its own x_T, with CFG in
+# the training pass when train_cfg (trl/trainer/ddpo_trainer.py). run_trl checks these against the live trainer.
+TRL_LORA_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+TRL_LORA_RANK, TRL_LORA_ALPHA = 4, 4.0
+# Sides that must do trl's work; pose_* (ControlNet at scale 1) and d3po do other work on purpose.
+LIKE_TRL = ("ours", "fast", "graphs")
+
+
+def trl_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """trl's DDPOConfig arguments (its defaults written out where they set the work), without importing trl."""
+    return dict(num_epochs=args.epochs + 1, sample_num_steps=args.steps, sample_eta=1.0, sample_guidance_scale=5.0,
+                sample_batch_size=args.samples, sample_num_batches_per_epoch=1, train_batch_size=args.samples,
+                train_gradient_accumulation_steps=1, train_timestep_fraction=1.0, train_num_inner_epochs=1,
+                train_cfg=True, train_learning_rate=3e-4, train_adam_beta1=0.9, train_adam_beta2=0.999,
+                train_adam_weight_decay=1e-4, train_adam_epsilon=1e-8, train_max_grad_norm=1.0,
+                train_adv_clip_max=5.0, train_clip_range=1e-4, mixed_precision="no", log_with=None,
+                per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=16,
+                per_prompt_stat_tracking_min_count=8, negative_prompts=None, save_freq=10**6,
+                accelerator_kwargs={"cpu": True})
+
+
+def ours_config(args: argparse.Namespace, side: str, out_dir: str):  # -> PolicyConfig
+    """Our side's config: the tiny preset's model and output folders, every field that sets the work explicit."""
+    from poseloop.policy_config import tiny_on
+
+    kw = trl_config_kwargs(args)
+    cfg = tiny_on(args.model, out_dir)
+    cfg.algo = "ddpo"
+    cfg.model.dtype, cfg.model.lora, cfg.model.lcm_lora, cfg.model.policy = "float32", "", "", ""
+    s = cfg.sample
+    s.width = s.height = native_size(args.model)
+    s.sampler, s.steps, s.eta, s.guidance_scale = "ddim", kw["sample_num_steps"], kw["sample_eta"], kw["sample_guidance_scale"]
+    s.controlnet_scale = 1.0 if side.startswith("pose") else 0.0
+    s.negative_prompt = "" if kw["negative_prompts"] is None else kw["negative_prompts"]
+    s.images_per_group, s.batch_size = args.samples // len(PROMPTS), kw["sample_batch_size"]
+    cfg.data.prompts, cfg.data.poses = PROMPTS, ["standing"]
+    t = cfg.target
+    t.kind, t.lora_modules, t.lora_rank, t.lora_alpha = "unet_lora", list(TRL_LORA_MODULES), TRL_LORA_RANK, TRL_LORA_ALPHA
+    t.gradient_checkpointing = False
+    o = cfg.optim
+    o.lr, o.beta1, o.beta2 = kw["train_learning_rate"], kw["train_adam_beta1"], kw["train_adam_beta2"]
+    o.weight_decay, o.adam_eps, o.max_grad_norm = kw["train_adam_weight_decay"], kw["train_adam_epsilon"], kw["train_max_grad_norm"]
+    o.use_8bit_adam, o.mixed_precision = False, kw["mixed_precision"]
+    tr = cfg.train
+    tr.groups_per_epoch, tr.batch_size = len(PROMPTS), kw["train_batch_size"]
+    tr.grad_accum, tr.inner_epochs = kw["train_gradient_accumulation_steps"], kw["train_num_inner_epochs"]
+    # Every step of every trajectory, each trajectory from its own x_T (the tiny preset: the first 4, one per group).
+    tr.timestep_fraction, tr.first_steps, tr.shared_start = kw["train_timestep_fraction"], 0, False
+    tr.clip_range, tr.adv_clip_max = kw["train_clip_range"], kw["train_adv_clip_max"]
+    tr.stat_buffer, tr.stat_min_count = kw["per_prompt_stat_tracking_buffer_size"], kw["per_prompt_stat_tracking_min_count"]
+    tr.fused_update = side in ("fast", "pose_fast", "graphs", "pose_graphs")
+    tr.fused_route = "graphs" if side in ("graphs", "pose_graphs") else "per_sample"
+    if side == "d3po":
+        # One pair per group (its best and worst image): samples / 2 groups give samples / 2 pairs, so D3PO's
+        # update minibatch holds as many trajectories (winners + losers) as DDPO's, at the same per-row cost.
+        cfg.algo, cfg.d3po.source = "d3po", "reward"
+        tr.groups_per_epoch = args.samples // 2
+    cfg.validate()
+    return cfg
+
+
+def trained_steps_ours(cfg) -> int:  # type: ignore[no-untyped-def]
+    """Steps trained per trajectory, by the trainer's own choice (PolicyTrainer._chosen_trainable_steps) on the
+    model's scheduler, without loading the model."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    from poseloop.sampling import _step_scheduler
+    from poseloop.training import PolicyTrainer
+
+    comp = SimpleNamespace(scheduler=DDIMScheduler.from_pretrained(cfg.model.base, subfolder="scheduler"), device="cpu")
+    like = SimpleNamespace(timesteps=_step_scheduler(comp, cfg.sample).timesteps.cpu(), sample_cfg=cfg.sample)
+    me = SimpleNamespace(cfg=cfg, comp=comp)
+    return len(PolicyTrainer._chosen_trainable_steps(me, like, torch.Generator().manual_seed(0)))  # type: ignore[arg-type]
+
+
+def work_ours(cfg) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """What our side computes per epoch, in the terms work_trl uses."""
+    s, t, o, tr = cfg.sample, cfg.target, cfg.optim, cfg.train
+    n = tr.groups_per_epoch * s.images_per_group
+    return {
+        "sampler, steps per trajectory": (s.sampler, s.steps),
+        "trained steps per trajectory": trained_steps_ours(cfg),
+        "x_T per trajectory": "one per group" if tr.shared_start else "its own",
+        "trajectories per epoch": n,
+        "sample batch": min(s.batch_size, n),
+        "train minibatch, accumulation, inner epochs": (tr.batch_size, tr.grad_accum, tr.inner_epochs),
+        "optimizer steps per epoch": tr.inner_epochs * math.ceil(math.ceil(n / tr.batch_size) / tr.grad_accum),
+        "CFG scale, CFG in training": (s.guidance_scale, s.guidance_scale > 1),
+        "negative prompt": s.negative_prompt,
+        "eta": s.eta,
+        "resolution px": (s.width, s.height),
+        "ControlNet forward passes": "yes" if s.controlnet_scale else "none (scale 0 skips it)",
+        "trained weights": t.kind,
+        "LoRA modules": sorted(t.lora_modules),
+        "LoRA rank, alpha": (t.lora_rank, float(t.lora_alpha)),
+        "gradient checkpointing": t.gradient_checkpointing,
+        "weights added before training": [x for x in (cfg.model.lora, cfg.model.lcm_lora, cfg.model.policy) if x],
+        "dtype, mixed precision": ("float32" if cfg.model.dtype in ("auto", "float32") else cfg.model.dtype,
+                                   o.mixed_precision),
+        "AdamW lr, betas, weight decay, eps": (o.lr, (o.beta1, o.beta2), o.weight_decay, o.adam_eps),
+        "8-bit Adam": o.use_8bit_adam,
+        "max grad norm": o.max_grad_norm,
+        "PPO clip range, advantage clip": (tr.clip_range, tr.adv_clip_max),
+        "per-prompt stats buffer, min count": (tr.stat_buffer, tr.stat_min_count),
+    }
+
+
+def work_trl(kw: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """What trl's side computes per epoch (DDPOConfig arguments + what trl 0.23.1 fixes in code)."""
+    n = kw["sample_batch_size"] * kw["sample_num_batches_per_epoch"]
+    size = native_size(model_dir)
+    return {
+        "sampler, steps per trajectory": ("ddim", kw["sample_num_steps"]),
+        "trained steps per trajectory": int(kw["sample_num_steps"] * kw["train_timestep_fraction"]),
+        "x_T per trajectory": "its own",
+        "trajectories per epoch": n,
+        "sample batch": kw["sample_batch_size"],
+        "train minibatch, accumulation, inner epochs": (kw["train_batch_size"], kw["train_gradient_accumulation_steps"],
+                                                        kw["train_num_inner_epochs"]),
+        "optimizer steps per epoch": kw["train_num_inner_epochs"] * math.ceil(
+            math.ceil(n / kw["train_batch_size"]) / kw["train_gradient_accumulation_steps"]),
+        "CFG scale, CFG in training": (kw["sample_guidance_scale"], bool(kw["train_cfg"])),
+        "negative prompt": "" if kw["negative_prompts"] is None else kw["negative_prompts"],
+        "eta": kw["sample_eta"],
+        "resolution px": (size, size),
+        "ControlNet forward passes": "none (scale 0 skips it)",  # a plain pipeline: no ControlNet at all
+        "trained weights": "unet_lora",
+        "LoRA modules": sorted(TRL_LORA_MODULES),
+        "LoRA rank, alpha": (TRL_LORA_RANK, TRL_LORA_ALPHA),
+        "gradient checkpointing": False,
+        "weights added before training": [],
+        "dtype, mixed precision": ("float32", kw["mixed_precision"]),
+        "AdamW lr, betas, weight decay, eps": (kw["train_learning_rate"], (kw["train_adam_beta1"], kw["train_adam_beta2"]),
+                                               kw["train_adam_weight_decay"], kw["train_adam_epsilon"]),
+        "8-bit Adam": False,
+        "max grad norm": kw["train_max_grad_norm"],
+        "PPO clip range, advantage clip": (kw["train_clip_range"], kw["train_adv_clip_max"]),
+        "per-prompt stats buffer, min count": (kw["per_prompt_stat_tracking_buffer_size"],
+                                               kw["per_prompt_stat_tracking_min_count"]),
+    }
+
+
+def work_differences(ours: dict[str, Any], trl: dict[str, Any]) -> list[str]:
+    """One line per work field where the sides differ (empty: the same work)."""
+    return [f"{k}: ours {ours.get(k)!r} / trl {trl.get(k)!r}" for k in dict.fromkeys([*ours, *trl])
+            if ours.get(k) != trl.get(k)]
+
+
 def run_ours(args: argparse.Namespace, out: dict) -> None:
     """poseloop's DDPO (or D3PO, side d3po): time epochs after a warm-up, and the update part of them."""
     import torch
 
-    from poseloop.policy_config import tiny_on
     from poseloop.training import PolicyTrainer
 
     class Brightness:
@@ -74,23 +237,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         def __call__(self, images, latents, prompts, metadata):  # type: ignore[no-untyped-def]
             return images.mean(dim=(1, 2, 3))
 
-    tmp = tempfile.mkdtemp()
-    cfg = tiny_on(args.model, tmp)
-    cfg.sample.width = cfg.sample.height = out["size"] = native_size(args.model)
-    cfg.sample.steps = args.steps
-    cfg.sample.controlnet_scale = 1.0 if args.side.startswith("pose") else 0.0
-    cfg.train.fused_update = args.side in ("fast", "pose_fast", "graphs", "pose_graphs")
-    cfg.train.fused_route = "graphs" if args.side in ("graphs", "pose_graphs") else "per_sample"
-    cfg.sample.images_per_group, cfg.sample.batch_size = args.samples // len(PROMPTS), args.samples
-    cfg.data.prompts, cfg.data.poses = PROMPTS, ["standing"]
-    cfg.train.groups_per_epoch, cfg.train.batch_size = len(PROMPTS), args.samples
-    if args.side == "d3po":
-        # One pair per group (its best and worst image): samples / 2 groups give samples / 2 pairs, so D3PO's
-        # update minibatch holds as many trajectories (winners + losers) as DDPO's, at the same per-row cost.
-        cfg.algo, cfg.d3po.source = "d3po", "reward"
-        cfg.train.groups_per_epoch = args.samples // 2
-    # The same work as trl's side: attention LoRA, every timestep (the tiny preset trains more modules on half).
-    cfg.target.lora_modules, cfg.train.timestep_fraction = ["to_q", "to_k", "to_v", "to_out.0"], 1.0
+    cfg = ours_config(args, args.side, tempfile.mkdtemp())
+    out["size"] = cfg.sample.width
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     loaded = maxrss_mb()
     algo = trainer.algorithm
@@ -107,6 +255,21 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         return wrapper
 
     algo.update, trainer._reference_log_probs = timed("update", real_update), timed("reference", real_ref)
+    # What the trainer actually does, for the parent's check against the declared work.
+    seen: dict[str, set] = {"trained": set(), "starts": set()}
+    real_choose, real_starts = trainer._chosen_trainable_steps, trainer._start_seeds
+
+    def choose(*a, **k):  # type: ignore[no-untyped-def]
+        steps = real_choose(*a, **k)
+        seen["trained"].add(len(steps))
+        return steps
+
+    def starts(*a, **k):  # type: ignore[no-untyped-def]
+        got = real_starts(*a, **k)
+        seen["starts"].add("its own" if got is None else "one per group")
+        return got
+
+    trainer._chosen_trainable_steps, trainer._start_seeds = choose, starts
     algo.epoch(0)  # warm-up
     spent.update(update=0.0, reference=0.0)
     t0 = time.perf_counter()
@@ -120,6 +283,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     out["reference_seconds_per_item"] = spent["reference"] / (args.epochs * per)
     out["update_and_reference_seconds_per_item"] = (spent["update"] + spent["reference"]) / (args.epochs * per)
     out["rss_loaded_mb"], out["rss_peak_mb"] = loaded, maxrss_mb()
+    out["live_trained_steps"], out["live_starts"] = sorted(seen["trained"]), sorted(seen["starts"])
     assert torch.get_num_threads() == 1
 
 
@@ -155,12 +319,7 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
 
     PartialState(cpu=True)  # trl's pipeline logs through accelerate before its trainer creates the state
     pipeline = DefaultDDPOStableDiffusionPipeline(plain, use_lora=True)
-    cfg = DDPOConfig(num_epochs=args.epochs + 1, sample_num_steps=args.steps, sample_eta=1.0, sample_guidance_scale=5.0,
-                     sample_batch_size=args.samples, sample_num_batches_per_epoch=1, train_batch_size=args.samples,
-                     train_gradient_accumulation_steps=1, train_timestep_fraction=1.0, train_num_inner_epochs=1,
-                     train_learning_rate=3e-4, mixed_precision="no", log_with=None, per_prompt_stat_tracking=True,
-                     per_prompt_stat_tracking_buffer_size=16, per_prompt_stat_tracking_min_count=8,
-                     save_freq=10**6, logdir=tempfile.mkdtemp(), accelerator_kwargs={"cpu": True})
+    cfg = DDPOConfig(**trl_config_kwargs(args), logdir=tempfile.mkdtemp())
     counter = {"i": 0}
 
     def prompt_fn():  # type: ignore[no-untyped-def]
@@ -174,6 +333,9 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
     sd = pipeline.sd_pipeline
     out["size"] = sd.unet.config.sample_size * sd.vae_scale_factor  # what trl's pipeline call samples at
     assert out["size"] == native_size(args.model), (out["size"], native_size(args.model))
+    peft = sd.unet.peft_config["default"]
+    out["live_trained_steps"], out["live_lora"] = [trainer.num_train_timesteps], [
+        int(peft.r), float(peft.lora_alpha), sorted(peft.target_modules)]
     loaded = maxrss_mb()
     step = trainer.step(0, 0)  # warm-up
     t0 = time.perf_counter()
@@ -198,8 +360,8 @@ def child(side: str, args: argparse.Namespace) -> dict:
 SIDES = ("ours", "fast", "graphs", "trl", "pose_std", "pose_fast", "pose_graphs", "d3po")
 
 
-def main() -> int:
-    """Interleave the sides, print a table and ratios measured in this run (median, min and max over repeats)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's arguments (a child gets --side)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="sides to run")
@@ -209,7 +371,46 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; medians are reported")
     ap.add_argument("--model", default=str(ROOT / "models" / "tiny-sd15"), help="tiny model folder")
     ap.add_argument("--log", default="", help="append each child's JSON report to this file")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def print_work(args: argparse.Namespace) -> list[str]:
+    """Print both sides' work side by side; return the differences (ours' sides in LIKE_TRL against trl)."""
+    ours, trl = work_ours(ours_config(args, "ours", tempfile.mkdtemp())), work_trl(trl_config_kwargs(args), args.model)
+    print(f"trained steps per trajectory: ours {ours['trained steps per trajectory']} / "
+          f"trl {trl['trained steps per trajectory']}")
+    print(f"{'work (ours, fast, graphs | trl)':<46}{'ours':<42}trl")
+    for key in dict.fromkeys([*ours, *trl]):
+        a, b = ours.get(key), trl.get(key)
+        print(f"{key:<46}{a!r:<42}{'same' if a == b else repr(b) + '   <- DIFFERS'}")
+    diffs = []
+    for side in LIKE_TRL:
+        diffs += [f"{side}: {d}" for d in work_differences(work_ours(ours_config(args, side, tempfile.mkdtemp())), trl)]
+    return diffs
+
+
+def live_differences(args: argparse.Namespace, results: dict[str, list[dict]]) -> list[str]:
+    """What the children report they trained, against the declared work."""
+    trl_work = work_trl(trl_config_kwargs(args), args.model)
+    want_steps = [trl_work["trained steps per trajectory"]]
+    out = []
+    for side, runs in results.items():
+        for r in runs:
+            if "error" in r or side not in (*LIKE_TRL, "trl"):
+                continue
+            if r.get("live_trained_steps") != want_steps:
+                out.append(f"{side}: trained {r.get('live_trained_steps')} steps per trajectory, declared {want_steps}")
+            if side != "trl" and r.get("live_starts") != ["its own"]:
+                out.append(f"{side}: x_T per trajectory {r.get('live_starts')}, declared ['its own']")
+            lora = [TRL_LORA_RANK, TRL_LORA_ALPHA, sorted(TRL_LORA_MODULES)]
+            if side == "trl" and r.get("live_lora") != lora:
+                out.append(f"trl: live LoRA (r, alpha, modules) {r.get('live_lora')}, declared {lora}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Interleave the sides, print a table and ratios measured in this run (median, min and max over repeats)."""
+    args = parse_args(argv)
     if args.side:
         import torch
 
@@ -221,6 +422,10 @@ def main() -> int:
     from poseloop.tiny import ensure_embedded
 
     ensure_embedded(args.model)
+    diffs = print_work(args)
+    if diffs:
+        print("not the same work as trl's side, nothing timed:\n  " + "\n  ".join(diffs))
+        return 1
     results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for _ in range(args.repeats):
         for side in args.sides:
@@ -266,7 +471,9 @@ def main() -> int:
     ratio("d3po", "ours", "update_and_reference_seconds_per_item",
           "D3PO update + fresh pairs' reference pass s/pair / DDPO update s/sample", b_key="update_seconds_per_item")
     print("memory: resource.getrusage(RUSAGE_SELF).ru_maxrss of each child process")
-    return 0
+    live = live_differences(args, results)
+    print("work done, as the children report it: " + ("as declared" if not live else "DIFFERS\n  " + "\n  ".join(live)))
+    return 1 if live else 0
 
 
 if __name__ == "__main__":

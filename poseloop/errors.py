@@ -8,7 +8,13 @@ from contextlib import contextmanager
 
 from poseloop.configlib import ConfigError
 from poseloop.inputs import InputError
-from poseloop.models import ModelLoadError
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The expected errors; ModelLoadError once poseloop.models is loaded (only it raises one, and importing it
+    here would import torch into every script's start, --help included)."""
+    models = sys.modules.get("poseloop.models")
+    return (ConfigError, InputError, FileNotFoundError, *((models.ModelLoadError,) if models else ()))
 
 
 @contextmanager
@@ -16,6 +22,8 @@ def user_errors() -> Iterator[None]:
     """Print bad-input errors as 'error: ...' without a traceback and exit with status 2."""
     try:
         yield
-    except (ConfigError, InputError, ModelLoadError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_error_types()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -19,14 +19,8 @@ from typing import Any
 import torch
 
 from poseloop.models import Components
+from poseloop.policy_config import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, TARGETS  # noqa: F401 (re-exported)
 
-TARGETS = ("unet_lora", "controlnet", "controlnet_lora")
-DEFAULT_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-# Every linear and conv layer of the UNet blocks (LoCon-style; kohya and ComfyUI load conv LoRAs). The
-# embedded UNet has two attention levels of 32-64 channels: a LoRA on them alone barely moves the
-# samples, while one on the resnets and feed-forwards too does (docs/WORLD.md has the measurement).
-ALL_LORA_MODULES = (*DEFAULT_LORA_MODULES, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                    "conv1", "conv2", "conv_in", "conv_out")
 ADAPTER = "default"
 
 

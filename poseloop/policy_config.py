@@ -26,7 +26,16 @@ from poseloop.config import (
     validate_sample,
 )
 from poseloop.configlib import ConfigError, field, to_dict
-from poseloop.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, TARGETS
+
+# The trainable targets and LoRA module names (poseloop.policy re-exports them): here, so that the config and
+# train_policy.py --help import no torch.
+TARGETS = ("unet_lora", "controlnet", "controlnet_lora")
+DEFAULT_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# Every linear and conv layer of the UNet blocks (LoCon-style; kohya and ComfyUI load conv LoRAs). The
+# embedded UNet has two attention levels of 32-64 channels: a LoRA on them alone barely moves the
+# samples, while one on the resnets and feed-forwards too does (docs/WORLD.md has the measurement).
+ALL_LORA_MODULES = (*DEFAULT_LORA_MODULES, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_in", "conv_out")
 
 
 # ---- configuration -------------------------------------------------------------------------------

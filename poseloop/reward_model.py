@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from poseloop.configlib import ConfigError, field
+from poseloop.configlib import ConfigError
+from poseloop.reward_config import ARCHES, KINDS, RewardModelConfig  # noqa: F401 (re-exported)
 from poseloop.store import read_latest_file, write_latest_file
 
 REWARD_FORMAT = "poseloop.reward/1"
@@ -37,8 +38,6 @@ WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 LATEST_FILE = "latest"
-ARCHES = ("almostperfect", "improved")
-KINDS = ("latent", "clip")
 
 
 def ensemble_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,48 +48,6 @@ def ensemble_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 class LatentShapeError(ValueError):
     """Latents do not match what a reward model was trained on (channel count or rank)."""
-
-
-@dataclass
-class RewardModelConfig:
-    """Hyper-parameters of one ensemble member (the latent shape comes from the data, not from here)."""
-
-    kind: str = field("latent", help="latent = a CNN on the sampler's final latents; clip = a small head on frozen CLIP "
-                      "features of the decoded images and the prompt (needs --model.clip; poseloop.clip_reward)",
-                      choices=KINDS)
-    clip: str = field("", help="clip: the frozen CLIP, a transformers CLIPModel folder (config.json + weights, e.g. "
-                      "PickScore_v1) or an open_clip checkpoint file (plain or {'state_dict': ...}, e.g. "
-                      "HPS_v2.1_compressed.pt) of --model.clip_arch; not copied, the saved model names it")
-    clip_arch: str = field("ViT-H-14", help="clip with a checkpoint file: its open_clip architecture (HPSv2 and "
-                           "PickScore are ViT-H-14; open_clip.list_models() lists the names)")
-    clip_processor: str = field("", help="clip with a CLIPModel folder: the CLIP processor folder (tokenizer + "
-                                "preprocessor_config.json); empty = the model folder")
-    arch: str = field("improved", help="almostperfect = AlmostPerfect's CNN (conv 4-8-16-32 + max-pool, adaptive "
-                      "pool 8x8, MLP 2048-1024-1); improved = per-channel input normalisation, GroupNorm, "
-                      "global mean+max pooling, dropout", choices=ARCHES)
-    width: int = field(32, help="improved: channels of the first conv stage (the second has twice as many)")
-    hidden: int = field(64, help="improved and clip: width of the MLP head")
-    dropout: float = field(0.2, help="improved and clip: dropout before each head layer (0 disables)")
-    normalize_input: bool = field(True, help="improved: standardise each latent channel with the training "
-                                  "data's mean/std (stored in the weights)")
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the field."""
-        if self.kind not in KINDS:
-            raise ConfigError(f"model.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.kind == "clip":
-            from poseloop.clip_reward import check_clip_path
-
-            check_clip_path(self)  # a missing or non-CLIP path fails here, before any label or model loads
-        elif self.clip:
-            raise ConfigError(f"model.clip: is set ({self.clip}) but model.kind is 'latent', which does not use it; "
-                              "add --model.kind clip")
-        if self.arch not in ARCHES:
-            raise ConfigError(f"model.arch: {self.arch!r} is not one of {', '.join(ARCHES)}")
-        if self.width < 1 or self.hidden < 1:
-            raise ConfigError(f"model.width / model.hidden: must be >= 1 (got {self.width}, {self.hidden})")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout: must be in [0, 1) (got {self.dropout})")
 
 
 class AlmostPerfectNet(nn.Module):
