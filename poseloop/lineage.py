@@ -295,7 +295,8 @@ def describe(p: Parent) -> str:
     if inputs.get("reward"):
         what.append(f"reward {inputs['reward']}")
     for m in inputs.get("reward_models", []):
-        what.append(f"reward model {m['version']} [{m.get('weights', '')}] on {_labels_text(m.get('labels', {}))}")
+        labels = _labels_text(m.get("labels", {}))
+        what.append(f"reward model {m['version']} [{m.get('weights', '')}]" + (f" on {labels}" if labels else ""))
     if inputs.get("labels"):
         what.append(f"{inputs['labels']['pairs']} preference pairs from {_labels_text(inputs['labels'])}")
     if inputs.get("reward_object"):
