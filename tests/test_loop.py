@@ -75,6 +75,12 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     latest = json.loads((models / "policies" / "latest").read_text())["version"]
     assert latest.startswith("ddpo")
+    # DDPO continued the D3PO policy (the previous one of this model and target); the lineage says so.
+    lineage = json.loads((models / "policies" / latest / "lineage.json").read_text())
+    assert lineage["parent"].startswith("d3po") and lineage["inputs"]["reward"] == "latent:version=rm-1"
+    assert train_policy_script.main(["--lineage", "latest", "--model.models_dir", str(models)]) == 0
+    chain = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip(" <-") for line in chain] == [latest, lineage["parent"], "base"]
     assert (models / "policies" / latest / "lora_kohya.safetensors").is_file()  # under model.models_dir
     assert (models / "policy_runs").is_dir()
 
@@ -93,3 +99,4 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert f"{latest} vs base on 4 pairs" in capsys.readouterr().out
     report = models / "policies" / latest / "eval" / f"eval-{latest}-vs-base" / "report.md"
     assert "| latent |" in report.read_text()
+    assert f"Lineage: {latest} <- {lineage['parent']} <- base" in report.read_text()
