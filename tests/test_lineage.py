@@ -247,3 +247,22 @@ def test_d3po_runs_on_other_labels_get_other_names(models_dir: Path, tmp_path: P
         pref.choice = "a"  # the same count, another judgement
     third, labels = run_name()
     assert third not in (first, second) and labels["pairs"] == 7
+
+
+def test_d3po_continuing_a_policy_compares_against_that_policy(models_dir: Path, tmp_path: Path, rated: Path) -> None:
+    """The reference of a continued run is its parent (the model before this round), not the bare base model."""
+    torch.set_num_threads(1)
+    _, first = train(policy_cfg(models_dir, tmp_path, reward="brightness"))
+    cfg = policy_cfg(models_dir, tmp_path)
+    cfg.algo, cfg.d3po.samples_dir = "d3po", str(rated)
+    trainer = PolicyTrainer(cfg, progress=False)
+    assert trainer.parent is not None and trainer.parent.version == first.export_dir.name
+    # Before the first update the weights are the parent's: every ratio pi / pi_ref is 1 up to float32 noise
+    # (test_policy's RATIO_TOL); against the base model it would be the parent's whole update away from 1.
+    trainer.run()
+    assert trainer.first_ratio is not None and trainer.first_ratio < 1e-5, trainer.first_ratio
+    with trainer.policy.reference():
+        ref = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    parent = trainer.policy.reference_state
+    assert parent is not None and all(torch.equal(ref[k], parent[k]) for k in ref)
+    assert any(not torch.equal(trainer.policy.state_dict()[k], parent[k]) for k in ref)  # restored after the block
