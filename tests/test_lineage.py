@@ -70,7 +70,11 @@ def lineage_of(folder: Path) -> dict:
     return json.loads((folder / "lineage.json").read_text())
 
 
-def test_a_new_reward_model_trains_a_new_run_that_continues_the_last_policy(models_dir: Path, tmp_path: Path) -> None:
+def test_a_new_reward_model_trains_a_new_run_that_continues_the_last_policy(
+        models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import train_policy as train_policy_script
+    from poseloop.lineage import lineage_line
+
     torch.set_num_threads(1)
     models = tmp_path / "models"
     save_reward_version(models, "rm-1", 1)
@@ -97,6 +101,18 @@ def test_a_new_reward_model_trains_a_new_run_that_continues_the_last_policy(mode
     # And that one resumes too, rather than stacking on itself.
     _, third = train(policy_cfg(models_dir, tmp_path))
     assert (third.run_dir, third.epochs_this_run) == (second.run_dir, 0)
+
+    # The lineage, printed back to the base model.
+    capsys.readouterr()
+    assert train_policy_script.main(["--lineage", "latest", "--model.models_dir", str(models)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    print("\n".join(out))
+    assert out[0].startswith(f"{second.export_dir.name}: ddpo unet_lora, 1 epochs")
+    assert "reward model rm-2" in out[0] and f"parent {first.export_dir.name}" in out[0]
+    assert out[1].startswith(f"  <- {first.export_dir.name}: ") and "reward model rm-1" in out[1]
+    assert out[2].startswith("  <- base: ") and str(models_dir / "tiny-sd15") in out[2]
+    assert lineage_line(models / "policies", second.export_dir.name) == \
+        f"{second.export_dir.name} <- {first.export_dir.name} <- base"
 
     # --parent base starts from the base model: another run.
     cfg = policy_cfg(models_dir, tmp_path)
@@ -159,39 +175,23 @@ def test_a_continued_controlnet_lora_exports_the_whole_controlnet(models_dir: Pa
 
 
 def test_a_parent_of_another_lora_shape_is_refused_with_the_fix(models_dir: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    train(policy_cfg(models_dir, tmp_path, reward="brightness"))
+    from poseloop.configlib import to_dict
+
+    earlier = policy_cfg(models_dir, tmp_path, reward="brightness")
+    folder = tmp_path / "models" / "policies" / "ddpo-earlier-e0001"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(to_dict(earlier)))  # what an export's config.json holds
     cfg = policy_cfg(models_dir, tmp_path, reward="jpeg_compressibility")
     cfg.target.lora_rank = 2
-    with pytest.raises(ConfigError, match=r"parent: .* rank 4.*rank 2.*--parent base"):
+    with pytest.raises(ConfigError, match=r"parent: ddpo-earlier-e0001 is a LoRA of rank 4.*rank 2.*--parent base"):
+        PolicyTrainer(cfg, progress=False)  # before any model loads
+    cfg.target.lora_rank, cfg.target.kind = 4, "controlnet_lora"  # another target: not a candidate
+    cfg.parent = "ddpo-earlier-e0001"
+    with pytest.raises(ConfigError, match="parent: ddpo-earlier-e0001 trained target unet_lora, this run controlnet_lora"):
         PolicyTrainer(cfg, progress=False)
     cfg.parent = "no-such-policy"
     with pytest.raises(ConfigError, match="parent: no policy 'no-such-policy'"):
         PolicyTrainer(cfg, progress=False)
-
-
-def test_lineage_prints_the_chain_back_to_the_base(models_dir: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    import train_policy as train_policy_script
-
-    torch.set_num_threads(1)
-    models = tmp_path / "models"
-    save_reward_version(models, "rm-1", 1)
-    _, first = train(policy_cfg(models_dir, tmp_path))
-    save_reward_version(models, "rm-2", 2)
-    _, second = train(policy_cfg(models_dir, tmp_path))
-    capsys.readouterr()
-    assert train_policy_script.main(["--lineage", "latest", "--model.models_dir", str(models)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    print("\n".join(out))
-    assert out[0].startswith(f"{second.export_dir.name}: ddpo unet_lora, 1 epochs")
-    assert "reward model rm-2" in out[0] and f"parent {first.export_dir.name}" in out[0]
-    assert out[1].startswith(f"  <- {first.export_dir.name}: ") and "reward model rm-1" in out[1]
-    assert out[2].startswith("  <- base: ") and str(models_dir / "tiny-sd15") in out[2]
-    from poseloop.lineage import lineage_line
-
-    assert lineage_line(models / "policies", second.export_dir.name) == \
-        f"{second.export_dir.name} <- {first.export_dir.name} <- base"
 
 
 @pytest.fixture()
