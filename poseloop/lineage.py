@@ -138,9 +138,13 @@ def read_export(folder: Path) -> Parent | None:
                   lineage if isinstance(lineage, dict) else {})
 
 
+MODEL_KEYS = ("arch", "base", "controlnet", "lcm_lora", "lora")
+
+
 def model_key(model: dict[str, Any]) -> tuple[str, ...]:
-    """What a policy was trained on top of: architecture, base pipeline, ControlNet and fused LCM-LoRA."""
-    return tuple(str(model.get(k, "") or "") for k in ("arch", "base", "controlnet", "lcm_lora"))
+    """What a policy was trained on top of: architecture, base pipeline, ControlNet, fused LCM-LoRA and any other
+    LoRA fused into the base (--model.lora)."""
+    return tuple(str(model.get(k, "") or "") for k in MODEL_KEYS)
 
 
 def _created(p: Parent) -> str:
@@ -262,7 +266,7 @@ def lineage_record(version: str, run: str, algo: str, epoch: int, identity: str,
     return {"version": version, "run": run, "algo": algo, "epoch": epoch,
             "created_at": datetime.now(timezone.utc).isoformat(), "identity": identity,
             "parent": parent.version if parent else None, "inputs_digest": inputs_digest, "inputs": inputs,
-            "base": dict(zip(("arch", "base", "controlnet", "lcm_lora"), model_key(model), strict=True)),
+            "base": dict(zip(MODEL_KEYS, model_key(model), strict=True)),
             "target": kind}
 
 
@@ -321,10 +325,10 @@ def lineage_lines(root: Path, version: str) -> list[str]:
         lines.append(("  <- " if lines else "") + describe(p))
         parent = p.lineage.get("parent")
         if not parent:
-            base = p.lineage.get("base") or dict(zip(("arch", "base", "controlnet", "lcm_lora"),
-                                                     model_key(p.config.get("model", {})), strict=True))
+            base = p.lineage.get("base") or dict(zip(MODEL_KEYS, model_key(p.config.get("model", {})), strict=True))
             lines.append(f"  <- {BASE}: {base.get('base')} + ControlNet {base.get('controlnet')}"
-                         + (f" + LCM-LoRA {base['lcm_lora']}" if base.get("lcm_lora") else ""))
+                         + (f" + LCM-LoRA {base['lcm_lora']}" if base.get("lcm_lora") else "")
+                         + (f" + LoRA {base['lora']} (fused)" if base.get("lora") else ""))
             break
         nxt = read_export(root / parent)
         if nxt is None:
