@@ -64,6 +64,10 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     metrics = json.loads((models / "reward" / "rm-1" / "metrics.json").read_text())
     # Every label given through the app reached the reward model (its accuracy is tested elsewhere).
     assert (metrics["n_scores"], metrics["n_preferences"], metrics["n_groups"]) == (48, 72, 12)
+    # Its lineage: no parent, these labels (per round, with the policy that made the round, and their digest).
+    assert metrics["parent"] is None
+    assert metrics["labels"]["rounds"] == {"round-0001": {"scores": 48, "preferences": 72, "policy": None}}
+    assert len(metrics["labels"]["digest"]) == 16
     assert (models / "reward" / "latest").exists()
 
     # 4. D3PO from the human preferences, then DDPO against the learned reward.
