@@ -83,7 +83,9 @@ def run(work: Path, threads: int, epochs: int, eval_prompts: int, eval_images: i
     for name in runs:
         args = RUNS[name]
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        assert train_policy_script.main([*model, *args, "--reward", learned, "--set", f"train.epochs={epochs}"]) == 0
+        # each run from the base model: the runs are compared side by side, not stacked
+        assert train_policy_script.main([*model, "--parent", "base", *args, "--reward", learned, "--set",
+                                         f"train.epochs={epochs}"]) == 0
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         version = _latest(models / "policies")
         argv = [*model, "--store.samples_dir", str(samples), "--data.prompts", *_prompts(eval_prompts, 3),

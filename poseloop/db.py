@@ -8,7 +8,8 @@ PostgreSQL database instead (`postgresql+psycopg://user:password@host/dbname`, s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +44,25 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     """Declarative base of every table."""
+
+
+LOOP_ROUND = re.compile(r"round-(\d{4,})")
+
+
+def loop_round_number(name: str) -> int | None:
+    """N of a loop round's name 'round-NNNN' (generate.py's default names); None for any other round."""
+    m = LOOP_ROUND.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def loop_round_name(number: int) -> str:
+    """The name of loop round N."""
+    return f"round-{number:04d}"
+
+
+def next_loop_round(names: Iterable[str]) -> int:
+    """The next loop round's number: one past the highest round-NNNN; evaluation and named rounds do not count."""
+    return max((n for n in map(loop_round_number, names) if n is not None), default=0) + 1
 
 
 class Round(Base):

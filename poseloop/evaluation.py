@@ -32,7 +32,9 @@ from poseloop.configlib import ConfigError, field_names, get_field
 from poseloop.evaluation_config import PRESETS, EvaluateConfig
 from poseloop.evaluation_report import EvalResult, MetricSummary, write_report
 from poseloop.generation import PlanMismatchError, generate, set_flag
+from poseloop.lineage import lineage_line
 from poseloop.models import resolve_policy
+from poseloop.reward_spec import pin_reward_versions
 from poseloop.sampling import pil_to_tensor
 from poseloop.store import SampleStore, load_trajectory
 
@@ -214,38 +216,7 @@ def compute_lpips(pairs: list[Pair], store: SampleStore, weights: str) -> tuple[
     return out["baseline"], out["candidate"]
 
 
-# ---- pinning versions and the re-run command ------------------------------------------------------------
-
-
-def _quote_option(value: str) -> str:
-    """An option value as the spec grammar reads it back (quoted when it holds a separator)."""
-    return f'"{value}"' if any(c in value for c in ',+*"\' ') else value
-
-
-def pin_reward_versions(spec: str, models_dir: str | Path) -> tuple[str, list[str]]:
-    """The spec with every learned-reward term's 'latest' replaced by the concrete version, and those versions.
-
-    'latest' moves when train_reward.py runs again; a report (and a re-run of it) must say, and keep,
-    which model produced its numbers.
-    """
-    from poseloop.reward_model import read_latest, resolve_reward_path
-    from poseloop.reward_spec import parse_reward_spec
-
-    terms = parse_reward_spec(spec)
-    if not any(t.name == "latent" for t in terms):
-        return spec, []
-    versions, changed, parts = [], False, []
-    for t in terms:
-        options = dict(t.options)
-        if t.name == "latent":
-            requested = options.get("version", "latest")
-            if requested == "latest":
-                options["version"] = read_latest(models_dir)
-                changed = True
-            versions.append(resolve_reward_path(options["version"], models_dir).name)
-        text = t.name + (":" + ",".join(f"{k}={_quote_option(v)}" for k, v in options.items()) if options else "")
-        parts.append(text if t.weight is None else f"{t.weight:g}*{text}")
-    return (" + ".join(parts) if changed else spec), versions
+# ---- the re-run command ---------------------------------------------------------------------------------
 
 
 def rerun_command(cfg: EvaluateConfig, name: str, candidate: str, baseline: str) -> str:
@@ -410,6 +381,7 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     result = EvalResult(name=name, candidate=candidate, baseline=baseline, pairs=len(pairs), metrics=summaries,
                         skipped=skipped, blind=blind, report_dir=report_dir, seconds=time.perf_counter() - start,
                         command=rerun_command(cfg, name, candidate, baseline),
-                        pinned_specs={req: concrete for concrete, req in requested.items()})
+                        pinned_specs={req: concrete for concrete, req in requested.items()},
+                        lineage=lineage_line(Path(cfg.model.models_dir) / "policies", candidate))
     write_report(result, cfg, pairs, store)
     return result

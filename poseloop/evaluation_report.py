@@ -51,6 +51,7 @@ class EvalResult:
     seconds: float
     command: str = ""  # evaluate.py command that refreshes exactly this evaluation
     pinned_specs: dict[str, str] = dataclasses.field(default_factory=dict)  # metric as asked -> with versions
+    lineage: str = ""  # the candidate's chain of parent policies back to the base model
 
     def summary(self) -> str:
         """The one-line terminal summary."""
@@ -119,6 +120,8 @@ def write_report(result: EvalResult, cfg: EvaluateConfig, pairs: list[Pair], sto
              f"Candidate **{result.candidate}** against baseline **{result.baseline}** on {result.pairs} image pairs "
              f"(same prompt, pose and seed on both sides; {cfg.sample.steps} DDIM steps, guidance "
              f"{cfg.sample.guidance_scale}, base model `{cfg.model.base}`).", "",
+             *([f"Lineage: {result.lineage} (`python train_policy.py --lineage {result.candidate}` prints what each "
+                "was trained on).", ""] if result.lineage else []),
              f"| metric | baseline (mean, {pct}% CI) | candidate (mean, {pct}% CI) | difference ({pct}% CI) | candidate win rate | n |",
              "|---|---|---|---|---|---|"]
     for m in result.metrics:
@@ -148,6 +151,7 @@ def write_report(result: EvalResult, cfg: EvaluateConfig, pairs: list[Pair], sto
     data = {"name": result.name, "candidate": result.candidate, "baseline": result.baseline, "pairs": result.pairs,
             "metrics": [dataclasses.asdict(m) for m in result.metrics], "skipped": result.skipped,
             "blind": result.blind, "command": result.command, "pinned_specs": result.pinned_specs,
+            "lineage": result.lineage,
             "config": to_dict(cfg)}
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))

@@ -130,8 +130,10 @@ def readme_text(version: str, files: list[str], arch: str, base: str, controlnet
 
 
 def export_policy(policy: Any, root: str | Path, version: str, config: dict[str, Any],
-                  extra_metadata: dict[str, str] | None = None) -> Path:
+                  extra_metadata: dict[str, str] | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Export a trained policy to <root>/<version>/ atomically and point <root>/latest at it.
+
+    extra_files: {file name: text} written into the folder too (the trainer's lineage.json).
 
     The folder is written under a temporary name and renamed, so a reader (ComfyUI, the next
     generate.py) never sees half an export; re-exporting a version replaces it whole.
@@ -161,6 +163,8 @@ def export_policy(policy: Any, root: str | Path, version: str, config: dict[str,
             save_controlnet_file(merged, tmp / controlnet_file_name(version), metadata=meta)
             files += [CONTROLNET_DIR, controlnet_file_name(version)]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         from poseloop.comfy_workflow import write_comfy_workflow  # imports this module: not at the top
 
         comfy_files, comfy_readme = write_comfy_workflow(tmp, version, config, policy.target, comp.native_size,

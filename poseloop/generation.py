@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm.auto import tqdm
 
@@ -155,11 +155,7 @@ def open_round(session: Session, cfg: GenerateConfig, phash: str, planned: int) 
                              .order_by(db.Round.id.desc()))
         if rnd is not None:
             return rnd
-        count = session.scalar(select(func.count(db.Round.id))) or 0
-        name = f"round-{count + 1:04d}"
-        while session.scalar(select(db.Round.id).where(db.Round.name == name)) is not None:
-            count += 1
-            name = f"round-{count + 1:04d}"
+        name = db.loop_round_name(db.next_loop_round(session.scalars(select(db.Round.name))))
     rnd = db.Round(name=name, arch=cfg.model.arch, base_model=cfg.model.base, controlnet_model=cfg.model.controlnet,
                    lora_path=cfg.model.lora or None, lora_scale=cfg.model.lora_scale if cfg.model.lora else None,
                    policy_version=cfg.model.policy or None, plan_hash=phash, config_json=json.dumps(to_dict(cfg)), planned_samples=planned)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,8 @@ class Policy:
         self.comp = comp
         self.target = target
         self.frozen_controlnet: torch.nn.Module | None = None
+        # A LoRA continued from a parent policy (continue_from): the parent's weights, the reference model.
+        self.reference_state: dict[str, torch.Tensor] | None = None
         fuse_loaded_lora(comp)
         # Fixed seed for any random adapter init (lora_A), so runs and resumes are reproducible.
         with torch.random.fork_rng(devices=[]):
@@ -107,8 +110,15 @@ class Policy:
 
     @contextmanager
     def reference(self) -> Iterator[None]:
-        """Within this block the pipeline computes with the model before fine-tuning."""
-        if self.is_lora:
+        """Within this block the pipeline computes with the model before fine-tuning (a continued LoRA: the parent)."""
+        if self.reference_state is not None:
+            trained = self.state_dict()
+            self.load_state_dict(self.reference_state)
+            try:
+                yield
+            finally:
+                self.load_state_dict(trained)
+        elif self.is_lora:
             set_adapters_enabled(self.module, False)
             try:
                 yield
@@ -136,6 +146,35 @@ class Policy:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state[n].to(p.device, p.dtype))
+
+    def continue_from(self, kohya_file: Path) -> None:
+        """Start from a parent policy's LoRA (a kohya file of this target's layers, rank and strength): the same
+        LoRA is trained further, so the export holds the whole model; the parent becomes the reference."""
+        from safetensors.torch import load_file
+
+        from poseloop.export import lora_layers
+
+        if self.target != "unet_lora":
+            raise ValueError(f"continue_from: a {self.target} policy continues by loading its ControlNet, not a LoRA")
+        sd = load_file(str(kohya_file))
+        state, wanted = {}, set()
+        for name, layer in lora_layers(self.module, ADAPTER).items():
+            key = f"lora_unet_{name.replace('.', '_')}"
+            wanted.add(key)
+            down, up, alpha = (sd.get(f"{key}.{k}") for k in ("lora_down.weight", "lora_up.weight", "alpha"))
+            a_name, b_name = f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"
+            rank = layer.lora_A[ADAPTER].weight.shape[0]
+            if down is None or up is None or alpha is None:
+                raise ValueError(f"{kohya_file}: no LoRA for layer {name}; the parent was trained on other modules")
+            if (down.shape, up.shape) != (layer.lora_A[ADAPTER].weight.shape, layer.lora_B[ADAPTER].weight.shape) or \
+                    abs(float(alpha) - float(layer.scaling[ADAPTER]) * rank) > 1e-6 * max(1.0, abs(float(alpha))):
+                raise ValueError(f"{kohya_file}: layer {name} has another rank or strength than this run's LoRA")
+            state[a_name], state[b_name] = down, up
+        extra = {k.rsplit(".", 2)[0] for k in sd if k.startswith("lora_unet_")} - wanted
+        if extra:
+            raise ValueError(f"{kohya_file}: {len(extra)} LoRA layer(s) this run does not train, e.g. {sorted(extra)[0]}")
+        self.load_state_dict(state)
+        self.reference_state = self.state_dict()
 
     def merged_controlnet(self) -> torch.nn.Module:
         """The trained ControlNet as a plain diffusers ControlNetModel (a LoRA merged into its weights)."""

@@ -202,6 +202,10 @@ class PolicyConfig:
     reward: str = field("latest", help="reward spec for DDPO (and d3po.source=reward): latest (= latent:latest, the "
                         "learned reward model), brightness, jpeg_compressibility, pose_accuracy, text_alignment, or a "
                         "weighted mix such as 'pose_accuracy*0.5 + text_alignment*0.5'")
+    parent: str = field("auto", help="the policy this run continues (its LoRA trained further; the export then holds "
+                        "the whole model): auto = the newest policy under output.root made for the same base model "
+                        "and target kind (none: the base model), base = start from the base model, latest, or a "
+                        "version; --model.policy VERSION names it too")
     model: ModelConfig = field(default_factory=ModelConfig, help="model weights")
     sample: SampleConfig = field(default_factory=SampleConfig, help="sampler (also the training pass: CFG, eta)")
     data: DataConfig = field(default_factory=DataConfig, help="prompts and poses of online sampling")
@@ -311,6 +315,9 @@ class PolicyConfig:
         for name in ("export_every", "checkpoint_every", "grid_every", "grid_images"):
             if getattr(self.output, name) < 0:
                 raise ConfigError(f"output.{name}: must be >= 0")
+        if not self.parent.strip() or os.sep in self.parent or self.parent.startswith("."):
+            raise ConfigError(f"parent: {self.parent!r} must be auto, base, latest or a policy version (a folder name "
+                              "under output.root)")
         if self.output.run_name and (os.sep in self.output.run_name or self.output.run_name.startswith(".")):
             raise ConfigError(f"output.run_name: {self.output.run_name!r} must be a plain folder name")
 
@@ -355,12 +362,13 @@ def tiny() -> PolicyConfig:
 
 
 def tiny_on(model_dir: str, out_dir: str, threads: int = 0) -> PolicyConfig:
-    """The tiny preset on a model folder (with its controlnet/), runs kept under out_dir, no grids or exports:
-    what benchmarks and experiments start from."""
+    """The tiny preset on a model folder (with its controlnet/), runs kept under out_dir, no grids or exports, each
+    run from the base model: what benchmarks and experiments start from."""
     cfg = tiny()
     cfg.model.base, cfg.model.controlnet, cfg.model.threads = str(model_dir), f"{model_dir}/controlnet", threads
     cfg.output.root, cfg.output.runs_dir = f"{out_dir}/policies", f"{out_dir}/runs"
     cfg.output.grid_every = cfg.output.export_every = 0
+    cfg.parent = "base"  # an experiment measures one run against the base model, not a chain of earlier ones
     return cfg
 
 
@@ -496,6 +504,7 @@ def config_hash(cfg: PolicyConfig) -> str:
     d["train"].pop("fused_route")  # the same gradient either way; runs keep the hashes they had before it existed
     d.pop("output")
     d.pop("guard")
+    d.pop("parent")  # a run's identity adds the resolved parent (poseloop.lineage), not this reference
     if cfg.algo != "refl":
         d.pop("refl")  # ReFL's section does not change other algorithms' runs (or their existing hashes)
     if cfg.algo != "draft":

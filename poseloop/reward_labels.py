@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -55,6 +57,8 @@ class LabelSet:
     left_out_samples: int = 0  # labelled samples left out because their trajectory was unreadable (skip_unreadable)
     image_paths: list[Path] = dc_field(default_factory=list)  # [N] absolute PNG paths (the clip kind reads them)
     prompts: list[str] = dc_field(default_factory=list)  # [N] each sample's prompt
+    # Per round: its score and preference counts and the policy that made it; a digest of every label (lineage).
+    summary: dict[str, Any] = dc_field(default_factory=dict)
 
     @property
     def n_labels(self) -> int:
@@ -180,6 +184,7 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None, with_latents: bool = Tru
                     groups[samples[i].group_id].prompt, groups[samples[i].group_id].pose_name) for i in ids}
         round_names = {i: r.name for i, r in all_rounds.items()}
         round_cfgs = {i: r.config for i, r in all_rounds.items()}
+        round_policies = {i: r.policy_version for i, r in all_rounds.items()}
 
     missing = [(sid, store.abs(tp)) for sid in ids
                if with_latents and (tp := info[sid][0]) is not None and not store.abs(tp).is_file()]
@@ -244,7 +249,16 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None, with_latents: bool = Tru
     key_index = {k: i for i, k in enumerate(keys)}
     score_rater = torch.tensor([r[1] for r in ratings], dtype=torch.long)
     score_raw = torch.tensor([r[2] for r in ratings], dtype=torch.float32)
+    summary: dict[str, Any] = {}
+    for kind, rows in (("scores", ratings), ("preferences", prefs)):
+        for row in rows:
+            rid = info[row[0]][2]
+            entry = summary.setdefault(round_names[rid], {"scores": 0, "preferences": 0, "policy": round_policies[rid]})
+            entry[kind] += 1
+    label_digest = hashlib.sha256(json.dumps([sorted(ratings), sorted(prefs)]).encode()).hexdigest()[:16]
     return LabelSet(
+        summary={"rounds": dict(sorted(summary.items())), "n_labels": len(ratings) + len(prefs),
+                 "digest": label_digest},
         sample_ids=ids,
         latents=torch.stack(latents),  # type: ignore[arg-type]  # [N, C, h, w]
         group_of=torch.tensor([key_index[(info[sid][3], info[sid][4])] for sid in ids], dtype=torch.long),

@@ -173,6 +173,8 @@ def evaluate(model: Any, labels: LabelSet, split: GroupSplit, histories: list[Me
         "n_train_groups": len(split.train_groups), "n_heldout_groups": len(split.heldout_groups),
         "heldout_groups": [list(labels.group_keys[g]) for g in split.heldout_groups],
         "rounds": labels.rounds, "raters": labels.raters,
+        # Lineage: a reward model is fitted from scratch (no parent) on exactly these labels.
+        "parent": None, "labels": labels.summary,
         "kind": cfg.model.kind,
         "latent_shape": None if clip_kind else list(labels.latent_shape),
         "arch": f"clip head on {Path(cfg.model.clip).name}" if clip_kind else cfg.model.arch,

@@ -42,6 +42,7 @@ __all__ = [
     "available_rewards",
     "parse_reward_spec",
     "build_reward",
+    "pin_reward_versions",
 ]
 
 
@@ -312,3 +313,32 @@ def build_reward(spec: str, *, device: str = "cpu", models_dir: str = "models") 
         return members[0][0]
     return WeightedReward([(r, 1.0 if w is None else w) for r, w in members])
 
+
+def _quote_option(value: str) -> str:
+    """An option value as the spec grammar reads it back (quoted when it holds a separator)."""
+    return f'"{value}"' if any(c in value for c in ',+*"\' ') else value
+
+
+def pin_reward_versions(spec: str, models_dir: str | Path) -> tuple[str, list[str]]:
+    """The spec with every learned-reward term's 'latest' replaced by the concrete version, and those versions.
+
+    'latest' moves when train_reward.py runs again; a report (and a re-run of it) must say, and keep,
+    which model produced its numbers.
+    """
+    from poseloop.reward_model import read_latest, resolve_reward_path
+
+    terms = parse_reward_spec(spec)
+    if not any(t.name == "latent" for t in terms):
+        return spec, []
+    versions, changed, parts = [], False, []
+    for t in terms:
+        options = dict(t.options)
+        if t.name == "latent":
+            requested = options.get("version", "latest")
+            if requested == "latest":
+                options["version"] = read_latest(models_dir)
+                changed = True
+            versions.append(resolve_reward_path(options["version"], models_dir).name)
+        text = t.name + (":" + ",".join(f"{k}={_quote_option(v)}" for k, v in options.items()) if options else "")
+        parts.append(text if t.weight is None else f"{t.weight:g}*{text}")
+    return (" + ".join(parts) if changed else spec), versions

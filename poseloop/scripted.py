@@ -237,7 +237,8 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
             f"[{acc[1]:.3f}, {acc[2]:.3f}] over {acc[3]} pairs")
 
     def train(args: list[str]) -> str:
-        assert train_policy_script.main([*model, *args, *b.policy_overrides]) == 0
+        # Every run from the base model: each is measured against the base, not stacked on the run before it.
+        assert train_policy_script.main([*model, "--parent", "base", *args, *b.policy_overrides]) == 0
         return _latest(models / "policies")
 
     def compare(name: str, version: str, metrics: list[str], preset: str, extra: list[str], seed_set: str

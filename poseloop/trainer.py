@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from poseloop import lineage
 from poseloop.algos import Algorithm, algorithm_class
 from poseloop.config import DataConfig, ModelConfig, SampleConfig
 from poseloop.configlib import ConfigError, to_dict
+from poseloop.export import CONTROLNET_DIR
 from poseloop.models import resolve_device
-from poseloop.policy_config import PolicyConfig, config_hash
+from poseloop.policy_config import PolicyConfig
 from poseloop.policy_rewards import check_reward_fits, resolve_reward, score
 from poseloop.rollouts import TrajectoryBatch, cat_conditioning, chosen_steps, derive_seed
 from poseloop.run_files import flat_config, plot_history, save_grid, set_rng_state, write_checkpoint, write_csv
@@ -75,13 +77,21 @@ class PolicyTrainer:
         cfg.validate()
         self.cfg = cfg
         self.progress = progress
-        self.run_name = cfg.output.run_name or f"{cfg.algo}-{config_hash(cfg)}"
-        self.run_dir = cfg.runs_root / self.run_name
         # Inputs before the model: a missing file fails in a second, not after a minute of loading.
         self.specs: list[Any] = []
         self.group_images: dict[int, Image.Image] = {}
         self.reward_components: dict[str, float] = {}  # member means of the last scored batch (weighted mixes)
         self.algorithm: Algorithm = algorithm_class(cfg.algo)(self)  # checks its offline data (D3PO: pairs)
+        # The run is named by what it resolves to (reward model, pairs, parent), never by a literal such as "latest".
+        self.inputs, self.reward_spec = lineage.run_inputs(cfg, reward, getattr(self.algorithm, "pairs", None))
+        self.inputs_digest = lineage.digest(self.inputs)
+        self.parent, self.parent_reason = lineage.find_parent(cfg.parent, cfg.model.policy, cfg.export_root,
+                                                             to_dict(cfg.model), cfg.target.kind, self.inputs_digest)
+        if self.parent is not None:
+            lineage.check_compatible(self.parent, to_dict(cfg.model), to_dict(cfg.target))
+        self.identity = lineage.run_identity(self.inputs_digest, self.parent)
+        self.run_name = cfg.output.run_name or f"{cfg.algo}-{self.identity}"
+        self.run_dir = cfg.runs_root / self.run_name
         if cfg.online or cfg.output.grid_every:
             from poseloop.inputs import build_groups
 
@@ -91,7 +101,8 @@ class PolicyTrainer:
             self.specs = build_groups(data)
         self.reward = reward
         if self.reward is None and cfg.online:
-            self.reward = resolve_reward(cfg.reward, device=str(resolve_device(cfg.model.device)), models_dir=cfg.model.models_dir)
+            self.reward = resolve_reward(self.reward_spec, device=str(resolve_device(cfg.model.device)),
+                                         models_dir=cfg.model.models_dir)
         self.heldout = heldout_reward
         if self.heldout is None and cfg.guard.heldout_reward:
             self.heldout = resolve_reward(cfg.guard.heldout_reward, device=str(resolve_device(cfg.model.device)),
@@ -112,6 +123,11 @@ class PolicyTrainer:
         t = cfg.target
         self.policy = Policy(self.comp, t.kind, rank=t.lora_rank, alpha=t.lora_alpha, target_modules=t.lora_modules,
                              gradient_checkpointing=t.gradient_checkpointing, init_seed=cfg.train.seed)
+        if self.parent is not None and t.kind == "unet_lora":
+            try:
+                self.policy.continue_from(lineage.kohya_file(self.parent.folder))
+            except ValueError as e:
+                raise ConfigError(f"parent: {e}; pass --parent base to start from the base model") from None
         self.optimizer = acc.prepare(self._make_optimizer())
         self.tracker = PerPromptStatTracker(cfg.train.stat_buffer, cfg.train.stat_min_count)
         self.width = cfg.sample.width or self.comp.native_size
@@ -138,7 +154,12 @@ class PolicyTrainer:
     def _load_model(self) -> Any:
         from poseloop.models import load_components
 
-        model = ModelConfig(**to_dict(self.cfg.model))
+        # The parent is loaded here (its ControlNet) or after the adapter is made (its LoRA: Policy.continue_from).
+        model = ModelConfig(**{**to_dict(self.cfg.model), "policy": ""})
+        if self.parent is not None and self.parent.kind != "unet_lora":
+            model.controlnet = str(self.parent.folder / CONTROLNET_DIR)
+        self.model_cfg = model
+        model = ModelConfig(**to_dict(model))
         if model.device == "auto":
             # Under `accelerate launch` every process takes its own GPU.
             model.device = str(self.accelerator.device)
@@ -451,7 +472,7 @@ class PolicyTrainer:
         """Atomically write everything a resumed run needs to <run_dir>/checkpoint."""
         if not self.accelerator.is_main_process:
             return self.run_dir / "checkpoint"
-        state = {"epoch": self.epoch, "global_step": self.global_step, "config_hash": config_hash(self.cfg),
+        state = {"epoch": self.epoch, "global_step": self.global_step, "config_hash": self.identity,
                  "tracker": self.tracker.state_dict(), "history": self.history,
                  "guard_streak": self.guard_streak, "best_heldout": self.best_heldout,
                  "config": to_dict(self.cfg)}
@@ -467,9 +488,10 @@ class PolicyTrainer:
         if not (ckpt / "state.json").is_file():
             return False
         state = json.loads((ckpt / "state.json").read_text())
-        if state["config_hash"] != config_hash(self.cfg):
-            raise ConfigError(f"output.run_name: the checkpoint in {ckpt} was made with a different config; pick "
-                              "another --output.run_name, or pass --train.resume false to start over")
+        if state["config_hash"] != self.identity:
+            raise ConfigError(f"output.run_name: the checkpoint in {ckpt} was made from other inputs (config, reward "
+                              "model, labels or parent policy); pick another --output.run_name, or pass "
+                              "--train.resume false to start over")
         self.policy.load_state_dict(load_file(str(ckpt / "weights.safetensors")))
         try:  # weights_only: a pickle planted in the run folder must not run (load_resume_file)
             optimizer_state, rng = load_resume_file(ckpt / "optimizer.pt"), load_resume_file(ckpt / "rng.pt")
@@ -491,8 +513,12 @@ class PolicyTrainer:
             return None
         version = f"{self.run_name}-e{self.epoch:04d}"
         meta = {"poseloop_algo": self.cfg.algo, "poseloop_epoch": str(self.epoch),
-                "poseloop_reward": self.cfg.reward if self.cfg.online else "human preferences"}
-        self.export_dir = export_policy(self.policy, self.cfg.export_root, version, to_dict(self.cfg), meta)
+                "poseloop_reward": self.reward_spec if self.cfg.online else "human preferences",
+                "poseloop_parent": self.parent.version if self.parent else lineage.BASE}
+        record = lineage.lineage_record(version, self.run_name, self.cfg.algo, self.epoch, self.identity, self.inputs,
+                                        self.inputs_digest, self.parent, to_dict(self.cfg.model), self.cfg.target.kind)
+        self.export_dir = export_policy(self.policy, self.cfg.export_root, version, to_dict(self.cfg), meta,
+                                        {lineage.LINEAGE_FILE: json.dumps(record, indent=2)})
         plot_history(self.history, self.run_dir / "metrics.png", self.cfg.algo)
         return self.export_dir
 
@@ -504,6 +530,9 @@ class PolicyTrainer:
 
         cfg, acc = self.cfg, self.accelerator
         start = time.perf_counter()
+        if self.progress and acc.is_main_process:
+            print(f"run {self.run_name}: parent {self.parent.version if self.parent else lineage.BASE} "
+                  f"({self.parent_reason})", flush=True)
         resumed = cfg.train.resume and self.load_checkpoint()
         if not resumed:
             random.seed(cfg.train.seed)

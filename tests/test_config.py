@@ -195,7 +195,7 @@ def test_runs_without_the_new_ddpo_options_keep_their_hashes() -> None:
     d = to_dict(cfg)
     for key in ("epochs", "resume", "fused_route", "shared_start", "first_steps"):
         d["train"].pop(key)
-    for key in ("output", "guard", "refl", "draft"):
+    for key in ("output", "guard", "refl", "draft", "parent"):
         d.pop(key)
     d["sample"].pop("sampler")
     d["model"].pop("lcm_lora")

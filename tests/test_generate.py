@@ -487,3 +487,20 @@ def test_a_named_round_with_another_plan_says_what_differs_and_what_to_pass(tiny
     assert "sample.steps is 4 in the round but 3 now" in msg and "sample.guidance_scale is 5.0 in the round" in msg
     assert "--set sample.steps=4 --set sample.guidance_scale=5.0" in msg and "batch_size" not in msg
     assert "pick a new --store.round name" in msg and "\n" not in msg
+
+
+def test_loop_rounds_are_numbered_without_evaluation_or_named_rounds(tmp_path: Path) -> None:
+    assert db.next_loop_round([]) == 1
+    # The loop of issue 31: round 1, two sides of an evaluation, a named round, round 2 -> the next is round 3.
+    names = ["round-0001", "eval-a-vs-base-baseline", "eval-a-vs-base-candidate", "labelled", "round-0002"]
+    assert db.next_loop_round(names) == 3
+    assert [db.loop_round_number(n) for n in ("round-0012", "round-12", "round-0001-x", "eval-round-0003")] == \
+        [12, None, None, None]
+    factory = db.open_db(db.default_db_url(tmp_path))
+    cfg = GenerateConfig()
+    with db.session_scope(factory) as s:
+        for name in names:
+            s.add(db.Round(name=name, status="complete", arch="sd15", base_model="b", controlnet_model="c",
+                           plan_hash="0" * 64, config_json="{}"))
+    with db.session_scope(factory) as s:
+        assert generation.open_round(s, cfg, "1" * 64, 4).name == "round-0003"

@@ -65,6 +65,10 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     metrics = json.loads((models / "reward" / "rm-1" / "metrics.json").read_text())
     # Every label given through the app reached the reward model (its accuracy is tested elsewhere).
     assert (metrics["n_scores"], metrics["n_preferences"], metrics["n_groups"]) == (48, 72, 12)
+    # Its lineage: no parent, these labels (per round, with the policy that made the round, and their digest).
+    assert metrics["parent"] is None
+    assert metrics["labels"]["rounds"] == {"round-0001": {"scores": 48, "preferences": 72, "policy": None}}
+    assert len(metrics["labels"]["digest"]) == 16
     assert (models / "reward" / "latest").exists()
 
     # 4. D3PO from the human preferences, then DDPO against the learned reward.
@@ -76,6 +80,12 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     latest = json.loads((models / "policies" / "latest").read_text())["version"]
     assert latest.startswith("ddpo")
+    # DDPO continued the D3PO policy (the previous one of this model and target); the lineage says so.
+    lineage = json.loads((models / "policies" / latest / "lineage.json").read_text())
+    assert lineage["parent"].startswith("d3po") and lineage["inputs"]["reward"] == "latent:version=rm-1"
+    assert train_policy_script.main(["--lineage", "latest", "--model.models_dir", str(models)]) == 0
+    chain = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip(" <-") for line in chain] == [latest, lineage["parent"], "base"]
     assert (models / "policies" / latest / kohya_lora_name(latest)).is_file()  # under model.models_dir
     assert (models / "policy_runs").is_dir()
 
@@ -94,3 +104,4 @@ def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert f"{latest} vs base on 4 pairs" in capsys.readouterr().out
     report = models / "policies" / latest / "eval" / f"eval-{latest}-vs-base" / "report.md"
     assert "| latent |" in report.read_text()
+    assert f"Lineage: {latest} <- {lineage['parent']} <- base" in report.read_text()

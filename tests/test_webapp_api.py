@@ -95,6 +95,16 @@ def test_default_round_is_the_newest_finished_one_outside_comparisons(client: Fl
     assert by_id[newest_finished]["finished"] is True and by_id[blind.candidate_round_id]["in_comparison"] is True
 
 
+def test_the_round_list_says_which_rounds_are_the_loops_and_which_evaluations(client: FlaskClient, env: Env) -> None:
+    loop, _ids = add_round(env, "round-0002", "complete")
+    blind = build_comparison(env)
+    by_id = {r["id"]: r for r in client.get("/api/rounds").json["rounds"]}
+    assert (by_id[loop]["kind"], by_id[loop]["loop_round"], by_id[loop]["label"]) == ("loop", 2, "loop round 2")
+    for side in (blind.baseline_round_id, blind.candidate_round_id):
+        assert (by_id[side]["kind"], by_id[side]["loop_round"], by_id[side]["label"]) == ("evaluation", None, "evaluation")
+    assert by_id[env.rounds[0]]["kind"] == "named"  # the fixture's 'round0': a --store.round name
+
+
 def test_default_round_falls_back_when_no_round_is_finished(tmp_path: Path) -> None:
     from webapp import create_app
     from webapp_fixtures import build_samples

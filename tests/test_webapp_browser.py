@@ -318,6 +318,13 @@ def test_page_opens_the_newest_finished_round_outside_comparisons(browser: Any, 
     assert d.find_element(By.ID, "round").get_attribute("value") == str(rid)
     assert "unfinished" in options[str(running)] and "unfinished" not in options[str(rid)]
     assert "blind evaluation" in options[str(cmp.candidate_round_id)]
+    # The selector tells the loop's rounds from evaluation and named rounds (issue 31).
+    loop, _ids = add_round(env, "round-0007", "running")
+    d.get(live_server.url + "/")
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#round option")) == len(options) + 1)
+    options = {o.get_attribute("value"): o.text for o in d.find_elements(By.CSS_SELECTOR, "#round option")}
+    assert "(loop round 7)" in options[str(loop)] and "(evaluation)" in options[str(cmp.candidate_round_id)]
+    assert "(named round)" in options[str(running)]
 
 
 # Holds back /pairs answers and label posts, so the order that once showed 47 / 48 is forced: the page asks

@@ -29,6 +29,7 @@ from poseloop.db import (
     Sample,
     connect,
     get_or_create_rater,
+    loop_round_number,
     make_engine,
     make_session_factory,
     session_scope,
@@ -279,10 +280,20 @@ FINISHED = "complete"
 
 
 def round_json(rnd: Round, n_groups: int = 0, n_samples: int = 0, in_comparison: bool = False) -> dict[str, Any]:
-    """A round as JSON; in_comparison marks a side of a blind comparison (the page does not open it first)."""
+    """A round as JSON; in_comparison marks a side of a blind comparison (the page does not open it first).
+
+    kind: "loop" (generate.py's round-NNNN, loop_round = N), "evaluation" (a side of a comparison) or "named"
+    (any other --store.round name); label says which, for the round selector.
+    """
+    number = loop_round_number(rnd.name)
+    kind = "evaluation" if in_comparison else "loop" if number is not None else "named"
+    label = {"loop": f"loop round {number}", "evaluation": "evaluation", "named": "named round"}[kind]
     return {
         "id": rnd.id,
         "name": rnd.name,
+        "kind": kind,
+        "loop_round": number,
+        "label": label,
         "status": rnd.status,
         "finished": rnd.status == FINISHED,
         "arch": rnd.arch,

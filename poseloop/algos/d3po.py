@@ -198,12 +198,15 @@ class D3PO(Algorithm):
             pa, pb = Path(a), Path(b)
             return pa.resolve() == pb.resolve() if a and b and pa.exists() and pb.exists() else a == b
 
-        m, model = meta, t.cfg.model
+        # The reference is the model the run starts from: the base as loaded, plus the parent policy it continues
+        # (a round made with that policy records its version; its LoRA path follows from the version).
+        m, model = meta, t.model_cfg
+        parent = t.parent.version if t.parent is not None else ""
+        lora = m.get("lora", "") == model.lora and (not model.lora or float(m.get("lora_scale", "nan")) == model.lora_scale)
         return (t.cfg.optim.mixed_precision == "no" and m.get("dtype") == str(t.comp.dtype)
                 and same(m.get("base_model", ""), model.base) and same(m.get("controlnet", ""), model.controlnet)
-                and m.get("lora", "") == model.lora and m.get("policy", "") == model.policy
-                and m.get("lcm_lora", "") == model.lcm_lora
-                and (not model.lora or float(m.get("lora_scale", "nan")) == model.lora_scale))
+                and m.get("policy", "") == parent and (bool(parent) or lora)
+                and m.get("lcm_lora", "") == model.lcm_lora)
 
     def pair_margins(self) -> torch.Tensor:
         """Per stored pair, mean over steps of log r_w - log r_l (r = pi_theta / pi_ref): > 0 = winner favoured."""

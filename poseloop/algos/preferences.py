@@ -27,6 +27,10 @@ class PreferencePair:
     prompt: str
     condition_path: Path
     group_key: str
+    round_name: str = ""  # the round of the judged samples, and the judgement's ids: what the run's identity hashes
+    rater_id: int = 0
+    winner_id: int = 0
+    loser_id: int = 0
 
 
 def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
@@ -78,7 +82,8 @@ def load_preference_pairs(d3po: D3POConfig) -> list[PreferencePair]:
                 left_out += 1
                 continue
             pairs.append(PreferencePair(paths[0], paths[1], group.prompt, store.abs(group.condition_path),
-                                        f"{group.id}"))
+                                        f"{group.id}", rnd.name if rnd is not None else "", p.rater_id, win.id,
+                                        lose.id))
     if unreadable and not d3po.skip_unreadable:
         n_files = len({e.path for e in unreadable})
         more = f" ({n_files - 1} more unreadable file(s) of preferred pairs)" if n_files > 1 else ""

@@ -152,7 +152,7 @@ function preload(urls) {
 
 function roundLabel(r) {
   const marks = [r.finished ? "" : ` · unfinished (${r.status})`, r.in_comparison ? " · blind evaluation" : ""];
-  return `${r.name} · ${r.groups} groups · ${r.samples} images${marks.join("")}`;
+  return `${r.name} (${r.label}) · ${r.groups} groups · ${r.samples} images${marks.join("")}`;
 }
 
 async function loadRounds() {
