@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from poseloop.configlib import ConfigError, check_name, field
 from poseloop.single_file import WEIGHT_SUFFIXES, looks_like_file
 
+EMBEDDED_NAMES = ("tiny-sd15", "tiny-sdxl")  # the embedded models, built into <models_dir>/<name> on first use
+LCM_LORA_FILE = "lcm_lora.safetensors"  # the world's LCM-LoRA, shipped beside its weights (train_world's last stage)
+
+
+def is_embedded(path: str | os.PathLike[str]) -> bool:
+    """Whether a model path names one of the embedded tiny models (or its controlnet subfolder)."""
+    parts = Path(path).parts
+    return any(name in parts for name in EMBEDDED_NAMES)
+
+
 EMBEDDED_SD15 = "models/tiny-sd15"
 EMBEDDED_SDXL = "models/tiny-sdxl"
-EMBEDDED_LCM_LORA = f"{EMBEDDED_SD15}/lcm_lora.safetensors"  # the world's LCM-LoRA (poseloop.tiny.LCM_LORA_FILE)
+EMBEDDED_LCM_LORA = f"{EMBEDDED_SD15}/{LCM_LORA_FILE}"
 EMBEDDED_PREVIEW_VAE = f"{EMBEDDED_SD15}/preview_vae"  # the world's preview decoder (poseloop.tiny.PREVIEW_DIR)
 # The embedded world understands a shirt colour, a trousers colour and a background (poseloop.world).
 DEFAULT_PROMPTS = (
@@ -137,8 +148,6 @@ def apply_threads(threads: int) -> int:
 def _built_on_first_use(path: str) -> bool:
     """Whether a missing path is the LCM-LoRA that loading writes into the embedded tiny-sd15 folder (a fresh
     checkout has none yet); a misspelt name there still fails validation."""
-    from poseloop.tiny import LCM_LORA_FILE  # imports torch; only reached for a missing file
-
     p = Path(path).expanduser()
     return p.name == LCM_LORA_FILE and p.parent.name == "tiny-sd15"
 
@@ -154,8 +163,6 @@ def _source_can_exist(source: str) -> bool:
         validate_repo_id(source)
         return True
     except HFValidationError:
-        from poseloop.tiny import is_embedded  # imports torch; only reached for a path that does not exist
-
         return is_embedded(source)
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED_NAMES = ("tiny-sd15", "tiny-sdxl")
+from poseloop.config import EMBEDDED_NAMES, LCM_LORA_FILE, is_embedded  # noqa: F401  (re-exported)
+
 _SEED = 1234
 
 
@@ -75,7 +76,6 @@ def _scheduler():  # -> DDIMScheduler
 
 
 WORLD_WEIGHTS = Path(__file__).parent / "world_weights"
-LCM_LORA_FILE = "lcm_lora.safetensors"  # the world's LCM-LoRA, shipped beside its weights (train_world's last stage)
 PREVIEW_FILE = "preview_vae.safetensors"  # the world's preview decoder (an AutoencoderTiny), train_world's last stage
 PREVIEW_DIR = "preview_vae"  # ... saved as a diffusers folder in a built tiny-sd15
 WORLD_STAMP_FILE = "poseloop_world.json"  # in a built tiny-sd15: the sha256 of the world.json it was built from
@@ -228,12 +228,6 @@ def build_tiny_sdxl(out_dir: Path) -> None:
             scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
         )
         pipe.save_pretrained(out_dir)
-
-
-def is_embedded(path: str | os.PathLike[str]) -> bool:
-    """Whether a model path names one of the embedded tiny models (or its controlnet subfolder)."""
-    parts = Path(path).parts
-    return any(name in parts for name in EMBEDDED_NAMES)
 
 
 def _world_stamp(weights_dir: Path | None = None) -> str:
