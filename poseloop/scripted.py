@@ -112,7 +112,7 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
     engine = db.open_db(db.default_db_url(samples_dir))
     with db.session_scope(engine) as s:
         rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path, db.Sample.trajectory_path,
-                                db.Group.prompt)
+                                db.Group.prompt, db.Group.keypoints_json, db.Sample.width, db.Sample.height)
                          .join(db.Group, db.Sample.group_id == db.Group.id)
                          .join(db.Round, db.Group.round_id == db.Round.id)
                          .where(db.Round.name == round_name).order_by(db.Sample.id)).all()
@@ -131,8 +131,9 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
     else:
         model = load_reward_model(reward_dir)
         latents = torch.stack([load_trajectory(store.abs(r[3])).latents[-1].float() for r in rows])
-        with torch.no_grad():
-            scores = model.score(latents).float().numpy()
+        meta = [{"keypoints": r[5], "width": r[6], "height": r[7]} for r in rows]
+        with torch.no_grad():  # a conditioned model reads each sample's prompt and pose; the latent kind ignores them
+            scores = model.score(latents, [r[4] for r in rows], meta).float().numpy()
     taste = np.array([taste_of(samples_dir / r[2]) for r in rows])
     groups: dict[int, list[int]] = {}
     for i, (_, gid, *_rest) in enumerate(rows):
