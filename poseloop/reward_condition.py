@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from poseloop.reward_model import (
-    REWARD_FORMAT,
-    WEIGHTS_FILE,
-    LatentRewardModel,
-    LatentShapeError,
-    RewardModelConfig,
-    read_version,
-)
+from poseloop.reward_model import WEIGHTS_FILE, LatentRewardModel, RewardModelConfig, read_version
 
 POSE_CHANNELS = 3  # the OpenPose condition image's RGB
 TEXT_QUERIES = 4
@@ -133,7 +128,7 @@ def pose_map(keypoints: Any, width: int, height: int, latent_hw: tuple[int, int]
         kp = json.loads(text)
         poses = [Pose.from_dict(d) for d in ([kp] if isinstance(kp, dict) else kp)]
         img = render_pose(poses, int(width), int(height), draw_hands=False, draw_face=False)
-        x = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32") / 255.0).permute(2, 0, 1)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, H, W]
         if len(_POSE_CACHE) > 20000:
             _POSE_CACHE.clear()
         _POSE_CACHE[key] = F.interpolate(x[None], size=latent_hw, mode="area")[0]
@@ -225,7 +220,7 @@ class ConditionedRewardModel(LatentRewardModel):
             raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1 (got {ensemble_size})")
-        self.config = cfg
+        self.config = replace(cfg, kind="conditioned")
         self.latent_shape = tuple(int(s) for s in latent_shape)  # type: ignore[assignment]
         self.version = version
         self.extra_config = dict(extra_config or {})
@@ -321,6 +316,6 @@ def load_conditioned_reward_model(path_or_version: str | Path = "latest", models
 
 
 __all__ = [
-    "ConditionMissingError", "ConditionedNet", "ConditionedRewardModel", "LatentShapeError", "PromptEncoder",
-    "REWARD_FORMAT", "load_conditioned_reward_model", "pose_map", "pose_maps",
+    "ConditionMissingError", "ConditionedNet", "ConditionedRewardModel", "PromptEncoder",
+    "load_conditioned_reward_model", "pose_map", "pose_maps",
 ]

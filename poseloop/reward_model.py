@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +196,8 @@ class LatentRewardModel(nn.Module):
             raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1 (got {ensemble_size})")
-        self.config = cfg
+        # The saved kind says what the weights are: a plain ensemble is "latent" whatever config it was given.
+        self.config = replace(cfg, kind="latent") if cfg.kind == "conditioned" else cfg
         self.latent_shape: tuple[int, int, int] = tuple(int(s) for s in latent_shape)  # type: ignore[assignment]
         self.version = version
         # The training config and anything else saved next to the weights (config.json "training").
