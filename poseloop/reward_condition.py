@@ -115,13 +115,17 @@ _POSE_CACHE: dict[tuple[str, int, int, int, int], torch.Tensor] = {}
 def pose_map(keypoints: Any, width: int, height: int, latent_hw: tuple[int, int]) -> torch.Tensor:
     """The OpenPose condition image of a sample's keypoints, area-downsampled to the latent grid: [3, h, w] in 0..1.
 
-    keypoints: Pose.to_dict() dicts (or a JSON string of them); None gives a blank map.
+    keypoints: Poses, Pose.to_dict() dicts or a JSON string of them; None gives a blank map.
     """
     from poseloop.openpose import render_pose
     from poseloop.poses import Pose
 
     if keypoints is None:
         return torch.zeros(POSE_CHANNELS, *latent_hw)
+    if isinstance(keypoints, (Pose, dict)):
+        keypoints = [keypoints]
+    if isinstance(keypoints, list):  # Poses or their dicts, as rewards.ground_truth_poses accepts them
+        keypoints = [p.to_dict() if isinstance(p, Pose) else p for p in keypoints]
     text = keypoints if isinstance(keypoints, str) else json.dumps(keypoints, sort_keys=True)
     key = (text, int(width), int(height), int(latent_hw[0]), int(latent_hw[1]))
     if key not in _POSE_CACHE:

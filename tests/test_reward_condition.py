@@ -115,6 +115,12 @@ def test_pose_map_is_the_condition_image_on_the_latent_grid(round_dir: Path) -> 
     m = pose_map(meta[0]["keypoints"], 64, 64, (16, 16))
     assert m.shape == (3, 16, 16) and float(m.max()) > 0.2 and float(m.min()) == 0.0
     assert float(pose_map(None, 64, 64, (16, 16)).abs().sum()) == 0.0
+    # The trainer passes dicts, the DB a JSON string, a caller may pass Poses: one map (the same rendering).
+    from poseloop.poses import Pose
+
+    poses = [Pose.from_dict(d) for d in meta[0]["keypoints"]]
+    assert torch.equal(pose_map(poses, 64, 64, (16, 16)), m)
+    assert torch.equal(pose_map(json.dumps(meta[0]["keypoints"]), 64, 64, (16, 16)), m)
 
 
 def test_samples_without_stored_poses_are_named_and_the_latent_kind_still_trains(
