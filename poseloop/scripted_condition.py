@@ -7,8 +7,9 @@ world's attribute reader finds (both 0..1, summed). It labels rounds through the
 (latent) and the conditioned reward model on the same labels and measures, on rounds no model saw, the
 within-group Spearman of each with the rule: (a) on a fresh round of new prompts and seeds, (b) on poses the
 labelled round did not have; and (c), when asked, the policy's gain on the rule after DDPO on each reward model.
-It also checks the warm-light rater, whose taste needs no condition, on a conditioned model. tests/test_learning.py
-runs it small; bench/bench_reward_condition.py larger.
+It also checks the warm-light rater, whose taste needs no condition, on a conditioned model.
+bench/bench_reward_condition.py runs it (the learning test checks the warm-light part cheaper, inside the D3PO run of
+poseloop.scripted.run_learning_check).
 """
 
 from __future__ import annotations
