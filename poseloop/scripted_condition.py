@@ -231,7 +231,7 @@ def run_condition_check(work: Path, embedded: Path, budget: ConditionBudget | No
              "--model.models_dir", str(models), "--model.threads", str(b.threads)]
     detector = embedded / "pose_detector"
     train_poses, held_poses = pose_split(b.train_poses, b.heldout_poses)
-    results: dict[str, Any] = {"train_poses": train_poses, "heldout_poses": held_poses}
+    results: dict[str, Any] = {"train_pose_names": train_poses, "heldout_pose_names": held_poses}
     t0 = time.time()
 
     def gen(name: str, prompts: list[str], poses: list[str]) -> RoundRule:
