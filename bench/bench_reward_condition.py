@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             r = run_condition_check(Path(tmp), embedded, budget)
     print(f"\ncondition check ({args.budget} budget, {args.threads} thread(s), {r['seconds']:.0f} s); "
-          f"labels {r['labels']}, poses trained {r['train_pose_names']}, held out {r['heldout_pose_names']}")
+          f"labels {r.get('labels')} (warm-light {r.get('warm_labels')}), poses trained {r['train_pose_names']}, held out {r['heldout_pose_names']}")
     for kind in ("latent", "conditioned"):
         h = r.get(f"heldout_{kind}")
         if h:
