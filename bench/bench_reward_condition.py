@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line += f"; condition shuffled: accuracy {s['heldout_pairwise_accuracy']:.3f}, Spearman {s['heldout_spearman']:.3f}"
             print(line)
     for name, title in (("fresh", "(a) fresh round"), ("heldout_poses", "(b) held-out poses")):
-        for part, rows in r[name].items():
+        for part, rows in r.get(name, {}).items():
             for key, v in rows.items():
                 text = _diff(v) if key == "conditioned_minus_latent" else _ci(v)
                 print(f"  {title}, within-group Spearman with {part}, {key}: {text}")
