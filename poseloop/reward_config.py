@@ -9,7 +9,7 @@ from poseloop.configlib import ConfigError, check_finite, field
 
 LABEL_KINDS = ("scores", "prefs", "both")
 ARCHES = ("almostperfect", "improved")
-KINDS = ("latent", "clip")
+KINDS = ("latent", "conditioned", "clip")
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -21,8 +21,10 @@ KINDS = ("latent", "clip")
 class RewardModelConfig:
     """Hyper-parameters of one ensemble member (the latent shape comes from the data, not from here)."""
 
-    kind: str = field("latent", help="latent = a CNN on the sampler's final latents; clip = a small head on frozen CLIP "
-                      "features of the decoded images and the prompt (needs --model.clip; poseloop.clip_reward)",
+    kind: str = field("latent", help="latent = a CNN on the sampler's final latents; conditioned = the same CNN that "
+                      "also sees each sample's pose (keypoints) and prompt (the base model's text encoder; "
+                      "poseloop.reward_condition); clip = a small head on frozen CLIP features of the decoded images "
+                      "and the prompt (needs --model.clip; poseloop.clip_reward)",
                       choices=KINDS)
     clip: str = field("", help="clip: the frozen CLIP, a transformers CLIPModel folder (config.json + weights, e.g. "
                       "PickScore_v1) or an open_clip checkpoint file (plain or {'state_dict': ...}, e.g. "
@@ -49,8 +51,11 @@ class RewardModelConfig:
 
             check_clip_path(self)  # a missing or non-CLIP path fails here, before any label or model loads
         elif self.clip:
-            raise ConfigError(f"model.clip: is set ({self.clip}) but model.kind is 'latent', which does not use it; "
-                              "add --model.kind clip")
+            raise ConfigError(f"model.clip: is set ({self.clip}) but model.kind is {self.kind!r}, which does not use "
+                              "it; add --model.kind clip")
+        if self.kind == "conditioned" and self.arch != "improved":
+            raise ConfigError(f"model.arch: the conditioned kind builds on the improved network, not {self.arch!r}; "
+                              "use --model.arch improved or --model.kind latent")
         if self.arch not in ARCHES:
             raise ConfigError(f"model.arch: {self.arch!r} is not one of {', '.join(ARCHES)}")
         if self.width < 1 or self.hidden < 1:

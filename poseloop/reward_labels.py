@@ -59,6 +59,9 @@ class LabelSet:
     prompts: list[str] = dc_field(default_factory=list)  # [N] each sample's prompt
     # Per round: its score and preference counts and the policy that made it; a digest of every label (lineage).
     summary: dict[str, Any] = dc_field(default_factory=dict)
+    keypoints: list[str | None] = dc_field(default_factory=list)  # [N] the group's keypoints JSON (None: not stored)
+    sizes: list[tuple[int, int]] = dc_field(default_factory=list)  # [N] (width, height) of each image
+    round_models: dict[str, dict[str, Any]] = dc_field(default_factory=dict)  # round name -> its ModelConfig dict
 
     @property
     def n_labels(self) -> int:
@@ -182,6 +185,7 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None, with_latents: bool = Tru
         # Rows are read inside the session; only plain values leave it.
         info = {i: (samples[i].trajectory_path, samples[i].image_path, samples[i].round_id,
                     groups[samples[i].group_id].prompt, groups[samples[i].group_id].pose_name) for i in ids}
+        conds = {i: (groups[samples[i].group_id].keypoints_json, (samples[i].width, samples[i].height)) for i in ids}
         round_names = {i: r.name for i, r in all_rounds.items()}
         round_cfgs = {i: r.config for i, r in all_rounds.items()}
         round_policies = {i: r.policy_version for i, r in all_rounds.items()}
@@ -277,6 +281,9 @@ def load_labels(cfg: RewardDataConfig, vae: Any = None, with_latents: bool = Tru
         left_out_samples=len(left_out),
         image_paths=[store.abs(info[sid][1]) for sid in ids],
         prompts=[info[sid][3] for sid in ids],
+        keypoints=[conds[sid][0] for sid in ids],
+        sizes=[conds[sid][1] for sid in ids],
+        round_models={round_names[info[sid][2]]: dict((round_cfgs[info[sid][2]] or {}).get("model") or {}) for sid in ids},
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,13 @@ def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 class LatentRewardModel(nn.Module):
-    """An ensemble of reward CNNs on final latents; score() is the ensemble mean and is differentiable."""
+    """An ensemble of reward CNNs on final latents; score() is the ensemble mean and is differentiable.
+
+    prompts and metadata (one dict per sample, "keypoints"/"width"/"height") are accepted everywhere and ignored
+    here; the conditioned kind (poseloop.reward_condition, `conditioned` True) needs them.
+    """
+
+    conditioned = False
 
     def __init__(self, cfg: RewardModelConfig, latent_shape: Sequence[int], ensemble_size: int = 1,
                  version: str = "", extra_config: dict[str, Any] | None = None) -> None:
@@ -142,7 +148,8 @@ class LatentRewardModel(nn.Module):
             raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1 (got {ensemble_size})")
-        self.config = cfg
+        # The saved kind says what the weights are: a plain ensemble is "latent" whatever config it was given.
+        self.config = replace(cfg, kind="latent") if cfg.kind == "conditioned" else cfg
         self.latent_shape: tuple[int, int, int] = tuple(int(s) for s in latent_shape)  # type: ignore[assignment]
         self.version = version
         # The training config and anything else saved next to the weights (config.json "training").
@@ -166,33 +173,41 @@ class LatentRewardModel(nn.Module):
                 "belongs to another VAE / model family. Train a reward model on samples of this model "
                 "(python train_reward.py --data.rounds ...) or use another reward.")
 
-    def member_scores(self, latents: torch.Tensor) -> torch.Tensor:
+    def member_scores(self, latents: torch.Tensor, prompts: Sequence[str] | None = None,
+                      metadata: Sequence[dict] | None = None) -> torch.Tensor:
         """Every member's reward: latents [B, C, h, w] -> [E, B]."""
         self.check_latents(latents)
         p = next(self.parameters())
         x = latents.to(p.device, p.dtype)
         return torch.stack([m(x) for m in self.members])  # [E, B]
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, prompts: Sequence[str] | None = None,
+                metadata: Sequence[dict] | None = None) -> torch.Tensor:
         """Same as score()."""
-        return self.member_scores(latents).mean(0)
+        return self.member_scores(latents, prompts, metadata).mean(0)
 
-    def score(self, latents: torch.Tensor) -> torch.Tensor:
+    def score(self, latents: torch.Tensor, prompts: Sequence[str] | None = None,
+              metadata: Sequence[dict] | None = None) -> torch.Tensor:
         """Reward per latent [B, C, h, w] -> [B]: the ensemble mean; differentiable with respect to latents."""
-        return self.member_scores(latents).mean(0)
+        return self.member_scores(latents, prompts, metadata).mean(0)
 
-    def score_with_uncertainty(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_with_uncertainty(self, latents: torch.Tensor, prompts: Sequence[str] | None = None,
+                               metadata: Sequence[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean [B], std [B]) over ensemble members; std is 0 for a single-member model."""
-        return ensemble_mean_std(self.member_scores(latents))
+        return ensemble_mean_std(self.member_scores(latents, prompts, metadata))
 
     @torch.no_grad()
-    def rank(self, latents: torch.Tensor) -> torch.Tensor:
+    def rank(self, latents: torch.Tensor, prompts: Sequence[str] | None = None,
+             metadata: Sequence[dict] | None = None) -> torch.Tensor:
         """Indices of latents [B, C, h, w], best first."""
-        return torch.argsort(self.score(latents), descending=True)
+        return torch.argsort(self.score(latents, prompts, metadata), descending=True)
 
-    def prefer_prob(self, latents_a: torch.Tensor, latents_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """P(a beats b) = sigmoid(r_a - r_b) per member -> (ensemble mean [B], ensemble std [B])."""
-        return ensemble_mean_std(torch.sigmoid(self.member_scores(latents_a) - self.member_scores(latents_b)))
+    def prefer_prob(self, latents_a: torch.Tensor, latents_b: torch.Tensor, prompts: Sequence[str] | None = None,
+                    metadata: Sequence[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """P(a beats b) = sigmoid(r_a - r_b) per member -> (ensemble mean [B], ensemble std [B]); a pair shares its
+        condition (one group)."""
+        return ensemble_mean_std(torch.sigmoid(self.member_scores(latents_a, prompts, metadata)
+                                               - self.member_scores(latents_b, prompts, metadata)))
 
     def score_images(self, images: torch.Tensor, vae: Any) -> torch.Tensor:
         """Reward of images [B, 3, H, W] in 0..1: VAE-encode (posterior mean x scaling) then score -> [B]."""
@@ -218,12 +233,15 @@ class PairSuggestion:
 
 @torch.no_grad()
 def suggest_pairs(model: LatentRewardModel, latents: torch.Tensor, pairs: Sequence[tuple[int, int]],
-                  top_k: int | None = None) -> list[PairSuggestion]:
-    """Candidate pairs (indices into latents [N, C, h, w]) sorted by ensemble std of P(a beats b), most uncertain first."""
+                  top_k: int | None = None, prompts: Sequence[str] | None = None,
+                  metadata: Sequence[dict] | None = None) -> list[PairSuggestion]:
+    """Candidate pairs (indices into latents [N, C, h, w]) sorted by ensemble std of P(a beats b), most uncertain first.
+
+    prompts / metadata: one per latent, for a conditioned model."""
     if not pairs:
         return []
     idx = torch.as_tensor(list(pairs), dtype=torch.long)  # [P, 2]
-    member = model.member_scores(latents)  # [E, N]: each latent scored once, however many pairs it is in
+    member = model.member_scores(latents, prompts, metadata)  # [E, N]: each latent scored once, however many pairs it is in
     p = torch.sigmoid(member[:, idx[:, 0]] - member[:, idx[:, 1]])  # [E, P]
     std = p.std(0, unbiased=False) if p.shape[0] > 1 else torch.zeros_like(p[0])
     mean = p.mean(0)
@@ -300,13 +318,14 @@ def read_reward_config(folder: Path) -> dict[str, Any]:
 
 
 def reward_model_kind(path_or_version: str | Path = "latest", models_dir: str | Path = "models") -> str:
-    """'latent' or 'clip': what a saved version scores (versions older than the clip kind are 'latent')."""
+    """'latent', 'conditioned' or 'clip': what a saved version scores (versions older than the clip kind are 'latent')."""
     folder = resolve_reward_path(path_or_version, models_dir)
     return str(read_reward_config(folder)["model"].get("kind", "latent"))
 
 
-_LOADERS = {"latent": "poseloop.reward_model.load_reward_model", "clip": "poseloop.clip_reward.load_clip_reward_model"}
-_INPUTS = {"latent": "latents", "clip": "decoded images"}  # what each kind scores
+_LOADERS = {"latent": "poseloop.reward_model.load_reward_model", "clip": "poseloop.clip_reward.load_clip_reward_model",
+            "conditioned": "poseloop.reward_model.load_reward_model"}
+_INPUTS = {"latent": "latents", "clip": "decoded images", "conditioned": "latents with their prompts and poses"}
 
 
 def read_version(path_or_version: str | Path, models_dir: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
@@ -324,7 +343,14 @@ def read_version(path_or_version: str | Path, models_dir: str | Path, kind: str)
 
 def load_reward_model(path_or_version: str | Path = "latest", models_dir: str | Path = "models",
                       device: str | torch.device = "cpu") -> LatentRewardModel:
-    """Load a saved version (folder, version name or 'latest') in eval mode with frozen parameters."""
+    """Load a saved version (folder, version name or 'latest') in eval mode with frozen parameters.
+
+    A conditioned version comes back as a ConditionedRewardModel (poseloop.reward_condition) with its text encoder.
+    """
+    if reward_model_kind(path_or_version, models_dir) == "conditioned":
+        from poseloop.reward_condition import load_conditioned_reward_model
+
+        return load_conditioned_reward_model(path_or_version, models_dir, device=device)
     folder, data = read_version(path_or_version, models_dir, "latent")
     cfg = RewardModelConfig(**data["model"])
     model = LatentRewardModel(cfg, data["latent_shape"], data["ensemble_size"], version=data.get("version") or folder.name,

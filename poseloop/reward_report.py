@@ -136,9 +136,24 @@ def evaluate(model: Any, labels: LabelSet, split: GroupSplit, histories: list[Me
     if inputs is None and clip_kind:
         raise ValueError("evaluate: a clip reward model needs the FitInputs its features came from")
     x = inputs.x if inputs is not None else labels.latents
-    score = model.score_features if clip_kind else model.score
-    with torch.no_grad():
-        scores = torch.cat([score(x[i:i + 256]) for i in range(0, len(x), 256)]).float().cpu()
+    shuffled = None
+    if cfg.model.kind == "conditioned":
+        if inputs is None:
+            raise ValueError("evaluate: a conditioned reward model needs the FitInputs its conditions came from")
+        from poseloop.reward_condition_training import input_scores
+
+        scores = input_scores(model, inputs)
+        # The same model with each group's condition (prompt and pose) swapped for another group's: what the
+        # condition is worth on these labels.
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        n_groups = len(labels.group_keys)
+        perm = torch.randperm(n_groups, generator=gen)
+        first = {int(g): i for i, g in reversed(list(enumerate(labels.group_of.tolist())))}
+        shuffled = input_scores(model, inputs, torch.tensor([first[int(perm[g])] for g in labels.group_of.tolist()]))
+    else:
+        score = model.score_features if clip_kind else model.score
+        with torch.no_grad():
+            scores = torch.cat([score(x[i:i + 256]) for i in range(0, len(x), 256)]).float().cpu()
     train_mask, held_mask = split.sample_mask(labels, False), split.sample_mask(labels, True)
     he_a, he_b, he_t = eval_pairs(labels, held_mask)
     tr_a, tr_b, tr_t = eval_pairs(labels, train_mask)
@@ -186,6 +201,11 @@ def evaluate(model: Any, labels: LabelSet, split: GroupSplit, histories: list[Me
         "early_stopping_note": "members stop on held-out pairwise accuracy, so held-out numbers are slightly "
                                "optimistic; compare against the baselines on the same groups",
     }
+    if shuffled is not None:
+        metrics["condition_shuffled"] = {
+            "description": "the same model, each group's prompt and pose replaced by another group's",
+            "heldout_pairwise_accuracy": pairwise_accuracy(shuffled, he_a, he_b, he_t),
+            "heldout_spearman": spearman(shuffled, labels, held_mask)}
     found = []
     if train_acc is not None and held_acc is not None and train_acc - held_acc > cfg.train.overfit_gap:
         found.append(f"overfitting: train pairwise accuracy {train_acc:.3f} vs held-out {held_acc:.3f} (gap > "

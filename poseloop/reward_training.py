@@ -113,6 +113,17 @@ class FitInputs:
     stats: torch.Tensor  # [N, 2C] per-channel mean/std of the latents (or RGB images): the linear baseline's features
     stats_of: str  # what `stats` describes, for the report
     clip: Any = None  # clip kind: the FrozenClip the features came from (kept for the saved model)
+    # conditioned kind (x holds [latent, pose map]): each distinct prompt's token states, and each sample's prompt
+    text: tuple[torch.Tensor, torch.Tensor] | None = None  # ([P, T, D] states, [P, T] mask)
+    prompt_idx: torch.Tensor | None = None  # [N] long, into text
+    encoder: Any = None  # the PromptEncoder (kept for the saved model)
+
+    def text_of(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The extra network inputs of samples idx: (states, mask) for the conditioned kind, () otherwise."""
+        if self.text is None or self.prompt_idx is None:
+            return ()
+        p = self.prompt_idx[idx]
+        return self.text[0][p], self.text[1][p]
 
 
 def fit_inputs(labels: LabelSet, cfg: TrainRewardConfig, clip: Any = None, progress: bool = False) -> FitInputs:
@@ -125,6 +136,10 @@ def fit_inputs(labels: LabelSet, cfg: TrainRewardConfig, clip: Any = None, progr
         x, xf, stats = image_file_features(clip, labels.image_paths, labels.prompts, flip=cfg.train.flip_augment,
                                            progress=progress)
         return FitInputs(x, xf, stats, "per-channel mean and std of the RGB images (6 features)", clip)
+    if cfg.model.kind == "conditioned":
+        from poseloop.reward_condition_training import conditioned_inputs
+
+        return conditioned_inputs(labels, cfg, encoder=clip)
     x = labels.latents
     return FitInputs(x, x.flip(-1) if cfg.train.flip_augment else None, channel_stats(x),
                      f"per-channel latent mean and std ({2 * x.shape[1]} features)")
@@ -137,22 +152,27 @@ def _device(t: RewardTrainConfig) -> torch.device:
 
 
 def _batch_rewards(net: torch.nn.Module, x: torch.Tensor, items: Items, s_rows: torch.Tensor, p_rows: torch.Tensor,
-                   x_flipped: torch.Tensor | None, gen: torch.Generator | None) -> torch.Tensor:
+                   x_flipped: torch.Tensor | None, gen: torch.Generator | None,
+                   inputs: FitInputs | None = None) -> torch.Tensor:
     """Rewards of a batch's samples in the order [scores, a-sides, b-sides]; each mirrored with probability 1/2."""
     idx = torch.cat([items.s_idx[s_rows], items.p_a[p_rows], items.p_b[p_rows]])
     xb = x[idx]  # [ns + 2 np, ...]
     if x_flipped is not None:
         mask = torch.rand(len(idx), generator=gen) < 0.5
         xb = torch.where(mask.to(xb.device).view(-1, *([1] * (xb.ndim - 1))), x_flipped[idx], xb)
-    return net(xb)
+    extra = [t.to(xb.device) for t in inputs.text_of(idx)] if inputs is not None else []
+    return net(xb, *extra)
 
 
 @torch.no_grad()
-def _predict(net: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def _predict(net: torch.nn.Module, x: torch.Tensor, chunk: int = 256, inputs: FitInputs | None = None) -> torch.Tensor:
     """Rewards of all latents [N, C, h, w] -> [N] on the CPU."""
     net.eval()
-    out = torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)]).float().cpu()
-    return out
+    out = []
+    for i in range(0, len(x), chunk):
+        extra = [t.to(x.device) for t in inputs.text_of(torch.arange(i, min(len(x), i + chunk)))] if inputs is not None else []
+        out.append(net(x[i:i + chunk], *extra))
+    return torch.cat(out).float().cpu()
 
 
 def _items_loss(scores: torch.Tensor, items: Items) -> float:
@@ -200,6 +220,13 @@ def fit_member(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, memb
         net: torch.nn.Module = ClipHead(inputs.x.shape[1], cfg.model)
         xt = inputs.x[train_mask]  # statistics of the training side only
         net.set_input_stats(xt.mean(0), xt.std(0))
+    elif cfg.model.kind == "conditioned":
+        from poseloop.reward_condition import POSE_CHANNELS, ConditionedNet
+
+        assert inputs.text is not None
+        net = ConditionedNet(inputs.x.shape[1] - POSE_CHANNELS, inputs.text[0].shape[-1], cfg.model)
+        xt = inputs.x[train_mask]  # statistics of the training side only
+        net.set_input_stats(xt.mean(dim=(0, 2, 3)), xt.std(dim=(0, 2, 3)))
     else:
         net = build_member(cfg.model, inputs.x.shape[1])
         if hasattr(net, "set_input_stats"):
@@ -224,13 +251,13 @@ def fit_member(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, memb
         for i in range(0, n_s + n_p, t.batch_size):
             rows = perm[i:i + t.batch_size]
             s_rows, p_rows = rows[rows < n_s], rows[rows >= n_s] - n_s
-            r = _batch_rewards(net, x, fit_items, s_rows, p_rows, x_flipped, gen)
+            r = _batch_rewards(net, x, fit_items, s_rows, p_rows, x_flipped, gen, inputs)
             loss = _objective(r, fit_items, s_rows, p_rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        scores = _predict(net, x)
+        scores = _predict(net, x, inputs=inputs)
         hist.train_loss.append(float(np.mean(losses)))
         hist.heldout_loss.append(_items_loss(scores, held_items) if len(held_items.s_idx) + len(held_items.p_a) else math.nan)
         hist.train_acc.append(pairwise_accuracy(scores, tr_a, tr_b, tr_t))
@@ -264,6 +291,13 @@ def fit_ensemble(labels: LabelSet, split: GroupSplit, cfg: TrainRewardConfig, ve
 
         model = ClipRewardModel(cfg.model, inputs.x.shape[1], cfg.train.ensemble_size, version=version,
                                 extra_config=to_dict(cfg), clip=inputs.clip)
+    elif cfg.model.kind == "conditioned":
+        from poseloop.reward_condition import ConditionedRewardModel
+
+        assert inputs.text is not None
+        model = ConditionedRewardModel(cfg.model, labels.latent_shape, inputs.text[0].shape[-1],
+                                       cfg.train.ensemble_size, version=version, extra_config=to_dict(cfg),
+                                       encoder=inputs.encoder, vae_scale=labels.sizes[0][0] // labels.latent_shape[2])
     else:
         model = LatentRewardModel(cfg.model, labels.latent_shape, cfg.train.ensemble_size, version=version,
                                   extra_config=to_dict(cfg))
@@ -300,7 +334,10 @@ class TrainRewardResult:
         return (f"reward {self.version} ({m['arch']}, {m['ensemble_size']} member(s)): held-out pairwise accuracy "
                 f"{f(m['heldout_pairwise_accuracy'])} vs baseline 0.500 (constant) / {f(lin['heldout_pairwise_accuracy'])} "
                 f"(linear on channel stats), Spearman {f(m['heldout_spearman'])} vs {f(lin['heldout_spearman'])}; "
-                f"{m['n_labels']} labels, {m['n_groups']} groups ({m['n_heldout_groups']} held out) -> {self.folder}")
+                f"{m['n_labels']} labels, {m['n_groups']} groups ({m['n_heldout_groups']} held out)"
+                + (f"; condition shuffled: accuracy {f(m['condition_shuffled']['heldout_pairwise_accuracy'])}, "
+                   f"Spearman {f(m['condition_shuffled']['heldout_spearman'])}" if "condition_shuffled" in m else "")
+                + f" -> {self.folder}")
 
 
 def default_version(models_dir: str | Path) -> str:
@@ -399,7 +436,7 @@ def _train_version(cfg: TrainRewardConfig, version: str, progress: bool, vae: An
         from poseloop.clip_reward import load_frozen_clip
 
         clip = load_frozen_clip(cfg.model, device=_device(cfg.train))  # a bad CLIP file fails before the labels load
-    labels = load_labels(cfg.data, vae=vae, with_latents=cfg.model.kind == "latent")
+    labels = load_labels(cfg.data, vae=vae, with_latents=cfg.model.kind != "clip")
     split = split_groups(labels, cfg.train.holdout_fraction, cfg.train.seed)
     inputs = fit_inputs(labels, cfg, clip=clip, progress=progress)
     model, histories = fit_ensemble(labels, split, cfg, version=version, progress=progress, inputs=inputs)

@@ -471,7 +471,8 @@ class AestheticReward:
 
 
 class LatentReward:
-    """The learned reward model on final latents (poseloop.reward_model); needs no decoded images."""
+    """The learned reward model on final latents (poseloop.reward_model); needs no decoded images. A conditioned
+    one (poseloop.reward_condition) also reads the prompts and metadata["keypoints"/"width"/"height"]."""
 
     name = "latent"
     needs_images = False
@@ -496,7 +497,10 @@ class LatentReward:
             raise ValueError("reward 'latent' needs the final latents but latents is None")
         if latents.shape[0] != batch:
             raise ValueError(f"reward 'latent': {latents.shape[0]} latents for {batch} prompts")
-        out = torch.as_tensor(self.model.score(latents)).float().reshape(-1)
+        if getattr(self.model, "conditioned", False):  # a conditioned model also reads the prompts and the poses
+            out = torch.as_tensor(self.model.score(latents, prompts, metadata)).float().reshape(-1)
+        else:
+            out = torch.as_tensor(self.model.score(latents)).float().reshape(-1)
         if out.shape[0] != batch:
             raise ValueError(f"reward model returned {out.shape[0]} scores for {batch} latents")
         return out.to(latents.device)

@@ -111,7 +111,7 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
     engine = db.open_db(db.default_db_url(samples_dir))
     with db.session_scope(engine) as s:
         rows = s.execute(select(db.Sample.id, db.Sample.group_id, db.Sample.image_path, db.Sample.trajectory_path,
-                                db.Group.prompt)
+                                db.Group.prompt, db.Group.keypoints_json, db.Sample.width, db.Sample.height)
                          .join(db.Group, db.Sample.group_id == db.Group.id)
                          .join(db.Round, db.Group.round_id == db.Round.id)
                          .where(db.Round.name == round_name).order_by(db.Sample.id)).all()
@@ -130,8 +130,9 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
     else:
         model = load_reward_model(reward_dir)
         latents = torch.stack([load_trajectory(store.abs(r[3])).latents[-1].float() for r in rows])
-        with torch.no_grad():
-            scores = model.score(latents).float().numpy()
+        meta = [{"keypoints": r[5], "width": r[6], "height": r[7]} for r in rows]
+        with torch.no_grad():  # a conditioned model reads each sample's prompt and pose; the latent kind ignores them
+            scores = model.score(latents, [r[4] for r in rows], meta).float().numpy()
     taste = np.array([taste_of(samples_dir / r[2]) for r in rows])
     groups: dict[int, list[int]] = {}
     for i, (_, gid, *_rest) in enumerate(rows):
@@ -141,6 +142,28 @@ def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
         agree = [(scores[a] > scores[b]) == (taste[a] > taste[b]) for a, b in itertools.combinations(idx, 2)]
         per_group.append([bool(x) for x in agree])
     return per_group
+
+
+def conditioned_vs_latent(conditioned: Path, latent: Path, samples_dir: Path, round_name: str,
+                          seed: int = 0) -> dict[str, Any]:
+    """Within-group pairwise agreement with the rater of two reward models on one round, and their paired difference
+    (conditioned - latent), each with a 95% interval resampling whole groups."""
+    c = reward_pair_agreement(conditioned, samples_dir, round_name)
+    lat = reward_pair_agreement(latent, samples_dir, round_name)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for name, per_group in (("conditioned", c), ("latent", lat)):
+        picks = [rng.integers(0, len(per_group), len(per_group)) for _ in range(2000)]
+        boots = [np.mean([x for i in pick for x in per_group[i]]) for pick in picks]
+        out[name] = {"mean": float(np.mean([x for g in per_group for x in g])),
+                     "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+                     "pairs": sum(len(g) for g in per_group)}
+    diffs = np.array([np.mean(a) - np.mean(b) for a, b in zip(c, lat)])  # per group: same pairs, both models
+    boots = [diffs[rng.integers(0, len(diffs), len(diffs))].mean() for _ in range(2000)]
+    out["conditioned_minus_latent"] = {"diff": float(diffs.mean()), "ci": [float(np.percentile(boots, 2.5)),
+                                                                          float(np.percentile(boots, 97.5))],
+                                       "groups": len(diffs)}
+    return out
 
 
 # Each policy run of the check and the metric its comparison reports (the key in its results).
@@ -173,6 +196,9 @@ class LearningBudget:
     # Which policy runs to train and compare (the slow part): any of POLICY_RUNS; empty = none. The pose
     # runs need no labels: with only those, the labelled round and the reward model are skipped.
     policies: tuple[str, ...] = POLICY_RUNS
+    # Also train the conditioned reward model kind (it reads prompt and pose too) on the same labels and compare both
+    # kinds' within-group agreement with the rater on the fresh round, paired by group.
+    conditioned: bool = False
 
 
 def _prompts(n: int, offset: int) -> list[str]:
@@ -233,6 +259,14 @@ def run_learning_check(work: Path, embedded: Path, budget: LearningBudget | None
         gen("fresh", _prompts(b.fresh_prompts, 6))
         acc = reward_pair_accuracy(models / "reward" / "rm", samples, "fresh")
         results["reward_fresh_pair_accuracy"] = {"mean": acc[0], "ci": [acc[1], acc[2]], "pairs": acc[3]}
+        if b.conditioned:
+            assert train_reward_script.main(["--data.samples_dir", str(samples), "--data.rounds", "labelled",
+                                             "--model.kind", "conditioned", "--output.models_dir", str(models),
+                                             "--output.version", "rm-conditioned"]) == 0
+            results["conditioned_reward"] = conditioned_vs_latent(models / "reward" / "rm-conditioned",
+                                                                  models / "reward" / "rm", samples, "fresh")
+            log(f"[{time.time() - t0:.0f} s] conditioned reward model on the fresh round: "
+                + json.dumps(results["conditioned_reward"]))
         log(f"[{time.time() - t0:.0f} s] reward model on a fresh round: pairwise accuracy {acc[0]:.3f} "
             f"[{acc[1]:.3f}, {acc[2]:.3f}] over {acc[3]} pairs")
 

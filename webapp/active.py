@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from poseloop.db import Sample
+from poseloop.db import Group, Sample
 
 # Resolution of the order: ensemble stds within 1/LEVELS of the round's largest std (and then P(a beats b)
 # within 1/LEVELS of 0.5) count as equally uncertain; among such ties the per-rater hash decides, so
@@ -117,6 +117,12 @@ class PairRanker:
             self._say_once(f"traj:{round_id}:{version}", fallback + f"{len(missing)} sample(s) have no stored trajectory "
                            f"(imported images, e.g. sample {missing[0]}), so they cannot be scored; coverage order")
             return None
+        conditions: dict[int, tuple[str, dict[str, Any]]] = {}
+        if getattr(model, "conditioned", False):  # the model also reads each sample's prompt and pose
+            for sid, prompt, kp, w, h in session.execute(
+                    select(Sample.id, Group.prompt, Group.keypoints_json, Sample.width, Sample.height)
+                    .join(Group, Sample.group_id == Group.id).where(Sample.round_id == round_id)):
+                conditions[sid] = (prompt, {"keypoints": kp, "width": w, "height": h})
         suggestions: list[tuple[float, float, Pair]] = []
         chunk_ids: list[int] = []
         chunk_pairs: list[Pair] = []
@@ -125,7 +131,10 @@ class PairRanker:
             lat = torch.stack([load_trajectory(self.samples.abs(paths[sid]), f"sample {sid}").latents[-1].float()
                                for sid in chunk_ids])
             index = {sid: i for i, sid in enumerate(chunk_ids)}
-            for s in suggest_pairs(model, lat, [(index[a], index[b]) for a, b in chunk_pairs]):
+            cond = [conditions[sid] for sid in chunk_ids] if conditions else None
+            for s in suggest_pairs(model, lat, [(index[a], index[b]) for a, b in chunk_pairs],
+                                   prompts=[c[0] for c in cond] if cond else None,
+                                   metadata=[c[1] for c in cond] if cond else None):
                 suggestions.append((s.std, s.p_a, (chunk_ids[s.a], chunk_ids[s.b])))
             chunk_ids.clear()
             chunk_pairs.clear()
