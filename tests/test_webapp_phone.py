@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 from selenium.webdriver.common.by import By
 
-from test_webapp_browser import RATER, db_labels, enter_rater, keys, src, text, wait_for
+from test_webapp_browser import (  # noqa: F401  (browser: a fixture)
+    RATER, browser, db_labels, enter_rater, keys, src, text, wait_for,
+)
 from webapp_fixtures import (  # noqa: F401  (fixtures)
-    Blind, Env, LiveServer, cmp, env, make_chrome,
+    Blind, Env, LiveServer, cmp, env,
 )
 
 # The rubric carries markup, so the tests also see that it is shown as text.
@@ -38,16 +39,6 @@ def live(app: Flask) -> Iterator[LiveServer]:
     """`app` on a real HTTP port."""
     with LiveServer(app) as srv:
         yield srv
-
-
-@pytest.fixture()
-def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Chromium with a fresh profile."""
-    driver = make_chrome(tmp_path / "chrome-profile")
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def emulate(d: Any, width: int, height: int, phone: bool) -> None:

@@ -157,11 +157,15 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # Closing only the listening socket leaves browser keep-alive connections running the loop.
-        for channel in list(self.server._map.values()):
-            channel.close()
-        self.server.task_dispatcher.shutdown()
+        # Closing only the listening socket leaves browser keep-alive connections running the loop; closing the
+        # channels from this thread races the loop's select() (EBADF), so the loop closes them itself.
+        def close_all() -> None:
+            for channel in list(self.server._map.values()):
+                channel.close()
+
+        self.server.trigger.pull_trigger(close_all)
         self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown()
 
 
 @pytest.fixture()
