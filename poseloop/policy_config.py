@@ -161,8 +161,8 @@ class OutputConfig:
                       "empty = <model.models_dir>/policies, where generate.py --model.policy looks")
     runs_dir: str = field("", help="checkpoints, metrics.csv, plots, grids and TensorBoard logs; "
                           "empty = <model.models_dir>/policy_runs")
-    run_name: str = field("", help="run folder name; empty = <algo>-<hash of the config>, so re-running the same "
-                          "command resumes")
+    run_name: str = field("", help="run folder name; empty = <algo>-<identity>: a hash of the config with the reward "
+                          "models, D3PO's pairs and the parent resolved, so re-running with nothing new resumes")
     export_every: int = field(10, help="export every N epochs (and always at the end); 0 = at the end only")
     checkpoint_every: int = field(1, help="save a resumable checkpoint every N epochs (and at the end)")
     grid_every: int = field(10, help="image grid of fixed seeds/poses every N epochs (and before/after); 0 = off")

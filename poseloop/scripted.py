@@ -91,12 +91,18 @@ def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, s
     """
     per_group = reward_pair_agreement(reward_dir, samples_dir, round_name, taste_of)
     flat = np.array([x for g in per_group for x in g], dtype=np.float64)
+    lo, hi = group_bootstrap_ci(per_group, seed)
+    return float(flat.mean()), lo, hi, len(flat)
+
+
+def group_bootstrap_ci(per_group: list[list[bool]], seed: int = 0, n_boot: int = 2000) -> tuple[float, float]:
+    """95% percentile interval of the pooled mean, resampling whole groups (a group's pairs share images)."""
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(2000):
+    for _ in range(n_boot):
         pick = rng.integers(0, len(per_group), len(per_group))
         boots.append(np.mean([x for i in pick for x in per_group[i]]))
-    return float(flat.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)), len(flat)
+    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
@@ -148,20 +154,16 @@ def conditioned_vs_latent(conditioned: Path, latent: Path, samples_dir: Path, ro
                           seed: int = 0) -> dict[str, Any]:
     """Within-group pairwise agreement with the rater of two reward models on one round, and their paired difference
     (conditioned - latent), each with a 95% interval resampling whole groups."""
+    from poseloop.evaluation import bootstrap_ci
+
     c = reward_pair_agreement(conditioned, samples_dir, round_name)
     lat = reward_pair_agreement(latent, samples_dir, round_name)
-    rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for name, per_group in (("conditioned", c), ("latent", lat)):
-        picks = [rng.integers(0, len(per_group), len(per_group)) for _ in range(2000)]
-        boots = [np.mean([x for i in pick for x in per_group[i]]) for pick in picks]
         out[name] = {"mean": float(np.mean([x for g in per_group for x in g])),
-                     "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-                     "pairs": sum(len(g) for g in per_group)}
+                     "ci": list(group_bootstrap_ci(per_group, seed)), "pairs": sum(len(g) for g in per_group)}
     diffs = np.array([np.mean(a) - np.mean(b) for a, b in zip(c, lat)])  # per group: same pairs, both models
-    boots = [diffs[rng.integers(0, len(diffs), len(diffs))].mean() for _ in range(2000)]
-    out["conditioned_minus_latent"] = {"diff": float(diffs.mean()), "ci": [float(np.percentile(boots, 2.5)),
-                                                                          float(np.percentile(boots, 97.5))],
+    out["conditioned_minus_latent"] = {"diff": float(diffs.mean()), "ci": list(bootstrap_ci(diffs, 2000, 0.95, seed)),
                                        "groups": len(diffs)}
     return out
 

@@ -25,6 +25,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from poseloop import db
+from poseloop.evaluation import bootstrap_ci
 
 RULES = ("faithful", "oks", "attributes")
 
@@ -104,18 +105,14 @@ def within_group_spearman(pred: np.ndarray, truth: np.ndarray, groups: list[int]
     if not rhos:
         raise ValueError("no group with at least two different rule values: nothing to rank")
     v = np.asarray(rhos)
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
-    return {"mean": float(v.mean()), "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+    return {"mean": float(v.mean()), "ci": list(bootstrap_ci(v, n_boot, 0.95, seed)),
             "groups": len(v), "groups_constant": len(by) - len(v), "per_group": rhos}
 
 
 def paired_diff(a: list[float], b: list[float], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
     """Mean of b - a over paired groups with a 95% bootstrap interval (the groups resampled together)."""
     d = np.asarray(b) - np.asarray(a)
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
-    return {"diff": float(d.mean()), "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+    return {"diff": float(d.mean()), "ci": list(bootstrap_ci(d, n_boot, 0.95, seed)),
             "n": len(d)}
 
 
