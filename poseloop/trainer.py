@@ -472,7 +472,7 @@ class PolicyTrainer:
         """Atomically write everything a resumed run needs to <run_dir>/checkpoint."""
         if not self.accelerator.is_main_process:
             return self.run_dir / "checkpoint"
-        state = {"epoch": self.epoch, "global_step": self.global_step, "config_hash": self.identity,
+        state = {"epoch": self.epoch, "global_step": self.global_step, "identity": self.identity,
                  "tracker": self.tracker.state_dict(), "history": self.history,
                  "guard_streak": self.guard_streak, "best_heldout": self.best_heldout,
                  "config": to_dict(self.cfg)}
@@ -488,7 +488,7 @@ class PolicyTrainer:
         if not (ckpt / "state.json").is_file():
             return False
         state = json.loads((ckpt / "state.json").read_text())
-        if state["config_hash"] != self.identity:
+        if state.get("identity") != self.identity:
             raise ConfigError(f"output.run_name: the checkpoint in {ckpt} was made from other inputs (config, reward "
                               "model, labels or parent policy); pick another --output.run_name, or pass "
                               "--train.resume false to start over")

@@ -385,7 +385,7 @@ def test_hostile_reward_model_folders_are_one_line_naming_file_and_field(reward_
     config, weights = reward_folder / "config.json", reward_folder / "weights.safetensors"
     good_config, good_weights = config.read_text(), weights.read_bytes()
     assert load_reward_model(reward_folder).ensemble_size == 2
-    # Quick failures on the old code first (tracebacks); the memory-exhausting values come last.
+    # The quick cases first; the values that would exhaust memory without the check come last.
     cases: list[tuple[dict[str, object] | str | bytes, Path, str]] = [
         ({"model.bogus": 1}, config, "model.bogus"),
         ({"model.dropout": "0.2"}, config, "model.dropout"),
