@@ -3,7 +3,7 @@
     python config.py                      # the default (tiny) generation config as JSON
     python config.py --preset sdxl --set sample.steps=30
 
-The configuration classes and presets live in poseloop/config.py; every script takes the same flags.
+The configuration classes and presets live in poseloop/config/generation.py; every script takes the same flags.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from poseloop.config import PRESETS, GenerateConfig
-from poseloop.configlib import parse_config, to_dict
+from poseloop.config.generation import PRESETS, GenerateConfig
+from poseloop.config.lib import parse_config, to_dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from poseloop.configlib import parse_config
-from poseloop.errors import user_errors
-from poseloop.evaluation_config import PRESETS, EvaluateConfig
+from poseloop.config.lib import parse_config
+from poseloop.cli import user_errors
+from poseloop.config.evaluation import PRESETS, EvaluateConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(EvaluateConfig, PRESETS, "tiny", argv, description=__doc__, prog="evaluate.py",
                           aliases={"policy": "eval.policy", "baseline": "eval.baseline"})
     with user_errors():
-        from poseloop.evaluation import evaluate  # torch and diffusers: after --help and argument errors
+        from poseloop.evaluation.compare import evaluate  # torch and diffusers: after --help and argument errors
 
         result = evaluate(cfg)
     print(result.summary())

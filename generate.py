@@ -13,9 +13,9 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from poseloop.config import PRESETS, GenerateConfig
-from poseloop.configlib import parse_config
-from poseloop.errors import user_errors
+from poseloop.config.generation import PRESETS, GenerateConfig
+from poseloop.config.lib import parse_config
+from poseloop.cli import user_errors
 
 
 class Terminated(BaseException):
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         with user_errors():
-            from poseloop.generation import generate  # torch and diffusers: after --help and argument errors
+            from poseloop.sampling.round import generate  # torch and diffusers: after --help and argument errors
 
             result = generate(cfg)
     except (KeyboardInterrupt, Terminated) as e:

@@ -24,10 +24,10 @@ import faulthandler
 import sys
 from collections.abc import Sequence
 
-from poseloop.configlib import parse_config
-from poseloop.errors import user_errors
-from poseloop.lineage import lineage_lines
-from poseloop.policy_config import PRESETS, PolicyConfig
+from poseloop.config.lib import parse_config
+from poseloop.cli import user_errors
+from poseloop.policy.lineage import lineage_lines
+from poseloop.config.policy import PRESETS, PolicyConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         with user_errors():
-            from poseloop.training import train  # torch and diffusers: after --help and argument errors
+            from poseloop.policy.trainer import train  # torch and diffusers: after --help and argument errors
 
             result = train(cfg)
     except KeyboardInterrupt:

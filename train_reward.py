@@ -6,7 +6,7 @@
     python train_reward.py --set train.epochs=40 --output.version my-reward
 
 Writes models/reward/<version>/ (weights, config, metrics, training_curve.png, calibration.png) and
-points models/reward/latest at it; load it with poseloop.reward_model.load_reward_model("latest").
+points models/reward/latest at it; load it with poseloop.rewards.loading.load_reward_model("latest").
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from poseloop.configlib import parse_config
-from poseloop.errors import user_errors
-from poseloop.reward_config import PRESETS, TrainRewardConfig
+from poseloop.config.lib import parse_config
+from poseloop.cli import user_errors
+from poseloop.config.reward import PRESETS, TrainRewardConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, train one version, print a one-line summary."""
     cfg, _ = parse_config(TrainRewardConfig, PRESETS, "default", argv, description=__doc__, prog="train_reward.py")
     with user_errors():  # LabelDataError is an InputError: bad labels print one line and exit 2
-        from poseloop.reward_training import train_reward  # torch: after --help and argument errors
+        from poseloop.rewards.training import train_reward  # torch: after --help and argument errors
 
         result = train_reward(cfg)
     print(result.summary())

@@ -1,9 +1,9 @@
 """Benchmark: does active pair choice (--pair-order active) need fewer labels than coverage order?
 
 On the embedded world (models/tiny-sd15): a "pool" round and a FRESH round are generated with generate.py
-(vocabulary prompts x 12 poses x 4 images). A scripted rater (poseloop.scripted.image_taste: a warmer
+(vocabulary prompts x 12 poses x 4 images). A scripted rater (poseloop.checks.scripted.image_taste: a warmer
 light; brighter images before 2026-11-30) labels pairs of the pool round through the rating app's JSON API in
-batches of k pairs; after every batch the reward model (poseloop.reward_training.fit_ensemble: improved
+batches of k pairs; after every batch the reward model (poseloop.rewards.training.fit_ensemble: improved
 CNN, 3-member bootstrap ensemble) is retrained on all labels so far and written to the run's
 <models>/reward/latest, and the app chooses the next batch by
 
@@ -52,7 +52,7 @@ def _round_rows(samples: Path, round_name: str) -> list[tuple[int, int, Path, st
     """(sample id, group id, image path, trajectory path) of a round, by sample id."""
     from sqlalchemy import select
 
-    from poseloop import db
+    from poseloop.data import db
 
     engine = db.open_db(db.default_db_url(samples))
     with db.session_scope(engine) as s:
@@ -69,8 +69,8 @@ class FreshRound:
     def __init__(self, samples: Path, round_name: str) -> None:
         import torch
 
-        from poseloop.scripted import image_taste
-        from poseloop.store import SampleStore, load_trajectory
+        from poseloop.checks.scripted import image_taste
+        from poseloop.data.store import SampleStore, load_trajectory
 
         rows = _round_rows(samples, round_name)
         store = SampleStore(samples)
@@ -99,10 +99,10 @@ class FreshRound:
 def _train(db_url: str, samples: Path, rater: str, models: Path, version: str, seed: int, args: argparse.Namespace
            ) -> tuple[Any, float]:
     """Fit the ensemble on every label of `rater` so far, save it as `version` and point latest at it."""
-    from poseloop.reward_model import save_reward_model, write_latest
-    from poseloop.reward_config import RewardDataConfig, TrainRewardConfig
-    from poseloop.reward_labels import GroupSplit, load_labels
-    from poseloop.reward_training import fit_ensemble
+    from poseloop.rewards.versions import save_reward_model, write_latest
+    from poseloop.config.reward import RewardDataConfig, TrainRewardConfig
+    from poseloop.rewards.labels import GroupSplit, load_labels
+    from poseloop.rewards.training import fit_ensemble
 
     t0 = time.perf_counter()
     labels = load_labels(RewardDataConfig(samples_dir=str(samples), db_url=db_url, rounds=["pool"], raters=[rater],
@@ -283,9 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
     import generate as generate_script
-    from poseloop.scripted import image_taste
-    from poseloop.tiny import ensure_embedded
-    from poseloop.world_eval import vocabulary_prompts
+    from poseloop.checks.scripted import image_taste
+    from poseloop.models.embedded import ensure_embedded
+    from poseloop.world.quality import vocabulary_prompts
 
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
     samples = work / "samples"

@@ -1,6 +1,6 @@
 """Benchmark: learned-reward gain per CPU-second of ReFL, DRaFT-1 and DDPO, with the rater's own rule beside it.
 
-The scripted rater (poseloop.scripted: likes a warm light; bright images before 2026-11-30) labels a round through the rating app's
+The scripted rater (poseloop.checks.scripted: likes a warm light; bright images before 2026-11-30) labels a round through the rating app's
 JSON API and a reward model is trained on its labels (what tests/test_learning.py and
 bench/bench_learning.py do). Then ReFL, DRaFT-1 and DDPO each train a LoRA against that LEARNED
 reward model (`--reward latent:<model>`, tiny preset defaults otherwise), in this process, on one
@@ -58,12 +58,12 @@ def run(work: Path, threads: int, epochs: int, eval_prompts: int, eval_images: i
     import torch
 
     import train_policy as train_policy_script
-    from poseloop.configlib import parse_config
-    from poseloop.evaluation import evaluate
-    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
-    from poseloop.evaluation_config import EvaluateConfig
-    from poseloop.scripted import RULE, LearningBudget, _latest, _prompts, run_learning_check
-    from poseloop.tiny import ensure_embedded
+    from poseloop.config.lib import parse_config
+    from poseloop.evaluation.compare import evaluate
+    from poseloop.config.evaluation import PRESETS as EVAL_PRESETS
+    from poseloop.config.evaluation import EvaluateConfig
+    from poseloop.checks.scripted import RULE, LearningBudget, _latest, _prompts, run_learning_check
+    from poseloop.models.embedded import ensure_embedded
 
     torch.set_num_threads(threads)
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")

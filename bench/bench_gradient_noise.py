@@ -54,13 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from poseloop.advantages import PerPromptStatTracker
-    from poseloop.reward_spec import build_reward
-    from poseloop.sampling import stochastic_steps
-    from poseloop.scripted import RULE
-    from poseloop.tiny import ensure_embedded
-    from poseloop.policy_config import tiny_on
-    from poseloop.training import PolicyTrainer
+    from poseloop.policy.advantages import PerPromptStatTracker
+    from poseloop.rewards.spec import build_reward
+    from poseloop.sampling.sampler import stochastic_steps
+    from poseloop.checks.scripted import RULE
+    from poseloop.models.embedded import ensure_embedded
+    from poseloop.config.policy import tiny_on
+    from poseloop.policy.trainer import PolicyTrainer
 
     root = ensure_embedded(ROOT / "models" / "tiny-sd15")
     reward = build_reward(args.reward or RULE)

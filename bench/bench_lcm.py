@@ -49,15 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from poseloop import config as gen_presets
-    from poseloop import sampling
-    from poseloop.metrics import oks
-    from poseloop.models import load_components
-    from poseloop.openpose import render_pose
-    from poseloop.tiny import ensure_embedded
-    from poseloop.world_detector import load_detector
-    from poseloop.world import measure_attributes, parse_prompt
-    from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, vocabulary_prompts
+    from poseloop.config import generation as gen_presets
+    from poseloop.sampling import sampler as sampling
+    from poseloop.metrics.scores import oks
+    from poseloop.models.loading import load_components
+    from poseloop.data.openpose import render_pose
+    from poseloop.models.embedded import ensure_embedded
+    from poseloop.world.detector import load_detector
+    from poseloop.world.render import measure_attributes, parse_prompt
+    from poseloop.world.quality import bootstrap_mean_ci, builtin_poses, vocabulary_prompts
 
     base_cfg, lcm_cfg, shipped = gen_presets.tiny(), gen_presets.tiny(), gen_presets.tiny_lcm()
     root = ensure_embedded(ROOT / base_cfg.model.base)

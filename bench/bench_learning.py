@@ -1,6 +1,6 @@
 """Benchmark: does the loop learn a rater's preference? Effect sizes with 95% intervals on fresh data.
 
-Runs poseloop.scripted.run_learning_check (what tests/test_learning.py runs) with larger budgets: a
+Runs poseloop.checks.scripted.run_learning_check (what tests/test_learning.py runs) with larger budgets: a
 scripted rater who likes a warm light labels a round through the rating app's JSON API; then the
 reward model's within-group pairwise accuracy on a fresh round, and the paired difference of the
 rater's statistic (warmth) between the base model and DDPO (on the reward model) / D3PO (from the
@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="train_policy.py overrides for every policy run, e.g. train.seed=1 train.first_steps=4")
     p.add_argument("--work", default="", help="keep the rounds, models and reports in this folder (default: a temporary one)")
     args = p.parse_args(argv)
-    from poseloop.scripted import POLICY_RUNS, RUN_METRIC, LearningBudget, run_learning_check
-    from poseloop.tiny import ensure_embedded
+    from poseloop.checks.scripted import POLICY_RUNS, RUN_METRIC, LearningBudget, run_learning_check
+    from poseloop.models.embedded import ensure_embedded
 
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
     budget = LearningBudget(threads=args.threads, policies=tuple(args.runs or POLICY_RUNS),

@@ -33,7 +33,7 @@ per epoch, per-prompt stat tracking (buffer 16, min count 8), trl's optimizer an
 reward, one CPU thread.
 trl handles a plain StableDiffusionPipeline only, so trl gets a plain pipeline built from the same
 components, while poseloop runs its ControlNet pipeline with controlnet_scale 0, at which
-poseloop.sampling.predict_noise skips the ControlNet's forward pass (its residuals would be zero).
+poseloop.sampling.sampler.predict_noise skips the ControlNet's forward pass (its residuals would be zero).
 
 trl is a peer, not a dependency: install it beside the project without touching the venv:
     pip download trl==0.23.1 --no-deps -d /tmp/trl_wheels
@@ -97,7 +97,7 @@ def trl_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def ours_config(args: argparse.Namespace, side: str, out_dir: str):  # -> PolicyConfig
     """Our side's config: the tiny preset's model and output folders, every field that sets the work explicit."""
-    from poseloop.policy_config import tiny_on
+    from poseloop.config.policy import tiny_on
 
     kw = trl_config_kwargs(args)
     cfg = tiny_on(args.model, out_dir)
@@ -143,8 +143,8 @@ def trained_steps_ours(cfg) -> int:  # type: ignore[no-untyped-def]
     import torch
     from diffusers import DDIMScheduler
 
-    from poseloop.sampling import _step_scheduler
-    from poseloop.training import PolicyTrainer
+    from poseloop.sampling.sampler import _step_scheduler
+    from poseloop.policy.trainer import PolicyTrainer
 
     comp = SimpleNamespace(scheduler=DDIMScheduler.from_pretrained(cfg.model.base, subfolder="scheduler"), device="cpu")
     like = SimpleNamespace(timesteps=_step_scheduler(comp, cfg.sample).timesteps.cpu(), sample_cfg=cfg.sample)
@@ -229,7 +229,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     """poseloop's DDPO (or D3PO, side d3po): time epochs after a warm-up, and the update part of them."""
     import torch
 
-    from poseloop.training import PolicyTrainer
+    from poseloop.policy.trainer import PolicyTrainer
 
     class Brightness:
         name, needs_images = "brightness", True
@@ -305,8 +305,8 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
         return
     from diffusers import StableDiffusionPipeline
 
-    from poseloop.config import ModelConfig
-    from poseloop.models import load_components
+    from poseloop.config.generation import ModelConfig
+    from poseloop.models.loading import load_components
 
     comp = load_components(ModelConfig(base=args.model, controlnet=f"{args.model}/controlnet", device="cpu"))
     p = comp.pipe
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         (run_trl if args.side == "trl" else run_ours)(args, out)
         print(json.dumps(out))
         return 0
-    from poseloop.tiny import ensure_embedded
+    from poseloop.models.embedded import ensure_embedded
 
     ensure_embedded(args.model)
     diffs = print_work(args)

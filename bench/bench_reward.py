@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from poseloop import db
-from poseloop.reward_config import TrainRewardConfig, almostperfect
-from poseloop.reward_labels import load_labels, split_groups
-from poseloop.reward_model import LatentRewardModel, RewardModelConfig, encode_images
-from poseloop.reward_report import evaluate
-from poseloop.reward_training import fit_ensemble
-from poseloop.store import SampleStore, load_trajectory
+from poseloop.data import db
+from poseloop.config.reward import TrainRewardConfig, almostperfect
+from poseloop.rewards.labels import load_labels, split_groups
+from poseloop.rewards.model import LatentRewardModel, encode_images
+from poseloop.config.reward import RewardModelConfig
+from poseloop.rewards.report import evaluate
+from poseloop.rewards.training import fit_ensemble
+from poseloop.data.store import SampleStore, load_trajectory
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,16 +53,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def tiny_components():  # -> Components
     """The embedded tiny SD1.5 model (built under models/ on first use)."""
-    from poseloop.config import tiny
-    from poseloop.models import load_components
+    from poseloop.config.generation import tiny
+    from poseloop.models.loading import load_components
 
     return load_components(tiny().model)
 
 
 def make_round(samples_dir: Path, groups: int) -> None:
     """Generate groups x 4 images at 64 px, 2 steps."""
-    from poseloop.config import tiny
-    from poseloop.generation import generate
+    from poseloop.config.generation import tiny
+    from poseloop.sampling.round import generate
 
     cfg = tiny()
     cfg.sample.width = cfg.sample.height = 64
@@ -77,7 +78,7 @@ def make_round(samples_dir: Path, groups: int) -> None:
 
 def rule_values(samples_dir: Path, rule: str, comp) -> dict[int, float]:  # noqa: ANN001
     """{sample id: hidden-rule value}."""
-    from poseloop.sampling import decode_latents
+    from poseloop.sampling.sampler import decode_latents
 
     store = SampleStore(samples_dir)
     factory = db.open_db(db.default_db_url(samples_dir))

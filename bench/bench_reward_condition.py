@@ -1,6 +1,6 @@
 """Benchmark: does seeing the prompt and the pose make the learned reward model judge as a rater does?
 
-Runs poseloop.scripted_condition.run_condition_check (what tests/test_learning.py runs, smaller): a scripted
+Runs poseloop.checks.scripted_condition.run_condition_check (what tests/test_learning.py runs, smaller): a scripted
 rater who prefers pose-faithful and prompt-faithful images (the world's detector OKS against the condition plus
 the share of the prompt's colours the world's reader finds) labels a round at ControlNet scale 0.4 through the
 rating app's JSON API, and so does the warm-light rater; the unconditioned (latent) and the conditioned reward
@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--work", default="", help="keep the rounds and models in this folder (default: a temporary one)")
     args = p.parse_args(argv)
-    from poseloop.scripted_condition import ConditionBudget, run_condition_check
-    from poseloop.tiny import ensure_embedded
+    from poseloop.checks.scripted_condition import ConditionBudget, run_condition_check
+    from poseloop.models.embedded import ensure_embedded
 
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
     budget = ConditionBudget(threads=args.threads, policy=args.policy,

@@ -1,6 +1,6 @@
 """Benchmark: the latent CNN reward model vs a head on frozen CLIP features, trained on the same labels.
 
-The scripted rater (poseloop.scripted: a warm light; bright images before 2026-11-30) labels a round of the embedded world through the
+The scripted rater (poseloop.checks.scripted: a warm light; bright images before 2026-11-30) labels a round of the embedded world through the
 rating app's JSON API (scores and every within-group pair); train_reward.py fits both kinds on exactly those
 labels with their defaults (--model.kind latent; --model.kind clip --model.clip ...); each is then checked on a
 FRESH round of other prompts: within-group pairwise agreement with the rater, 95% group-bootstrap intervals, and
@@ -80,8 +80,8 @@ def run(work: Path, args: argparse.Namespace) -> dict:
 
     import generate
     import train_reward
-    from poseloop.scripted import _prompts, label_round, reward_pair_accuracy, reward_pair_agreement
-    from poseloop.tiny import ensure_embedded
+    from poseloop.checks.scripted import _prompts, label_round, reward_pair_accuracy, reward_pair_agreement
+    from poseloop.models.embedded import ensure_embedded
     from webapp import create_app
 
     torch.set_num_threads(args.threads)

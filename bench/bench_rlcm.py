@@ -38,12 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from poseloop.reward_spec import build_reward
-    from poseloop.scripted import RULE
-    from poseloop.policy_config import tiny_on, tiny_rlcm
-    from poseloop.tiny import LCM_LORA_FILE, ensure_embedded
-    from poseloop.training import PolicyTrainer
-    from poseloop.world_eval import bootstrap_mean_ci, vocabulary_prompts
+    from poseloop.rewards.spec import build_reward
+    from poseloop.checks.scripted import RULE
+    from poseloop.config.policy import tiny_on, tiny_rlcm
+    from poseloop.models.embedded import ensure_embedded
+    from poseloop.config.generation import LCM_LORA_FILE
+    from poseloop.policy.trainer import PolicyTrainer
+    from poseloop.world.quality import bootstrap_mean_ci, vocabulary_prompts
 
     root = ensure_embedded(ROOT / "models" / "tiny-sd15")
     reward = build_reward(args.reward or RULE)

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from poseloop.config import PRESETS
-from poseloop.models import Components, load_components
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
-from poseloop.sampling import sample
+from poseloop.config.generation import PRESETS
+from poseloop.models.loading import Components, load_components
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
+from poseloop.sampling.sampler import sample
 
 TARGET = 1.05  # issue 14: within 1.05x of diffusers' pipeline
 PROMPTS = ("a dancer in a red dress, studio photo", "an astronaut in a white suit on the moon")
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = statistics.median(ratios)
     print()
     print(f"{'sampler':<28}{'median s/batch':>16}{'images/s':>12}")
-    print(f"{'poseloop.sampling.sample':<28}{med_a:>16.3f}{args.batch / med_a:>12.3f}")
+    print(f"{'poseloop.sampling.sampler.sample':<28}{med_a:>16.3f}{args.batch / med_a:>12.3f}")
     print(f"{'diffusers pipe(...)':<28}{med_b:>16.3f}{args.batch / med_b:>12.3f}")
     print(f"{'ratio ours/diffusers':<28}{ratio:>16.3f}   (min {min(ratios):.3f}, max {max(ratios):.3f}, "
           f"n={len(ratios)})")
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = ratio <= TARGET
     print(f"sampler/diffusers time ratio: {ratio:.2f}x (target <= {TARGET:.2f}x): {'PASS' if ok else 'FAIL'}")
     if args.profile:
-        profile_one("poseloop.sampling.sample", ours)
+        profile_one("poseloop.sampling.sampler.sample", ours)
         profile_one("diffusers pipe(...)", theirs)
     return 0 if ok else 1
 

@@ -60,7 +60,7 @@ sys.path.insert(0, ".")
 import generate as script
 spent = {"load_components": 0.0, "sample_calls": []}
 marks = {}
-import poseloop.generation as gen
+import poseloop.sampling.round as gen
 real_load, real_sample, real_generate = gen.load_components, gen.sample, gen.generate
 def load(*a, **k):
     t = clock(); out = real_load(*a, **k); spent["load_components"] += clock() - t; return out
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     roots = {"": ROOT, **({"baseline ": Path(args.baseline).resolve()} if args.baseline else {})}
     for root in roots.values():  # build the embedded models before any timing
-        timed([py, "-c", "from poseloop.tiny import ensure_embedded; ensure_embedded('models/tiny-sd15')"],
+        timed([py, "-c", "from poseloop.models.embedded import ensure_embedded; ensure_embedded('models/tiny-sd15')"],
               args.threads, root)
 
     print(f"start-up, whole processes, {args.threads} thread(s), median [min, max] of {args.repeats} runs")

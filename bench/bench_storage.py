@@ -5,7 +5,7 @@ D3PO (github.com/yk7333/d3po, scripts/sample.py) pickles, per image, `latents` (
 [77, 768] and `timesteps`, all as torch tensors (fp16 under mixed precision). We rebuild that dict with
 random tensors of those shapes and dtypes (log_probs added as well, as the brief asks, although
 D3PO's file omits them; they are 4*T bytes) and compare len(pickle.dumps(...)) with the size on disk
-of a file written by poseloop.store.save_trajectory with the metadata generate.py writes.
+of a file written by poseloop.data.store.save_trajectory with the metadata generate.py writes.
 
     python bench/bench_storage.py            # SD1.5 (4x64x64, 512 px), tiny (4x16x16); 20 and 50 steps
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from poseloop.store import Trajectory, save_trajectory
+from poseloop.data.store import Trajectory, save_trajectory
 
 TARGET = 0.5
 MIB = 1024 * 1024
@@ -97,11 +97,11 @@ def png_bytes(image: object) -> int:
 
 def measure_pngs(batch: int) -> None:
     """Print PNG bytes of generated images and pose images at 128 px with the tiny model (and pose at 512)."""
-    from poseloop.config import tiny
-    from poseloop.models import load_components
-    from poseloop.openpose import render_pose
-    from poseloop.poses import get_builtin_pose
-    from poseloop.sampling import sample
+    from poseloop.config.generation import tiny
+    from poseloop.models.loading import load_components
+    from poseloop.data.openpose import render_pose
+    from poseloop.data.poses import get_builtin_pose
+    from poseloop.sampling.sampler import sample
 
     cfg = tiny()
     pose128 = render_pose(get_builtin_pose("standing"), 128, 128)

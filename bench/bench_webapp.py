@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sqlalchemy import func, select  # noqa: E402
 
-from poseloop.db import LabelEvent, Rater, Rating, open_db, session_scope  # noqa: E402
+from poseloop.data.db import LabelEvent, Rater, Rating, open_db, session_scope  # noqa: E402
 from webapp_fixtures import build_samples  # noqa: E402
 
 P99_TARGET_MS = 50.0

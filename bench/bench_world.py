@@ -66,8 +66,8 @@ def save_grid(images: list, names: Sequence[str], per_group: int, path: Path, gr
     """One column per group: its pose image, then its images below, 2x enlarged."""
     from PIL import Image
 
-    from poseloop.openpose import render_pose
-    from poseloop.poses import BUILTIN_POSES
+    from poseloop.data.openpose import render_pose
+    from poseloop.data.poses import BUILTIN_POSES
 
     s = images[0].size[0] * 2
     canvas = Image.new("RGB", (groups * s, (per_group + 1) * s), "white")
@@ -85,14 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from poseloop.config import tiny
-    from poseloop.models import load_components
-    from poseloop.poses import BUILTIN_POSES
-    from poseloop.tiny import ensure_embedded
-    from poseloop.world_detector import load_detector
-    from poseloop.world_eval import (builtin_poses, evaluate_generator, placed_poses, shuffled_ceiling,
+    from poseloop.config.generation import tiny
+    from poseloop.models.loading import load_components
+    from poseloop.data.poses import BUILTIN_POSES
+    from poseloop.models.embedded import ensure_embedded
+    from poseloop.world.detector import load_detector
+    from poseloop.world.quality import (builtin_poses, evaluate_generator, placed_poses, shuffled_ceiling,
                                      reference_spread, vocabulary_prompts)
-    from poseloop.world_training import detector_heldout_oks, roundtrip_attributes
+    from poseloop.world.training import detector_heldout_oks, roundtrip_attributes
 
     cfg = tiny()
     root = ensure_embedded(ROOT / cfg.model.base)

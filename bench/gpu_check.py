@@ -1,11 +1,11 @@
 """GPU check: the project's sampler and policy trainers at real SD1.5 size (random weights) on one GPU.
 
 For a lent GPU machine (issue 10 item 10, issue 14 item 4). It builds SD1.5-size UNet, VAE, CLIP text
-encoder and OpenPose ControlNet with random weights from the configs shipped in poseloop/configs
-(no download), saves them with save_pretrained, loads them back through poseloop.models, and runs at
+encoder and OpenPose ControlNet with random weights from the configs shipped in poseloop/models/configs
+(no download), saves them with save_pretrained, loads them back through poseloop.models.loading, and runs at
 512 px in fp16:
 
-  sampler      poseloop.sampling.sample vs diffusers' StableDiffusionControlNetPipeline, same model,
+  sampler      poseloop.sampling.sampler.sample vs diffusers' StableDiffusionControlNetPipeline, same model,
                steps, batch, CFG, eta and seeds; images/s of each, measured interleaved
   ddpo         one DDPO epoch (a second if time allows) with the sd15 preset: published clip range
                1e-4, fp16 mixed precision; first-epoch clip fraction, peak GPU memory, GPU-s/sample
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
                     help="sdxl: SDXL-size models at 1024 px (sampler and DDPO only; needs time and memory)")
     ap.add_argument("--model-source", choices=("build", "embedded"), default=None,
-                    help="build = random weights from poseloop/configs/<arch> (default, and with --tiny the "
+                    help="build = random weights from poseloop/models/configs/<arch> (default, and with --tiny the "
                     "tiny-sd15 configs); embedded = models/tiny-sd15 (default with --tiny)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; tiny 10)")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         models = ROOT / "models" / "tiny-sd15"
         if not (models / "model_index.json").is_file():
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath), "OMP_NUM_THREADS": str(args.threads)}
-            subprocess.run([sys.executable, "-c", "from poseloop.tiny import ensure_embedded; "
+            subprocess.run([sys.executable, "-c", "from poseloop.models.embedded import ensure_embedded; "
                             f"ensure_embedded({str(models)!r})"], env=env, check=True, cwd=ROOT)
     else:
         models = Path(tempfile.mkdtemp(prefix=f"gpu-check-models-{args.configs}-"))

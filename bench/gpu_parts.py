@@ -112,17 +112,17 @@ class Part:
 
     def model_config(self) -> Any:
         """poseloop ModelConfig for the models folder: fp16 on CUDA (dtype auto), offline."""
-        from poseloop.config import ModelConfig
+        from poseloop.config.generation import ModelConfig
 
         return ModelConfig(arch=self.args.arch, base=str(self.models), controlnet=str(self.models / "controlnet"),
                            device=self.args.device, threads=self.args.threads, local_files_only=True)
 
     def policy_config(self, algo: str) -> Any:
         """The sd15 (or sdxl) policy preset on the models folder, sized by the command line."""
-        from poseloop import training
+        from poseloop.config import policy as policy_presets
 
         a = self.args
-        cfg = training.sdxl() if a.arch == "sdxl" else training.sd15()
+        cfg = policy_presets.sdxl() if a.arch == "sdxl" else policy_presets.sd15()
         cfg.algo = algo
         cfg.model = self.model_config()  # also drops the sdxl preset's hub VAE: the random VAE is in the folder
         cfg.sample.steps = a.steps
@@ -145,7 +145,7 @@ def clip_tokenizer(wheel_dir: Path | None, pad_token: str) -> Any:
 
     folder = wheel_dir / "clip_tokenizer" if wheel_dir else None
     if folder is None or not (folder / "vocab.json").is_file():
-        from poseloop.tiny import write_clip_tokenizer_files  # needs open_clip_torch
+        from poseloop.models.embedded import write_clip_tokenizer_files  # needs open_clip_torch
 
         folder = Path(tempfile.mkdtemp(prefix="clip-tokenizer-"))
         write_clip_tokenizer_files(folder)
@@ -206,8 +206,8 @@ def part_build(p: Part) -> None:
 
 def pose_images(size: int, n: int) -> list[Any]:
     """n OpenPose condition images of the built-in poses, size x size."""
-    from poseloop.openpose import render_pose
-    from poseloop.poses import get_builtin_pose
+    from poseloop.data.openpose import render_pose
+    from poseloop.data.poses import get_builtin_pose
 
     rendered = [render_pose(get_builtin_pose(name), size, size) for name in POSES]
     return [rendered[i % len(rendered)] for i in range(n)]
@@ -218,9 +218,9 @@ def part_sampler(p: Part) -> None:
     import numpy as np
     import torch
 
-    from poseloop.config import SampleConfig
-    from poseloop.models import load_components
-    from poseloop.sampling import sample
+    from poseloop.config.generation import SampleConfig
+    from poseloop.models.loading import load_components
+    from poseloop.sampling.sampler import sample
 
     a = p.args
     t_load, comp = p.timed(lambda: load_components(p.model_config()))
@@ -286,7 +286,7 @@ def run_epochs(p: Part, epoch_fn: Callable[[int], dict[str, float]], max_epochs:
 
 def part_ddpo(p: Part) -> None:
     """One (or two) DDPO epochs of the sd15 preset: clip fraction, memory, GPU-seconds per sample."""
-    from poseloop.training import PolicyTrainer
+    from poseloop.policy.trainer import PolicyTrainer
 
     a = p.args
     cfg = p.policy_config("ddpo")
@@ -322,7 +322,7 @@ def part_ddpo(p: Part) -> None:
 
 def part_d3po(p: Part) -> None:
     """One D3PO epoch with a reward picking each group's winner and loser: seconds per pair."""
-    from poseloop.training import PolicyTrainer
+    from poseloop.policy.trainer import PolicyTrainer
 
     a = p.args
     cfg = p.policy_config("d3po")
@@ -346,8 +346,8 @@ def part_d3po(p: Part) -> None:
 
 def part_policy_ours(p: Part) -> None:
     """bench_policy.py's 'ours' row at this size: our DDPO with exactly the settings trl gets."""
-    from poseloop.policy import DEFAULT_LORA_MODULES
-    from poseloop.training import PolicyTrainer
+    from poseloop.config.policy import DEFAULT_LORA_MODULES
+    from poseloop.policy.trainer import PolicyTrainer
 
     a = p.args
     cfg = p.policy_config("ddpo")

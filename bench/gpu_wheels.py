@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_DIRS = (ROOT / ".gpu_wheels", ROOT / "shared_wheels")
 # import name -> distribution whose wheel provides it: what the device may lack. diffusers imports
-# requests (+ its four dependencies) at import time, poseloop.generation imports sqlalchemy and all of
+# requests (+ its four dependencies) at import time, poseloop.sampling.round imports sqlalchemy and all of
 # poseloop imports PIL; torch/transformers/accelerate/peft pull in none of them.
 NEEDED = {"diffusers": "diffusers", "requests": "requests", "urllib3": "urllib3", "idna": "idna",
           "certifi": "certifi", "charset_normalizer": "charset_normalizer", "sqlalchemy": "sqlalchemy",

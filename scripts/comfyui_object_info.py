@@ -4,7 +4,7 @@
     python scripts/comfyui_object_info.py --url http://127.0.0.1:8188
 
 Writes tests/fixtures/comfyui_object_info.json: GET /object_info/<class> for each node type in
-poseloop.comfy_workflow.NODE_TYPES, with the ComfyUI and frontend versions from /system_stats.
+poseloop.policy.comfy_workflow.NODE_TYPES, with the ComfyUI and frontend versions from /system_stats.
 tests/test_comfy_workflow.py checks every exported workflow against it; rerun this after a ComfyUI update.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from poseloop.comfy_workflow import NODE_TYPES  # noqa: E402
-from poseloop.configlib import field, parse_config  # noqa: E402
-from poseloop.store import atomic_write  # noqa: E402
+from poseloop.policy.comfy_workflow import NODE_TYPES  # noqa: E402
+from poseloop.config.lib import field, parse_config  # noqa: E402
+from poseloop.data.store import atomic_write  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "comfyui_object_info.json"
 

@@ -47,7 +47,7 @@ download() {  # pip download --no-deps into $DEST; extra arguments pick platform
 echo "diffusers==$DIFFUSERS trl==$TRL"
 download "diffusers==$DIFFUSERS" "trl==$TRL"
 
-# Pure-python packages that diffusers (requests) and poseloop.generation (sqlalchemy) import but that
+# Pure-python packages that diffusers (requests) and poseloop.sampling.round (sqlalchemy) import but that
 # torch/transformers/accelerate/peft do not pull in; fetched as py3-none-any so any Python can use them.
 PURE=()
 for dist in requests urllib3 idna certifi charset-normalizer sqlalchemy; do
@@ -70,7 +70,7 @@ fi
 import sys
 from pathlib import Path
 
-from poseloop.tiny import write_clip_tokenizer_files
+from poseloop.models.embedded import write_clip_tokenizer_files
 
 write_clip_tokenizer_files(Path(sys.argv[1]))
 EOF

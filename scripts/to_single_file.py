@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from poseloop.configlib import parse_config  # noqa: E402
-from poseloop.errors import user_errors  # noqa: E402
-from poseloop.original_layout import DTYPES, PRESETS, ConversionError, SingleFileConfig, write_single_file  # noqa: E402
+from poseloop.config.lib import parse_config  # noqa: E402
+from poseloop.cli import user_errors  # noqa: E402
+from poseloop.models.original_layout import DTYPES, PRESETS, ConversionError, SingleFileConfig, write_single_file  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

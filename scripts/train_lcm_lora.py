@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from poseloop.configlib import parse_config  # noqa: E402
-from poseloop.errors import user_errors  # noqa: E402
-from poseloop.lcm_distill import PRESETS, LcmDistillConfig, distill  # noqa: E402
+from poseloop.config.lib import parse_config  # noqa: E402
+from poseloop.cli import user_errors  # noqa: E402
+from poseloop.world.lcm_distill import PRESETS, LcmDistillConfig, distill  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,7 @@ and the LCM-LoRA and preview decoder distilled from them.
     python scripts/train_world.py                  # the shipped weights (50 min on 2 cores, +17 for the LCM-LoRA and preview decoder)
     python scripts/train_world.py --preset smoke   # every stage for a few steps (about a minute)
 
-Writes fp16 weights to poseloop/world_weights (what the package ships; models/tiny-sd15 is built
+Writes fp16 weights to poseloop/models/world_weights (what the package ships; models/tiny-sd15 is built
 from them on first use) and loss plots, sample grids and metrics to models/world_run. Stages that
 finished are kept in the run folder and skipped when the command is run again.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from poseloop.configlib import parse_config  # noqa: E402
-from poseloop.errors import user_errors  # noqa: E402
-from poseloop.world_training import PRESETS, WorldConfig, train_world  # noqa: E402
+from poseloop.config.lib import parse_config  # noqa: E402
+from poseloop.cli import user_errors  # noqa: E402
+from poseloop.world.training import PRESETS, WorldConfig, train_world  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def _worker_threads() -> None:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding the embedded tiny-sd15 and tiny-sdxl models, built through ensure_embedded."""
-    from poseloop.tiny import ensure_embedded
+    from poseloop.models.embedded import ensure_embedded
 
     root = tmp_path_factory.mktemp("models")
     ensure_embedded(root / "tiny-sd15")
@@ -87,7 +87,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(preset: str, models_dir: Path, tmp_path: Path):  # -> GenerateConfig
-    from poseloop.config import PRESETS
+    from poseloop.config.generation import PRESETS
 
     cfg = PRESETS[preset]()
     name = "tiny-sd15" if preset == "tiny" else "tiny-sdxl"
@@ -116,8 +116,8 @@ def tiny_sdxl_cfg(models_dir: Path, tmp_path: Path):  # -> GenerateConfig
 
 
 def _components(preset: str, models_dir: Path):  # -> Components
-    from poseloop.config import PRESETS
-    from poseloop.models import load_components
+    from poseloop.config.generation import PRESETS
+    from poseloop.models.loading import load_components
 
     cfg = PRESETS[preset]()
     name = "tiny-sd15" if preset == "tiny" else "tiny-sdxl"

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from poseloop import db
-from poseloop.store import SampleStore, Trajectory, save_png, save_trajectory
+from poseloop.data import db
+from poseloop.data.store import SampleStore, Trajectory, save_png, save_trajectory
 
 
 def make_samples(root: Path, groups: int = 6, per_group: int = 3, steps: int = 2, seed: int = 0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from poseloop.advantages import PerPromptStatTracker
+from poseloop.policy.advantages import PerPromptStatTracker
 
 
 def test_batch_statistics_until_a_prompt_has_min_count_then_its_own_buffer() -> None:

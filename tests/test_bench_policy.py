@@ -44,7 +44,7 @@ def test_ours_sides_do_trls_work(bench, models_dir: Path, tmp_path: Path) -> Non
 def test_the_check_sees_the_old_setup(bench, models_dir: Path, tmp_path: Path) -> None:
     """The bench's former ours side (the tiny preset with trl's LoRA modules and timestep_fraction set) trained
     4 of 10 steps from one x_T per group: the work comparison names exactly that."""
-    from poseloop.policy_config import tiny_on
+    from poseloop.config.policy import tiny_on
 
     args = bench.parse_args(["--model", str(models_dir / "tiny-sd15")])
     old = bench.ours_config(args, "ours", str(tmp_path))
@@ -59,7 +59,7 @@ def test_the_check_sees_the_old_setup(bench, models_dir: Path, tmp_path: Path) -
 
 def test_a_preset_change_does_not_leak_in(bench, models_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The tiny preset changed in every field that sets the work: the bench's ours side still does trl's work."""
-    import poseloop.policy_config as pc
+    import poseloop.config.policy as pc
 
     real = pc.tiny
 

@@ -1,7 +1,7 @@
 """The clip-kind reward model: a head on frozen CLIP features trained on the app's labels, saved, loaded, differentiated.
 
 A round of the embedded world (2 prompts x 12 poses x 4 images, 64 px) is labelled through the rating app's API by
-the scripted rater (poseloop.scripted) with its earlier taste, bright images; a second round with another prompt is
+the scripted rater (poseloop.checks.scripted) with its earlier taste, bright images; a second round with another prompt is
 the fresh check. The CLIP is a tiny random transformers CLIPModel saved in the real folder format (tests/tiny_helpers.py):
 its features are random projections of the pixels, which still carry brightness, so the head must learn the rule
 from the labels. Every test is CPU-only and offline.
@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from poseloop import scripted
-from poseloop.clip_reward import ClipHeadReward, ClipRewardModel, load_clip_reward_model
-from poseloop.reward_config import TrainRewardConfig
-from poseloop.reward_labels import load_labels, split_groups
-from poseloop.reward_model import load_reward_model, reward_model_kind, save_reward_model
-from poseloop.reward_training import fit_ensemble, fit_inputs
+from poseloop.checks import scripted
+from poseloop.rewards.clip_head import ClipHeadReward, ClipRewardModel, load_clip_reward_model
+from poseloop.config.reward import TrainRewardConfig
+from poseloop.rewards.labels import load_labels, split_groups
+from poseloop.rewards.loading import load_reward_model
+from poseloop.rewards.versions import reward_model_kind, save_reward_model
+from poseloop.rewards.training import fit_ensemble, fit_inputs
 from tiny_helpers import save_tiny_clipmodel
 
 torch.set_num_threads(1)
@@ -31,7 +32,7 @@ torch.set_num_threads(1)
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A labelled round, a fresh round, the embedded model and a tiny random CLIP folder."""
     import generate
-    from poseloop.tiny import ensure_embedded
+    from poseloop.models.embedded import ensure_embedded
     from webapp import create_app
 
     root = tmp_path_factory.mktemp("clip_reward")
@@ -119,16 +120,16 @@ def test_save_load_round_trip_gives_the_same_scores(world: dict[str, Path], tmp_
 def _png(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    from poseloop.sampling import pil_to_tensor
+    from poseloop.sampling.sampler import pil_to_tensor
 
     with Image.open(path) as im:
         return pil_to_tensor([im])[0]
 
 
 def test_gradient_reaches_the_policy_latents(trained: Path, world: dict[str, Path]) -> None:
-    from poseloop.algos.refl import decode_with_grad
-    from poseloop.models import load_components
-    from poseloop.reward_spec import build_reward
+    from poseloop.policy.algos.refl import decode_with_grad
+    from poseloop.models.loading import load_components
+    from poseloop.rewards.spec import build_reward
     from tiny_helpers import model_cfg
 
     reward = build_reward(f"latent:{trained}")  # the same spec as a latent model: the folder says its kind

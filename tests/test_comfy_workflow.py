@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from poseloop.comfy_workflow import (API_WORKFLOW_NAME, TRAINED_LORA_STRENGTH, WORKFLOW_NAME, WeightName, api_prompt,
+from poseloop.policy.comfy_workflow import (API_WORKFLOW_NAME, TRAINED_LORA_STRENGTH, WORKFLOW_NAME, WeightName, api_prompt,
                                      build_nodes, comfyui_model_problem, readme_section, settings_from_config,
                                      ui_workflow, weight_file_name, write_comfy_workflow)
-from poseloop.config import GenerateConfig, sdxl, tiny
-from poseloop.configlib import to_dict
-from poseloop.single_file import CONFIGS
+from poseloop.config.generation import GenerateConfig, sdxl, tiny
+from poseloop.config.lib import to_dict
+from poseloop.models.single_file import CONFIGS
 
 # The node definitions of a real ComfyUI: GET /object_info/<class> of a running server, saved by
 # scripts/comfyui_object_info.py with the version it came from (kept independent of
-# poseloop.comfy_workflow's own table, so that a slip there shows up here).
+# poseloop.policy.comfy_workflow's own table, so that a slip there shows up here).
 FIXTURE = Path(__file__).parent / "fixtures" / "comfyui_object_info.json"
 OBJECT_INFO: dict[str, Any] = json.loads(FIXTURE.read_text())
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"}
@@ -135,7 +135,7 @@ def check_workflow(ui: dict[str, Any], api: dict[str, Any]) -> dict[str, dict[st
 
 
 def test_fixture_comes_from_a_real_comfyui_and_covers_the_workflow() -> None:
-    from poseloop.comfy_workflow import NODE_TYPES
+    from poseloop.policy.comfy_workflow import NODE_TYPES
 
     assert re.fullmatch(r"\d+\.\d+\.\d+", OBJECT_INFO["comfyui_version"])
     assert re.fullmatch(r"[0-9a-f]{40}", OBJECT_INFO["comfyui_commit"])
@@ -281,9 +281,10 @@ def test_no_workflow_for_a_model_comfyui_cannot_load(tmp_path: Path, name: str) 
 @pytest.mark.parametrize("target", ["unet_lora", "controlnet"])
 def test_export_names_files_after_the_policy_and_says_comfyui_cannot_load_tiny(models_dir: Path, tmp_path: Path,
                                                                                 target: str) -> None:
-    from poseloop.export import controlnet_file_name, export_policy, kohya_lora_name, lora_layers
-    from poseloop.models import load_components
-    from poseloop.policy import Policy
+    from poseloop.policy.export import export_policy, lora_layers
+    from poseloop.models.policy_files import controlnet_file_name, kohya_lora_name
+    from poseloop.models.loading import load_components
+    from poseloop.policy.targets import Policy
     from tiny_helpers import model_cfg
 
     comp = load_components(model_cfg(models_dir))

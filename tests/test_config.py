@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from poseloop.config import PRESETS, GenerateConfig
-from poseloop.configlib import ConfigError, from_dict, parse_config, set_field, to_dict
+from poseloop.config.generation import PRESETS, GenerateConfig
+from poseloop.config.lib import ConfigError, from_dict, parse_config, set_field, to_dict
 
 
 def parse(argv: list[str]) -> GenerateConfig:
@@ -104,18 +104,18 @@ def test_config_round_trips_through_json() -> None:
 
 
 def _float_fields(cfg_cls: type) -> list[str]:
-    from poseloop.configlib import _leaf_fields, _scalar_type
+    from poseloop.config.lib import _leaf_fields, _scalar_type
 
     return [name for name, _f, tp in _leaf_fields(cfg_cls) if _scalar_type(tp) is float]
 
 
 def _every_config() -> list[tuple[type, dict, str, str]]:
-    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
-    from poseloop.evaluation_config import EvaluateConfig
-    from poseloop.reward_config import PRESETS as REWARD_PRESETS
-    from poseloop.reward_config import TrainRewardConfig
-    from poseloop.training import PRESETS as POLICY_PRESETS
-    from poseloop.training import PolicyConfig
+    from poseloop.config.evaluation import PRESETS as EVAL_PRESETS
+    from poseloop.config.evaluation import EvaluateConfig
+    from poseloop.config.reward import PRESETS as REWARD_PRESETS
+    from poseloop.config.reward import TrainRewardConfig
+    from poseloop.config.policy import PRESETS as POLICY_PRESETS
+    from poseloop.config.policy import PolicyConfig
 
     return [(GenerateConfig, PRESETS, "tiny", "generate.py"), (TrainRewardConfig, REWARD_PRESETS, "default", "train_reward.py"),
             (PolicyConfig, POLICY_PRESETS, "tiny", "train_policy.py"), (EvaluateConfig, EVAL_PRESETS, "tiny", "evaluate.py")]
@@ -141,8 +141,8 @@ def test_every_float_field_of_every_config_must_be_finite(bad: str, capsys: pyte
 
 
 def test_a_non_finite_value_set_in_code_is_refused_too() -> None:
-    from poseloop.configlib import check_finite
-    from poseloop.training import PolicyConfig
+    from poseloop.config.lib import check_finite
+    from poseloop.config.policy import PolicyConfig
 
     cfg = PRESETS["tiny"]()
     cfg.sample.guidance_scale = float("nan")
@@ -157,7 +157,7 @@ def test_a_non_finite_value_set_in_code_is_refused_too() -> None:
 
 
 def test_tiny_on_points_the_tiny_preset_at_a_model_and_a_quiet_output_folder() -> None:
-    from poseloop.policy_config import tiny, tiny_on
+    from poseloop.config.policy import tiny, tiny_on
 
     cfg = tiny_on("/m/tiny-sd15", "/out", threads=2)
     assert (cfg.model.base, cfg.model.controlnet, cfg.model.threads) == ("/m/tiny-sd15", "/m/tiny-sd15/controlnet", 2)
@@ -169,8 +169,8 @@ def test_tiny_on_points_the_tiny_preset_at_a_model_and_a_quiet_output_folder() -
 def test_every_preset_validates_on_a_fresh_checkout(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded folders (and the world's LCM-LoRA in one) are built on first use, after validation: a preset
     naming them must validate in a folder that has no models/ yet (CI caught tiny-rlcm refusing to start)."""
-    from poseloop.evaluation_config import PRESETS as EVALUATE_PRESETS
-    from poseloop.policy_config import PRESETS as POLICY_PRESETS
+    from poseloop.config.evaluation import PRESETS as EVALUATE_PRESETS
+    from poseloop.config.policy import PRESETS as POLICY_PRESETS
 
     monkeypatch.chdir(tmp_path)
     for presets in (PRESETS, POLICY_PRESETS, EVALUATE_PRESETS):
@@ -189,7 +189,7 @@ def test_every_preset_validates_on_a_fresh_checkout(tmp_path, monkeypatch: pytes
 def test_runs_without_the_new_ddpo_options_keep_their_hashes() -> None:
     import hashlib
 
-    from poseloop.policy_config import config_hash, tiny_faithful
+    from poseloop.config.policy import config_hash, tiny_faithful
 
     cfg = tiny_faithful()  # shared_start off, first_steps 0: what every run was before the options existed
     d = to_dict(cfg)

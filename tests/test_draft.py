@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poseloop.configlib import ConfigError
-from poseloop.evaluation import bootstrap_ci
-from poseloop.export import kohya_lora_name
-from poseloop.rewards import JpegCompressibilityReward
-from poseloop.training import PolicyConfig, PolicyTrainer, train
+from poseloop.config.lib import ConfigError
+from poseloop.evaluation.compare import bootstrap_ci
+from poseloop.models.policy_files import kohya_lora_name
+from poseloop.rewards.builtin import JpegCompressibilityReward
+from poseloop.config.policy import PolicyConfig
+from poseloop.policy.trainer import PolicyTrainer, train
 
 # The policy tests' helpers: the tiny config (4 steps, 64 px), the differentiable latent-preview
 # Brightness reward and the paired fixed-seed rewards (tests/ is on sys.path under pytest's default import mode).
@@ -32,7 +33,7 @@ def draft_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig:
 
 
 def conditioning(trainer: PolicyTrainer, groups: list[int]):  # -> Conditioning
-    from poseloop.sampling import make_conditioning
+    from poseloop.sampling.sampler import make_conditioning
 
     return make_conditioning(trainer.comp, PROMPTS[:len(groups)], [trainer._group_image(g) for g in groups],
                              trainer.cfg.sample, trainer.width, trainer.height)
@@ -40,7 +41,7 @@ def conditioning(trainer: PolicyTrainer, groups: list[int]):  # -> Conditioning
 
 def test_gradient_flows_only_through_the_last_k_steps(models_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from poseloop import sampling
+    from poseloop.sampling import sampler as sampling
 
     trainer = PolicyTrainer(draft_cfg(models_dir, tmp_path, draft__k=2), reward=Brightness(), progress=False)
     algo = trainer.algorithm
@@ -123,7 +124,7 @@ def test_checkpointed_gradient_equals_plain_gradient(models_dir: Path, tmp_path:
     assert ck_bytes * 100 < plain_bytes, (ck_bytes, plain_bytes)
 
     # An image reward: the VAE decode with gradient is checkpointed too; same gradients (same reasoning).
-    from poseloop.rewards import BrightnessReward
+    from poseloop.rewards.builtin import BrightnessReward
 
     trainer.reward = BrightnessReward()
     ck, _ = grads(True, k=1)
@@ -230,7 +231,7 @@ def test_controlnet_lora_target_is_trained(models_dir: Path, tmp_path: Path) -> 
 
 def test_draft_lv_redenoises_noised_copies_of_the_sample(models_dir: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from poseloop import sampling
+    from poseloop.sampling import sampler as sampling
 
     cfg = draft_cfg(models_dir, tmp_path, draft__lv=2, draft__checkpointing=False)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)

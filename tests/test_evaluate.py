@@ -12,11 +12,11 @@ from PIL import Image
 from sqlalchemy import select
 
 import evaluate as evaluate_script
-from poseloop import db
-from poseloop.evaluation import bootstrap_ci, win_rate
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
-from poseloop.store import SampleStore
+from poseloop.data import db
+from poseloop.evaluation.compare import bootstrap_ci, win_rate
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
+from poseloop.data.store import SampleStore
 
 
 def test_win_rate_counts_ties_half() -> None:
@@ -36,8 +36,8 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n() -> None:
 def make_policy(models_dir: Path, tiny_model_cfg, version: str) -> None:  # type: ignore[no-untyped-def]
     from peft import LoraConfig
 
-    from poseloop.export import save_kohya_lora
-    from poseloop.models import load_components
+    from poseloop.policy.export import save_kohya_lora
+    from poseloop.models.loading import load_components
 
     comp = load_components(tiny_model_cfg)
     torch.manual_seed(len(version))
@@ -125,8 +125,8 @@ def test_evaluate_refuses_bad_input_before_generating(tiny_cfg, tmp_path: Path, 
 def test_pose_accuracy_is_measured_only_where_keypoints_are_known(
     tiny_cfg, tmp_path: Path, openpose_weights: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    from poseloop.evaluation import evaluate
-    from poseloop.evaluation_config import EvaluateConfig
+    from poseloop.evaluation.compare import evaluate
+    from poseloop.config.evaluation import EvaluateConfig
 
     trained = tmp_path / "trained"
     make_policy(trained, tiny_cfg.model, "run-0001")
@@ -156,9 +156,9 @@ def test_pose_accuracy_is_measured_only_where_keypoints_are_known(
 def test_rerun_command_reproduces_the_config_exactly() -> None:
     import shlex
 
-    from poseloop.configlib import parse_config
-    from poseloop.evaluation import rerun_command
-    from poseloop.evaluation_config import PRESETS, EvaluateConfig
+    from poseloop.config.lib import parse_config
+    from poseloop.evaluation.compare import rerun_command
+    from poseloop.config.evaluation import PRESETS, EvaluateConfig
 
     argv = ["--preset", "sd15", "--data.prompts", "a dancer, red dress", "it's \"quoted\"", "--set", "sample.steps=7",
             "--eval.metrics", "brightness", "lpips", "--set", "eval.confidence=0.9", "--eval.policy", "latest"]
@@ -173,8 +173,8 @@ def test_rerun_command_reproduces_the_config_exactly() -> None:
 
 
 def test_learned_reward_specs_are_pinned_to_a_concrete_version(tmp_path: Path) -> None:
-    from poseloop.evaluation import pin_reward_versions
-    from poseloop.reward_model import write_latest
+    from poseloop.evaluation.compare import pin_reward_versions
+    from poseloop.rewards.versions import write_latest
 
     for v in ("v1", "v2"):
         (tmp_path / "reward" / v).mkdir(parents=True)
@@ -191,7 +191,9 @@ def test_a_rerun_keeps_its_versions_and_says_what_to_pass(tiny_cfg, tmp_path: Pa
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     import shlex
 
-    from poseloop.reward_model import LatentRewardModel, RewardModelConfig, save_reward_model, write_latest
+    from poseloop.rewards.model import LatentRewardModel
+    from poseloop.rewards.versions import save_reward_model, write_latest
+    from poseloop.config.reward import RewardModelConfig
 
     trained = tmp_path / "trained"
     make_policy(trained, tiny_cfg.model, "run-0001")

@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from poseloop.config import ModelConfig
-from poseloop.export import LATEST_FILE, controlnet_file_name, export_policy, kohya_lora_name, resolve_latest
-from poseloop.models import load_components
-from poseloop.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES, Policy
+from poseloop.config.generation import ModelConfig
+from poseloop.policy.export import export_policy
+from poseloop.models.policy_files import LATEST_FILE, controlnet_file_name, kohya_lora_name, resolve_latest
+from poseloop.models.loading import load_components
+from poseloop.policy.targets import Policy
+from poseloop.config.policy import ALL_LORA_MODULES, DEFAULT_LORA_MODULES
 from tiny_helpers import eps_of, model_cfg
 
 
@@ -137,9 +139,9 @@ def test_resolve_latest_without_exports_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_policy_and_reward_latest_share_one_format_and_read_the_old_one(tmp_path: Path) -> None:
-    from poseloop.export import write_latest
-    from poseloop.reward_model import read_latest
-    from poseloop.reward_model import write_latest as write_reward_latest
+    from poseloop.models.policy_files import write_latest
+    from poseloop.rewards.versions import read_latest
+    from poseloop.rewards.versions import write_latest as write_reward_latest
 
     (tmp_path / "policies" / "run-0002").mkdir(parents=True)
     write_latest(tmp_path / "policies", "run-0002")
@@ -155,7 +157,7 @@ def test_policy_and_reward_latest_share_one_format_and_read_the_old_one(tmp_path
 
 
 def test_sdxl_unet_lora_export_reloads_and_reproduces_the_trained_model(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.config import tiny_sdxl
+    from poseloop.config.generation import tiny_sdxl
 
     def sdxl_cfg(**overrides: object) -> ModelConfig:
         cfg = tiny_sdxl().model
@@ -181,8 +183,8 @@ def test_policy_named_by_version_reads_old_exports_too(models_dir: Path, tmp_pat
     exports made before files were named after their policy."""
     import dataclasses
 
-    from poseloop.export import save_kohya_lora
-    from poseloop.models import resolve_policy
+    from poseloop.policy.export import save_kohya_lora
+    from poseloop.models.loading import resolve_policy
 
     comp = load_components(model_cfg(models_dir))
     Policy(comp, "unet_lora", rank=2, alpha=2.0)

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-from poseloop import per_sample_grads
-from poseloop.configlib import ConfigError
-from poseloop.training import PolicyTrainer
+from poseloop.policy import per_sample_grads
+from poseloop.config.lib import ConfigError
+from poseloop.policy.trainer import PolicyTrainer
 from test_policy import Brightness, policy_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch.set_num_threads(1) around each test (conftest)

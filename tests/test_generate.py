@@ -11,15 +11,17 @@ from PIL import Image
 from sqlalchemy import func, select
 
 import generate as generate_script
-from poseloop import db, generation, sampling
-from poseloop.config import GenerateConfig
-from poseloop.configlib import ConfigError
-from poseloop.generation import generate
-from poseloop.inputs import InputError
-from poseloop.models import load_components
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
-from poseloop.store import SampleStore, load_trajectory
+from poseloop.data import db
+from poseloop.sampling import round as generation
+from poseloop.sampling import sampler as sampling
+from poseloop.config.generation import GenerateConfig
+from poseloop.config.lib import ConfigError
+from poseloop.sampling.round import generate
+from poseloop.data.inputs import InputError
+from poseloop.models.loading import load_components
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
+from poseloop.data.store import SampleStore, load_trajectory
 
 
 def session_for(cfg: GenerateConfig):  # -> sessionmaker
@@ -258,7 +260,8 @@ def test_main_runs_in_process_and_reports_errors_cleanly(
 def test_generate_with_a_trained_policy_records_its_version(tiny_cfg: GenerateConfig, tmp_path: Path) -> None:
     from peft import LoraConfig
 
-    from poseloop.export import kohya_lora_name, save_kohya_lora
+    from poseloop.policy.export import save_kohya_lora
+    from poseloop.models.policy_files import kohya_lora_name
 
     comp = load_components(tiny_cfg.model)
     torch.manual_seed(0)
@@ -473,7 +476,7 @@ def test_sigterm_cleans_up_and_exits_non_zero(models_dir: Path, tmp_path: Path) 
 
 
 def test_a_named_round_with_another_plan_says_what_differs_and_what_to_pass(tiny_cfg: GenerateConfig) -> None:
-    from poseloop.generation import PlanMismatchError
+    from poseloop.sampling.round import PlanMismatchError
 
     tiny_cfg.data.poses = ["standing"]
     tiny_cfg.store.round = "mine"

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from poseloop.policy_config import GuardConfig, tiny, tiny_faithful
-from poseloop.trainer import PolicyTrainer
+from poseloop.config.policy import GuardConfig, tiny, tiny_faithful
+from poseloop.policy.trainer import PolicyTrainer
 
 
 def _trainer(guard: GuardConfig, kl_measured: bool = True) -> SimpleNamespace:

@@ -21,12 +21,12 @@ from flask import Flask
 from PIL import Image
 
 import generate as generate_script
-from poseloop.config import GenerateConfig
-from poseloop.configlib import ConfigError
-from poseloop.generation import generate
-from poseloop.inputs import InputError
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
+from poseloop.config.generation import GenerateConfig
+from poseloop.config.lib import ConfigError
+from poseloop.sampling.round import generate
+from poseloop.data.inputs import InputError
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
 from webapp_fixtures import BOTH_DATABASES, Blind, Env, app, cmp, env  # noqa: F401  (pytest fixtures)
 
 # ---------------------------------------------------------------- helpers
@@ -89,7 +89,7 @@ def test_a_pickle_planted_in_the_checkpoint_never_runs_on_resume(models_dir: Pat
                                                                   one_thread: None) -> None:
     from test_policy import Brightness, policy_cfg
 
-    from poseloop.training import PolicyTrainer, train
+    from poseloop.policy.trainer import PolicyTrainer, train
 
     cfg = policy_cfg(models_dir, tmp_path, train__epochs=1)
     cfg.output.run_name = "victim"
@@ -117,7 +117,7 @@ def test_resume_files_load_without_pickled_code_and_old_rng_files_still_load(tmp
 
     import numpy as np
 
-    from poseloop.run_files import CheckpointFileError, load_resume_file, rng_state, set_rng_state
+    from poseloop.policy.run_files import CheckpointFileError, load_resume_file, rng_state, set_rng_state
 
     torch.save(rng_state(), tmp_path / "rng.pt")
     expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
@@ -197,7 +197,7 @@ def test_a_round_name_that_is_a_path_is_refused_before_anything_is_written(
 
 
 def test_an_evaluation_name_that_is_a_path_is_refused() -> None:
-    from poseloop.evaluation_config import EvaluateConfig
+    from poseloop.config.evaluation import EvaluateConfig
 
     cfg = EvaluateConfig()
     cfg.eval.policy, cfg.eval.name = "latest", "../outside"
@@ -208,7 +208,7 @@ def test_an_evaluation_name_that_is_a_path_is_refused() -> None:
 # ---------------------------------------------------------------- 4. two runs at once
 
 
-GENERATE_LOCK = ".generate.lock"  # poseloop.generation.GENERATE_LOCK, spelt out: the lock file is an interface
+GENERATE_LOCK = ".generate.lock"  # poseloop.sampling.round.GENERATE_LOCK, spelt out: the lock file is an interface
 
 
 def test_a_second_generate_into_one_samples_folder_stops_naming_the_first(
@@ -234,7 +234,7 @@ def test_a_second_policy_run_into_one_run_folder_stops_naming_the_first(
 ) -> None:
     from test_policy import Brightness, policy_cfg
 
-    from poseloop.training import train
+    from poseloop.policy.trainer import train
 
     cfg = policy_cfg(models_dir, tmp_path)
     cfg.output.run_name = "shared"
@@ -251,8 +251,8 @@ def test_two_reward_trainings_never_get_one_version_name(tmp_path: Path, other_r
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import datetime
 
-    from poseloop import reward_training
-    from poseloop.reward_config import TrainRewardConfig
+    from poseloop.rewards import training as reward_training
+    from poseloop.config.reward import TrainRewardConfig
 
     class Frozen(datetime):
         @classmethod
@@ -274,7 +274,7 @@ def test_two_reward_trainings_never_get_one_version_name(tmp_path: Path, other_r
     first = reward_training.reserve_version(models)
     second = reward_training.reserve_version(models)
     assert (first[0], second[0]) == ("20260102-030405-2", "20260102-030405-3")
-    from poseloop.locks import release
+    from poseloop.data.locks import release
 
     for _name, path, fd in (first, second):
         release(path, fd)
@@ -329,7 +329,7 @@ def test_a_dataset_image_that_is_not_an_allowed_image_is_never_copied(tiny_cfg: 
 @pytest.mark.parametrize("field, value", [("width", 65536), ("height", 65536), ("images_per_group", 10**9),
                                           ("batch_size", 10**9)])
 def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_field(field: str, value: int) -> None:
-    from poseloop.config import tiny
+    from poseloop.config.generation import tiny
 
     cfg = tiny()
     setattr(cfg.sample, field, value)
@@ -339,7 +339,7 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_field(field: str
 
 
 def test_groups_per_epoch_beyond_memory_is_refused() -> None:
-    from poseloop.training import tiny
+    from poseloop.config.policy import tiny
 
     cfg = tiny()
     cfg.train.groups_per_epoch = 10**9
@@ -357,7 +357,9 @@ def test_groups_per_epoch_beyond_memory_is_refused() -> None:
 @pytest.fixture
 def reward_folder(tmp_path: Path) -> Path:
     """A valid saved latent reward model (improved CNN, 2 members, 4x8x8 latents)."""
-    from poseloop.reward_model import LatentRewardModel, RewardModelConfig, save_reward_model
+    from poseloop.rewards.model import LatentRewardModel
+    from poseloop.rewards.versions import save_reward_model
+    from poseloop.config.reward import RewardModelConfig
 
     torch.manual_seed(0)
     folder = tmp_path / "reward" / "v1"
@@ -379,8 +381,10 @@ def _edit(folder: Path, **changes: object) -> None:
 def test_hostile_reward_model_folders_are_one_line_naming_file_and_field(reward_folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from poseloop.policy_rewards import resolve_reward
-    from poseloop.reward_model import LatentRewardModel, RewardModelConfig, load_reward_model
+    from poseloop.policy.rewards import resolve_reward
+    from poseloop.rewards.model import LatentRewardModel
+    from poseloop.rewards.loading import load_reward_model
+    from poseloop.config.reward import RewardModelConfig
 
     config, weights = reward_folder / "config.json", reward_folder / "weights.safetensors"
     good_config, good_weights = config.read_text(), weights.read_bytes()

@@ -1,4 +1,4 @@
-"""Tests for poseloop.image_reward: a tiny random ImageReward saved in upstream's file format, scored via the spec.
+"""Tests for poseloop.rewards.image_reward: a tiny random ImageReward saved in upstream's file format, scored via the spec.
 
 The reference is a minimal forward written in this file from upstream's code (image-reward 1.5:
 ImageReward.py score(), models/BLIP/vit.py VisionTransformer, models/BLIP/med.py BertModel in its default
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poseloop import image_reward as IR
-from poseloop import reward_spec as RS
+from poseloop.rewards import image_reward as IR
+from poseloop.rewards import spec as RS
 
 torch.set_num_threads(1)
 

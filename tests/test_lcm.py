@@ -14,14 +14,15 @@ import torch
 from diffusers import DDIMScheduler, LCMScheduler
 from safetensors.torch import load_file
 
-from poseloop import lcm, sampling
-from poseloop.config import SampleConfig
-from poseloop.configlib import ConfigError
-from poseloop.export import kohya_lora_name
-from poseloop.models import Components
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
-from poseloop.training import PolicyTrainer
+from poseloop.sampling import lcm
+from poseloop.sampling import sampler as sampling
+from poseloop.config.generation import SampleConfig
+from poseloop.config.lib import ConfigError
+from poseloop.models.policy_files import kohya_lora_name
+from poseloop.models.loading import Components
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
+from poseloop.policy.trainer import PolicyTrainer
 
 # The policy tests' tiny config and synthetic reward (tests/ is on sys.path under pytest's import mode).
 from test_policy import RATIO_TOL, Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
@@ -187,9 +188,9 @@ def test_lcm_sampler_on_a_model_that_is_no_lcm_warns_what_to_load(sd15_component
 def test_an_lcm_lora_is_fused_into_the_unet_at_load(arch: str, models_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig
 
-    from poseloop.config import tiny, tiny_sdxl
-    from poseloop.export import save_diffusers_lora, save_kohya_lora
-    from poseloop.models import load_components
+    from poseloop.config.generation import tiny, tiny_sdxl
+    from poseloop.policy.export import save_diffusers_lora, save_kohya_lora
+    from poseloop.models.loading import load_components
     from tiny_helpers import eps_of
 
     def model_cfg(models_dir: Path, **overrides: object):  # -> ModelConfig
@@ -229,8 +230,8 @@ def test_an_lcm_lora_is_fused_into_the_unet_at_load(arch: str, models_dir: Path,
 
 
 def test_lcm_config_errors_name_the_field() -> None:
-    from poseloop.config import ModelConfig, validate_model
-    from poseloop.training import tiny
+    from poseloop.config.generation import ModelConfig, validate_model
+    from poseloop.config.policy import tiny
 
     cases = [({"algo": "rlcm"}, "sample.sampler: --algo rlcm"),
              ({"algo": "refl", "sampler": "lcm"}, "sample.sampler: --algo refl"),
@@ -252,7 +253,7 @@ def test_lcm_config_errors_name_the_field() -> None:
 def test_generate_with_the_lcm_sampler_writes_a_round(models_dir: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import generate as generate_script
-    from poseloop.store import SampleStore, load_trajectory
+    from poseloop.data.store import SampleStore, load_trajectory
 
     samples = tmp_path / "s"
     argv = ["--model.base", str(models_dir / "tiny-sd15"), "--model.controlnet",
@@ -318,7 +319,7 @@ def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
 
 
 def test_rlcm_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.evaluation import bootstrap_ci
+    from poseloop.evaluation.compare import bootstrap_ci
 
     # The trained embedded world (undistilled: the LCM sampler warns), 4 LCM steps without CFG, the tiny
     # preset's lr and clip, 4 groups x 4 images an epoch; bench/bench_rlcm.py runs it 8 epochs (+0.28).
@@ -335,7 +336,7 @@ def test_rlcm_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path)
 
 
 def test_rlcm_faithful_preset_has_the_published_settings() -> None:
-    from poseloop.policy_config import PRESETS
+    from poseloop.config.policy import PRESETS
 
     cfg = PRESETS["rlcm-faithful"]()
     cfg.validate()
@@ -347,10 +348,10 @@ def test_rlcm_faithful_preset_has_the_published_settings() -> None:
 def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> None:
     from sqlalchemy import select
 
-    from poseloop import db
-    from poseloop.config import tiny as gen_tiny
-    from poseloop.generation import generate
-    from poseloop.store import SampleStore
+    from poseloop.data import db
+    from poseloop.config.generation import tiny as gen_tiny
+    from poseloop.sampling.round import generate
+    from poseloop.data.store import SampleStore
 
     warnings.simplefilter("ignore")
     gcfg = gen_tiny()
@@ -376,7 +377,7 @@ def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> 
     assert [b.sample_cfg.sampler for b in batches] == ["lcm"]
     # The stored log-probs are the reference, and re-scoring with the LCM step reproduces them.
     assert torch.allclose(batches[0].extra["ref"], trainer._reference_log_probs(batches[0]), atol=RATIO_TOL, rtol=0)
-    from poseloop.store import load_trajectory
+    from poseloop.data.store import load_trajectory
 
     meta = dict(load_trajectory(trainer.algorithm.pairs[0].winner_path).metadata)
     assert meta["sampler"] == "lcm" and trainer.algorithm._sampled_by_reference(meta)

@@ -11,10 +11,10 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 
-from poseloop.config import tiny
-from poseloop.configlib import ConfigError
-from poseloop.lcm_distill import DdimSolver, LcmDistillConfig, distill
-from poseloop.models import load_components
+from poseloop.config.generation import tiny
+from poseloop.config.lib import ConfigError
+from poseloop.world.lcm_distill import DdimSolver, LcmDistillConfig, distill
+from poseloop.models.loading import load_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_THREADS
-from poseloop.scripted import RULE, LearningBudget, run_learning_check
+from poseloop.checks.scripted import RULE, LearningBudget, run_learning_check
 
 
 # One test per policy run, each from its own labelled round and reward model (the same, from the same seeds):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from poseloop.configlib import ConfigError
-from poseloop.export import kohya_lora_name
-from poseloop.policy_config import PolicyConfig, tiny
-from poseloop.trainer import PolicyTrainer
+from poseloop.config.lib import ConfigError
+from poseloop.models.policy_files import kohya_lora_name
+from poseloop.config.policy import PolicyConfig, tiny
+from poseloop.policy.trainer import PolicyTrainer
 from tiny_helpers import eps_of, model_cfg
 
 # max |eps| between the model the trainer holds and the exported files loaded the way generate.py, evaluate.py and
@@ -47,7 +47,9 @@ def policy_cfg(models_dir: Path, tmp: Path, reward: str = "latest", **train: obj
 
 def save_reward_version(models: Path, version: str, seed: int) -> None:
     """A (random) latent reward model version named `version`, made 'latest' as train_reward.py does."""
-    from poseloop.reward_model import LatentRewardModel, RewardModelConfig, save_reward_model, write_latest
+    from poseloop.rewards.model import LatentRewardModel
+    from poseloop.rewards.versions import save_reward_model, write_latest
+    from poseloop.config.reward import RewardModelConfig
 
     torch.manual_seed(seed)
     save_reward_model(LatentRewardModel(RewardModelConfig(width=4, hidden=4), (4, 16, 16), version=version),
@@ -74,7 +76,7 @@ def lineage_of(folder: Path) -> dict:
 def test_a_new_reward_model_trains_a_new_run_that_continues_the_last_policy(
         models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import train_policy as train_policy_script
-    from poseloop.lineage import lineage_line
+    from poseloop.policy.lineage import lineage_line
 
     torch.set_num_threads(1)
     models = tmp_path / "models"
@@ -123,10 +125,10 @@ def test_a_new_reward_model_trains_a_new_run_that_continues_the_last_policy(
 
 
 def test_the_exported_policy_of_round_two_is_the_whole_trained_model(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.models import load_components
-    from poseloop.openpose import render_pose
-    from poseloop.poses import get_builtin_pose
-    from poseloop.sampling import sample
+    from poseloop.models.loading import load_components
+    from poseloop.data.openpose import render_pose
+    from poseloop.data.poses import get_builtin_pose
+    from poseloop.sampling.sampler import sample
 
     torch.set_num_threads(1)
     models = str(tmp_path / "models")
@@ -157,7 +159,7 @@ def test_the_exported_policy_of_round_two_is_the_whole_trained_model(models_dir:
 
 
 def test_a_continued_controlnet_lora_exports_the_whole_controlnet(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.models import load_components
+    from poseloop.models.loading import load_components
 
     torch.set_num_threads(1)
     cfgs = []
@@ -176,7 +178,7 @@ def test_a_continued_controlnet_lora_exports_the_whole_controlnet(models_dir: Pa
 
 
 def test_a_parent_of_another_lora_shape_is_refused_with_the_fix(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.configlib import to_dict
+    from poseloop.config.lib import to_dict
 
     earlier = policy_cfg(models_dir, tmp_path, reward="brightness")
     folder = tmp_path / "models" / "policies" / "ddpo-earlier-e0001"
@@ -200,9 +202,9 @@ def rated(models_dir: Path, tmp_path: Path) -> Path:
     """A tiny generated round (2 groups x 3 images) with every pair of a group judged by rater 'ann'."""
     from sqlalchemy import select
 
-    from poseloop import db
-    from poseloop.config import tiny as gen_tiny
-    from poseloop.generation import generate
+    from poseloop.data import db
+    from poseloop.config.generation import tiny as gen_tiny
+    from poseloop.sampling.round import generate
 
     cfg = gen_tiny()
     cfg.model.base = str(models_dir / "tiny-sd15")
@@ -226,7 +228,7 @@ def rated(models_dir: Path, tmp_path: Path) -> Path:
 def test_d3po_runs_on_other_labels_get_other_names(models_dir: Path, tmp_path: Path, rated: Path) -> None:
     from sqlalchemy import select
 
-    from poseloop import db
+    from poseloop.data import db
 
     def run_name() -> tuple[str, dict]:
         cfg = policy_cfg(models_dir, tmp_path)

@@ -14,9 +14,9 @@ import evaluate as evaluate_script
 import generate as generate_script
 import train_policy as train_policy_script
 import train_reward as train_reward_script
-from poseloop import db
-from poseloop.export import kohya_lora_name
-from poseloop.store import SampleStore, load_trajectory
+from poseloop.data import db
+from poseloop.models.policy_files import kohya_lora_name
+from poseloop.data.store import SampleStore, load_trajectory
 
 
 def test_the_whole_loop(models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

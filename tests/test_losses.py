@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from poseloop import losses
+from poseloop.policy import losses
+from poseloop.rewards import losses as reward_losses
 
 
 def sig(x: float) -> float:
@@ -18,13 +19,13 @@ def test_bradley_terry_on_hand_computed_values() -> None:
     ra, rb = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
     target = torch.tensor([1.0, 0.5, 0.0])  # a wins, tie, b wins
     expected = (-math.log(sig(1.0)) + -math.log(0.5) + -math.log(1 - sig(-2.0))) / 3
-    assert losses.bradley_terry_loss(ra, rb, target).item() == pytest.approx(expected, rel=1e-6)
+    assert reward_losses.bradley_terry_loss(ra, rb, target).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_per_rater_normalisation_makes_harsh_and_generous_raters_agree() -> None:
     harsh = [-5.0, -4.0, -3.0]
     generous = [3.0, 4.0, 5.0]
-    z = losses.normalize_per_rater(torch.tensor(harsh + generous + [2.0]), [1, 1, 1, 2, 2, 2, 3])
+    z = reward_losses.normalize_per_rater(torch.tensor(harsh + generous + [2.0]), [1, 1, 1, 2, 2, 2, 3])
     s = math.sqrt(2 / 3)
     assert z[:3].tolist() == pytest.approx([-1 / s, 0.0, 1 / s])
     assert torch.equal(z[:3], z[3:6])
@@ -32,7 +33,7 @@ def test_per_rater_normalisation_makes_harsh_and_generous_raters_agree() -> None
 
 
 def test_score_mse() -> None:
-    assert losses.score_mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])).item() == pytest.approx(2.5)
+    assert reward_losses.score_mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])).item() == pytest.approx(2.5)
 
 
 def test_ppo_first_ratio_is_exactly_one_and_loss_is_minus_mean_advantage() -> None:
@@ -96,5 +97,5 @@ def test_bradley_terry_weights_scale_each_pair() -> None:
     ra, rb = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     target = torch.tensor([1.0, 0.0])
     l1, l2 = -math.log(sig(1.0)), -math.log(1 - sig(-1.0))
-    weighted = losses.bradley_terry_loss(ra, rb, target, weight=torch.tensor([3.0, 0.5]))
+    weighted = reward_losses.bradley_terry_loss(ra, rb, target, weight=torch.tensor([3.0, 0.5]))
     assert weighted.item() == pytest.approx((3.0 * l1 + 0.5 * l2) / 2, rel=1e-6)

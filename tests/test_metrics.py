@@ -1,4 +1,4 @@
-"""Tests for poseloop.metrics: OKS against hand-computed values, the OpenPose->COCO mapping, matching, LPIPS."""
+"""Tests for poseloop.metrics.scores: OKS against hand-computed values, the OpenPose->COCO mapping, matching, LPIPS."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from poseloop import metrics as M
-from poseloop.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
+from poseloop.metrics import scores as M
+from poseloop.data.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
 
 
 def _pose(points: dict[str, tuple[float, float]]) -> Pose:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from poseloop.export import save_kohya_lora
-from poseloop.models import Components, ModelLoadError, load_components
+from poseloop.policy.export import save_kohya_lora
+from poseloop.models.loading import Components, ModelLoadError, load_components
 from tiny_helpers import eps_of, model_cfg
 
 

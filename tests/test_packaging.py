@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Folders whose files are package data: configs of single-file checkpoints, the embedded world, the rating page.
-DATA_DIRS = ("poseloop/configs", "poseloop/world_weights", "webapp/static", "webapp/templates")
+DATA_DIRS = ("poseloop/models/configs", "poseloop/models/world_weights", "webapp/static", "webapp/templates")
 
 
 def test_the_wheel_ships_every_data_file_without_setuptools_warnings(tmp_path: Path) -> None:

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poseloop.configlib import ConfigError
-from poseloop.evaluation import bootstrap_ci
-from poseloop.export import kohya_lora_name
-from poseloop.inputs import InputError
-from poseloop.training import PolicyConfig, PolicyTrainer, tiny, train
+from poseloop.config.lib import ConfigError
+from poseloop.evaluation.compare import bootstrap_ci
+from poseloop.models.policy_files import kohya_lora_name
+from poseloop.data.inputs import InputError
+from poseloop.config.policy import PolicyConfig, tiny
+from poseloop.policy.trainer import PolicyTrainer, train
 
 # SD1.5's linear latent -> RGB preview factors: the brightness of the preview image. The tiny model's
 # random VAE maps every latent to nearly the same grey (mean 0.509..0.513), so decoded brightness
@@ -91,7 +92,7 @@ def test_first_ppo_ratio_is_one(models_dir: Path, tmp_path: Path) -> None:
 
 def ratio_spy(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Collects r = exp(logp - logp_old) [B] of every PPO loss call."""
-    from poseloop import losses
+    from poseloop.policy import losses
 
     ratios: list[torch.Tensor] = []
     real = losses.ppo_clip_loss
@@ -227,10 +228,10 @@ def rated_round(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A generated tiny round (2 groups x 4 images) with every pair rated: the brighter image wins."""
     from sqlalchemy import select
 
-    from poseloop import db
-    from poseloop.config import tiny as gen_tiny
-    from poseloop.generation import generate
-    from poseloop.store import SampleStore, load_trajectory
+    from poseloop.data import db
+    from poseloop.config.generation import tiny as gen_tiny
+    from poseloop.sampling.round import generate
+    from poseloop.data.store import SampleStore, load_trajectory
 
     root = tmp_path_factory.mktemp("rated")
     cfg = gen_tiny()
@@ -313,7 +314,7 @@ def test_d3po_takes_the_reference_log_probs_from_the_stored_trajectories(
     for batch in batches:
         # The same fp16 latents under the same weights: only kernel-order noise separates the two.
         assert torch.allclose(batch.extra["ref"], trainer._reference_log_probs(batch), atol=RATIO_TOL, rtol=0)
-    from poseloop.store import load_trajectory
+    from poseloop.data.store import load_trajectory
 
     meta = dict(load_trajectory(trainer.algorithm.pairs[0].winner_path).metadata)
     assert trainer.algorithm._sampled_by_reference(meta)
@@ -335,7 +336,7 @@ def test_d3po_faithful_defaults_cannot_move_the_loss(models_dir: Path, tmp_path:
 
 
 def test_no_preferences_yet(models_dir: Path, tmp_path: Path, rated_round: Path) -> None:
-    from poseloop import db
+    from poseloop.data import db
 
     samples = tmp_path / "samples"
     shutil.copytree(rated_round, samples)
@@ -385,7 +386,7 @@ def test_cli_reports_bad_input_without_traceback(models_dir: Path, tmp_path: Pat
 
 
 def test_a_weighted_reward_logs_each_member(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.rewards import WeightedReward
+    from poseloop.rewards.builtin import WeightedReward
 
     class Constant:
         name, needs_images = "constant", False

@@ -1,4 +1,4 @@
-"""Tests for poseloop.poses: built-in poses, rendering, keypoint files, detector loading (offline)."""
+"""Tests for poseloop.data.poses: built-in poses, rendering, keypoint files, detector loading (offline)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from poseloop import openpose, pose_files
-from poseloop import poses as P
-from poseloop.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
+from poseloop.data import openpose
+from poseloop.data import pose_files
+from poseloop.data import poses as P
+from poseloop.data.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
 
 IDX = {n: i for i, n in enumerate(OPENPOSE18_NAMES)}
 # controlnet_aux's body keypoint colours (RGB), indexed like OPENPOSE18_NAMES.
@@ -390,6 +391,6 @@ def test_modules_import_without_controlnet_aux() -> None:
     import subprocess
     import sys
 
-    code = ("import poseloop.poses, poseloop.pose_files, poseloop.openpose, sys; "
+    code = ("import poseloop.data.poses, poseloop.data.pose_files, poseloop.data.openpose, sys; "
             "assert 'controlnet_aux' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from poseloop import db
+from poseloop.data import db
 from webapp import create_app
 from webapp.__main__ import main as webapp_main
 from webapp.config import ConfigError
@@ -157,9 +157,10 @@ def test_train_reward_and_d3po_read_the_labels_from_postgresql(postgres_server, 
 
     import train_reward
     from fake_samples import make_samples
-    from poseloop.reward_config import RewardDataConfig
-    from poseloop.reward_labels import load_labels
-    from poseloop.training import D3POConfig, load_preference_pairs
+    from poseloop.config.reward import RewardDataConfig
+    from poseloop.rewards.labels import load_labels
+    from poseloop.config.policy import D3POConfig
+    from poseloop.policy.algos.preferences import load_preference_pairs
 
     url = postgres_server.create_database()
     root_pg, root_sq = tmp_path / "pg", tmp_path / "sq"
@@ -206,7 +207,7 @@ def test_scripts_name_their_db_url_field_when_the_server_is_down(tmp_path: Path,
 def test_generate_writes_resumes_and_numbers_rounds_on_postgresql(postgres_server, tiny_cfg,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """generate.py against a PostgreSQL URL: rows after files, an interrupted run resumes, the next run is round 2."""
-    from poseloop import generation
+    from poseloop.sampling import round as generation
     from test_generate import assert_round_is_consistent, snapshot
 
     tiny_cfg.store.db_url = postgres_server.create_database()

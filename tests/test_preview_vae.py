@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from poseloop import sampling
-from poseloop.config import tiny_lcm
-from poseloop.models import ModelLoadError, load_components, vae_class
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
-from poseloop.preview_vae import PreviewData, distill_preview, psnr, teacher_decode, teacher_encode
-from poseloop.tiny import LCM_LORA_FILE, PREVIEW_DIR, PREVIEW_FILE, WORLD_WEIGHTS
-from poseloop.world import make_examples
+from poseloop.sampling import sampler as sampling
+from poseloop.config.generation import tiny_lcm
+from poseloop.models.loading import ModelLoadError, load_components, vae_class
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
+from poseloop.world.preview_distill import PreviewData, distill_preview, psnr, teacher_decode, teacher_encode
+from poseloop.models.embedded import PREVIEW_DIR, PREVIEW_FILE, WORLD_WEIGHTS
+from poseloop.config.generation import LCM_LORA_FILE
+from poseloop.world.render import make_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +69,7 @@ def test_a_preview_decoded_round_is_close_to_the_vae_decoded_one(models_dir: Pat
 def test_the_preview_encoder_gives_the_vae_latents(models_dir: Path) -> None:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from poseloop.reward_model import encode_images
+    from poseloop.rewards.model import encode_images
 
     root = models_dir / "tiny-sd15"
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()

@@ -1,4 +1,4 @@
-"""Tests for poseloop.published_rewards: PickScore and HPSv2 on tiny random models saved in the real file formats."""
+"""Tests for poseloop.rewards.published: PickScore and HPSv2 on tiny random models saved in the real file formats."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from poseloop import published_rewards as P
-from poseloop import reward_spec as RS
-from poseloop import rewards as R
+from poseloop.rewards import published as P
+from poseloop.rewards import spec as RS
+from poseloop.rewards import builtin as R
 from tiny_helpers import CLIP_MEAN, CLIP_STD, save_tiny_clipmodel, save_tiny_open_clip
 
 torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def test_pickscore_preprocessing_matches_processor_on_resized_images(pickscore_d
 
 
 def test_pickscore_is_differentiable_in_the_pixels(pickscore_dirs: tuple[Path, Path]) -> None:
-    from poseloop.algos.refl import refuse_non_differentiable
+    from poseloop.policy.algos.refl import refuse_non_differentiable
 
     model_dir, _ = pickscore_dirs
     r = P.PickScoreReward(*P.load_pickscore(model_dir, pickscore_dirs[1]))

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poseloop.configlib import ConfigError
-from poseloop.evaluation import bootstrap_ci
-from poseloop.export import kohya_lora_name
-from poseloop.rewards import JpegCompressibilityReward
-from poseloop.training import PolicyConfig, PolicyTrainer, train
+from poseloop.config.lib import ConfigError
+from poseloop.evaluation.compare import bootstrap_ci
+from poseloop.models.policy_files import kohya_lora_name
+from poseloop.rewards.builtin import JpegCompressibilityReward
+from poseloop.config.policy import PolicyConfig
+from poseloop.policy.trainer import PolicyTrainer, train
 
 # The policy tests' helpers: the tiny config, the differentiable latent-preview Brightness reward and
 # the paired fixed-seed rewards (tests/ is on sys.path under pytest's default import mode).
@@ -30,7 +31,7 @@ def refl_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig:
 
 def test_gradient_flows_only_through_the_stop_step(models_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from poseloop import sampling
+    from poseloop.sampling import sampler as sampling
 
     trainer = PolicyTrainer(refl_cfg(models_dir, tmp_path), reward=Brightness(), progress=False)
     algo = trainer.algorithm
@@ -42,7 +43,7 @@ def test_gradient_flows_only_through_the_stop_step(models_dir: Path, tmp_path: P
         return real(comp, latents, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "predict_noise", spy)
-    from poseloop.sampling import make_conditioning
+    from poseloop.sampling.sampler import make_conditioning
 
     gs, seeds = [0, 1], [5, 6]
     cond = make_conditioning(trainer.comp, ["a dancer"] * 2, [trainer._group_image(g) for g in gs],
@@ -53,7 +54,7 @@ def test_gradient_flows_only_through_the_stop_step(models_dir: Path, tmp_path: P
     x = x.requires_grad_(True)
     x0 = algo.predicted_x0(cond, x, timesteps[stop])
     r = algo.score(x0, ["a dancer"] * 2, [trainer._metadata(g) for g in gs])
-    from poseloop.losses import refl_loss
+    from poseloop.policy.losses import refl_loss
 
     refl_loss(r, 2.0, 1.0).backward()
     # stop no-grad steps, then exactly one prediction with gradient
@@ -111,9 +112,10 @@ def test_resume_and_export_files(models_dir: Path, tmp_path: Path) -> None:
 
 def test_latent_reward_scores_x0_latents_without_decoding(models_dir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from poseloop.algos import refl
-    from poseloop.reward_model import LatentRewardModel, RewardModelConfig
-    from poseloop.rewards import LatentReward
+    from poseloop.policy.algos import refl
+    from poseloop.rewards.model import LatentRewardModel
+    from poseloop.config.reward import RewardModelConfig
+    from poseloop.rewards.builtin import LatentReward
 
     model = LatentRewardModel(RewardModelConfig(), (4, 16, 16), ensemble_size=2).eval().requires_grad_(False)
     trainer = PolicyTrainer(refl_cfg(models_dir, tmp_path), reward=LatentReward(model=model), progress=False)

@@ -13,19 +13,21 @@ import pytest
 import torch
 from sqlalchemy import select, update
 
-from poseloop import db
-from poseloop.reward_condition import ConditionMissingError, ConditionedRewardModel, pose_map
-from poseloop.reward_model import load_reward_model, reward_model_kind, suggest_pairs
-from poseloop.store import SampleStore, load_trajectory
+from poseloop.data import db
+from poseloop.rewards.conditioned import ConditionMissingError, ConditionedRewardModel, pose_map
+from poseloop.rewards.model import suggest_pairs
+from poseloop.rewards.loading import load_reward_model
+from poseloop.rewards.versions import reward_model_kind
+from poseloop.data.store import SampleStore, load_trajectory
 from test_reward_model import _label_round
 
 
 @pytest.fixture(scope="module")
 def round_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated tiny round with harsh/generous scores and preferences; returns its root."""
-    from poseloop.config import tiny
-    from poseloop.generation import generate
-    from poseloop.tiny import ensure_embedded
+    from poseloop.config.generation import tiny
+    from poseloop.sampling.round import generate
+    from poseloop.models.embedded import ensure_embedded
 
     root = tmp_path_factory.mktemp("cond")
     ensure_embedded(root / "tiny-sd15")
@@ -100,7 +102,7 @@ def test_score_reads_the_condition_is_differentiable_and_refuses_none(trained: P
 
 
 def test_the_latent_reward_spec_passes_prompts_and_poses(trained: Path, round_dir: Path) -> None:
-    from poseloop.reward_spec import build_reward
+    from poseloop.rewards.spec import build_reward
 
     lat, prompts, meta = _round_inputs(round_dir)
     reward = build_reward(f"latent:{trained}")
@@ -116,7 +118,7 @@ def test_pose_map_is_the_condition_image_on_the_latent_grid(round_dir: Path) -> 
     assert m.shape == (3, 16, 16) and float(m.max()) > 0.2 and float(m.min()) == 0.0
     assert float(pose_map(None, 64, 64, (16, 16)).abs().sum()) == 0.0
     # The trainer passes dicts, the DB a JSON string, a caller may pass Poses: one map (the same rendering).
-    from poseloop.poses import Pose
+    from poseloop.data.poses import Pose
 
     poses = [Pose.from_dict(d) for d in meta[0]["keypoints"]]
     assert torch.equal(pose_map(poses, 64, 64, (16, 16)), m)
@@ -160,8 +162,8 @@ def test_a_changed_text_encoder_is_refused_on_load(trained: Path, tmp_path: Path
 
 
 def test_conditioned_needs_the_improved_network() -> None:
-    from poseloop.configlib import ConfigError
-    from poseloop.reward_model import RewardModelConfig
+    from poseloop.config.lib import ConfigError
+    from poseloop.config.reward import RewardModelConfig
 
     with pytest.raises(ConfigError, match="model.arch: the conditioned kind builds on the improved network"):
         RewardModelConfig(kind="conditioned", arch="almostperfect").validate()

@@ -16,18 +16,14 @@ import pytest
 import torch
 from sqlalchemy import delete, select
 
-from poseloop import db
-from poseloop.reward_config import TrainRewardConfig
-from poseloop.reward_labels import LabelDataError, MissingTrajectoryError, load_labels, split_groups
-from poseloop.reward_model import (
-    LatentRewardModel,
-    LatentShapeError,
-    RewardModelConfig,
-    load_reward_model,
-    suggest_pairs,
-)
-from poseloop.reward_training import fit_ensemble, train_reward
-from poseloop.store import SampleStore, load_trajectory
+from poseloop.data import db
+from poseloop.config.reward import TrainRewardConfig
+from poseloop.rewards.labels import LabelDataError, MissingTrajectoryError, load_labels, split_groups
+from poseloop.rewards.model import LatentRewardModel, LatentShapeError, suggest_pairs
+from poseloop.rewards.loading import load_reward_model
+from poseloop.config.reward import RewardModelConfig
+from poseloop.rewards.training import fit_ensemble, train_reward
+from poseloop.data.store import SampleStore, load_trajectory
 
 
 def hidden_rule(latent: torch.Tensor) -> float:
@@ -67,9 +63,9 @@ def _label_round(samples_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A generated, labelled tiny round: {"samples_dir", "rule"}."""
-    from poseloop.config import tiny
-    from poseloop.generation import generate
-    from poseloop.tiny import ensure_embedded
+    from poseloop.config.generation import tiny
+    from poseloop.sampling.round import generate
+    from poseloop.models.embedded import ensure_embedded
 
     root = tmp_path_factory.mktemp("reward")
     ensure_embedded(root / "tiny-sd15")
@@ -268,7 +264,7 @@ def test_images_without_trajectory_are_vae_encoded(labelled: dict, tmp_path: Pat
     import numpy as np
     from PIL import Image
 
-    from poseloop.reward_model import encode_images
+    from poseloop.rewards.model import encode_images
 
     samples = tmp_path / "samples"
     shutil.copytree(labelled["samples_dir"], samples)
@@ -309,7 +305,7 @@ def test_a_handful_of_held_out_pairs_is_flagged_as_unreliable(labelled: dict, tm
 
 def test_score_weight_scales_the_score_loss(tmp_path: Path) -> None:
     from fake_samples import make_samples
-    from poseloop.reward_training import _items_loss, make_items
+    from poseloop.rewards.training import _items_loss, make_items
 
     make_samples(tmp_path / "samples")
     cfg = _cfg(tmp_path / "samples", tmp_path / "models")
@@ -341,9 +337,9 @@ def test_score_weight_scales_the_score_loss(tmp_path: Path) -> None:
 
 def _overfitting_metrics(arch: str) -> dict:
     """reward_report.evaluate on labels where the model orders every training pair right and every held-out one wrong."""
-    from poseloop.reward_labels import GroupSplit, LabelSet
-    from poseloop.reward_report import evaluate as evaluate_reward
-    from poseloop.reward_training import MemberHistory
+    from poseloop.rewards.labels import GroupSplit, LabelSet
+    from poseloop.rewards.report import evaluate as evaluate_reward
+    from poseloop.rewards.fit_data import MemberHistory
 
     n = 8  # 4 groups x 2 samples; value of sample i = i
     latents = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 4, 2, 2).clone()

@@ -1,4 +1,4 @@
-"""Tests for poseloop.rewards: every built-in reward on tiny random models loaded through the real code paths."""
+"""Tests for poseloop.rewards.builtin: every built-in reward on tiny random models loaded through the real code paths."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from poseloop import reward_spec as RS
-from poseloop import rewards as R
-from poseloop.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
+from poseloop.rewards import spec as RS
+from poseloop.rewards import builtin as R
+from poseloop.data.poses import BUILTIN_POSES, OPENPOSE18_NAMES, Pose
+from poseloop.config.reward import RewardModelConfig
 
 TINY_CLIP = "poseloop-test-tiny-clip"
 
@@ -135,7 +136,7 @@ def test_unknown_name_lists_available(spec: str) -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, poseloop.rewards, poseloop.reward_spec; bad = [m for m in ('open_clip', 'controlnet_aux', 'lpips') if m in sys.modules];"
+    code = ("import sys, poseloop.rewards.builtin, poseloop.rewards.spec; bad = [m for m in ('open_clip', 'controlnet_aux', 'lpips') if m in sys.modules];"
             " assert not bad, bad")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -158,7 +159,7 @@ def test_brightness() -> None:
 
 
 def test_warmth_is_red_minus_blue_as_the_world_measures_it() -> None:
-    from poseloop.world import warmth
+    from poseloop.world.render import warmth
 
     warm = torch.tensor([0.9, 0.5, 0.3]).view(3, 1, 1).expand(3, 8, 8)
     imgs = torch.stack([warm, warm.flip(0), _rand_images(1, 8)[0]])
@@ -249,10 +250,10 @@ def test_latent_reward_built_through_reward_model_module(monkeypatch: pytest.Mon
         calls.append((spec, models_dir))
         return _FakeRewardModel()
 
-    # A stand-in module: the lazy import inside LatentReward must find load_reward_model there.
-    # reward_model_kind: the latent entry asks the folder's kind first (a clip-kind folder builds ClipHeadReward).
-    fake = types.SimpleNamespace(load_reward_model=load_reward_model, reward_model_kind=lambda *a, **k: "latent")
-    monkeypatch.setitem(sys.modules, "poseloop.reward_model", fake)
+    # Stand-ins: the lazy import inside LatentReward must find load_reward_model in poseloop.rewards.loading;
+    # the latent entry asks the folder's kind first (a clip-kind folder builds ClipHeadReward).
+    monkeypatch.setitem(sys.modules, "poseloop.rewards.loading", types.SimpleNamespace(load_reward_model=load_reward_model))
+    monkeypatch.setattr("poseloop.rewards.versions.reward_model_kind", lambda *a, **k: "latent")
     r = RS.build_reward("latent:models/reward/v3", models_dir="/m")
     assert calls == [("models/reward/v3", "/m")] and r.name == "latent"
     RS.build_reward("latent")
@@ -261,13 +262,14 @@ def test_latent_reward_built_through_reward_model_module(monkeypatch: pytest.Mon
 
 
 def test_latent_reward_real_saved_model(tmp_path: Path) -> None:
-    """End to end with poseloop.reward_model: a saved ensemble, found via 'latest' and by version name."""
-    from poseloop import reward_model as RM
+    """End to end with poseloop.rewards.model: a saved ensemble, found via 'latest' and by version name."""
+    from poseloop.rewards import model as RM
+    from poseloop.rewards.versions import save_reward_model, write_latest
 
     torch.manual_seed(0)
-    model = RM.LatentRewardModel(RM.RewardModelConfig(), (4, 8, 8), ensemble_size=2, version="v1").eval()
-    RM.save_reward_model(model, tmp_path / "reward" / "v1")
-    RM.write_latest(tmp_path, "v1")
+    model = RM.LatentRewardModel(RewardModelConfig(), (4, 8, 8), ensemble_size=2, version="v1").eval()
+    save_reward_model(model, tmp_path / "reward" / "v1")
+    write_latest(tmp_path, "v1")
     lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.score(lat)

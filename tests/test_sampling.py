@@ -11,11 +11,12 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from poseloop import sampling
-from poseloop.config import SampleConfig
-from poseloop.configlib import ConfigError
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
+from poseloop.sampling import ddim
+from poseloop.sampling import sampler as sampling
+from poseloop.config.generation import SampleConfig
+from poseloop.config.lib import ConfigError
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
 
 
 def sd_scheduler(steps: int = 20) -> DDIMScheduler:
@@ -44,12 +45,12 @@ def test_ddim_step_matches_hand_computed_mean_and_log_prob(t: int, prev_t: int |
     noise_pred = torch.full((2, 4, 2, 2), eps)
     # A recorded x_{t-1} one standard deviation above the mean in every element.
     recorded = torch.full((2, 4, 2, 2), mean + sigma, dtype=torch.float64).float()
-    _, log_prob = sampling.ddim_step_with_logprob(sched, noise_pred, t, sample, 1.0, prev_sample=recorded)
+    _, log_prob = ddim.ddim_step_with_logprob(sched, noise_pred, t, sample, 1.0, prev_sample=recorded)
     expected = -0.5 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
     assert log_prob.shape == (2,)
     assert log_prob[0].item() == pytest.approx(expected, abs=2e-3 if prev_t is None else 1e-4)
     # Sampling with zero noise lands on the mean (rounded to float16).
-    prev, lp0 = sampling.ddim_step_with_logprob(sched, noise_pred, t, sample, 1.0, noise=torch.zeros_like(sample))
+    prev, lp0 = ddim.ddim_step_with_logprob(sched, noise_pred, t, sample, 1.0, noise=torch.zeros_like(sample))
     assert prev[0, 0, 0, 0].item() == pytest.approx(mean, rel=1e-3)
     assert lp0[0].item() == pytest.approx(-math.log(sigma) - 0.5 * math.log(2 * math.pi), abs=0.05)
 
@@ -61,7 +62,7 @@ def test_ddim_step_agrees_with_diffusers_scheduler_step() -> None:
     eps = torch.randn(3, 4, 8, 8, generator=gen)
     noise = torch.randn(3, 4, 8, 8, generator=gen)
     for t in sched.timesteps[:3]:
-        ours, _ = sampling.ddim_step_with_logprob(sched, eps, t, x, 1.0, noise=noise)
+        ours, _ = ddim.ddim_step_with_logprob(sched, eps, t, x, 1.0, noise=noise)
         theirs = sched.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
         torch.testing.assert_close(ours, theirs.to(torch.float16).float(), atol=2e-3, rtol=0)
 
@@ -128,13 +129,13 @@ def test_ddim_step_matches_diffusers_and_ddpo_log_prob_for_every_scheduler_varia
     differs = False  # whether the variant changes any step: the test could tell it from plain epsilon
     for i, t in enumerate(sched.timesteps):
         theirs = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample  # [3, 4, 8, 8] float32
-        ours, _ = sampling.ddim_step_with_logprob(sched, out, t, x, eta, noise=noise)
+        ours, _ = ddim.ddim_step_with_logprob(sched, out, t, x, eta, noise=noise)
         # Ours is rounded to float16 (the stored precision): equal up to one float16 ulp (2^-10 relative).
         torch.testing.assert_close(ours, theirs.to(torch.float16).float(), atol=1e-5, rtol=1e-3)
         plain_prev = plain.step(out, plain.timesteps[i], x, eta=eta, variance_noise=noise).prev_sample
         differs |= not torch.allclose(theirs, plain_prev, atol=1e-2)
         # The log-probability of diffusers' own (unrounded) sample, against DDPO's math in float64.
-        _, lp = sampling.ddim_step_with_logprob(sched, out, t, x, eta, prev_sample=theirs)
+        _, lp = ddim.ddim_step_with_logprob(sched, out, t, x, eta, prev_sample=theirs)
         assert torch.isfinite(lp).all()
         if not stochastic[i]:  # set_alpha_to_one's last step: variance 0, a deterministic map
             assert variant == "set_alpha_to_one" and i == len(sched.timesteps) - 1
@@ -156,7 +157,7 @@ def test_eta_zero_is_refused_where_log_probs_are_needed() -> None:
     sched = sd_scheduler(10)
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="eta must be > 0"):
-        sampling.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 0.0, noise=x)
+        ddim.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 0.0, noise=x)
 
 
 def _inputs(n: int, size: int) -> tuple[list[str], list[Image.Image]]:
@@ -307,7 +308,7 @@ def test_unsupported_scheduler_settings_are_refused_in_one_line_naming_the_field
     sched = variant_scheduler(4, **overrides)
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: ") as exc:
-        sampling.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 1.0, noise=x)
+        ddim.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 1.0, noise=x)
     assert "\n" not in str(exc.value)
     # The sampler refuses before it encodes a prompt or runs the model.
     monkeypatch.setattr(sd15_components.pipe, "scheduler", sched)
@@ -319,6 +320,6 @@ def test_unsupported_scheduler_settings_are_refused_in_one_line_naming_the_field
 def test_eta_above_one_is_refused_by_the_step() -> None:
     sched = sd_scheduler(10)
     x = torch.zeros(1, 4, 2, 2)
-    sampling.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 1.0, noise=x)  # the upper bound is fine
+    ddim.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 1.0, noise=x)  # the upper bound is fine
     with pytest.raises(ValueError, match="eta must be <= 1"):
-        sampling.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 1.5, noise=x)
+        ddim.ddim_step_with_logprob(sched, x, sched.timesteps[0], x, 1.5, noise=x)

@@ -1,6 +1,6 @@
 """Single-file checkpoints: the embedded models written in the original (LDM / ComfyUI) layout load like the folders.
 
-The files are written by poseloop.original_layout (the inverse of diffusers' conversion, which
+The files are written by poseloop.models.original_layout (the inverse of diffusers' conversion, which
 scripts/to_single_file.py offers users). Loading a converted file must give back the very same weights;
 outputs are compared with tolerances justified where they are asserted.
 """
@@ -19,15 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from poseloop import sampling
-from poseloop.config import SampleConfig, tiny, tiny_sdxl, validate_model
-from poseloop.configlib import ConfigError
-from poseloop.models import Components, ModelLoadError, load_components
-from poseloop.openpose import render_pose
-from poseloop.original_layout import (checkpoint_dict, clip_to_ldm, controlnet_to_ldm, open_clip_to_ldm, unet_to_ldm,
+from poseloop.sampling import sampler as sampling
+from poseloop.config.generation import SampleConfig, tiny, tiny_sdxl, validate_model
+from poseloop.config.lib import ConfigError
+from poseloop.models.loading import Components, ModelLoadError, load_components
+from poseloop.data.openpose import render_pose
+from poseloop.models.original_layout import (checkpoint_dict, clip_to_ldm, controlnet_to_ldm, open_clip_to_ldm, unet_to_ldm,
                                       vae_to_ldm)
-from poseloop.poses import get_builtin_pose
-from poseloop.single_file import CONFIGS, Fingerprint, detect_base_arch, match_config
+from poseloop.data.poses import get_builtin_pose
+from poseloop.models.single_file import CONFIGS, Fingerprint, detect_base_arch, match_config
 from tiny_helpers import eps_of, model_cfg
 
 Tensors = dict[str, torch.Tensor]
@@ -135,7 +135,7 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 def test_fp16_file_is_lossless_for_the_embedded_world(models_dir: Path) -> None:
     # Why the SD1.5 files can be fp16 (as ComfyUI's are) and still be compared exactly: the embedded
-    # world ships fp16 weights (poseloop/world_weights), so every float32 value is an fp16 value.
+    # world ships fp16 weights (poseloop/models/world_weights), so every float32 value is an fp16 value.
     sd = sd15_checkpoint(models_dir / "tiny-sd15")
     assert all(torch.equal(v, v.half().float()) for v in sd.values())
 
@@ -282,7 +282,7 @@ def test_wrong_kind_of_file_says_where_it_belongs(files: dict[str, Path], models
     # A TAESD file as ComfyUI keeps them (models/vae_approx/taesd_decoder.safetensors): its Sequential's keys.
     from safetensors.torch import save_file
 
-    from poseloop.preview_vae import preview_module
+    from poseloop.models.embedded import preview_module
 
     taesd = tmp_path / "taesd_decoder.safetensors"
     save_file({k.removeprefix("decoder.layers."): v.contiguous()

@@ -58,7 +58,7 @@ def test_argument_errors_stay_one_line_without_torch() -> None:
 
 
 def test_a_model_load_error_is_still_one_line(models_dir: Path, tmp_path: Path, capsys) -> None:
-    """user_errors learns ModelLoadError once poseloop.models is loaded: a broken ControlNet folder is one line, 2."""
+    """user_errors learns ModelLoadError once poseloop.models.loading is loaded: a broken ControlNet folder is one line, 2."""
     import generate as generate_script
 
     (tmp_path / "empty").mkdir()

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from poseloop import store as store_module
-from poseloop.inputs import InputError
-from poseloop.store import (
+from poseloop.data import store as store_module
+from poseloop.data.inputs import InputError
+from poseloop.data.store import (
     SampleStore,
     StorageError,
     Trajectory,

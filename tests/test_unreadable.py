@@ -11,7 +11,8 @@ import pytest
 import train_policy
 import train_reward
 from fake_samples import corrupt, make_samples
-from poseloop.training import D3POConfig, load_preference_pairs
+from poseloop.config.policy import D3POConfig
+from poseloop.policy.algos.preferences import load_preference_pairs
 
 
 @pytest.fixture

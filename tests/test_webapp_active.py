@@ -17,9 +17,11 @@ import torch
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
-from poseloop.db import Sample, open_db, session_scope
-from poseloop.reward_model import LatentRewardModel, RewardModelConfig, save_reward_model, write_latest
-from poseloop.store import SampleStore, Trajectory, save_trajectory
+from poseloop.data.db import Sample, open_db, session_scope
+from poseloop.rewards.model import LatentRewardModel
+from poseloop.rewards.versions import save_reward_model, write_latest
+from poseloop.config.reward import RewardModelConfig
+from poseloop.data.store import SampleStore, Trajectory, save_trajectory
 from webapp import create_app
 from webapp.config import ConfigError, parse_args
 from webapp.__main__ import main

@@ -10,7 +10,7 @@ from pathlib import Path
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from poseloop.db import Group, LabelEvent, Preference, Rating, open_db, session_scope
+from poseloop.data.db import Group, LabelEvent, Preference, Rating, open_db, session_scope
 from webapp_fixtures import BOTH_DATABASES, Env, add_round, app, build_comparison, client, env, post_json  # noqa: F401  (fixtures)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from poseloop.db import BlindJudgement, Preference, Rater, open_db, session_scope
+from poseloop.data.db import BlindJudgement, Preference, Rater, open_db, session_scope
 from webapp_fixtures import BOTH_DATABASES, Blind, Env, app, client, cmp, env, post_json  # noqa: F401  (pytest fixtures)
 
 

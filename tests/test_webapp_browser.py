@@ -15,7 +15,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from poseloop.db import BlindJudgement, Preference, Rater, Rating, open_db, session_scope
+from poseloop.data.db import BlindJudgement, Preference, Rater, Rating, open_db, session_scope
 from webapp_fixtures import (  # noqa: F401  (fixtures)
     Blind, Env, LiveServer, add_round, app, cmp, env, live_server, make_chrome, post_json,
 )
@@ -385,7 +385,7 @@ LONG_ROUND = "eval-2025-06-01T12-00-00-policy-v0012-lora-rank16-vs-base-sd15-con
 
 def populate_stats(app: Any, env: Env, cmp: Blind) -> None:
     """Scores, preferences and blind verdicts from raters with long names, and long round names."""
-    from poseloop.db import Comparison, Round
+    from poseloop.data.db import Comparison, Round
     factory = open_db(env.db_url)
     with session_scope(factory) as s:
         s.get(Round, cmp.candidate_round_id).policy_version = "policies/" + LONG_ROUND

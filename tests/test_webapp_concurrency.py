@@ -9,7 +9,7 @@ from collections import Counter
 
 from sqlalchemy import func, select
 
-from poseloop.db import LabelEvent, Preference, Rating, open_db, session_scope
+from poseloop.data.db import LabelEvent, Preference, Rating, open_db, session_scope
 from webapp_fixtures import BOTH_DATABASES, Env, LiveServer, app, env  # noqa: F401  (pytest fixtures)
 
 RATERS = 25

@@ -14,7 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from poseloop.db import Group, LabelEvent, Rating, Sample, open_db, session_scope
+from poseloop.data.db import Group, LabelEvent, Rating, Sample, open_db, session_scope
 from webapp import create_app
 from webapp.config import ConfigError, parse_args
 from webapp.exchange import d3po_zip, safe_file_stem

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from poseloop import world as W
-from poseloop.metrics import oks
-from poseloop.poses import BUILTIN_POSES, Pose
+from poseloop.world import render as W
+from poseloop.metrics.scores import oks
+from poseloop.data.poses import BUILTIN_POSES, Pose
 
 
 def test_prompts_round_trip_and_bad_words_are_named() -> None:
@@ -80,7 +80,7 @@ def test_backgrounds_are_read_under_every_light_and_tint() -> None:
 def test_the_renders_spread_within_a_group_and_a_lossless_vae_keeps_it() -> None:
     from types import SimpleNamespace
 
-    from poseloop.world_eval import builtin_poses, reference_spread, vocabulary_prompts
+    from poseloop.world.quality import builtin_poses, reference_spread, vocabulary_prompts
 
     class Lossless:
         def encode(self, x: torch.Tensor) -> SimpleNamespace:
@@ -104,7 +104,7 @@ def test_pose_jitter_keeps_figures_on_the_canvas() -> None:
 
 
 def test_shipped_weights_load_and_a_missing_file_is_named(tmp_path: Path) -> None:
-    from poseloop.tiny import WORLD_WEIGHTS, load_world_modules
+    from poseloop.models.embedded import WORLD_WEIGHTS, load_world_modules
 
     mods = load_world_modules()
     assert set(mods) == {"vae", "unet", "controlnet", "text_encoder"}
@@ -120,7 +120,7 @@ def test_shipped_weights_load_and_a_missing_file_is_named(tmp_path: Path) -> Non
 
 
 def test_detector_finds_the_pose_of_fresh_renders(models_dir: Path, one_thread: None) -> None:
-    from poseloop.world_detector import load_detector
+    from poseloop.world.detector import load_detector
 
     det = load_detector(models_dir / "tiny-sd15" / "pose_detector")
     fresh = W.make_examples(64, 64, seed=777)  # seeds the training never used
@@ -133,7 +133,7 @@ def test_detector_finds_the_pose_of_fresh_renders(models_dir: Path, one_thread: 
 
 
 def test_pose_accuracy_reward_uses_the_embedded_detector(models_dir: Path, one_thread: None) -> None:
-    from poseloop.reward_spec import build_reward
+    from poseloop.rewards.spec import build_reward
 
     folder = models_dir / "tiny-sd15" / "pose_detector"
     reward = build_reward(f"pose_accuracy:weights={folder}")
@@ -148,7 +148,7 @@ def test_pose_accuracy_reward_uses_the_embedded_detector(models_dir: Path, one_t
 
 
 def test_prompt_attributes_reward_reads_the_prompts_colours(one_thread: None) -> None:
-    from poseloop.reward_spec import build_reward
+    from poseloop.rewards.spec import build_reward
 
     reward = build_reward("prompt_attributes")
     fresh = W.make_examples(8, 64, seed=98)
@@ -168,7 +168,7 @@ def test_prompt_attributes_reward_reads_the_prompts_colours(one_thread: None) ->
 def test_the_embedded_detector_is_built_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # tiny-rlcm-pose names models/tiny-sd15/pose_detector; a fresh checkout builds that folder when the model loads,
     # which is after the reward: naming the detector must build it too, not fail on a missing config.json.
-    from poseloop.reward_spec import build_reward
+    from poseloop.rewards.spec import build_reward
 
     monkeypatch.chdir(tmp_path)
     reward = build_reward("pose_accuracy:weights=models/tiny-sd15/pose_detector")
@@ -180,10 +180,10 @@ def test_the_embedded_detector_is_built_on_first_use(tmp_path: Path, monkeypatch
 
 def test_the_embedded_model_draws_the_pose_and_the_prompt(models_dir: Path, one_thread: None) -> None:
     """A small version of bench/bench_world.py: 12 poses x 2 prompts x 1 image at the default sampler."""
-    from poseloop.config import tiny
-    from poseloop.models import load_components
-    from poseloop.world_detector import load_detector
-    from poseloop.world_eval import evaluate_generator, placed_poses, vocabulary_prompts
+    from poseloop.config.generation import tiny
+    from poseloop.models.loading import load_components
+    from poseloop.world.detector import load_detector
+    from poseloop.world.quality import evaluate_generator, placed_poses, vocabulary_prompts
 
     cfg = tiny()
     cfg.model.base, cfg.model.controlnet = str(models_dir / "tiny-sd15"), str(models_dir / "tiny-sd15" / "controlnet")
@@ -198,8 +198,8 @@ def test_the_embedded_model_draws_the_pose_and_the_prompt(models_dir: Path, one_
 
 def test_evaluate_measures_pose_accuracy_of_the_embedded_model_with_its_detector(models_dir: Path,
                                                                                   tmp_path: Path) -> None:
-    from poseloop.evaluation import auto_metrics
-    from poseloop.evaluation_config import PRESETS
+    from poseloop.evaluation.compare import auto_metrics
+    from poseloop.config.evaluation import PRESETS
 
     cfg = PRESETS["tiny"]()
     cfg.model.base, cfg.model.models_dir = str(models_dir / "tiny-sd15"), str(tmp_path / "models")

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from poseloop.config import EMBEDDED_LCM_LORA, EMBEDDED_PREVIEW_VAE, EMBEDDED_SD15, PRESETS, tiny, tiny_lcm
-from poseloop.models import Components, ModelLoadError, load_components
-from poseloop.tiny import (LCM_LORA_FILE, LEGACY_WORLD_ARCH, PREVIEW_DIR, WORLD_STAMP_FILE, WORLD_WEIGHTS,
-                           build_tiny_sd15, ensure_embedded)
-from poseloop.world_detector import load_detector
-from poseloop.world_eval import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
+from poseloop.config.generation import EMBEDDED_LCM_LORA, EMBEDDED_PREVIEW_VAE, EMBEDDED_SD15, PRESETS, tiny, tiny_lcm
+from poseloop.models.loading import Components, ModelLoadError, load_components
+from poseloop.models.embedded import LEGACY_WORLD_ARCH, PREVIEW_DIR, WORLD_STAMP_FILE, WORLD_WEIGHTS, build_tiny_sd15, ensure_embedded
+from poseloop.config.generation import LCM_LORA_FILE
+from poseloop.world.detector import load_detector
+from poseloop.world.quality import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,9 +51,9 @@ def test_the_preset_fuses_the_lora_and_does_not_warn(models_dir: Path, sd15_comp
     fused = comp.unet.state_dict()
     assert fused.keys() == base.keys()
     assert sum(not torch.equal(base[k], fused[k]) for k in base) > 50  # attention, conv and time layers
-    from poseloop import sampling
-    from poseloop.openpose import render_pose
-    from poseloop.poses import get_builtin_pose
+    from poseloop.sampling import sampler as sampling
+    from poseloop.data.openpose import render_pose
+    from poseloop.data.poses import get_builtin_pose
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an LCM-LoRA is loaded: no "not an LCM" warning
@@ -139,9 +139,9 @@ def test_four_step_rounds_with_the_lora_keep_the_pose_and_the_colours(models_dir
 
 
 def test_the_tiny_rlcm_preset_trains_on_the_worlds_lcm(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.policy_config import PRESETS as POLICY_PRESETS
-    from poseloop.policy_config import tiny_on
-    from poseloop.training import PolicyTrainer
+    from poseloop.config.policy import PRESETS as POLICY_PRESETS
+    from poseloop.config.policy import tiny_on
+    from poseloop.policy.trainer import PolicyTrainer
     from test_policy import Brightness  # tests/ is on sys.path under pytest's import mode
 
     preset = POLICY_PRESETS["tiny-rlcm"]()

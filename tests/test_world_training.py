@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import TEST_THREADS
-from poseloop import world_training as wt
-from poseloop.configlib import ConfigError, to_dict
+from poseloop.world import training as wt
+from poseloop.config.lib import ConfigError, to_dict
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +75,8 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
 
     for stage in ("train_vae", "encode_all", "train_detector", "train_diffusion"):
         monkeypatch.setattr(wt, stage, finished)
-    monkeypatch.setattr("poseloop.lcm_distill.distill", finished)
-    monkeypatch.setattr("poseloop.preview_vae.distill_preview", finished)
+    monkeypatch.setattr("poseloop.world.lcm_distill.distill", finished)
+    monkeypatch.setattr("poseloop.world.preview_distill.distill_preview", finished)
     second = wt.train_world(cfg)
     assert {f.name: f.read_bytes() for f in Path(cfg.out).glob("*.safetensors")} == shipped
     # Same weights and seeds, measured again: a second call may pick another fp32 kernel order (~1e-6 in a latent),
@@ -104,7 +104,7 @@ def test_the_architecture_is_validated() -> None:
 
 
 def test_the_shipped_files_record_the_architecture_they_fit(tmp_path: Path) -> None:
-    from poseloop.tiny import LEGACY_WORLD_ARCH, load_world_modules, world_modules
+    from poseloop.models.embedded import LEGACY_WORLD_ARCH, load_world_modules, world_modules
 
     torch.manual_seed(0)
     mods = world_modules(0.5, unet_heads=4, vae_channels=[16, 32, 32])
@@ -157,8 +157,8 @@ def test_a_run_folder_from_before_vae_posterior_existed_trained_on_samples(tmp_p
 
 def _trained_vae(tmp_path: Path, **overrides: Any) -> torch.nn.Module:
     """A small VAE after train_vae under the micro config with these overrides."""
-    from poseloop.tiny import world_modules
-    from poseloop.world import make_examples
+    from poseloop.models.embedded import world_modules
+    from poseloop.world.render import make_examples
 
     torch.manual_seed(0)
     vae = world_modules(1.0, unet_heads=2, vae_channels=[16, 32, 32])["vae"]

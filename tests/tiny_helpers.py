@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from poseloop import sampling
-from poseloop.config import ModelConfig, SampleConfig, tiny
-from poseloop.models import Components
-from poseloop.openpose import render_pose
-from poseloop.poses import get_builtin_pose
+from poseloop.sampling import sampler as sampling
+from poseloop.config.generation import ModelConfig, SampleConfig, tiny
+from poseloop.models.loading import Components
+from poseloop.data.openpose import render_pose
+from poseloop.data.poses import get_builtin_pose
 
 
 def model_cfg(models_dir: Path, **overrides: object) -> ModelConfig:

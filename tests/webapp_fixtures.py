@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from poseloop.db import Group, Round, Sample, default_db_url, open_db, session_scope
+from poseloop.data.db import Group, Round, Sample, default_db_url, open_db, session_scope
 
 PROMPTS = ["a dancer <b>on</b> a \"stage\" & friends", "a climber on a wall", "a runner at dawn"]
 K = 4
@@ -223,7 +223,7 @@ def build_comparison(env: Env, n_groups: int = 2, k: int = 3, name: str = "eval-
 
     The candidate round has one extra group (index n_groups) that the baseline lacks: it is no pair.
     """
-    from poseloop.db import Comparison
+    from poseloop.data.db import Comparison
 
     factory = open_db(env.db_url)
     gid, ids = GROUP_ID0, {"b": BASE_ID0, "c": CAND_ID0}

@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter, Map
 
-from poseloop.db import DatabaseUrlError
+from poseloop.data.db import DatabaseUrlError
 
 from .active import PairRanker
 from .blind import load_key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from poseloop.db import shown_db_url
+from poseloop.data.db import shown_db_url
 
 from . import create_app
 from .config import ConfigError, parse_args

@@ -2,7 +2,7 @@
 
 With `--pair-order active` (or `?order=active` on /api/rounds/<id>/pairs) pairs mode asks first about
 the pairs the newest reward model (`<models-dir>/reward/latest`) is least sure about: the ensemble
-members' disagreement on P(a beats b), from `poseloop.reward_model.suggest_pairs` on the round's stored
+members' disagreement on P(a beats b), from `poseloop.rewards.model.suggest_pairs` on the round's stored
 final latents. The order is computed once per (round, reward model version, number of pairs) and kept in
 memory; a new version written by train_reward.py is picked up on the next request.
 
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from poseloop.db import Group, Sample
+from poseloop.data.db import Group, Sample
 
 # Resolution of the order: ensemble stds within 1/LEVELS of the round's largest std (and then P(a beats b)
 # within 1/LEVELS of 0.5) count as equally uncertain; among such ties the per-rater hash decides, so
@@ -48,7 +48,7 @@ class PairRanker:
     """Computes and caches active pair orders; thread-safe (one computation at a time)."""
 
     def __init__(self, samples_dir: str | Path, models_dir: str | Path, log: logging.Logger | None = None) -> None:
-        from poseloop.store import SampleStore
+        from poseloop.data.store import SampleStore
 
         self.samples = SampleStore(samples_dir)
         self.models_dir = Path(models_dir)
@@ -65,7 +65,7 @@ class PairRanker:
 
     def latest_version(self) -> str | None:
         """The version named by <models_dir>/reward/latest, or None (said once) when there is none."""
-        from poseloop.reward_model import read_latest
+        from poseloop.rewards.versions import read_latest
 
         try:
             return read_latest(self.models_dir)
@@ -89,7 +89,7 @@ class PairRanker:
             return self._orders[key]
 
     def _load_model(self, version: str) -> Any:
-        from poseloop.reward_model import load_reward_model
+        from poseloop.rewards.loading import load_reward_model
 
         if self._model is None or self._model[0] != version:
             self._model = None
@@ -101,8 +101,8 @@ class PairRanker:
                  pairs_by_group: Mapping[int, list[Pair]]) -> ActiveOrder | None:
         import torch
 
-        from poseloop.reward_model import LatentShapeError, suggest_pairs
-        from poseloop.store import load_trajectory
+        from poseloop.rewards.model import LatentShapeError, suggest_pairs
+        from poseloop.data.store import load_trajectory
 
         fallback = f"pair order 'active', round {round_id}, reward model {version}: "
         try:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from poseloop.db import BlindJudgement, Comparison, Group, Rater, Round, Sample, get_or_create_rater
+from poseloop.data.db import BlindJudgement, Comparison, Group, Rater, Round, Sample, get_or_create_rater
 
 from .store import CHOICES, ApiError, find_rater, iso
 

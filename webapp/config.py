@@ -222,7 +222,7 @@ class AppConfig:
     @property
     def resolved_db_url(self) -> str:
         """The database URL, defaulting to the SQLite file in the samples directory."""
-        from poseloop.db import default_db_url
+        from poseloop.data.db import default_db_url
 
         return self.db_url or default_db_url(self.samples_dir)
 

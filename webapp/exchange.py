@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from poseloop.db import Group, LabelEvent, Preference, Rater, Rating, Round, Sample, get_or_create_rater, utcnow
+from poseloop.data.db import Group, LabelEvent, Preference, Rater, Rating, Round, Sample, get_or_create_rater, utcnow
 
 from .store import ApiError, _int_or_none, clean_rater_name, get_round, iso
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, render_template, request, send_file
 
-from poseloop.db import Group, Sample
+from poseloop.data.db import Group, Sample
 
 from . import blind
 from .shortcuts import fmt_score, for_scale, scale_hint

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from poseloop.db import BlindJudgement, Comparison, Preference, Rater, Rating, Round, Sample
+from poseloop.data.db import BlindJudgement, Comparison, Preference, Rater, Rating, Round, Sample
 
 from . import blind
 

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, bindparam, event, func, insert, select, text, upd
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from poseloop.db import (
+from poseloop.data.db import (
     Comparison,
     Group,
     LabelEvent,

@@ -1,0 +1,1 @@
+"""Scripted raters and the learning checks that show the loop learns."""

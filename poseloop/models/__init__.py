@@ -1,0 +1,1 @@
+"""Loading models: hub ids, folders, single files, the embedded default, exported policies' file names."""

@@ -1,0 +1,1 @@
+"""Policy training: the trainer core, the algorithms, LoRA/ControlNet targets, exports and lineage."""

@@ -1,0 +1,1 @@
+"""Rewards: built-in, published, the learned reward model and its training."""

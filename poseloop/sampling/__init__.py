@@ -1,0 +1,1 @@
+"""Samplers that record trajectories (DDIM, LCM) and a generation round that stores them."""

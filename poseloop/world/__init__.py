@@ -1,0 +1,1 @@
+"""The embedded pose world: renderer, keypoint detector, its training, LCM and preview distillation, quality checks."""
