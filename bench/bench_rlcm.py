@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.policy_config import tiny_on, tiny_rlcm
     from poseloop.tiny import LCM_LORA_FILE, ensure_embedded
     from poseloop.training import PolicyTrainer
-    from poseloop.world_eval import bootstrap_mean_ci, vocabulary_prompts
+    from poseloop.stats import mean_and_ci
+    from poseloop.world_eval import vocabulary_prompts
 
     root = ensure_embedded(ROOT / "models" / "tiny-sd15")
     reward = build_reward(args.reward or RULE)
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds = time.perf_counter() - t0
                 _, after, _ = tr._sample_groups(groups, seeds, reward)
             d = (after - before).numpy()
-            m, lo, hi = bootstrap_mean_ci(d.tolist())
+            m, lo, hi = mean_and_ci(d.tolist())
             results[name] = {"before": float(before.mean()), "after": float(after.mean()), "gain": [m, lo, hi],
                              "train_seconds": seconds, "gain_per_second": [m / seconds, lo / seconds, hi / seconds],
                              "win_rate": float((d > 0).mean()),
