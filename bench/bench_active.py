@@ -1,4 +1,4 @@
-"""Benchmark: does active pair choice (--pair-order active) need fewer labels than coverage order?
+"""Benchmark: does active pair choice (--pair_order active) need fewer labels than coverage order?
 
 On the embedded world (models/tiny-sd15): a "pool" round and a FRESH round are generated with generate.py
 (vocabulary prompts x 12 poses x 4 images). A scripted rater (poseloop.checks.scripted.image_taste: a warmer
@@ -7,8 +7,8 @@ batches of k pairs; after every batch the reward model (poseloop.rewards.trainin
 CNN, 3-member bootstrap ensemble) is retrained on all labels so far and written to the run's
 <models>/reward/latest, and the app chooses the next batch by
 
-    (a) coverage order   (--pair-order coverage, the default), or
-    (b) active order     (--pair-order active: the latest reward model's ensemble disagreement).
+    (a) coverage order   (--pair_order coverage, the default), or
+    (b) active order     (--pair_order active: the latest reward model's ensemble disagreement).
 
 The first batch of both is the same (no reward model yet: active falls back to coverage). After every
 batch: within-group pairwise accuracy of the reward model against the rater on the fresh round (all its

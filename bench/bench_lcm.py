@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.models.embedded import ensure_embedded
     from poseloop.world.detector import load_detector
     from poseloop.world.render import measure_attributes, parse_prompt
-    from poseloop.world.quality import bootstrap_mean_ci, builtin_poses, vocabulary_prompts
+    from poseloop.metrics.stats import mean_and_ci
+    from poseloop.world.quality import builtin_poses, vocabulary_prompts
 
     base_cfg, lcm_cfg, shipped = gen_presets.tiny(), gen_presets.tiny(), gen_presets.tiny_lcm()
     root = ensure_embedded(ROOT / base_cfg.model.base)
@@ -121,16 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedup": speed, "speedup_min_max": [min(ratios), max(ratios)],
         **{f"speedup_equal_{dec}_decoder": statistics.median(r) for dec, r in equal.items()},
         **{f"speedup_equal_{dec}_decoder_min_max": [min(r), max(r)] for dec, r in equal.items()},
-        "oks": {k: bootstrap_mean_ci(v) for k, v in scores.items()}, "oks_diff": bootstrap_mean_ci(diff.tolist()),
-        "attributes": {k: bootstrap_mean_ci(v) for k, v in hits.items()},
-        **{f"{what}_diff_{k}": bootstrap_mean_ci((np.asarray(v[k]) - np.asarray(v["ddim"])).tolist())
+        "oks": {k: mean_and_ci(v) for k, v in scores.items()}, "oks_diff": mean_and_ci(diff.tolist()),
+        "attributes": {k: mean_and_ci(v) for k, v in hits.items()},
+        **{f"{what}_diff_{k}": mean_and_ci((np.asarray(v[k]) - np.asarray(v["ddim"])).tolist())
            for what, v in (("oks", scores), ("attributes", hits)) for k in sides[1:]},
         # What the distillation did: the shipped LoRA against the undistilled UNet, both 4 LCM steps, VAE-decoded.
-        **{f"{what}_distilled_minus_undistilled": bootstrap_mean_ci((np.asarray(v["tiny_lcm_vae"]) -
+        **{f"{what}_distilled_minus_undistilled": mean_and_ci((np.asarray(v["tiny_lcm_vae"]) -
                                                                      np.asarray(v["lcm"])).tolist())
            for what, v in (("oks", scores), ("attributes", hits))},
         # What the preview decoder costs in quality, on the same latents' rounds (same seeds).
-        **{f"{what}_preview_minus_vae_{name}": bootstrap_mean_ci((np.asarray(v[a]) - np.asarray(v[b])).tolist())
+        **{f"{what}_preview_minus_vae_{name}": mean_and_ci((np.asarray(v[a]) - np.asarray(v[b])).tolist())
            for what, v in (("oks", scores), ("attributes", hits))
            for name, a, b in (("lcm", "tiny_lcm", "tiny_lcm_vae"), ("ddim", "ddim_preview", "ddim"))},
     }

@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.models.embedded import ensure_embedded
     from poseloop.config.generation import LCM_LORA_FILE
     from poseloop.policy.trainer import PolicyTrainer
-    from poseloop.world.quality import bootstrap_mean_ci, vocabulary_prompts
+    from poseloop.metrics.stats import mean_and_ci
+    from poseloop.world.quality import vocabulary_prompts
 
     root = ensure_embedded(ROOT / "models" / "tiny-sd15")
     reward = build_reward(args.reward or RULE)
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds = time.perf_counter() - t0
                 _, after, _ = tr._sample_groups(groups, seeds, reward)
             d = (after - before).numpy()
-            m, lo, hi = bootstrap_mean_ci(d.tolist())
+            m, lo, hi = mean_and_ci(d.tolist())
             results[name] = {"before": float(before.mean()), "after": float(after.mean()), "gain": [m, lo, hi],
                              "train_seconds": seconds, "gain_per_second": [m / seconds, lo / seconds, hi / seconds],
                              "win_rate": float((d > 0).mean()),

@@ -191,8 +191,8 @@ def _bench(args: argparse.Namespace, db_url: str | None) -> int:
     # The server log goes to a file: an unread pipe fills up and then blocks the server.
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "webapp", "--samples-dir", str(env.samples_dir), "--port", str(port),
-         "--server", "waitress", "--threads", str(args.threads), "--db-url", env.db_url],
+        [sys.executable, "-m", "webapp", "--samples_dir", str(env.samples_dir), "--port", str(port),
+         "--server", "waitress", "--threads", str(args.threads), "--db_url", env.db_url],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )

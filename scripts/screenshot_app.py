@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     views = [v for v in VIEWS if not args.only or v.name in args.only]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "webapp", "--samples-dir", args.samples_dir, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "webapp", "--samples_dir", args.samples_dir, "--port", str(port),
                                "--rubric", args.rubric], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     out = Path(args.out)

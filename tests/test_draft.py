@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from poseloop.config.lib import ConfigError
-from poseloop.evaluation.compare import bootstrap_ci
 from poseloop.models.policy_files import kohya_lora_name
 from poseloop.rewards.builtin import JpegCompressibilityReward
+from poseloop.metrics.stats import bootstrap_ci
 from poseloop.config.policy import PolicyConfig
 from poseloop.policy.trainer import PolicyTrainer, train
 
@@ -158,7 +158,7 @@ def test_draft_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path
     result = trainer.run()
     seconds = time.perf_counter() - t0
     after = fixed_seed_rewards(trainer, n=8)
-    lo, hi = bootstrap_ci((after - before).numpy(), 2000, 0.95)
+    lo, hi = bootstrap_ci(after.numpy(), paired=before.numpy())
     print(f"draft-1 gain {float((after - before).mean()):+.4f} [{lo:+.4f}, {hi:+.4f}] in {seconds:.1f} s; "
           f"before {float(before.mean()):.4f}")
     assert lo > 0, (lo, hi, float(before.mean()), float(after.mean()), [round(r["reward_mean"], 3) for r in result.history])

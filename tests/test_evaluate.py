@@ -13,9 +13,10 @@ from sqlalchemy import select
 
 import evaluate as evaluate_script
 from poseloop.data import db
-from poseloop.evaluation.compare import bootstrap_ci, win_rate
+from poseloop.evaluation.compare import win_rate
 from poseloop.data.openpose import render_pose
 from poseloop.data.poses import get_builtin_pose
+from poseloop.metrics.stats import bootstrap_ci
 from poseloop.data.store import SampleStore
 
 
@@ -26,11 +27,11 @@ def test_win_rate_counts_ties_half() -> None:
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n() -> None:
     rng = np.random.default_rng(1)
     small, large = rng.normal(size=20), rng.normal(size=2000)
-    lo, hi = bootstrap_ci(small, 2000, 0.95)
+    lo, hi = bootstrap_ci(small)
     assert lo < small.mean() < hi
-    lo2, hi2 = bootstrap_ci(large, 2000, 0.95)
+    lo2, hi2 = bootstrap_ci(large)
     assert (hi2 - lo2) < (hi - lo) / 4
-    assert bootstrap_ci(np.array([3.0]), 100, 0.95) == (3.0, 3.0)
+    assert bootstrap_ci(np.array([3.0]), n_resamples=100) == (3.0, 3.0)
 
 
 def make_policy(models_dir: Path, tiny_model_cfg, version: str) -> None:  # type: ignore[no-untyped-def]

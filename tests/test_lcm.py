@@ -319,7 +319,7 @@ def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
 
 
 def test_rlcm_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path) -> None:
-    from poseloop.evaluation.compare import bootstrap_ci
+    from poseloop.metrics.stats import bootstrap_ci
 
     # The trained embedded world (undistilled: the LCM sampler warns), 4 LCM steps without CFG, the tiny
     # preset's lr and clip, 4 groups x 4 images an epoch; bench/bench_rlcm.py runs it 8 epochs (+0.28).
@@ -331,7 +331,7 @@ def test_rlcm_raises_the_reward_on_fresh_seeds(models_dir: Path, tmp_path: Path)
     before = fixed_seed_rewards(trainer)  # 16 seeds no epoch sampled (training draws its own)
     result = trainer.run()
     after = fixed_seed_rewards(trainer)
-    lo, hi = bootstrap_ci((after - before).numpy(), 2000, 0.95)
+    lo, hi = bootstrap_ci(after.numpy(), paired=before.numpy())
     assert lo > 0, (lo, hi, float(before.mean()), float(after.mean()), [round(r["reward_mean"], 3) for r in result.history])
 
 

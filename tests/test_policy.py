@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from poseloop.config.lib import ConfigError
-from poseloop.evaluation.compare import bootstrap_ci
 from poseloop.models.policy_files import kohya_lora_name
 from poseloop.data.inputs import InputError
+from poseloop.metrics.stats import bootstrap_ci
 from poseloop.config.policy import PolicyConfig, tiny
 from poseloop.policy.trainer import PolicyTrainer, train
 
@@ -193,7 +193,7 @@ def test_ddpo_raises_the_reward(models_dir: Path, tmp_path: Path) -> None:
     before = fixed_seed_rewards(trainer)
     result = trainer.run()
     after = fixed_seed_rewards(trainer)
-    lo, hi = bootstrap_ci((after - before).numpy(), 2000, 0.95)
+    lo, hi = bootstrap_ci(after.numpy(), paired=before.numpy())
     assert lo > 0, (lo, hi, float(before.mean()), float(after.mean()), [round(r["reward_mean"], 3) for r in result.history])
     assert result.export_dir is not None and (result.export_dir / kohya_lora_name(result.export_dir.name)).is_file()
     assert (result.run_dir / "metrics.csv").read_text().startswith("epoch,reward_mean,reward_std")

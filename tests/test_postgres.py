@@ -46,14 +46,14 @@ def test_missing_database_names_the_fix(postgres_server) -> None:
 @pytest.mark.parametrize("url, words", [
     ("postgresq://h/d", ["is not a usable SQLAlchemy URL", "postgresql+psycopg://"]),
     ("postgresql+psycopg2://h/d", ["driver", "is not installed", "psycopg[binary]"]),
-    ("mysql://", ["--db-url", "not"]),
+    ("mysql://", ["db_url", "not"]),
 ])
 def test_bad_urls_stop_the_app_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str,
                                              words: list[str]) -> None:
     (tmp_path / "samples").mkdir()
-    assert webapp_main(["--samples-dir", str(tmp_path / "samples"), "--db-url", url]) == 2
+    assert webapp_main(["--samples_dir", str(tmp_path / "samples"), "--db_url", url]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --db-url: ") and "\n" not in err, err
+    assert err.startswith("error: db_url: ") and "\n" not in err, err
     for w in words:
         assert w in err, err
 
@@ -66,7 +66,7 @@ def test_app_on_postgresql_starts_and_hides_the_password(postgres_server, tmp_pa
         assert app.test_client().get("/api/rounds").status_code == 200
     finally:
         app.extensions["poseloop_store"].dispose()
-    with pytest.raises(ConfigError, match="^--db-url: cannot open"):
+    with pytest.raises(ConfigError, match="^db_url: cannot open"):
         create_app({"samples_dir": tmp_path / "samples", "db_url": url.replace("/t", "/missing_t")})
 
 

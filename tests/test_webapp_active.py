@@ -196,11 +196,11 @@ def test_bad_order_parameter_and_flag(world: Env, tmp_path: Path) -> None:
     r = client.get(f"/api/rounds/{world.rounds[0]}/pairs?rater=ann&order=random")
     assert r.status_code == 400 and r.is_json and "'order'" in r.json["error"] and "active" in r.json["error"]
     assert client.get("/api/rounds/999/pairs?rater=ann&order=active").status_code == 404
-    cfg = parse_args(["--samples-dir", str(world.samples_dir), "--pair-order", "active", "--models-dir", str(tmp_path)])
+    cfg = parse_args(["--samples_dir", str(world.samples_dir), "--pair_order", "active", "--models_dir", str(tmp_path)])
     assert (cfg.pair_order, cfg.models_dir) == ("active", tmp_path)
-    assert parse_args(["--samples-dir", str(world.samples_dir)]).pair_order == "coverage"
+    assert parse_args(["--samples_dir", str(world.samples_dir)]).pair_order == "coverage"
     with pytest.raises(SystemExit) as exc:  # argparse: invalid choice, exit status 2
-        main(["--samples-dir", str(world.samples_dir), "--pair-order", "random"])
+        main(["--samples_dir", str(world.samples_dir), "--pair_order", "random"])
     assert exc.value.code == 2
-    with pytest.raises(ConfigError, match="--pair-order"):
+    with pytest.raises(ConfigError, match="^pair_order: "):
         create_app({"samples_dir": world.samples_dir, "pair_order": "random"})

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from poseloop.data.db import Group, LabelEvent, Rating, Sample, open_db, session_scope
 from webapp import create_app
-from webapp.config import ConfigError, parse_args
+from webapp.config import AppConfig, ConfigError, parse_args
 from webapp.exchange import d3po_zip, safe_file_stem
 from webapp.security import GuessThrottle
 from webapp_fixtures import BOTH_DATABASES, Blind, Env, app, client, cmp, env, post_json  # noqa: F401  (pytest fixtures)
@@ -49,7 +49,7 @@ def token_app(env: Env, **overrides: Any) -> Flask:
 def test_rebound_host_is_refused_without_a_token(client: FlaskClient, env: Env) -> None:
     sid = first_sample(env)
     r = client.get("/api/export/labels.jsonl", headers=ATTACKER)
-    assert r.status_code == 421 and "--allowed-hosts" in r.json["error"] and "attacker.example" in r.json["error"]
+    assert r.status_code == 421 and "--allowed_hosts" in r.json["error"] and "attacker.example" in r.json["error"]
     r = post_json(client, "/api/scores", {"rater": "ann", "sample_id": sid, "score": 3}, headers=ATTACKER)
     assert r.status_code == 421 and r.is_json
     for path in ("/", "/stats", f"/media/sample/{sid}", "/static/app.js"):
@@ -72,7 +72,7 @@ def test_with_a_token_only_configured_names_ip_addresses_and_the_bound_host_pass
     for host in ("rating.lan:8765", "GPU-BOX.local", "192.168.1.5:8765", "[fe80::1]:8765", "localhost", "0.0.0.0"):
         assert c.get("/api/rounds", headers={"Host": host, **auth}).status_code == 200, host
     r = c.get("/api/rounds", headers={**ATTACKER, **auth})  # the right token does not make a rebound name ok
-    assert r.status_code == 421 and "--allowed-hosts attacker.example" in r.json["error"]
+    assert r.status_code == 421 and "--allowed_hosts attacker.example" in r.json["error"]
     app1.extensions["poseloop_store"].dispose()
     app2 = token_app(env, host="gpu-box")  # the name it was started with is always allowed
     assert app2.test_client().get("/api/rounds", headers={"Host": "gpu-box:8765", **auth}).status_code == 200
@@ -80,16 +80,19 @@ def test_with_a_token_only_configured_names_ip_addresses_and_the_bound_host_pass
     app2.extensions["poseloop_store"].dispose()
 
 
-def test_allowed_hosts_flag(env: Env) -> None:
-    base = ["--samples-dir", str(env.samples_dir)]
-    cfg = parse_args([*base, "--token", TOKEN, "--allowed-hosts", "rating.lan, Box.Local,10.0.0.7"])
-    assert cfg.allowed_hosts == ("rating.lan", "box.local", "10.0.0.7")
-    assert parse_args(base).allowed_hosts == ()
-    with pytest.raises(ConfigError, match="--allowed-hosts.*--token"):
-        parse_args([*base, "--allowed-hosts", "rating.lan"])
-    for bad in ("http://rating.lan", "rating.lan:8765", "bad_name!", "a..b"):
-        with pytest.raises(ConfigError, match="--allowed-hosts"):
-            parse_args([*base, "--token", TOKEN, "--allowed-hosts", bad])
+def test_allowed_hosts_flag(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--samples_dir", str(env.samples_dir)]
+    cfg = parse_args([*base, "--token", TOKEN, "--allowed_hosts", "rating.lan, Box.Local,10.0.0.7", "gpu.lan"])
+    assert cfg.allowed_hosts == ["rating.lan", "box.local", "10.0.0.7", "gpu.lan"]
+    assert parse_args(base).allowed_hosts == []
+    for argv, needle in [([*base, "--allowed_hosts", "rating.lan"], "error: allowed_hosts: .*--token"),
+                         *[([*base, "--token", TOKEN, "--allowed_hosts", bad], "error: allowed_hosts: ")
+                           for bad in ("http://rating.lan", "rating.lan:8765", "bad_name!", "a..b")]]:
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2 and re.search(needle, capsys.readouterr().err), argv
+    with pytest.raises(ConfigError, match="^allowed_hosts: "):  # Python callers get the same check
+        AppConfig(samples_dir=env.samples_dir, token=TOKEN, allowed_hosts=["a..b"]).validate()
 
 
 # ---------------------------------------------------------------- 2. only image files are served

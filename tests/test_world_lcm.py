@@ -19,7 +19,8 @@ from poseloop.models.loading import Components, ModelLoadError, load_components
 from poseloop.models.embedded import LEGACY_WORLD_ARCH, PREVIEW_DIR, WORLD_STAMP_FILE, WORLD_WEIGHTS, build_tiny_sd15, ensure_embedded
 from poseloop.config.generation import LCM_LORA_FILE
 from poseloop.world.detector import load_detector
-from poseloop.world.quality import bootstrap_mean_ci, builtin_poses, evaluate_generator, vocabulary_prompts
+from poseloop.metrics.stats import mean_and_ci
+from poseloop.world.quality import builtin_poses, evaluate_generator, vocabulary_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,9 +124,9 @@ def test_four_step_rounds_with_the_lora_keep_the_pose_and_the_colours(models_dir
     def oks(name: str) -> np.ndarray:
         return np.asarray(reports[name].oks)
 
-    colours = bootstrap_mean_ci((hits("lcm") - hits("default")).tolist())
-    pose = bootstrap_mean_ci((oks("preset") - oks("default")).tolist())
-    preview = bootstrap_mean_ci((oks("preset") - oks("lcm")).tolist())
+    colours = mean_and_ci((hits("lcm") - hits("default")).tolist())
+    pose = mean_and_ci((oks("preset") - oks("default")).tolist())
+    preview = mean_and_ci((oks("preset") - oks("lcm")).tolist())
     # Measured with the shipped LoRA (the light-modes world) on bench_lcm's 288 items: attributes of the 4-step LoRA
     # round against the 10-step default round, both through the world's VAE, +0.002 [-0.016, +0.020] (a flipped
     # colour read moves the mean by 1/432 here, so -0.05 is 20-odd more misreads: a LoRA that lost colours); the

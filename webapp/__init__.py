@@ -38,7 +38,7 @@ def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None)
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     try:
-        app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url, "--db-url")
+        app.extensions["poseloop_store"] = Store.open(cfg.resolved_db_url, "db_url")
     except DatabaseUrlError as e:  # the app's ConfigError is what `python -m webapp` prints as one line
         raise ConfigError(str(e)) from None
     app.extensions["poseloop_blind_key"] = load_key(cfg.samples_dir)

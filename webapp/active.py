@@ -1,6 +1,6 @@
 """Active pair choice: the pairs of a round ordered by the latest reward model's uncertainty.
 
-With `--pair-order active` (or `?order=active` on /api/rounds/<id>/pairs) pairs mode asks first about
+With `--pair_order active` (or `?order=active` on /api/rounds/<id>/pairs) pairs mode asks first about
 the pairs the newest reward model (`<models-dir>/reward/latest`) is least sure about: the ensemble
 members' disagreement on P(a beats b), from `poseloop.rewards.model.suggest_pairs` on the round's stored
 final latents. The order is computed once per (round, reward model version, number of pairs) and kept in

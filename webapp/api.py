@@ -96,7 +96,7 @@ def get_items(round_id: int) -> Response:
 @bp.get("/rounds/<int:round_id>/pairs")
 def get_pairs(round_id: int) -> Response:
     """The next pairs this rater has not judged (count=1..10; exclude=a-b,c-d to skip pending ones;
-    order=coverage|active overrides --pair-order for this request)."""
+    order=coverage|active overrides --pair_order for this request)."""
     rater = request.args.get("rater")
     order = request.args.get("order") or _cfg().pair_order
     if order not in PAIR_ORDERS:

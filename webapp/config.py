@@ -1,4 +1,5 @@
-"""Typed configuration of the rating app; every field is also a command-line flag."""
+"""Typed configuration of the rating app; every field is also a command-line flag (poseloop.config.lib, as for
+the scripts: `--samples_dir DIR`, `--set samples_dir=DIR`, `--print-config`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import dataclasses
 import ipaddress
 import os
 import re
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from poseloop.config.lib import ConfigError, build_parser as build_config_parser, field, parse_config
 
 TOKEN_ENV = "POSELOOP_TOKEN"
 MIN_TOKEN_LENGTH = 8
@@ -19,15 +21,8 @@ MIN_TOKEN_DISTINCT = 4  # a token of one or two repeated characters is among the
 PAIR_ORDERS = ("coverage", "active")
 # A rubric is read beside the score buttons, on a phone too: one short line per end of the scale.
 RUBRIC_PART_MAX = 120
-
-
-class ConfigError(ValueError):
-    """An invalid setting; the message names the flag and says how to fix it."""
-
-
-def flag_name(field_name: str) -> str:
-    """The command-line flag of a config field (samples_dir -> --samples-dir)."""
-    return "--" + field_name.replace("_", "-")
+DESCRIPTION = "Browser rating app: scores and pairwise preferences for poseloop samples."
+PROG = "python -m webapp"
 
 
 def is_loopback(host: str) -> bool:
@@ -54,10 +49,10 @@ def normalize_host_name(name: str) -> str | None:
         return name if _HOST_NAME_RE.match(name) else None
 
 
-def split_host_list(value: str | Sequence[str]) -> tuple[str, ...]:
-    """Host names from a comma-separated string (the flag) or a sequence (Python callers)."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return tuple(str(item).strip() for item in items if str(item).strip())
+def split_host_list(value: str | Sequence[str]) -> list[str]:
+    """Host names from a comma-separated string or a sequence of them (`--allowed_hosts a,b c`)."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
 
 
 @dataclass
@@ -66,98 +61,87 @@ class AppConfig:
 
     samples_dir: Path = field(
         default=Path("samples"),
-        metadata={"help": "Samples directory; image paths in the database are relative to it."},
+        help="Samples directory; image paths in the database are relative to it.",
     )
     db_url: str | None = field(
         default=None,
-        metadata={"help": "SQLAlchemy database URL (default: sqlite:///<samples-dir>/feedback.sqlite); a "
-                          "team shares postgresql+psycopg://user:password@host/dbname."},
+        help="SQLAlchemy database URL (default: sqlite:///<samples_dir>/feedback.sqlite); a team shares "
+             "postgresql+psycopg://user:password@host/dbname.",
     )
-    host: str = field(
-        default="127.0.0.1",
-        metadata={"help": "Address to bind. A non-loopback address (LAN sharing) requires --token."},
-    )
-    port: int = field(default=8765, metadata={"help": "TCP port to listen on."})
+    host: str = field(default="127.0.0.1",
+                      help="Address to bind. A non-loopback address (LAN sharing) requires --token.")
+    port: int = field(default=8765, help="TCP port to listen on.")
     token: str | None = field(
         default=None,
-        metadata={
-            "help": f"Shared access token; raters open http://HOST:PORT/?token=TOKEN once. "
-            f"Also read from ${TOKEN_ENV} so it stays out of the process list."
-        },
+        help=f"Shared access token; raters open http://HOST:PORT/?token=TOKEN once. Also read from ${TOKEN_ENV} "
+             "so it stays out of the process list.",
+        secret=True,
     )
-    allowed_hosts: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "Comma-separated host names (or addresses) the browser may use to reach the app, e.g. "
-            "rating.lan,gpu-box.local; requires --token. Loopback names, the --host address and, with a "
-            "token, IP addresses are always accepted; other Host headers are refused (DNS rebinding).",
-            "parse": split_host_list,
-        },
+    allowed_hosts: list[str] = field(
+        default_factory=list,
+        help="Host names (or addresses) the browser may use to reach the app, e.g. rating.lan gpu-box.local "
+             "(commas separate names too); requires --token. Loopback names, the --host address and, with a "
+             "token, IP addresses are always accepted; other Host headers are refused (DNS rebinding).",
     )
-    score_min: int = field(default=-5, metadata={"help": "Lowest score on the scale (>= -9)."})
-    score_max: int = field(default=5, metadata={"help": "Highest score on the scale (<= 10)."})
+    score_min: int = field(default=-5, help="Lowest score on the scale (>= -9).")
+    score_max: int = field(default=5, help="Highest score on the scale (<= 10).")
     rubric: str = field(
         default="",
-        metadata={
-            "help": "What the scale means, shown to raters in the start dialog and beside the buttons: one "
-                    "sentence, or the lowest and the highest end separated by '|', e.g. 'pose ignored or body "
-                    f"broken | pose matched, natural person' (at most {RUBRIC_PART_MAX} characters per part)."
-        },
+        help="What the scale means, shown to raters in the start dialog and beside the buttons: one sentence, or "
+             "the lowest and the highest end separated by '|', e.g. 'pose ignored or body broken | pose matched, "
+             f"natural person' (at most {RUBRIC_PART_MAX} characters per part).",
     )
     server: str = field(
         default="waitress",
-        metadata={
-            "help": "WSGI server: 'waitress' (multi-threaded, production-grade) or 'werkzeug' "
-            "(Flask's threaded development server).",
-            "choices": ("waitress", "werkzeug"),
-        },
+        help="WSGI server: 'waitress' (multi-threaded, production-grade) or 'werkzeug' (Flask's threaded "
+             "development server).",
+        choices=("waitress", "werkzeug"),
     )
-    threads: int = field(default=8, metadata={"help": "Worker threads of the WSGI server."})
+    threads: int = field(default=8, help="Worker threads of the WSGI server.")
     pair_order: str = field(
         default="coverage",
-        metadata={
-            "help": "Order of pairs in pairs mode: 'coverage' (the groups and pairs judged least first) or "
-                    "'active' (first the pairs the latest reward model in --models-dir is least sure about, "
-                    "by ensemble disagreement; coverage order while there is no usable reward model).",
-            "choices": PAIR_ORDERS,
-        },
+        help="Order of pairs in pairs mode: 'coverage' (the groups and pairs judged least first) or 'active' "
+             "(first the pairs the latest reward model in --models_dir is least sure about, by ensemble "
+             "disagreement; coverage order while there is no usable reward model).",
+        choices=PAIR_ORDERS,
     )
     models_dir: Path = field(
         default=Path("models"),
-        metadata={"help": "Models folder of train_reward.py; --pair-order active reads <models-dir>/reward/latest."},
+        help="Models folder of train_reward.py; --pair_order active reads <models_dir>/reward/latest.",
     )
 
     def validate(self) -> AppConfig:
-        """Check every field; raise ConfigError naming the offending flag."""
+        """Check every field; raise ConfigError naming the offending field (its flag is --FIELD)."""
         self.samples_dir = Path(self.samples_dir)
         if not self.samples_dir.is_dir():
-            raise ConfigError(f"--samples-dir: {self.samples_dir} is not a directory (run generate.py first "
-                              f"or point --samples-dir at an existing samples folder)")
+            raise ConfigError(f"samples_dir: {self.samples_dir} is not a directory (run generate.py first "
+                              f"or point --samples_dir at an existing samples folder)")
         if self.db_url is not None and "://" not in self.db_url:
-            raise ConfigError(f"--db-url: {self.db_url!r} is not an SQLAlchemy URL (e.g. sqlite:///path/to.db or "
+            raise ConfigError(f"db_url: {self.db_url!r} is not an SQLAlchemy URL (e.g. sqlite:///path/to.db or "
                               "postgresql+psycopg://user:password@host/dbname)")
         if not 0 < self.port < 65536:
-            raise ConfigError(f"--port: {self.port} is outside 1..65535")
+            raise ConfigError(f"port: {self.port} is outside 1..65535")
         if self.token is not None:
             self._check_token(self.token)
         if not is_loopback(self.host) and not self.token:
             raise ConfigError(
-                f"--host: {self.host} is not a loopback address, so anyone on the network could read and "
+                f"host: {self.host} is not a loopback address, so anyone on the network could read and "
                 f"change the labels; pass --token SECRET (or set ${TOKEN_ENV}) to share on a LAN, "
                 f"or bind to 127.0.0.1"
             )
         self.allowed_hosts = self._clean_allowed_hosts()
-        if self.score_min < -9 or self.score_max > 10:
-            raise ConfigError("--score-min/--score-max: the keyboard scale supports -9..10 (digit keys)")
+        for name, value in (("score_min", self.score_min), ("score_max", self.score_max)):
+            if not -9 <= value <= 10:
+                raise ConfigError(f"{name}: {value} is outside -9..10, the scale the digit keys can give")
         if self.score_min >= self.score_max:
-            raise ConfigError(f"--score-min ({self.score_min}) must be below --score-max ({self.score_max})")
+            raise ConfigError(f"score_min: {self.score_min} must be below score_max ({self.score_max})")
         self.rubric = self._clean_rubric()
         if self.server not in ("waitress", "werkzeug"):
-            raise ConfigError(f"--server: {self.server!r} is not one of waitress, werkzeug")
+            raise ConfigError(f"server: {self.server!r} is not one of waitress, werkzeug")
         if not 1 <= self.threads <= 64:
-            raise ConfigError(f"--threads: {self.threads} is outside 1..64")
+            raise ConfigError(f"threads: {self.threads} is outside 1..64")
         if self.pair_order not in PAIR_ORDERS:
-            raise ConfigError(f"--pair-order: {self.pair_order!r} is not one of {', '.join(PAIR_ORDERS)}")
+            raise ConfigError(f"pair_order: {self.pair_order!r} is not one of {', '.join(PAIR_ORDERS)}")
         self.models_dir = Path(self.models_dir)
         return self
 
@@ -166,48 +150,48 @@ class AppConfig:
         """Refuse a token that is blank, holds spaces or control characters, is short or repeats a few characters."""
         fix = f"pass e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe(16))') (or set ${TOKEN_ENV})"
         if not token.strip():
-            raise ConfigError(f"--token: is blank (only whitespace), which anyone can guess; {fix}")
+            raise ConfigError(f"token: is blank (only whitespace), which anyone can guess; {fix}")
         if any(c.isspace() or not c.isprintable() for c in token):
-            raise ConfigError(f"--token: contains whitespace or control characters, which are lost or changed in "
+            raise ConfigError(f"token: contains whitespace or control characters, which are lost or changed in "
                               f"URLs and headers; {fix}")
         if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(f"--token: use at least {MIN_TOKEN_LENGTH} characters so it cannot be guessed quickly; "
+            raise ConfigError(f"token: use at least {MIN_TOKEN_LENGTH} characters so it cannot be guessed quickly; "
                               f"{fix}")
         if len(set(token)) < MIN_TOKEN_DISTINCT:
-            raise ConfigError(f"--token: {len(set(token))} distinct characters (e.g. 'aaaaaaaa') are guessed first; "
+            raise ConfigError(f"token: {len(set(token))} distinct characters (e.g. 'aaaaaaaa') are guessed first; "
                               f"{fix}")
 
-    def _clean_allowed_hosts(self) -> tuple[str, ...]:
-        """The --allowed-hosts names, normalised; a ConfigError for a bad name or a missing token."""
+    def _clean_allowed_hosts(self) -> list[str]:
+        """The --allowed_hosts names, normalised; a ConfigError for a bad name or a missing token."""
         names = []
         for raw in split_host_list(self.allowed_hosts):
             name = normalize_host_name(raw)
             if name is None:
-                raise ConfigError(f"--allowed-hosts: {raw!r} is not a host name or IP address (give names "
-                                  f"without scheme or port, separated by commas, e.g. rating.lan,gpu-box.local)")
+                raise ConfigError(f"allowed_hosts: {raw!r} is not a host name or IP address (give names "
+                                  f"without scheme or port, e.g. --allowed_hosts rating.lan gpu-box.local)")
             names.append(name)
         if names and not self.token:
-            raise ConfigError("--allowed-hosts: names other than localhost can be pointed at this machine by "
+            raise ConfigError("allowed_hosts: names other than localhost can be pointed at this machine by "
                               "anyone's DNS (DNS rebinding), so they need --token SECRET (or "
                               f"${TOKEN_ENV}) as well")
-        return tuple(names)
+        return names
 
     def _clean_rubric(self) -> str:
-        """The --rubric text with its parts stripped and joined by ' | '; a ConfigError for a bad one."""
+        """The rubric text with its parts stripped and joined by ' | '; a ConfigError for a bad one."""
         text = str(self.rubric or "").strip()
         if not text:
             return ""
         if any(ord(c) < 32 for c in text):
-            raise ConfigError("--rubric: keep it on one line (no line breaks or control characters); separate "
+            raise ConfigError("rubric: keep it on one line (no line breaks or control characters); separate "
                               "the low and the high end with '|'")
         parts = [p.strip() for p in text.split("|")]
         if len(parts) > 2 or not all(parts):
             shown = text if len(text) <= 60 else text[:57] + "..."
-            raise ConfigError(f"--rubric: {shown!r} is neither one sentence nor 'LOW END | HIGH END'; use "
+            raise ConfigError(f"rubric: {shown!r} is neither one sentence nor 'LOW END | HIGH END'; use "
                               "at most one '|', with text on both sides of it")
         for name, part in zip(("sentence",) if len(parts) == 1 else ("low end", "high end"), parts):
             if len(part) > RUBRIC_PART_MAX:
-                raise ConfigError(f"--rubric: the {name} is {len(part)} characters; shorten it to at most "
+                raise ConfigError(f"rubric: the {name} is {len(part)} characters; shorten it to at most "
                                   f"{RUBRIC_PART_MAX} (raters read it beside the score buttons, also on a phone)")
         return " | ".join(parts)
 
@@ -227,12 +211,6 @@ class AppConfig:
         return self.db_url or default_db_url(self.samples_dir)
 
 
-def _field_type(tp: Any) -> type:
-    """The scalar type of an annotation such as `str | None`."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
 def config_from_mapping(overrides: Mapping[str, Any] | AppConfig | None) -> AppConfig:
     """An AppConfig from a mapping of field names (unknown names are an error)."""
     if isinstance(overrides, AppConfig):
@@ -244,31 +222,20 @@ def config_from_mapping(overrides: Mapping[str, Any] | AppConfig | None) -> AppC
     return AppConfig(**dict(overrides or {}))
 
 
+def default() -> AppConfig:
+    """The defaults, with the token from $POSELOOP_TOKEN (a flag still overrides it)."""
+    return AppConfig(token=os.environ.get(TOKEN_ENV) or None)
+
+
+PRESETS = {"default": default}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """An argument parser with one flag per AppConfig field."""
-    parser = argparse.ArgumentParser(
-        prog="python -m webapp",
-        description="Browser rating app: scores and pairwise preferences for poseloop samples.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(AppConfig)
-    for f in dataclasses.fields(AppConfig):
-        kind = f.metadata.get("parse") or _field_type(hints[f.name])
-        parser.add_argument(
-            flag_name(f.name),
-            dest=f.name,
-            type=kind,
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f.metadata["help"],
-        )
-    return parser
+    """The app's argument parser: one --FIELD flag per AppConfig field, --preset, --set and --print-config."""
+    return build_config_parser(AppConfig, PRESETS, "default", DESCRIPTION, prog=PROG)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
-    """Parse flags (and $POSELOOP_TOKEN) into a validated AppConfig."""
-    ns = build_parser().parse_args(argv)
-    cfg = AppConfig(**vars(ns))
-    if cfg.token is None and os.environ.get(TOKEN_ENV):
-        cfg.token = os.environ[TOKEN_ENV]
-    return cfg.validate()
+    """Parse flags (and $POSELOOP_TOKEN) into a validated AppConfig; a bad value exits with status 2 naming it."""
+    cfg, _ = parse_config(AppConfig, PRESETS, "default", argv, description=DESCRIPTION, prog=PROG)
+    return cfg

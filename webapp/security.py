@@ -85,10 +85,10 @@ def host_allowed(name: str, cfg: AppConfig) -> bool:
 
 def _host_refused(name: str, cfg: AppConfig) -> Response:
     if cfg.token:
-        hint = f"start the app with --allowed-hosts {name} (comma-separated for several names)"
+        hint = f"start the app with --allowed_hosts {name} (space-separated for several names)"
     else:
         hint = (f"open it as http://127.0.0.1:{cfg.port}/ or http://localhost:{cfg.port}/, or share it with "
-                f"--token SECRET --allowed-hosts {name}")
+                f"--token SECRET --allowed_hosts {name}")
     return _error(421, f"Host {name!r} is not one of this app's names (a guard against DNS rebinding); {hint}")
 
 

@@ -13,7 +13,7 @@ def serve(app: Flask, cfg: AppConfig) -> None:
         try:
             import waitress
         except ImportError:
-            raise ConfigError("--server: waitress is not installed (pip install waitress==3.0.2) "
+            raise ConfigError("server: waitress is not installed (pip install waitress==3.0.2) "
                               "or pass --server werkzeug") from None
         # Label submissions are tiny; a short channel timeout frees threads held by idle keep-alives.
         waitress.serve(app, host=cfg.host, port=cfg.port, threads=cfg.threads, channel_timeout=30,

@@ -99,7 +99,7 @@ class Store:
     write_begin_sql: str | None = None
 
     @classmethod
-    def open(cls, url: str, field: str = "--db-url") -> Store:
+    def open(cls, url: str, field: str = "db_url") -> Store:
         """Open (and create tables in) the database at `url`; DatabaseUrlError naming `field` if it cannot be used."""
         read_engine = connect(url, field)
         dialect = read_engine.dialect.name

@@ -23,6 +23,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from poseloop.data import db
+from poseloop.metrics.stats import bootstrap_ci, grouped
 from poseloop.world.render import warmth
 
 RULE = "warmth"  # the reward spec that computes the rater's own statistic (for measuring only)
@@ -89,20 +90,9 @@ def reward_pair_accuracy(reward_dir: Path, samples_dir: Path, round_name: str, s
 
     The interval resamples whole groups (pairs of a group share images, so they are not independent).
     """
-    per_group = reward_pair_agreement(reward_dir, samples_dir, round_name, taste_of)
-    flat = np.array([x for g in per_group for x in g], dtype=np.float64)
-    lo, hi = group_bootstrap_ci(per_group, seed)
+    flat, labels = grouped(reward_pair_agreement(reward_dir, samples_dir, round_name, taste_of))
+    lo, hi = bootstrap_ci(flat, groups=labels, seed=seed)
     return float(flat.mean()), lo, hi, len(flat)
-
-
-def group_bootstrap_ci(per_group: list[list[bool]], seed: int = 0, n_boot: int = 2000) -> tuple[float, float]:
-    """95% percentile interval of the pooled mean, resampling whole groups (a group's pairs share images)."""
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(per_group), len(per_group))
-        boots.append(np.mean([x for i in pick for x in per_group[i]]))
-    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def reward_pair_agreement(reward_dir: Path, samples_dir: Path, round_name: str,
@@ -155,16 +145,15 @@ def conditioned_vs_latent(conditioned: Path, latent: Path, samples_dir: Path, ro
                           seed: int = 0) -> dict[str, Any]:
     """Within-group pairwise agreement with the rater of two reward models on one round, and their paired difference
     (conditioned - latent), each with a 95% interval resampling whole groups."""
-    from poseloop.evaluation.compare import bootstrap_ci
-
     c = reward_pair_agreement(conditioned, samples_dir, round_name)
     lat = reward_pair_agreement(latent, samples_dir, round_name)
     out: dict[str, Any] = {}
     for name, per_group in (("conditioned", c), ("latent", lat)):
-        out[name] = {"mean": float(np.mean([x for g in per_group for x in g])),
-                     "ci": list(group_bootstrap_ci(per_group, seed)), "pairs": sum(len(g) for g in per_group)}
+        flat, labels = grouped(per_group)
+        out[name] = {"mean": float(flat.mean()), "ci": list(bootstrap_ci(flat, groups=labels, seed=seed)),
+                     "pairs": len(flat)}
     diffs = np.array([np.mean(a) - np.mean(b) for a, b in zip(c, lat)])  # per group: same pairs, both models
-    out["conditioned_minus_latent"] = {"diff": float(diffs.mean()), "ci": list(bootstrap_ci(diffs, 2000, 0.95, seed)),
+    out["conditioned_minus_latent"] = {"diff": float(diffs.mean()), "ci": list(bootstrap_ci(diffs, seed=seed)),
                                        "groups": len(diffs)}
     return out
 

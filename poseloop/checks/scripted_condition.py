@@ -25,7 +25,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from poseloop.data import db
-from poseloop.evaluation.compare import bootstrap_ci
+from poseloop.metrics.stats import bootstrap_ci
 
 RULES = ("faithful", "oks", "attributes")
 
@@ -105,14 +105,14 @@ def within_group_spearman(pred: np.ndarray, truth: np.ndarray, groups: list[int]
     if not rhos:
         raise ValueError("no group with at least two different rule values: nothing to rank")
     v = np.asarray(rhos)
-    return {"mean": float(v.mean()), "ci": list(bootstrap_ci(v, n_boot, 0.95, seed)),
+    return {"mean": float(v.mean()), "ci": list(bootstrap_ci(v, n_resamples=n_boot, seed=seed)),
             "groups": len(v), "groups_constant": len(by) - len(v), "per_group": rhos}
 
 
 def paired_diff(a: list[float], b: list[float], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
     """Mean of b - a over paired groups with a 95% bootstrap interval (the groups resampled together)."""
     d = np.asarray(b) - np.asarray(a)
-    return {"diff": float(d.mean()), "ci": list(bootstrap_ci(d, n_boot, 0.95, seed)),
+    return {"diff": float(d.mean()), "ci": list(bootstrap_ci(b, paired=a, n_resamples=n_boot, seed=seed)),
             "n": len(d)}
 
 

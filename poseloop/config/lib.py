@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -24,9 +25,10 @@ class ConfigError(ValueError):
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-          choices: Sequence[str] | None = None) -> Any:
-    """A dataclass field with a mandatory help text (and optional allowed choices)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None}
+          choices: Sequence[str] | None = None, secret: bool = False) -> Any:
+    """A dataclass field with a mandatory help text (optional: allowed choices; secret hides it in --help and
+    --print-config)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "secret": secret}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -99,6 +101,8 @@ def _convert(name: str, raw: Any, tp: Any, choices: Sequence[str] | None) -> Any
             value = int(raw)
         elif st is float:
             value = float(raw)
+        elif st is Path:
+            value = Path(raw)
         else:
             value = str(raw)
     except ValueError:
@@ -186,6 +190,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _shown(cfg: Any, name: str, f: dataclasses.Field[Any]) -> Any:
+    """A field's value as --help and --print-config show it: a secret that is set stays hidden."""
+    value = get_field(cfg, name)
+    return "<hidden>" if f.metadata.get("secret") and value else value
+
+
+def printable(cfg: Any) -> dict[str, Any]:
+    """to_dict(cfg) with secrets hidden and paths as strings, for --print-config."""
+    out = to_dict(cfg)
+    for name, f, _tp in _leaf_fields(type(cfg)):
+        *parents, last = name.split(".")
+        node = out
+        for part in parents:
+            node = node[part]
+        value = _shown(cfg, name, f)
+        node[last] = str(value) if isinstance(value, Path) else value
+    return out
+
+
 def from_dict(cfg_cls: type[C], data: dict[str, Any]) -> C:
     """Rebuild a config from to_dict() output (unknown keys are an error)."""
     hints = typing.get_type_hints(cfg_cls)
@@ -231,7 +254,9 @@ def build_parser(cfg_cls: type, presets: dict[str, Callable[[], Any]], default_p
         short = [f"--{a}" for a, target in aliases.items() if target == name]
         group.add_argument(f"--{name}", *short, **kwargs)
         # Show the default preset's value in --help without making argparse apply it.
-        group._group_actions[-1].help = f"{help_text} [{default_preset}: {get_field(defaults, name)!r}]"
+        shown = _shown(defaults, name, f)
+        shown = str(shown) if isinstance(shown, Path) else shown
+        group._group_actions[-1].help = f"{help_text} [{default_preset}: {shown!r}]"
     return parser
 
 
@@ -258,6 +283,6 @@ def parse_config(cfg_cls: type[C], presets: dict[str, Callable[[], C]], default_
     except ConfigError as e:
         parser.error(str(e))
     if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(json.dumps(printable(cfg), indent=2))
         raise SystemExit(0)
     return cfg, args

@@ -36,22 +36,11 @@ from poseloop.policy.lineage import lineage_line
 from poseloop.models.loading import resolve_policy
 from poseloop.rewards.spec import pin_reward_versions
 from poseloop.sampling.sampler import pil_to_tensor
+from poseloop.metrics.stats import bootstrap_ci
 from poseloop.data.store import SampleStore, load_trajectory
 
 
 # ---- statistics -----------------------------------------------------------------------------------
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int, confidence: float, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    if values.size == 0:
-        return (math.nan, math.nan)
-    if values.size == 1:
-        return (float(values[0]), float(values[0]))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
 def win_rate(candidate: np.ndarray, baseline: np.ndarray) -> float:
@@ -65,10 +54,12 @@ def summarize(name: str, spec: str, baseline: np.ndarray, candidate: np.ndarray,
               note: str = "") -> MetricSummary:
     """Means, intervals, paired difference and win rate of one metric."""
     return MetricSummary(
-        name=name, spec=spec, baseline_mean=float(baseline.mean()), baseline_ci=bootstrap_ci(baseline, n_boot, confidence),
-        candidate_mean=float(candidate.mean()), candidate_ci=bootstrap_ci(candidate, n_boot, confidence),
+        name=name, spec=spec, baseline_mean=float(baseline.mean()),
+        baseline_ci=bootstrap_ci(baseline, confidence, n_resamples=n_boot),
+        candidate_mean=float(candidate.mean()), candidate_ci=bootstrap_ci(candidate, confidence, n_resamples=n_boot),
         diff_mean=float((candidate - baseline).mean()),
-        diff_ci=bootstrap_ci(candidate - baseline, n_boot, confidence), win_rate=win_rate(candidate, baseline),
+        diff_ci=bootstrap_ci(candidate, confidence, paired=baseline, n_resamples=n_boot),
+        win_rate=win_rate(candidate, baseline),
         n=int(baseline.size), note=note,
     )
 

@@ -15,6 +15,7 @@ import numpy as np
 from poseloop.metrics.scores import oks
 from poseloop.data.openpose import render_pose
 from poseloop.data.poses import BUILTIN_POSES, Pose
+from poseloop.metrics.stats import mean_and_ci
 from poseloop.world.render import COLOURS, BACKGROUNDS, Attributes, measure_attributes, parse_prompt
 
 
@@ -27,14 +28,6 @@ def vocabulary_prompts() -> list[str]:
         trousers = colours[(i + 1 + i // 6) % 6]  # never the shirt's colour, every colour twice
         out.append(Attributes(shirt, trousers, backgrounds[i % 4]).prompt())
     return out
-
-
-def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and its 95% percentile-bootstrap interval."""
-    from poseloop.evaluation.compare import bootstrap_ci
-
-    v = np.asarray(values, dtype=np.float64)
-    return (float(v.mean()), *bootstrap_ci(v, n_boot, 0.95, seed=seed))
 
 
 def image_stats(images: np.ndarray) -> np.ndarray:
@@ -67,12 +60,12 @@ class GeneratorReport:
     def summary(self) -> dict[str, Any]:
         """Means with 95% bootstrap intervals and the within/across ratios."""
         out: dict[str, Any] = {"n_images": len(self.oks), "seconds": self.seconds}
-        out["oks"] = bootstrap_mean_ci(self.oks)
-        out["oks_shuffled"] = bootstrap_mean_ci(self.oks_shuffled)
+        out["oks"] = mean_and_ci(self.oks)
+        out["oks_shuffled"] = mean_and_ci(self.oks_shuffled)
         every = [h for k in self.hits for h in self.hits[k]]
-        out["attribute_accuracy"] = bootstrap_mean_ci(every)
+        out["attribute_accuracy"] = mean_and_ci(every)
         for k, v in self.hits.items():
-            out[f"{k}_accuracy"] = bootstrap_mean_ci(v)
+            out[f"{k}_accuracy"] = mean_and_ci(v)
         if self.stats is not None and self.groups is not None and len(self.groups) > len(np.unique(self.groups)):
             ratio = within_across_ratio(self.stats, self.groups)
             out["within_across"] = dict(zip(("red", "green", "blue", "brightness", "warmth"), ratio.round(3).tolist()))
