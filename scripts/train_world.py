@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from poseloop.config.lib import parse_config  # noqa: E402
 from poseloop.cli import user_errors  # noqa: E402
-from poseloop.world.training import PRESETS, WorldConfig, train_world  # noqa: E402
+from poseloop.world.train_config import PRESETS, WorldConfig  # noqa: E402
+from poseloop.world.training import train_world  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

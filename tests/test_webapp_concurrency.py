@@ -79,7 +79,8 @@ def test_one_raters_concurrent_changes_form_an_unbroken_history(env: Env) -> Non
     event's new value, and the stored score is the last event's, so undo restores what was really there."""
     import random
 
-    from webapp.store import Store, submit_score
+    from webapp.store import Store
+    from webapp.labels import submit_score
 
     store = Store.open(env.db_url)
     sid = env.samples[env.groups[env.rounds[0]][0]][0]

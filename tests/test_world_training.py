@@ -14,6 +14,7 @@ import torch
 
 from conftest import TEST_THREADS
 from poseloop.world import training as wt
+from poseloop.world.train_config import WorldConfig, smoke
 from poseloop.config.lib import ConfigError, to_dict
 
 
@@ -22,8 +23,8 @@ def _threads() -> None:
     torch.set_num_threads(TEST_THREADS)
 
 
-def _micro(tmp_path: Path) -> wt.WorldConfig:
-    return replace(wt.smoke(), examples=48, vae_steps=2, detector_steps=2,
+def _micro(tmp_path: Path) -> WorldConfig:
+    return replace(smoke(), examples=48, vae_steps=2, detector_steps=2,
                    detector_batch=4, unet_steps=2, unet_batch=2, lcm_steps=2, snapshot_every=2, eval_examples=4,
                    preview_steps=2, preview_renders=8, preview_generated=2,
                    run_dir=str(tmp_path / "run"), out=str(tmp_path / "weights"))
@@ -93,14 +94,14 @@ def test_a_rerun_skips_finished_stages_and_writes_the_same_weights(tmp_path: Pat
 
 def test_eval_examples_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="eval_examples"):
-        replace(wt.smoke(), eval_examples=0).validate()
+        replace(smoke(), eval_examples=0).validate()
 
 
 def test_the_architecture_is_validated() -> None:
     with pytest.raises(ConfigError, match="vae_channels: .*multiple of the smallest"):
-        replace(wt.smoke(), vae_channels=[16, 24, 64]).validate()
+        replace(smoke(), vae_channels=[16, 24, 64]).validate()
     with pytest.raises(ConfigError, match="unet_heads: 3 must divide 32"):
-        replace(wt.smoke(), unet_heads=3).validate()
+        replace(smoke(), unet_heads=3).validate()
 
 
 def test_the_shipped_files_record_the_architecture_they_fit(tmp_path: Path) -> None:
@@ -202,4 +203,4 @@ def test_offset_noise_adds_a_constant_per_image_and_channel() -> None:
     assert torch.allclose(offset - offset.mean((2, 3), keepdim=True), plain - plain.mean((2, 3), keepdim=True),
                           atol=1e-6)
     with pytest.raises(ConfigError, match="noise_offset: must be >= 0"):
-        replace(wt.smoke(), noise_offset=-0.1).validate()
+        replace(smoke(), noise_offset=-0.1).validate()

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import blind, exchange, stats, store
+from . import blind, exchange, labels, queries, stats, store
 from .config import PAIR_ORDERS, AppConfig
 from .store import ApiError, Store
 
@@ -82,15 +82,15 @@ def get_config() -> Response:
 @bp.get("/rounds")
 def get_rounds() -> Response:
     """Every round with group and sample counts, and the one the page opens first (default_round_id)."""
-    rounds = _store().read(store.list_rounds)
-    return jsonify(rounds=rounds, default_round_id=store.default_round_id(rounds))
+    rounds = _store().read(queries.list_rounds)
+    return jsonify(rounds=rounds, default_round_id=queries.default_round_id(rounds))
 
 
 @bp.get("/rounds/<int:round_id>/items")
 def get_items(round_id: int) -> Response:
     """Samples of a round in rating order with the rater's scores and progress."""
     rater, only_unrated = request.args.get("rater"), arg_flag("only_unrated")
-    return jsonify(_store().read(lambda s: store.list_items(s, round_id, rater, only_unrated)))
+    return jsonify(_store().read(lambda s: queries.list_items(s, round_id, rater, only_unrated)))
 
 
 @bp.get("/rounds/<int:round_id>/pairs")
@@ -113,7 +113,7 @@ def get_pairs(round_id: int) -> Response:
             raise ApiError(400, f"'exclude' entries look like 12-15, got {part[:40]!r}") from None
         exclude.append((a, b))
     active = current_app.extensions["poseloop_pair_ranker"].order if order == "active" else None
-    return jsonify(_store().read(lambda s: store.next_pairs(s, round_id, rater, count, exclude, active)))
+    return jsonify(_store().read(lambda s: queries.next_pairs(s, round_id, rater, count, exclude, active)))
 
 
 @bp.get("/rounds/<int:round_id>/progress")
@@ -125,7 +125,7 @@ def get_progress(round_id: int) -> Response:
         store.get_round(s, round_id)
         rater = store.find_rater(s, name)
         rid = rater.id if rater else None
-        return {"scores": store.score_progress(s, rid, round_id), "pairs": store.pair_progress(s, rid, round_id)}
+        return {"scores": queries.score_progress(s, rid, round_id), "pairs": queries.pair_progress(s, rid, round_id)}
 
     return jsonify(_store().read(fn))
 
@@ -139,7 +139,7 @@ def post_score() -> tuple[Response, int]:
     score = store.clean_int(body.get("score"), "score")
     request_id = store.clean_request_id(body.get("request_id"))
     result = _store().write(
-        lambda s: store.submit_score(s, rater, sample_id, score, request_id, _score_range(),
+        lambda s: labels.submit_score(s, rater, sample_id, score, request_id, _score_range(),
                                      cache=_store().cache)
     )
     return jsonify(result), 200 if result["duplicate"] else 201
@@ -155,7 +155,7 @@ def post_preference() -> tuple[Response, int]:
     choice = body.get("choice")
     request_id = store.clean_request_id(body.get("request_id"))
     result = _store().write(
-        lambda s: store.submit_preference(s, rater, left_id, right_id, str(choice), request_id)
+        lambda s: labels.submit_preference(s, rater, left_id, right_id, str(choice), request_id)
     )
     return jsonify(result), 200 if result["duplicate"] else 201
 
@@ -168,7 +168,7 @@ def post_undo() -> Response:
     round_id = None if body.get("round_id") is None else store.clean_int(body.get("round_id"), "round_id")
     kind = body.get("kind")
     request_id = store.clean_request_id(body.get("request_id"))
-    return jsonify(_store().write(lambda s: store.undo_last(s, rater, round_id, kind, request_id)))
+    return jsonify(_store().write(lambda s: labels.undo_last(s, rater, round_id, kind, request_id)))
 
 
 @bp.get("/stats")

@@ -29,7 +29,8 @@ from sqlalchemy.orm import Session
 
 from poseloop.data.db import BlindJudgement, Comparison, Group, Rater, Round, Sample, get_or_create_rater
 
-from .store import CHOICES, ApiError, find_rater, iso
+from .store import CHOICES, ApiError, find_rater
+from .queries import iso
 
 TOKEN_RE = re.compile(r"^(\d{1,9})-(\d{1,9})$")
 SIDES = ("left", "right")

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from poseloop.data.db import Group, LabelEvent, Preference, Rater, Rating, Round, Sample, get_or_create_rater, utcnow
 
-from .store import ApiError, _int_or_none, clean_rater_name, get_round, iso
+from .store import ApiError, clean_rater_name, get_round
+from .queries import int_or_none, iso
 
 
 def file_name(image_path: str) -> str:
@@ -106,7 +107,7 @@ def export_d3po(session: Session, round_id: int | None) -> dict[str, list[list[f
             scores[rid][sid] = score
     names = dict(session.execute(select(Rater.id, Rater.name)).all())
     return {
-        names[rid]: [[_int_or_none(per.get(sid)) for sid in sids] for sids in groups.values()]
+        names[rid]: [[int_or_none(per.get(sid)) for sid in sids] for sids in groups.values()]
         for rid, per in sorted(scores.items(), key=lambda kv: names[kv[0]].lower())
     }
 
@@ -141,7 +142,7 @@ def export_jsonl(session: Session, round_id: int | None, history: bool = False) 
                 "type": "event", "event_id": ev.id, "kind": ev.kind, "rater": names[ev.rater_id],
                 "rater_id": ev.rater_id, "round": rounds.get(ev.round_id), "round_id": ev.round_id,
                 "sample_id": ev.sample_id, "sample_a_id": ev.sample_a_id, "sample_b_id": ev.sample_b_id,
-                "old_score": _int_or_none(ev.old_score), "score": _int_or_none(ev.new_score),
+                "old_score": int_or_none(ev.old_score), "score": int_or_none(ev.new_score),
                 "old_choice": ev.old_choice, "choice": ev.new_choice, "left_sample_id": ev.new_left_id,
                 "source": ev.source, "request_id": ev.request_id,
                 "time": iso(ev.created_at), "undone_at": iso(ev.undone_at),
@@ -155,7 +156,7 @@ def export_jsonl(session: Session, round_id: int | None, history: bool = False) 
             "type": "score", "rater": names[r.rater_id], "rater_id": r.rater_id,
             "round": rounds.get(s.round_id), "round_id": s.round_id, "group_id": s.group_id,
             "sample_id": s.id, "sample_index": s.index, "image": s.image_path,
-            "score": _int_or_none(r.score), "time": iso(r.updated_at), "created_at": iso(r.created_at),
+            "score": int_or_none(r.score), "time": iso(r.updated_at), "created_at": iso(r.created_at),
         }) + "\n"
     for p in session.scalars(select(Preference).order_by(Preference.id)):
         s = samples.get(p.sample_a_id)

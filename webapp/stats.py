@@ -15,7 +15,8 @@ from poseloop.data.db import BlindJudgement, Comparison, Preference, Rater, Rati
 
 from . import blind
 
-from .store import _round_pairs, get_round, iso
+from .store import get_round
+from .queries import round_pairs, iso
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
@@ -38,11 +39,11 @@ def round_stats(session: Session, round_id: int | None, score_range: tuple[int, 
         samples_q = samples_q.where(Sample.round_id == round_id)
     sample_ids = set(session.scalars(samples_q))
     if round_id is not None:
-        pair_total = sum(len(p) for p in _round_pairs(session, round_id).values())
+        pair_total = sum(len(p) for p in round_pairs(session, round_id).values())
     else:
         pair_total = 0
         for rid in set(session.scalars(select(Sample.round_id).distinct())):
-            pair_total += sum(len(p) for p in _round_pairs(session, rid).values())
+            pair_total += sum(len(p) for p in round_pairs(session, rid).values())
 
     names = dict(session.execute(select(Rater.id, Rater.name)).all())
     scores: dict[int, dict[int, float]] = defaultdict(dict)
