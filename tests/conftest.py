@@ -21,51 +21,6 @@ XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 TEST_THREADS = 1 if XDIST_WORKER else 2
 
 
-def _slow_seconds(item: pytest.Item) -> float:
-    """A slow test's measured one-thread seconds (its marker's `seconds`), 0 for the others."""
-    marker = item.get_closest_marker("slow")
-    return 0.0 if marker is None else float(marker.kwargs.get("seconds", 60))
-
-
-def _xdist_blocks(n_items: int, workers: int) -> list[int]:
-    """The sizes of the contiguous blocks xdist's worksteal scheduler first sends each worker (its
-    check_schedule: each idle worker in turn gets len(pending) // workers_remaining)."""
-    sizes, left = [], n_items
-    for remaining in range(workers, 0, -1):
-        sizes.append(left // remaining)
-        left -= sizes[-1]
-    return sizes
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Slow tests first, spread over the workers: each worker's first block starts with its share of them.
-
-    worksteal sends each worker one contiguous block and an idle worker steals only from the end of
-    another's queue, so slow tests sorted to the front would all queue on the first worker, one after
-    another. They are dealt longest first to the least-loaded worker (by the seconds on their marker)
-    and each worker's block is its slow tests followed by quick ones; quick tests are then stolen to even out.
-    """
-    slow = sorted((i for i in items if _slow_seconds(i)), key=_slow_seconds, reverse=True)
-    quick = [i for i in items if not _slow_seconds(i)]
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    dealt: list[list[pytest.Item]] = [[] for _ in range(workers)]
-    loads = [0.0] * workers
-    for item in slow:
-        w = loads.index(min(loads))
-        dealt[w].append(item)
-        loads[w] += _slow_seconds(item)
-    sizes = _xdist_blocks(len(items), workers)
-    if workers < 2 or any(len(hand) > size for hand, size in zip(dealt, sizes, strict=True)):
-        items[:] = slow + quick  # one process, or too few tests to fill the blocks: longest first
-        return
-    ordered = []
-    for hand, size in zip(dealt, sizes, strict=True):
-        take = size - len(hand)
-        ordered += hand + quick[:take]
-        quick = quick[take:]
-    items[:] = ordered
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _worker_threads() -> None:
     """One torch thread per xdist worker (torch's default is every core)."""

@@ -21,10 +21,9 @@ from poseloop.checks.scripted import RULE, LearningBudget, run_learning_check
 
 
 # One test per policy run, each from its own labelled round and reward model (the same, from the same seeds):
-# on two xdist workers the runs go in parallel, and a failure names the run. `seconds`: measured alone on 2 cores,
-# one thread each; conftest deals the slow tests over the workers by them.
-@pytest.mark.parametrize("run", [pytest.param("ddpo_reward_model", marks=pytest.mark.slow(seconds=168)),
-                                 pytest.param("d3po_pairs", marks=pytest.mark.slow(seconds=150))])
+# on two xdist workers the runs go in parallel, and a failure names the run.
+@pytest.mark.parametrize("run", [pytest.param("ddpo_reward_model", marks=pytest.mark.slow),
+                                 pytest.param("d3po_pairs", marks=pytest.mark.slow)])
 def test_the_loop_learns_the_raters_preference_on_fresh_rounds(run: str, models_dir: Path, tmp_path: Path) -> None:
     # The D3PO run also trains the conditioned reward model on the same labels (the DDPO run is the longer one).
     budget = LearningBudget(threads=TEST_THREADS, policies=(run,), conditioned=run == "d3po_pairs")
@@ -53,8 +52,8 @@ def test_the_loop_learns_the_raters_preference_on_fresh_rounds(run: str, models_
 
 # (d): RLCM on pose accuracy alone (the check), and the tiny-rlcm-pose preset's own reward (half pose accuracy,
 # half the prompt's attributes), each from its own run.
-@pytest.mark.parametrize("run", [pytest.param("rlcm_pose_accuracy", marks=pytest.mark.slow(seconds=85)),
-                                 pytest.param("rlcm_pose_and_prompt", marks=pytest.mark.slow(seconds=85))])
+@pytest.mark.parametrize("run", [pytest.param("rlcm_pose_accuracy", marks=pytest.mark.slow),
+                                 pytest.param("rlcm_pose_and_prompt", marks=pytest.mark.slow)])
 def test_rlcm_on_pose_accuracy_raises_oks_on_fresh_seeds(run: str, models_dir: Path, tmp_path: Path) -> None:
     # No labels needed: the reward is the world's pose detector, the metric its OKS against the condition.
     budget = LearningBudget(threads=TEST_THREADS, policies=(run,))

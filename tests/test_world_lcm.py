@@ -104,7 +104,7 @@ def test_a_world_without_lcm_lora_says_how_to_make_one(models_dir: Path) -> None
         load_components(cfg.model)
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow
 def test_four_step_rounds_with_the_lora_keep_the_pose_and_the_colours(models_dir: Path) -> None:
     # Fresh items: the 12 vocabulary prompts x the 12 built-in poses, one seed each (the distillation trained on the
     # latents of random renders). Every round samples the same (prompt, pose, seed) items: paired differences.
