@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = [q for q in tr.policy.parameters() if q.requires_grad]
         estimates = []
         for epoch in range(args.epochs):
-            groups, seeds, keys = tr._epoch_items(epoch)
-            batch, rewards, _ = tr._sample_groups(groups, seeds, reward, start_seeds=tr._start_seeds(epoch, groups))
+            groups, seeds, keys = tr.epoch_items(epoch)
+            batch, rewards, _ = tr.sample_groups(groups, seeds, reward, start_seeds=tr.start_seeds(epoch, groups))
             assert rewards is not None
             # Each group's own images of this epoch set its baseline (the tiny preset's stat_buffer 0), which also
             # keeps the estimates independent.
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 idx = torch.arange(s0, min(n, s0 + 8))
                 cond, lat = batch.cond.select(idx), batch.latents[idx]
                 for j in steps:
-                    lp = tr._rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)  # [b]
+                    lp = tr.rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)  # [b]
                     (-(adv[idx] * lp).sum() / n).backward()
             estimates.append(-torch.cat([q.grad.flatten() for q in params]))  # ascent direction [P]
             print(f"epoch {epoch}: {n} trajectories, reward {float(rewards.mean()):.4f}", flush=True)

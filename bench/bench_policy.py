@@ -1,23 +1,20 @@
 """DDPO speed and memory: poseloop's trainer vs trl 0.23.1's DDPOTrainer on the same tiny SD model.
 
     python bench/bench_policy.py                  # every side, interleaved, 2 repeats each
-    python bench/bench_policy.py --epochs 3 --steps 10 --samples 8 --sides ours fast trl
+    python bench/bench_policy.py --epochs 3 --steps 10 --samples 8 --sides ours trl
 
-Sides: `ours` (re-scoring update, train.fused_update false), `fast` (the fused update, exact here since
-an epoch is one optimizer step, by its default route train.fused_route per_sample: each trained step
-backpropagated while sampling, per-sample LoRA gradients weighted afterwards), `graphs` (the fused
-update's other route: the sampling pass's log-prob graphs held and backpropagated in the update), `trl`,
-`pose_std` / `pose_fast` / `pose_graphs` (ours at controlnet_scale 1: the pose-conditioned case trl
-cannot run), `d3po` (D3PO with reward-picked pairs, d3po.source reward: one pair per group, samples / 2
-groups an epoch so its update minibatch holds as many trajectories as DDPO's; its update time per pair
-against `ours`' update time per sample, and with the fresh pairs' reference pass added).
+Sides: `ours` (poseloop's DDPO: sample, then re-score each trained step in the PPO update), `trl`,
+`pose_std` (ours at controlnet_scale 1: the pose-conditioned case trl cannot run), `d3po` (D3PO with
+reward-picked pairs, d3po.source reward: one pair per group, samples / 2 groups an epoch so its update
+minibatch holds as many trajectories as DDPO's; its update time per pair against `ours`' update time per
+sample, and with the fresh pairs' reference pass added).
 
 Each side runs in its own child process (so its peak memory is its own): it builds the trainer,
 runs one warm-up epoch, then times `--epochs` epochs of sampling + reward + PPO update and reports
 seconds per trained sample and the process's peak RSS (resource.getrusage ru_maxrss, which counts
 model loading too; the delta over the loaded state is reported beside it).
 
-The same work on both sides (`ours`, `fast`, `graphs` against `trl`): ours_config() sets every field that
+The same work on both sides (`ours` against `trl`): ours_config() sets every field that
 changes the work explicitly, whatever the tiny preset says, and work_ours() / work_trl() describe each side's
 work in the same terms (steps sampled and trained per trajectory, one x_T per trajectory, LoRA modules,
 rank and alpha, trajectories, sample and train batches, optimizer steps, CFG in sampling and training,
@@ -78,8 +75,8 @@ def native_size(model_dir: str) -> int:
 # the training pass when train_cfg (trl/trainer/ddpo_trainer.py). run_trl checks these against the live trainer.
 TRL_LORA_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 TRL_LORA_RANK, TRL_LORA_ALPHA = 4, 4.0
-# Sides that must do trl's work; pose_* (ControlNet at scale 1) and d3po do other work on purpose.
-LIKE_TRL = ("ours", "fast", "graphs")
+# Sides that must do trl's work; pose_std (ControlNet at scale 1) and d3po do other work on purpose.
+LIKE_TRL = ("ours",)
 
 
 def trl_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,8 +121,6 @@ def ours_config(args: argparse.Namespace, side: str, out_dir: str):  # -> Policy
     tr.timestep_fraction, tr.first_steps, tr.shared_start = kw["train_timestep_fraction"], 0, False
     tr.clip_range, tr.adv_clip_max = kw["train_clip_range"], kw["train_adv_clip_max"]
     tr.stat_buffer, tr.stat_min_count = kw["per_prompt_stat_tracking_buffer_size"], kw["per_prompt_stat_tracking_min_count"]
-    tr.fused_update = side in ("fast", "pose_fast", "graphs", "pose_graphs")
-    tr.fused_route = "graphs" if side in ("graphs", "pose_graphs") else "per_sample"
     if side == "d3po":
         # One pair per group (its best and worst image): samples / 2 groups give samples / 2 pairs, so D3PO's
         # update minibatch holds as many trajectories (winners + losers) as DDPO's, at the same per-row cost.
@@ -136,7 +131,7 @@ def ours_config(args: argparse.Namespace, side: str, out_dir: str):  # -> Policy
 
 
 def trained_steps_ours(cfg) -> int:  # type: ignore[no-untyped-def]
-    """Steps trained per trajectory, by the trainer's own choice (PolicyTrainer._chosen_trainable_steps) on the
+    """Steps trained per trajectory, by the trainer's own choice (PolicyTrainer.choose_steps) on the
     model's scheduler, without loading the model."""
     from types import SimpleNamespace
 
@@ -149,7 +144,7 @@ def trained_steps_ours(cfg) -> int:  # type: ignore[no-untyped-def]
     comp = SimpleNamespace(scheduler=DDIMScheduler.from_pretrained(cfg.model.base, subfolder="scheduler"), device="cpu")
     like = SimpleNamespace(timesteps=_step_scheduler(comp, cfg.sample).timesteps.cpu(), sample_cfg=cfg.sample)
     me = SimpleNamespace(cfg=cfg, comp=comp)
-    return len(PolicyTrainer._chosen_trainable_steps(me, like, torch.Generator().manual_seed(0)))  # type: ignore[arg-type]
+    return len(PolicyTrainer.choose_steps(me, like, torch.Generator().manual_seed(0)))  # type: ignore[arg-type]
 
 
 def work_ours(cfg) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -243,7 +238,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     loaded = maxrss_mb()
     algo = trainer.algorithm
     spent = {"update": 0.0, "reference": 0.0}
-    real_update, real_ref = algo.update, trainer._reference_log_probs
+    real_update, real_ref = algo.update, trainer.reference_log_probs
 
     def timed(key, fn):  # type: ignore[no-untyped-def]
         def wrapper(*a, **k):  # type: ignore[no-untyped-def]
@@ -254,10 +249,10 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
                 spent[key] += time.perf_counter() - t
         return wrapper
 
-    algo.update, trainer._reference_log_probs = timed("update", real_update), timed("reference", real_ref)
+    algo.update, trainer.reference_log_probs = timed("update", real_update), timed("reference", real_ref)
     # What the trainer actually does, for the parent's check against the declared work.
     seen: dict[str, set] = {"trained": set(), "starts": set()}
-    real_choose, real_starts = trainer._chosen_trainable_steps, trainer._start_seeds
+    real_choose, real_starts = trainer.choose_steps, trainer.start_seeds
 
     def choose(*a, **k):  # type: ignore[no-untyped-def]
         steps = real_choose(*a, **k)
@@ -269,7 +264,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         seen["starts"].add("its own" if got is None else "one per group")
         return got
 
-    trainer._chosen_trainable_steps, trainer._start_seeds = choose, starts
+    trainer.choose_steps, trainer.start_seeds = choose, starts
     algo.epoch(0)  # warm-up
     spent.update(update=0.0, reference=0.0)
     t0 = time.perf_counter()
@@ -357,7 +352,7 @@ def child(side: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
-SIDES = ("ours", "fast", "graphs", "trl", "pose_std", "pose_fast", "pose_graphs", "d3po")
+SIDES = ("ours", "trl", "pose_std", "d3po")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -379,7 +374,7 @@ def print_work(args: argparse.Namespace) -> list[str]:
     ours, trl = work_ours(ours_config(args, "ours", tempfile.mkdtemp())), work_trl(trl_config_kwargs(args), args.model)
     print(f"trained steps per trajectory: ours {ours['trained steps per trajectory']} / "
           f"trl {trl['trained steps per trajectory']}")
-    print(f"{'work (ours, fast, graphs | trl)':<46}{'ours':<42}trl")
+    print(f"{'work (ours | trl)':<46}{'ours':<42}trl")
     for key in dict.fromkeys([*ours, *trl]):
         a, b = ours.get(key), trl.get(key)
         print(f"{key:<46}{a!r:<42}{'same' if a == b else repr(b) + '   <- DIFFERS'}")
@@ -455,18 +450,9 @@ def main(argv: list[str] | None = None) -> int:
             rs = [x / y for x, y in pairs]
             print(f"{label} = {statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}]")
 
-    ratio("ours", "trl", "seconds_per_sample", "time ours (re-scoring) / trl")
-    ratio("fast", "trl", "seconds_per_sample", "time ours fused (per_sample) / trl (target <= 0.70)")
-    ratio("graphs", "trl", "seconds_per_sample", "time ours fused (graphs) / trl")
-    ratio("fast", "ours", "seconds_per_sample", "time ours fused (per_sample) / ours re-scoring")
-    ratio("fast", "graphs", "seconds_per_sample", "time fused per_sample / fused graphs")
-    ratio("fast", "trl", "rss_peak_mb", "peak RSS ours fused (per_sample) / trl (target <= 1.0)")
-    ratio("graphs", "trl", "rss_peak_mb", "peak RSS ours fused (graphs) / trl")
-    ratio("ours", "trl", "rss_peak_mb", "peak RSS ours re-scoring / trl")
-    ratio("pose_fast", "pose_std", "seconds_per_sample", "pose (controlnet_scale 1): time fused per_sample / re-scoring")
-    ratio("pose_fast", "pose_std", "rss_peak_mb", "pose (controlnet_scale 1): peak RSS fused per_sample / re-scoring")
-    ratio("pose_graphs", "pose_std", "seconds_per_sample", "pose (controlnet_scale 1): time fused graphs / re-scoring")
-    ratio("pose_graphs", "pose_std", "rss_peak_mb", "pose (controlnet_scale 1): peak RSS fused graphs / re-scoring")
+    ratio("ours", "trl", "seconds_per_sample", "time ours / trl (target <= 0.70)")
+    ratio("ours", "trl", "rss_peak_mb", "peak RSS ours / trl (target <= 1.0)")
+    ratio("pose_std", "ours", "seconds_per_sample", "pose (controlnet_scale 1) / controlnet_scale 0: time")
     ratio("d3po", "ours", "update_seconds_per_item", "D3PO update s/pair / DDPO update s/sample (target <= 2.2)")
     ratio("d3po", "ours", "update_and_reference_seconds_per_item",
           "D3PO update + fresh pairs' reference pass s/pair / DDPO update s/sample", b_key="update_seconds_per_item")

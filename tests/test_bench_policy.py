@@ -26,7 +26,7 @@ def bench():  # -> the bench_policy module
 
 
 def test_ours_sides_do_trls_work(bench, models_dir: Path, tmp_path: Path) -> None:
-    """Every field that sets the work is the same on ours / fast / graphs as on trl's side, all 10 steps trained."""
+    """Every field that sets the work is the same on our side as on trl's, all 10 steps trained."""
     args = bench.parse_args(["--model", str(models_dir / "tiny-sd15")])
     trl = bench.work_trl(bench.trl_config_kwargs(args), args.model)
     assert trl["trained steps per trajectory"] == 10 and trl["x_T per trajectory"] == "its own"
@@ -36,7 +36,7 @@ def test_ours_sides_do_trls_work(bench, models_dir: Path, tmp_path: Path) -> Non
         assert ours["trained steps per trajectory"] == 10
     # Other step counts and sample sizes follow on both sides.
     args = bench.parse_args(["--model", str(models_dir / "tiny-sd15"), "--steps", "6", "--samples", "4"])
-    ours = bench.work_ours(bench.ours_config(args, "fast", str(tmp_path)))
+    ours = bench.work_ours(bench.ours_config(args, "ours", str(tmp_path)))
     assert bench.work_differences(ours, bench.work_trl(bench.trl_config_kwargs(args), args.model)) == []
     assert ours["trained steps per trajectory"] == 6 and ours["trajectories per epoch"] == 4
 

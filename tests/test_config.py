@@ -193,7 +193,7 @@ def test_runs_without_the_new_ddpo_options_keep_their_hashes() -> None:
 
     cfg = tiny_faithful()  # shared_start off, first_steps 0: what every run was before the options existed
     d = to_dict(cfg)
-    for key in ("epochs", "resume", "fused_route", "shared_start", "first_steps"):
+    for key in ("epochs", "resume", "shared_start", "first_steps"):
         d["train"].pop(key)
     for key in ("output", "guard", "refl", "draft", "parent"):
         d.pop(key)

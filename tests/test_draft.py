@@ -35,7 +35,7 @@ def draft_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig:
 def conditioning(trainer: PolicyTrainer, groups: list[int]):  # -> Conditioning
     from poseloop.sampling.sampler import make_conditioning
 
-    return make_conditioning(trainer.comp, PROMPTS[:len(groups)], [trainer._group_image(g) for g in groups],
+    return make_conditioning(trainer.comp, PROMPTS[:len(groups)], [trainer.group_image(g) for g in groups],
                              trainer.cfg.sample, trainer.width, trainer.height)
 
 
@@ -62,7 +62,7 @@ def test_gradient_flows_only_through_the_last_k_steps(models_dir: Path, tmp_path
     monkeypatch.setattr(sampling, "predict_noise", spy)
     monkeypatch.setattr(algo, "grad_step", step_spy)
     x = algo.final_latents(cond, seeds, 2)
-    r = algo.score(x, PROMPTS, [trainer._metadata(g) for g in gs])
+    r = algo.score(x, PROMPTS, [trainer.group_metadata(g) for g in gs])
     # T - K = 2 steps without gradient, then K = 2 with; the rolled-out input of the first is a plain tensor
     assert calls == [False, False, True, True]
     assert inputs == [False, True]
@@ -75,7 +75,7 @@ def test_gradient_flows_only_through_the_last_k_steps(models_dir: Path, tmp_path
     # The chain ends on the sample the shared sampler draws for these seeds: same noise, same steps. Both
     # round every step to float16 (the trajectory precision); 1e-3 is about one float16 step at |x| ~ 1.
     monkeypatch.setattr(sampling, "predict_noise", real_predict)
-    out = sampling.sample(trainer.comp, PROMPTS, [trainer._group_image(g) for g in gs], seeds, trainer.cfg.sample,
+    out = sampling.sample(trainer.comp, PROMPTS, [trainer.group_image(g) for g in gs], seeds, trainer.cfg.sample,
                           trainer.width, trainer.height)
     torch.testing.assert_close(x.detach().float(), out.latents[:, -1].float(), atol=1e-3, rtol=1e-3)
 
@@ -105,7 +105,7 @@ def test_checkpointed_gradient_equals_plain_gradient(models_dir: Path, tmp_path:
         # Bytes the forward pass keeps for the backward pass (checkpoint's own recomputed ones not included).
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = algo.final_latents(cond, seeds, k)
-            r = algo.score(x, PROMPTS, [trainer._metadata(g) for g in gs])
+            r = algo.score(x, PROMPTS, [trainer.group_metadata(g) for g in gs])
         (-r.mean()).backward()
         return [p.grad.detach().clone() for p in params if p.grad is not None], saved[0]
 
@@ -245,7 +245,7 @@ def test_draft_lv_redenoises_noised_copies_of_the_sample(models_dir: Path, tmp_p
         return real(comp, latents, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "predict_noise", spy)
-    loss, r = algo.lv_backward(conditioning(trainer, gs), seeds, PROMPTS, [trainer._metadata(g) for g in gs])
+    loss, r = algo.lv_backward(conditioning(trainer, gs), seeds, PROMPTS, [trainer.group_metadata(g) for g in gs])
     # the whole 4-step chain without gradient, then one gradient step per copy
     assert calls == [False] * 4 + [True] * 2
     assert r.shape == (2,) and torch.isfinite(loss)

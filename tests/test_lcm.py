@@ -273,22 +273,21 @@ def test_generate_with_the_lcm_sampler_writes_a_round(models_dir: Path, tmp_path
 def rlcm_cfg(models_dir: Path, tmp: Path, **overrides: object):  # -> PolicyConfig
     # 3 LCM steps (2 trained), one group of 2 images an epoch: the smallest run that has advantages.
     settings = {"algo": "rlcm", "sample__sampler": "lcm", "sample__steps": 3, "sample__guidance_scale": 1.5,
-                "train__groups_per_epoch": 1, "optim__lr": 1e-2, "train__clip_range": 0.2,
-                "train__fused_update": False, "train__timestep_fraction": 1.0}
+                "train__groups_per_epoch": 1, "optim__lr": 1e-2, "train__clip_range": 0.2, "train__timestep_fraction": 1.0}
     return policy_cfg(models_dir, tmp, **{**settings, **overrides})
 
 
 def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
         models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trained: list[int] = []
-    real = PolicyTrainer._chosen_trainable_steps
+    real = PolicyTrainer.choose_steps
 
     def spy(self, batch, gen):  # type: ignore[no-untyped-def]
         steps = real(self, batch, gen)
         trained.extend(steps)
         return steps
 
-    monkeypatch.setattr(PolicyTrainer, "_chosen_trainable_steps", spy)
+    monkeypatch.setattr(PolicyTrainer, "choose_steps", spy)
     warnings.simplefilter("ignore")  # the tiny model is not an LCM (tested above)
 
     def run(epochs: int, name: str, **extra: object) -> tuple[dict[str, torch.Tensor], object]:
@@ -301,11 +300,7 @@ def test_rlcm_first_ratio_is_one_trains_never_the_last_step_exports_and_resumes(
         assert trainer.first_ratio is not None and trainer.first_ratio < RATIO_TOL
         return load_file(str(result.run_dir / "checkpoint" / "weights.safetensors")), result
 
-    # DDPO's fused update (the sampler's own log-prob graphs, no re-scoring) on LCM trajectories, one epoch.
-    run(1, "fused", train__fused_update=True)
-    assert set(trained) == {0, 1}
-    trained.clear()
-    # Re-scoring stored LCM steps (fused update off), as any run with several optimizer steps an epoch does.
+    # Re-scoring stored LCM steps.
     straight, result = run(2, "straight", output__export_every=1)
     assert set(trained) == {0, 1}  # 3 LCM steps: the deterministic last one (index 2) never
     export_dir = result.export_dir  # type: ignore[attr-defined]
@@ -376,7 +371,7 @@ def test_d3po_over_stored_lcm_trajectories(models_dir: Path, tmp_path: Path) -> 
     batches = trainer.algorithm._load_pair_data()
     assert [b.sample_cfg.sampler for b in batches] == ["lcm"]
     # The stored log-probs are the reference, and re-scoring with the LCM step reproduces them.
-    assert torch.allclose(batches[0].extra["ref"], trainer._reference_log_probs(batches[0]), atol=RATIO_TOL, rtol=0)
+    assert torch.allclose(batches[0].extra["ref"], trainer.reference_log_probs(batches[0]), atol=RATIO_TOL, rtol=0)
     from poseloop.data.store import load_trajectory
 
     meta = dict(load_trajectory(trainer.algorithm.pairs[0].winner_path).metadata)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from poseloop.policy.algos import Trainer
 from poseloop.config.lib import ConfigError
+from poseloop.evaluation.compare import bootstrap_ci
 from poseloop.models.policy_files import kohya_lora_name
 from poseloop.data.inputs import InputError
-from poseloop.metrics.stats import bootstrap_ci
 from poseloop.config.policy import PolicyConfig, tiny
 from poseloop.policy.trainer import PolicyTrainer, train
 
@@ -75,7 +76,7 @@ def policy_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig
 def fixed_seed_rewards(trainer: PolicyTrainer, n: int = 16) -> torch.Tensor:
     """Rewards [n] of fixed seeds on the groups in turn, under the trainer's current policy (paired before/after)."""
     groups = [i % len(trainer.specs) for i in range(n)]
-    _, rewards, _ = trainer._sample_groups(groups, [1000 + i for i in range(n)], Brightness())
+    _, rewards, _ = trainer.sample_groups(groups, [1000 + i for i in range(n)], Brightness())
     assert rewards is not None
     return rewards.float()
 
@@ -123,6 +124,7 @@ def test_first_ppo_epoch_is_not_clipped_under_bf16_autocast(models_dir: Path, tm
     cfg = policy_cfg(models_dir, tmp_path, optim__mixed_precision="bf16", train__clip_range=1e-4,
                      sample__batch_size=4, train__batch_size=2, train__grad_accum=2)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
+    assert isinstance(trainer, Trainer)  # every attribute and operation the algorithms' contract names
     assert trainer.accelerator.mixed_precision == "bf16"
     ratios = ratio_spy(monkeypatch)
     row = trainer.algorithm.epoch(0)
@@ -139,15 +141,13 @@ def test_a_deterministic_last_step_is_never_trained_and_gives_no_nan(models_dir:
     from diffusers import DDIMScheduler
 
     # Minibatches of 2 accumulated into one optimizer step at the end: every ratio is taken before any update.
-    # The re-scoring path (the fused update would skip _rescore; tests/test_fast_ddpo.py covers that one).
-    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0,
-                     train__fused_update=False)
+    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     # set_alpha_to_one: the last step lands on alpha_bar = 1 with variance 0 (x_0 = predicted x0).
     trainer.comp.pipe.scheduler = DDIMScheduler.from_config(trainer.comp.scheduler.config, set_alpha_to_one=True)
     trained: list[int] = []
-    real = trainer._rescore
-    monkeypatch.setattr(trainer, "_rescore",
+    real = trainer.rescore
+    monkeypatch.setattr(trainer, "rescore",
                         lambda cond, lat, ts, j, scfg: trained.append(j) or real(cond, lat, ts, j, scfg))
     ratios = ratio_spy(monkeypatch)
     row = trainer.algorithm.epoch(0)
@@ -158,31 +158,30 @@ def test_a_deterministic_last_step_is_never_trained_and_gives_no_nan(models_dir:
 
 def test_shared_start_and_first_steps_shape_what_an_epoch_samples_and_trains(models_dir: Path, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    # The re-scoring path (grad_accum 2: one optimizer step, ratios before any update), so every trained
-    # step goes through _rescore.
-    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0, train__fused_update=False,
+    # grad_accum 2: one optimizer step, so every ratio is taken before any update.
+    cfg = policy_cfg(models_dir, tmp_path, train__grad_accum=2, train__timestep_fraction=1.0,
                      train__shared_start=True, train__first_steps=2)
     trainer = PolicyTrainer(cfg, reward=Brightness(), progress=False)
     trained: list[int] = []
-    real = trainer._rescore
-    monkeypatch.setattr(trainer, "_rescore",
+    real = trainer.rescore
+    monkeypatch.setattr(trainer, "rescore",
                         lambda cond, lat, ts, j, scfg: trained.append(j) or real(cond, lat, ts, j, scfg))
     batches = []
-    real_sample = trainer._sample_groups
-    monkeypatch.setattr(trainer, "_sample_groups", lambda *a, **k: batches.append(real_sample(*a, **k)) or batches[-1])
+    real_sample = trainer.sample_groups
+    monkeypatch.setattr(trainer, "sample_groups", lambda *a, **k: batches.append(real_sample(*a, **k)) or batches[-1])
     ratios = ratio_spy(monkeypatch)
     trainer.algorithm.epoch(0)
     assert sorted(set(trained)) == [0, 1]  # the first 2 of 4 stochastic steps
     assert (torch.cat(ratios) - 1).abs().max() < RATIO_TOL
-    groups, _, _ = trainer._epoch_items(0)
+    groups, _, _ = trainer.epoch_items(0)
     starts = batches[0][0].latents[:, 0].float()  # [N, C, h, w]: x_T, a group's images next to each other
     assert groups == [groups[0]] * 2 + [groups[2]] * 2 and groups[0] != groups[2]
     assert torch.equal(starts[0], starts[1]) and torch.equal(starts[2], starts[3])
     assert not torch.allclose(starts[0], starts[2], atol=0.1)
     assert not torch.allclose(batches[0][0].latents[0, -1].float(), batches[0][0].latents[1, -1].float(), atol=0.1)
-    assert trainer._start_seeds(1, groups) != trainer._start_seeds(0, groups)  # a new start every epoch
+    assert trainer.start_seeds(1, groups) != trainer.start_seeds(0, groups)  # a new start every epoch
     trainer.cfg.train.shared_start = False
-    assert trainer._start_seeds(0, groups) is None
+    assert trainer.start_seeds(0, groups) is None
 
 
 def test_ddpo_raises_the_reward(models_dir: Path, tmp_path: Path) -> None:
@@ -302,7 +301,7 @@ def test_d3po_shows_progress_per_batch_of_pairs_and_ends_with_a_summary(
     # When a reference pass is needed (another model or dtype sampled the round), it shows progress too.
     assert trainer.algorithm.pair_data is not None
     batch = trainer.algorithm.pair_data[0]
-    trainer._reference_log_probs(batch, steps=[0])
+    trainer.reference_log_probs(batch, steps=[0])
     # tqdm redraws at most every 0.1 s and clears the bar (leave=False), so the last count may not show.
     assert "d3po reference log-probs" in (err := capsys.readouterr().err) and "/24" in err, err
 
@@ -313,7 +312,7 @@ def test_d3po_takes_the_reference_log_probs_from_the_stored_trajectories(
     batches = trainer.algorithm._load_pair_data()
     for batch in batches:
         # The same fp16 latents under the same weights: only kernel-order noise separates the two.
-        assert torch.allclose(batch.extra["ref"], trainer._reference_log_probs(batch), atol=RATIO_TOL, rtol=0)
+        assert torch.allclose(batch.extra["ref"], trainer.reference_log_probs(batch), atol=RATIO_TOL, rtol=0)
     from poseloop.data.store import load_trajectory
 
     meta = dict(load_trajectory(trainer.algorithm.pairs[0].winner_path).metadata)

@@ -46,14 +46,14 @@ def test_gradient_flows_only_through_the_stop_step(models_dir: Path, tmp_path: P
     from poseloop.sampling.sampler import make_conditioning
 
     gs, seeds = [0, 1], [5, 6]
-    cond = make_conditioning(trainer.comp, ["a dancer"] * 2, [trainer._group_image(g) for g in gs],
+    cond = make_conditioning(trainer.comp, ["a dancer"] * 2, [trainer.group_image(g) for g in gs],
                              trainer.cfg.sample, trainer.width, trainer.height)
     stop = 3
     x, timesteps = algo.rollout_to(cond, seeds, stop)
     assert not x.requires_grad and x.grad_fn is None  # the rolled-out part carries no graph
     x = x.requires_grad_(True)
     x0 = algo.predicted_x0(cond, x, timesteps[stop])
-    r = algo.score(x0, ["a dancer"] * 2, [trainer._metadata(g) for g in gs])
+    r = algo.score(x0, ["a dancer"] * 2, [trainer.group_metadata(g) for g in gs])
     from poseloop.policy.losses import refl_loss
 
     refl_loss(r, 2.0, 1.0).backward()

@@ -90,14 +90,6 @@ class TrainConfig:
     first_steps: int = field(0, help="train on the first N stochastic steps only (the noisiest, where layout and "
                              "colour are decided; later steps add noise to the gradient, not signal: docs/WORLD.md); "
                              "0 = all; timestep_fraction then picks among them")
-    fused_update: bool = field(False, help="DDPO: when an epoch is one optimizer step (inner_epochs 1, its minibatches "
-                               "<= grad_accum), train from the sampling pass's forward instead of re-scoring (the "
-                               "same gradient, one forward less per trained step); how: train.fused_route")
-    fused_route: str = field("per_sample", help="DDPO fused update: per_sample = backpropagate each trained step while "
-                             "sampling and keep per-sample LoRA gradients (memory: one step's graph + N x LoRA size; "
-                             "target controlnet falls back to graphs); graphs = hold every trained step's log-prob "
-                             "graph until the update (memory grows with steps x batch)",
-                             choices=("per_sample", "graphs"))
     clip_range: float = field(1e-4, help="PPO ratio clip c: r is clipped to [1-c, 1+c] (DDPO: 1e-4)")
     adv_clip_max: float = field(5.0, help="advantages are clipped to +-this (DDPO: 5)")
     stat_buffer: int = field(32, help="rewards kept per (prompt, pose) for advantage normalisation; 0 = the group's "
@@ -273,8 +265,6 @@ class PolicyConfig:
             raise ConfigError(f"train.first_steps: must be >= 0, 0 = every step (got {tr.first_steps})")
         if not tr.clip_range > 0 or not tr.adv_clip_max > 0:
             raise ConfigError("train.clip_range and train.adv_clip_max: must be > 0")
-        if tr.fused_route not in ("per_sample", "graphs"):
-            raise ConfigError(f"train.fused_route: {tr.fused_route!r} is not one of 'per_sample', 'graphs'")
         if self.algo == "d3po":
             if not self.d3po.beta > 0:
                 raise ConfigError(f"d3po.beta: must be > 0 (got {self.d3po.beta})")
@@ -503,7 +493,6 @@ def config_hash(cfg: PolicyConfig) -> str:
     d = to_dict(cfg)
     d["train"].pop("epochs")
     d["train"].pop("resume")
-    d["train"].pop("fused_route")  # the same gradient either way; runs keep the hashes they had before it existed
     d.pop("output")
     d.pop("guard")
     d.pop("parent")  # a run's identity adds the resolved parent (poseloop.policy.lineage), not this reference

@@ -4,16 +4,14 @@ The trainer samples trajectories with the shared sampler (every DDIM step a Gaus
 scores them, re-scores recorded steps under the current weights, steps the optimizer, and runs the
 epoch loop with checkpoints, metrics, grids, guards and exports. What an epoch does is the
 algorithm's (poseloop.policy.algos, dispatched on cfg.algo): DDPO = sample, score, normalise per group, PPO
-passes; D3PO = one pass over preferred / dispreferred trajectory pairs.
+passes; D3PO = one pass over preferred / dispreferred trajectory pairs. An algorithm uses only the
+operations and attributes of the poseloop.policy.algos.Trainer protocol, which PolicyTrainer provides.
 
-Everything a resumed run needs is in <runs_dir>/<run>/checkpoint (weights, optimizer, stat
-tracker, RNG states, counters, history); sampling seeds and shuffles are pure functions of
-(run seed, epoch, index), so N epochs straight and N/2 + resume + N/2 give identical weights.
+Checkpoint, resume and export are in poseloop.policy.checkpoint (RunCheckpoints, mixed in here).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -34,10 +32,11 @@ from poseloop.config.generation import DataConfig, ModelConfig, SampleConfig
 from poseloop.config.lib import ConfigError, to_dict
 from poseloop.models.policy_files import CONTROLNET_DIR
 from poseloop.models.loading import resolve_device
+from poseloop.policy.checkpoint import RunCheckpoints
 from poseloop.config.policy import PolicyConfig
 from poseloop.policy.rewards import check_reward_fits, resolve_reward, score
 from poseloop.policy.rollouts import TrajectoryBatch, cat_conditioning, chosen_steps, derive_seed
-from poseloop.policy.run_files import flat_config, plot_history, save_grid, set_rng_state, write_checkpoint, write_csv
+from poseloop.policy.run_files import flat_config, save_grid, write_csv
 
 
 @dataclass
@@ -54,17 +53,17 @@ class TrainResult:
     export_dir: Path | None
     history: list[dict[str, float]]
     stopped: str = ""
+    metric: str = "reward"  # what reward_start / reward_end are: the reward, or offline D3PO's pair accuracy
 
     def summary(self) -> str:
         """The one-line summary printed at the end."""
         rew = "n/a" if self.reward_start is None else f"{self.reward_start:.4f} -> {self.reward_end:.4f}"
-        label = "reward" if self.algo in ("ddpo", "rlcm") else "pair accuracy" if self.reward_start is not None else "reward"
         stop = f", stopped early: {self.stopped}" if self.stopped else ""
-        return (f"{self.algo}: {self.epochs_done} epochs ({self.epochs_this_run} this run), {label} {rew}, "
+        return (f"{self.algo}: {self.epochs_done} epochs ({self.epochs_this_run} this run), {self.metric} {rew}, "
                 f"{self.seconds:.1f} s{stop}; exported to {self.export_dir or 'nothing'} (run {self.run_dir})")
 
 
-class PolicyTrainer:
+class PolicyTrainer(RunCheckpoints):
     """Training of a Policy with accelerate by the algorithm cfg.algo names (DDPO, D3PO); call run()."""
 
     def __init__(self, cfg: PolicyConfig, reward: Any = None, heldout_reward: Any = None,
@@ -83,7 +82,7 @@ class PolicyTrainer:
         self.reward_components: dict[str, float] = {}  # member means of the last scored batch (weighted mixes)
         self.algorithm: Algorithm = algorithm_class(cfg.algo)(self)  # checks its offline data (D3PO: pairs)
         # The run is named by what it resolves to (reward model, pairs, parent), never by a literal such as "latest".
-        self.inputs, self.reward_spec = lineage.run_inputs(cfg, reward, getattr(self.algorithm, "pairs", None))
+        self.inputs, self.reward_spec = lineage.run_inputs(cfg, reward, self.algorithm.pairs)
         self.inputs_digest = lineage.digest(self.inputs)
         self.parent, self.parent_reason = lineage.find_parent(cfg.parent, cfg.model.policy, cfg.export_root,
                                                              to_dict(cfg.model), cfg.target.kind, self.inputs_digest)
@@ -176,9 +175,9 @@ class PolicyTrainer:
         return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
                                  eps=o.adam_eps)
 
-    # -- sampling --
+    # -- what algorithms call (poseloop.policy.algos.Trainer): sampling --
 
-    def _group_image(self, g: int) -> Image.Image:
+    def group_image(self, g: int) -> Image.Image:
         """The pose image of group g, rendered once per run (every epoch and grid reuses it)."""
         from poseloop.sampling.round import condition_image
 
@@ -188,77 +187,51 @@ class PolicyTrainer:
                                                    self.cfg.data.draw_face)
         return self.group_images[g]
 
-    def _metadata(self, g: int) -> dict[str, Any]:
+    def group_metadata(self, g: int) -> dict[str, Any]:
+        """What a reward is told about group g's images: keypoints, size, group id and pose name."""
         spec = self.specs[g]
         return {"keypoints": None if spec.poses is None else [p.to_dict() for p in spec.poses],
                 "width": self.width, "height": self.height, "group_id": g, "pose_name": spec.pose_name}
 
-    def _sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None,
-                       grad_steps: Sequence[int] = (), step_mask: torch.Tensor | None = None,
-                       start_seeds: Sequence[int] | None = None
-                       ) -> tuple[TrajectoryBatch, torch.Tensor | None, list[Image.Image]]:
-        """Sample one image per (group, seed) with the current policy; score with `reward`.
+    def sample_groups(self, groups: Sequence[int], seeds: Sequence[int], reward: Any | None,
+                      start_seeds: Sequence[int] | None = None
+                      ) -> tuple[TrajectoryBatch, torch.Tensor | None, list[Image.Image]]:
+        """Sample one image per (group, seed) with the current policy (no grad); score with `reward` unless None.
 
-        grad_steps: steps whose log-probs keep their graphs, in batch.extra["log_prob_graphs"] [N, S].
-        step_mask: [N, T] bool, item i's log-prob of step j backpropagated while sampling; the sums of each
-        item's gradients of the LoRA weights go to batch.extra["per_sample_grads"] ({name: [N, *shape]}),
-        the mask to batch.extra["step_mask"] (poseloop.policy.per_sample_grads; DDPO's fused update).
-        start_seeds: each item's x_T seed (_start_seeds); None = its own seed.
+        start_seeds: each item's x_T seed (start_seeds()); None = its own seed. Returns the trajectories
+        (latents [N, T+1, C, h, w], log-probs [N, T]), the rewards [N] (None without a reward) and the images;
+        a weighted reward's member means go to reward_components.
         """
-        from contextlib import nullcontext
-
-        from poseloop.policy.per_sample_grads import PerSampleGrads
         from poseloop.sampling.sampler import sample
 
         cfg = self.cfg
-        lat, lps, conds, rewards, images, graphs = [], [], [], [], [], []
-        per_sample: list[dict[str, torch.Tensor]] = []
-        collector = None
-        if step_mask is not None:
-            scaler = getattr(self.accelerator, "scaler", None)  # fp16 mixed precision: scale as the loss is scaled
-            collector = PerSampleGrads(self.policy.module, self.policy.named_trainable(),
-                                       loss_scale=float(scaler.get_scale()) if scaler is not None else 1.0)
+        lat, lps, conds, rewards, images = [], [], [], [], []
         components: dict[str, list[torch.Tensor]] = {}
         timesteps = torch.empty(0)
         bs = cfg.sample.batch_size
         for i in range(0, len(groups), bs):
             gs, ss = list(groups[i:i + bs]), list(seeds[i:i + bs])
             prompts = [self.specs[g].prompt for g in gs]
-            poses = [self._group_image(g) for g in gs]
-            steps, on_graph = frozenset(grad_steps), None
-            if collector is not None and step_mask is not None:
-                mask = step_mask[i:i + len(gs)]  # [b, T]
-                steps = frozenset(mask.any(0).nonzero().flatten().tolist())  # what some item here trains
-                on_graph = collector.backward_step(mask)
-            # Sampled in the training pass's numeric context (see _rescore): mixed precision stays consistent.
-            with collector.attached() if collector is not None else nullcontext():
-                out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
-                             autocast=self.accelerator.autocast, grad_steps=steps, on_graph=on_graph,
-                             start_seeds=None if start_seeds is None else list(start_seeds[i:i + bs]))
-            if collector is not None:
-                per_sample.append(collector.take(len(gs)))
-            elif grad_steps:
-                graphs.append(torch.stack([out.log_prob_graphs[j] for j in grad_steps], dim=1))  # [b, S]
+            poses = [self.group_image(g) for g in gs]
+            # Sampled in the training pass's numeric context (see rescore): mixed precision stays consistent.
+            out = sample(self.comp, prompts, poses, ss, cfg.sample, self.width, self.height,
+                         autocast=self.accelerator.autocast,
+                         start_seeds=None if start_seeds is None else list(start_seeds[i:i + bs]))
             conds.append(out.cond)
             lat.append(out.latents)
             lps.append(out.log_probs)
             timesteps = out.timesteps
             images += out.images
             if reward is not None:
-                rewards.append(score(reward, out.images, out.latents[:, -1], prompts, [self._metadata(g) for g in gs]))
+                rewards.append(score(reward, out.images, out.latents[:, -1], prompts, [self.group_metadata(g) for g in gs]))
                 # A weighted mix keeps each member's values: logged beside the total (reward_<member>).
                 for label, value in getattr(reward, "last_components", {}).items():
                     components.setdefault(label, []).append(value.detach().float().cpu())
         self.reward_components = {label: float(torch.cat(v).mean()) for label, v in components.items()}
         batch = TrajectoryBatch(torch.cat(lat), torch.cat(lps), timesteps, cat_conditioning(conds), cfg.sample)
-        if graphs:
-            batch.extra["log_prob_graphs"] = torch.cat(graphs)
-        if per_sample:
-            batch.extra["per_sample_grads"] = {n: torch.cat([d[n] for d in per_sample]) for n in per_sample[0]}
-            batch.extra["step_mask"] = step_mask
         return batch, (torch.cat(rewards) if reward is not None else None), images
 
-    def _epoch_items(self, epoch: int) -> tuple[list[int], list[int], list[str]]:
+    def epoch_items(self, epoch: int) -> tuple[list[int], list[int], list[str]]:
         """This process's (group, seed, key) for an epoch: a deterministic function of (seed, epoch)."""
         cfg, acc = self.cfg, self.accelerator
         n = len(self.specs)
@@ -276,7 +249,7 @@ class PolicyTrainer:
         mine = items[acc.process_index * per:(acc.process_index + 1) * per]
         return [g for g, _ in mine], [s for _, s in mine], [self._key(g) for g, _ in mine]
 
-    def _start_seeds(self, epoch: int, groups: Sequence[int]) -> list[int] | None:
+    def start_seeds(self, epoch: int, groups: Sequence[int]) -> list[int] | None:
         """Each item's x_T seed with train.shared_start (one per group and epoch: every process agrees), else None."""
         if not self.cfg.train.shared_start:
             return None
@@ -286,13 +259,13 @@ class PolicyTrainer:
         spec = self.specs[g]
         return f"{spec.prompt}\x1f{spec.pose_name}"
 
-    # -- the update --
+    # -- what algorithms call (poseloop.policy.algos.Trainer): processes, re-scoring, the optimizer step --
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate t over processes (CPU); t itself with one process."""
         return self.accelerator.gather(t.to(self.accelerator.device)).cpu() if self.accelerator.num_processes > 1 else t
 
-    def _gather_keys(self, keys: list[str]) -> list[str]:
+    def gather_keys(self, keys: list[str]) -> list[str]:
         """Concatenate group keys over processes."""
         if self.accelerator.num_processes == 1:
             return keys
@@ -300,14 +273,14 @@ class PolicyTrainer:
 
         return list(gather_object(keys))
 
-    def _local_part(self, mb: torch.Tensor, n_local: int) -> tuple[torch.Tensor, float]:
+    def local_part(self, mb: torch.Tensor, n_local: int) -> tuple[torch.Tensor, float]:
         """This process's part of a global minibatch, and the factor its mean loss is scaled by.
 
         `mb` indexes the epoch's global items, process p holding [p * n_local, (p + 1) * n_local); every
         process draws the same global minibatches (shared generator), so N processes train on exactly
         the minibatches one process draws. The part is returned as local indices; the factor
         len(part) * N / len(mb) makes the mean over processes of the scaled local means (the all-reduce
-        in _optimizer_step) the mean loss of the whole global minibatch, however unevenly it is split
+        in optimizer_step) the mean loss of the whole global minibatch, however unevenly it is split
         (a part may be empty). With one process the part is mb and the factor exactly 1.
         """
         acc = self.accelerator
@@ -315,7 +288,7 @@ class PolicyTrainer:
         part = mb[(mb >= lo) & (mb < lo + n_local)] - lo
         return part, len(part) * acc.num_processes / max(1, len(mb))
 
-    def _optimizer_step(self) -> None:
+    def optimizer_step(self) -> None:
         """Average gradients over processes, clip, step, zero; count the step."""
         acc = self.accelerator
         params = self.policy.parameters()
@@ -332,11 +305,11 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
 
-    def _rescore(self, cond: Any, latents: torch.Tensor, timesteps: torch.Tensor, step: int,
-                 sample_cfg: SampleConfig) -> torch.Tensor:
+    def rescore(self, cond: Any, latents: torch.Tensor, timesteps: torch.Tensor, step: int,
+                sample_cfg: SampleConfig) -> torch.Tensor:
         """log-probs [B] of recorded step `step` under the current weights, in the training pass's context.
 
-        The noise prediction runs under accelerate's autocast here AND when sampling (_sample_groups),
+        The noise prediction runs under accelerate's autocast here AND when sampling (sample_groups),
         so the PPO ratio compares like with like. Sampling in fp32 but re-scoring under bf16 (CPU, tiny
         model) gave mean |r - 1| 2.7e-3 before any update, 27x the clip range 1e-4: clip fraction 1.0,
         nothing learned; with both under autocast r = 1 exactly. The alternative, re-computing the old
@@ -350,9 +323,9 @@ class PolicyTrainer:
         return rescore(self.comp, cond, latents, timesteps, step, sample_cfg,
                        autocast=self.accelerator.autocast).float()
 
-    def _chosen_trainable_steps(self, batch: TrajectoryBatch, gen: torch.Generator) -> list[int]:
-        """train.timestep_fraction of the steps that have a log-probability (sigma_t > 0), in order; with
-        train.first_steps N, of the first N of them.
+    def choose_steps(self, batch: TrajectoryBatch, gen: torch.Generator) -> list[int]:
+        """The steps to train a minibatch on: train.timestep_fraction of the steps that have a log-probability
+        (sigma_t > 0), in order; with train.first_steps N, of the first N of them.
 
         A deterministic step (set_alpha_to_one's last one: variance 0, no density) is never trained
         on. When every step is stochastic this draws exactly what chosen_steps(T, ...) draws.
@@ -369,13 +342,13 @@ class PolicyTrainer:
                               "set_alpha_to_one makes the last one deterministic); use more steps")
         return [trainable[k] for k in chosen_steps(len(trainable), self.cfg.train.timestep_fraction, gen)]
 
-    def _reference_log_probs(self, batch: TrajectoryBatch, steps: Sequence[int] | None = None) -> torch.Tensor:
+    def reference_log_probs(self, batch: TrajectoryBatch, steps: Sequence[int] | None = None) -> torch.Tensor:
         """log-probs [N, T] of the trajectories under the model before fine-tuning (no grad; NaN off `steps`)."""
         with self.policy.reference():
-            return self._log_probs(batch, steps, progress=f"{self.cfg.algo} reference log-probs")
+            return self.log_probs(batch, steps, progress=f"{self.cfg.algo} reference log-probs")
 
-    def _log_probs(self, batch: TrajectoryBatch, steps: Sequence[int] | None = None, progress: str = ""
-                   ) -> torch.Tensor:
+    def log_probs(self, batch: TrajectoryBatch, steps: Sequence[int] | None = None, progress: str = ""
+                  ) -> torch.Tensor:
         """log-probs [N, T] under the current weights (no grad; NaN off `steps`); a bar named `progress`."""
         from tqdm.auto import tqdm
 
@@ -390,10 +363,19 @@ class PolicyTrainer:
                 sl = slice(i, i + bs)
                 cond = batch.cond.select(sl)
                 for j in (range(num_steps) if steps is None else steps):
-                    out[sl, j] = self._rescore(cond, batch.latents[sl], batch.timesteps, j, batch.sample_cfg).cpu()
+                    out[sl, j] = self.rescore(cond, batch.latents[sl], batch.timesteps, j, batch.sample_cfg).cpu()
                 bar.update(min(bs, n - i))
         bar.close()
         return out
+
+    def note_first_ratio(self, log_probs: torch.Tensor, old: torch.Tensor) -> None:
+        """Keep max |exp(log_probs - old) - 1| [B] of the run's first trained step as first_ratio (later calls: no-op).
+
+        Before any update the policy is the one that sampled (or the reference), so this is 0 up to kernel
+        noise: a test's check that re-scoring reproduces what sampling recorded.
+        """
+        if self.first_ratio is None:
+            self.first_ratio = float((torch.exp(log_probs.detach() - old) - 1).abs().max())
 
     # -- evaluation, logging, guards --
 
@@ -404,15 +386,15 @@ class PolicyTrainer:
             return {}
         groups = [i % len(self.specs) for i in range(n)]
         seeds = [derive_seed(self.cfg.train.seed, "eval", i) for i in range(n)]
-        batch, rewards, images = self._sample_groups(groups, seeds, self.reward)
+        batch, rewards, images = self.sample_groups(groups, seeds, self.reward)
         out: dict[str, float] = {}
         if rewards is not None:
             out["eval_reward"] = float(rewards.mean())
         if self.heldout is not None:
             prompts = [self.specs[g].prompt for g in groups]
             out["heldout_reward"] = float(score(self.heldout, images, batch.latents[:, -1], prompts,
-                                                [self._metadata(g) for g in groups]).mean())
-        save_grid([self._group_image(g) for g in groups], images, self.run_dir / "grids" / f"grid_e{epoch:04d}.png",
+                                                [self.group_metadata(g) for g in groups]).mean())
+        save_grid([self.group_image(g) for g in groups], images, self.run_dir / "grids" / f"grid_e{epoch:04d}.png",
                   [f"{v:.3f}" for v in rewards.tolist()] if rewards is not None else None)
         return out
 
@@ -465,62 +447,6 @@ class PolicyTrainer:
             return
         write_csv(self.run_dir / "metrics.csv", self.history)
         self.accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-    # -- checkpoints and exports --
-
-    def save_checkpoint(self) -> Path:
-        """Atomically write everything a resumed run needs to <run_dir>/checkpoint."""
-        if not self.accelerator.is_main_process:
-            return self.run_dir / "checkpoint"
-        state = {"epoch": self.epoch, "global_step": self.global_step, "identity": self.identity,
-                 "tracker": self.tracker.state_dict(), "history": self.history,
-                 "guard_streak": self.guard_streak, "best_heldout": self.best_heldout,
-                 "config": to_dict(self.cfg)}
-        return write_checkpoint(self.run_dir, self.policy.state_dict(), self.optimizer.state_dict(), state)
-
-    def load_checkpoint(self) -> bool:
-        """Restore the last checkpoint of this run, if any; refuse one made with another config."""
-        from safetensors.torch import load_file
-
-        from poseloop.policy.run_files import CheckpointFileError, load_resume_file
-
-        ckpt = self.run_dir / "checkpoint"
-        if not (ckpt / "state.json").is_file():
-            return False
-        state = json.loads((ckpt / "state.json").read_text())
-        if state.get("identity") != self.identity:
-            raise ConfigError(f"output.run_name: the checkpoint in {ckpt} was made from other inputs (config, reward "
-                              "model, labels or parent policy); pick another --output.run_name, or pass "
-                              "--train.resume false to start over")
-        self.policy.load_state_dict(load_file(str(ckpt / "weights.safetensors")))
-        try:  # weights_only: a pickle planted in the run folder must not run (load_resume_file)
-            optimizer_state, rng = load_resume_file(ckpt / "optimizer.pt"), load_resume_file(ckpt / "rng.pt")
-        except CheckpointFileError as e:
-            raise ConfigError(f"train.resume: {e}") from None
-        self.optimizer.load_state_dict(optimizer_state)
-        set_rng_state(rng)
-        self.tracker.load_state_dict(state["tracker"])
-        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
-        self.history = list(state["history"])
-        self.guard_streak, self.best_heldout = int(state["guard_streak"]), state["best_heldout"]
-        return True
-
-    def export(self) -> Path | None:
-        """Export the current weights as models/policies/<run>-e<epoch>/ and point 'latest' at it."""
-        from poseloop.policy.export import export_policy
-
-        if not self.accelerator.is_main_process:
-            return None
-        version = f"{self.run_name}-e{self.epoch:04d}"
-        meta = {"poseloop_algo": self.cfg.algo, "poseloop_epoch": str(self.epoch),
-                "poseloop_reward": self.reward_spec if self.cfg.online else "human preferences",
-                "poseloop_parent": self.parent.version if self.parent else lineage.BASE}
-        record = lineage.lineage_record(version, self.run_name, self.cfg.algo, self.epoch, self.identity, self.inputs,
-                                        self.inputs_digest, self.parent, to_dict(self.cfg.model), self.cfg.target.kind)
-        self.export_dir = export_policy(self.policy, self.cfg.export_root, version, to_dict(self.cfg), meta,
-                                        {lineage.LINEAGE_FILE: json.dumps(record, indent=2)})
-        plot_history(self.history, self.run_dir / "metrics.png", self.cfg.algo)
-        return self.export_dir
 
     # -- the loop --
 
@@ -600,12 +526,7 @@ class PolicyTrainer:
                            epochs_this_run=self.epoch - first_epoch,
                            reward_start=values[0] if values else None, reward_end=values[-1] if values else None,
                            seconds=time.perf_counter() - start, export_dir=self.export_dir, history=self.history,
-                           stopped=stopped)
-
-    def _checkpoint_epoch(self) -> int:
-        """The epoch of the checkpoint on disk (0 = none)."""
-        p = self.run_dir / "checkpoint" / "state.json"
-        return int(json.loads(p.read_text())["epoch"]) if p.is_file() else 0
+                           stopped=stopped, metric="reward" if cfg.online else "pair accuracy")
 
 
 def train(cfg: PolicyConfig, reward: Any = None, heldout_reward: Any = None, progress: bool = True) -> TrainResult:

@@ -12,9 +12,9 @@ for clip_sample; other scheduler settings are refused (check_scheduler). A step 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,8 +65,6 @@ class SampleOutput:
     timesteps: torch.Tensor  # [T] int64
     images: list[Image.Image]
     cond: Conditioning  # what the batch was conditioned on, for re-scoring it (policy training)
-    # grad_steps' log-probs [B] with their graphs to the trainable weights (DDPO's fused update); else empty.
-    log_prob_graphs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 # DDIM fields whose step the log-probability models. diffusers' DDIMScheduler.step is the reference:
@@ -239,17 +237,11 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
            cfg: SampleConfig, width: int, height: int,
            on_step: Callable[[int], None] | None = None,
            autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
-           grad_steps: Collection[int] = (),
-           on_graph: Callable[[int, torch.Tensor], None] | None = None,
            start_seeds: Sequence[int] | None = None) -> SampleOutput:
     """Denoise a batch with cfg.sampler (DDIM with eta > 0, or LCM), recording latents and log-probabilities.
 
     `autocast` wraps each noise prediction: the policy trainer passes the context its training pass
     runs in (accelerate's autocast), so that re-scoring reproduces the sampled log-probabilities.
-    grad_steps: steps whose noise prediction runs with gradients; their log-probs keep the graph
-    (log_prob_graphs), which is what re-scoring them would compute (DDPO's fused update); x stays detached.
-    on_graph: given, it is called with (step, log-probs [B] with their graph) instead, e.g. to backpropagate
-    them at once (per-sample gradients, poseloop.policy.per_sample_grads); log_prob_graphs then stays empty.
     start_seeds: x_T from these seeds instead of `seeds` (initial_noise); the step noise stays the seeds'.
     """
     if not (len(prompts) == len(control_images) == len(seeds)):
@@ -267,20 +259,11 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
     x = x.to(comp.device) * scheduler.init_noise_sigma
     all_latents = [x]
     all_log_probs = []
-    graphs: dict[int, torch.Tensor] = {}
     for i, t in enumerate(scheduler.timesteps):
-        with torch.set_grad_enabled(i in grad_steps):
-            with autocast():
-                eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale, timestep_cond)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
-            x, log_prob = _step(cfg, scheduler, eps, t, x, noise=noise)
-        if i in grad_steps:
-            # Trajectories are data to the policy gradient: only log p(x_{t-1} | x_t) keeps its graph.
-            if on_graph is not None:
-                on_graph(i, log_prob)  # e.g. backpropagated here: the graph is freed before the next step
-            else:
-                graphs[i] = log_prob
-            x, log_prob = x.detach(), log_prob.detach()
+        with autocast():
+            eps = predict_noise(comp, x, t, cond, cfg.guidance_scale, cfg.controlnet_scale, timestep_cond)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(comp.device)
+        x, log_prob = _step(cfg, scheduler, eps, t, x, noise=noise)
         all_latents.append(x)
         all_log_probs.append(log_prob)
         if on_step is not None:
@@ -292,7 +275,6 @@ def sample(comp: Components, prompts: Sequence[str], control_images: Sequence[Im
         timesteps=scheduler.timesteps.detach().to("cpu", torch.long),  # [T]
         images=to_pil(images),
         cond=cond,
-        log_prob_graphs=graphs,
     )
 
 

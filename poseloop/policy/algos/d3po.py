@@ -11,27 +11,24 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from poseloop.policy import losses
-from poseloop.policy.algos import Algorithm
+from poseloop.policy.algos import Algorithm, Trainer
 from poseloop.policy.algos.preferences import PreferencePair, TrainingInputError, load_preference_pairs
 from poseloop.config.generation import SampleConfig
 from poseloop.config.lib import ConfigError
 from poseloop.policy.rollouts import TrajectoryBatch, cat_conditioning, derive_seed
 
-if TYPE_CHECKING:
-    from poseloop.policy.trainer import PolicyTrainer
-
 
 class D3PO(Algorithm):
     """D3PO (Yang et al. 2024); reference log-probs from the stored trajectories when they are the reference's."""
 
-    def __init__(self, trainer: PolicyTrainer) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         """Load and check the stored preference pairs (d3po.source=db) before any model loads."""
         super().__init__(trainer)
         d3po = trainer.cfg.d3po
@@ -48,12 +45,12 @@ class D3PO(Algorithm):
                 self.pair_data = self._load_pair_data()
             batches = self.pair_data
         else:
-            groups, seeds, _ = t._epoch_items(epoch)
+            groups, seeds, _ = t.epoch_items(epoch)
             if len(groups) % t.cfg.sample.images_per_group:
                 raise ConfigError(f"train.groups_per_epoch ({t.cfg.train.groups_per_epoch}) must be divisible by the "
                                   f"number of processes ({t.accelerator.num_processes}) for d3po.source=reward: a "
                                   "group's images pick its pair on one process")
-            batch, rewards, _ = t._sample_groups(groups, seeds, t.reward, start_seeds=t._start_seeds(epoch, groups))
+            batch, rewards, _ = t.sample_groups(groups, seeds, t.reward, start_seeds=t.start_seeds(epoch, groups))
             assert rewards is not None
             k = t.cfg.sample.images_per_group
             r = rewards.view(-1, k)  # [G, K]: a group's K images are consecutive
@@ -62,9 +59,9 @@ class D3PO(Algorithm):
             both = torch.cat([win, lose])
             pair = TrajectoryBatch(batch.latents[both], batch.log_probs[both], batch.timesteps,
                                    batch.cond.select(both), batch.sample_cfg)
-            pair.extra["ref"] = t._reference_log_probs(pair)
+            pair.extra["ref"] = t.reference_log_probs(pair)
             batches = [pair]
-            all_rewards = t._gather(rewards)
+            all_rewards = t.gather(rewards)
             out.update(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(unbiased=False)))
         out.update(self.update(batches, epoch))
         out["seconds"] = time.perf_counter() - t0
@@ -95,7 +92,7 @@ class D3PO(Algorithm):
             else:
                 # Online pairs: process p holds global pairs [p * n, (p + 1) * n) of its own groups.
                 perm = torch.randperm(n * procs, generator=gen)
-                work += [(b_i, *t._local_part(perm[i:i + bs], n)) for i in range(0, n * procs, bs)]
+                work += [(b_i, *t.local_part(perm[i:i + bs], n)) for i in range(0, n * procs, bs)]
         order = torch.randperm(len(work), generator=gen).tolist()
         if d.pairs_per_epoch and t.cfg.d3po.source == "db":
             order = order[:max(1, math.ceil(d.pairs_per_epoch / bs))]
@@ -112,14 +109,13 @@ class D3PO(Algorithm):
             cond = batch.cond.select(both)
             lat = batch.latents[both]
             ref = batch.extra["ref"][both]
-            steps = t._chosen_trainable_steps(batch, gen)
+            steps = t.choose_steps(batch, gen)
             for j in (steps if len(idx) else []):  # an empty part still takes part in the optimizer step
-                lp = t._rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)
+                lp = t.rescore(cond, lat, batch.timesteps, j, batch.sample_cfg)
                 lp_w, lp_l = lp.chunk(2)
                 ref_j = ref[:, j].to(lp.device)
                 ref_w, ref_l = ref_j.chunk(2)
-                if t.first_ratio is None:
-                    t.first_ratio = float((torch.exp(lp.detach() - ref_j) - 1).abs().max())
+                t.note_first_ratio(lp, ref_j)
                 loss = losses.d3po_loss(lp_w, lp_l, ref_w, ref_l, d.beta, d.clamp_eps)
                 t.accelerator.backward(loss * weight / (len(steps) * cfg.grad_accum))
                 with torch.no_grad():
@@ -129,7 +125,7 @@ class D3PO(Algorithm):
                     stats["margin"].append(float(margin.mean()))
                     stats["approx_kl"].append(float(0.5 * ((lp - ref_j) ** 2).mean()))
             if (pos + 1) % cfg.grad_accum == 0 or pos == len(order) - 1:
-                t._optimizer_step()
+                t.optimizer_step()
             bar.update(len(idx))
             bar.set_postfix(loss=f"{np.mean(stats['loss']):.4f}", acc=f"{np.mean(stats['pair_accuracy']):.2f}")
         bar.close()
@@ -186,7 +182,7 @@ class D3PO(Algorithm):
                 # stored step reproduces its stored log-prob: the stored values are the reference.
                 batch.extra["ref"] = log_probs.clone()
             else:
-                batch.extra["ref"] = t._reference_log_probs(batch)
+                batch.extra["ref"] = t.reference_log_probs(batch)
             batches.append(batch)
         return batches
 
@@ -214,7 +210,7 @@ class D3PO(Algorithm):
             self.pair_data = self._load_pair_data()
         out = []
         for batch in self.pair_data:
-            lp = self.trainer._log_probs(batch)  # [2N, T], no grad
+            lp = self.trainer.log_probs(batch)  # [2N, T], no grad
             ref = batch.extra["ref"]
             n = lp.shape[0] // 2
             log_r = lp - ref  # [2N, T]

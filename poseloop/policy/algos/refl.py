@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from poseloop.policy import losses
-from poseloop.policy.algos import Algorithm
+from poseloop.policy.algos import Algorithm, Trainer
 from poseloop.config.lib import ConfigError
 from poseloop.policy.rollouts import derive_seed
 
@@ -54,7 +54,7 @@ class ReFL(Algorithm):
     stat: str = "stop_step"  # minibatch()'s statistic, logged as its mean over the epoch
     tag: str = "refl"  # names the epoch's random stream (derive_seed)
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
         self.checked = False
 
@@ -144,7 +144,7 @@ class ReFL(Algorithm):
         t = self.trainer
         cfg = t.cfg
         t0 = time.perf_counter()
-        groups, seeds, _ = t._epoch_items(epoch)
+        groups, seeds, _ = t.epoch_items(epoch)
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, epoch, self.tag, t.accelerator.process_index))
         losses_: list[float] = []
         stats: list[float] = []
@@ -154,14 +154,14 @@ class ReFL(Algorithm):
         for k, i in enumerate(starts):
             gs, ss = groups[i:i + bs], seeds[i:i + bs]
             prompts = [t.specs[g].prompt for g in gs]
-            cond = make_conditioning(t.comp, prompts, [t._group_image(g) for g in gs], cfg.sample, t.width, t.height)
-            loss, r, stat = self.minibatch(cond, ss, prompts, [t._metadata(g) for g in gs], gen)
+            cond = make_conditioning(t.comp, prompts, [t.group_image(g) for g in gs], cfg.sample, t.width, t.height)
+            loss, r, stat = self.minibatch(cond, ss, prompts, [t.group_metadata(g) for g in gs], gen)
             losses_.append(float(loss.detach()))
             stats.append(stat)
             rewards.append(r.detach().float().cpu())
             if (k + 1) % cfg.train.grad_accum == 0 or k == len(starts) - 1:
-                t._optimizer_step()
-        all_rewards = t._gather(torch.cat(rewards))
+                t.optimizer_step()
+        all_rewards = t.gather(torch.cat(rewards))
         # ReFL: the reward of predicted x0 at the stop step (a training signal, not an evaluation); DRaFT: of the
         # finished samples drawn by the weights before each minibatch's update (DRaFT-LV: of the re-denoised copies).
         return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
