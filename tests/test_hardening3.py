@@ -87,7 +87,7 @@ class Planted:
 
 def test_a_pickle_planted_in_the_checkpoint_never_runs_on_resume(models_dir: Path, tmp_path: Path,
                                                                   one_thread: None) -> None:
-    from test_policy import Brightness, policy_cfg
+    from tiny_helpers import Brightness, policy_cfg
 
     from poseloop.policy.trainer import PolicyTrainer, train
 
@@ -232,7 +232,7 @@ def test_a_second_generate_into_one_samples_folder_stops_naming_the_first(
 def test_a_second_policy_run_into_one_run_folder_stops_naming_the_first(
     models_dir: Path, tmp_path: Path, other_run: object, one_thread: None
 ) -> None:
-    from test_policy import Brightness, policy_cfg
+    from tiny_helpers import Brightness, policy_cfg
 
     from poseloop.policy.trainer import train
 

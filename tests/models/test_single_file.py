@@ -375,7 +375,7 @@ def _script(name: str) -> Any:
     """A script under scripts/ as a module (its main(argv))."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -302,7 +302,7 @@ def test_matches_upstream_package(files: Path, tmp_path: Path, monkeypatch: pyte
     """Scores equal image-reward 1.5's own BLIP modules (the wheel `scripts/setup.sh --test` downloads, not installed)."""
     import os
 
-    default = Path(__file__).resolve().parent.parent / ".test_wheels" / "image_reward-1.5-py3-none-any.whl"
+    default = Path(__file__).resolve().parents[2] / ".test_wheels" / "image_reward-1.5-py3-none-any.whl"
     wheel = Path(os.environ.get("POSELOOP_IMAGE_REWARD_WHEEL", default))
     assert wheel.is_file(), (f"image-reward wheel not found at {wheel}: run `bash scripts/setup.sh --test` (it runs "
                              "pip download image-reward==1.5 --no-deps -d .test_wheels) or set POSELOOP_IMAGE_REWARD_WHEEL")

@@ -208,7 +208,7 @@ def test_generate_writes_resumes_and_numbers_rounds_on_postgresql(postgres_serve
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """generate.py against a PostgreSQL URL: rows after files, an interrupted run resumes, the next run is round 2."""
     from poseloop.sampling import round as generation
-    from test_generate import assert_round_is_consistent, snapshot
+    from tiny_helpers import assert_round_is_consistent, snapshot
 
     tiny_cfg.store.db_url = postgres_server.create_database()
     tiny_cfg.sample.batch_size = 2

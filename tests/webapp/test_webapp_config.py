@@ -31,7 +31,7 @@ def test_every_field_is_a_documented_flag() -> None:
     for f in dataclasses.fields(AppConfig):
         assert f"--{f.name}" in flags
         assert f.metadata["help"]
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "RATING.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "RATING.md").read_text()
     for f in dataclasses.fields(AppConfig):
         assert f"`--{f.name}" in doc, f"--{f.name} missing from docs/RATING.md"
 
@@ -60,7 +60,7 @@ def test_the_app_and_the_scripts_share_one_config_mechanism(env: Env, capsys: py
 def test_every_shortcut_is_documented() -> None:
     from webapp.shortcuts import SHORTCUTS
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "RATING.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "RATING.md").read_text()
     for _where, keys, what in SHORTCUTS:
         assert f"`{keys}`" in doc and what in doc, keys
 

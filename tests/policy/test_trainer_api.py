@@ -15,7 +15,7 @@ from pathlib import Path
 from poseloop.policy.algos import Algorithm, Trainer
 from poseloop.policy.trainer import PolicyTrainer
 
-ALGOS = Path(__file__).resolve().parents[1] / "poseloop" / "policy" / "algos"
+ALGOS = Path(__file__).resolve().parents[2] / "poseloop" / "policy" / "algos"
 
 
 def contract() -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 import generate as generate_script
 from poseloop.data import db
@@ -22,45 +22,7 @@ from poseloop.models.loading import load_components
 from poseloop.data.openpose import render_pose
 from poseloop.data.poses import get_builtin_pose
 from poseloop.data.store import SampleStore, load_trajectory
-
-
-def session_for(cfg: GenerateConfig):  # -> sessionmaker
-    return db.open_db(cfg.store.db_url or db.default_db_url(cfg.store.samples_dir))
-
-
-def snapshot(cfg: GenerateConfig) -> tuple[dict[str, int], list[str]]:
-    """Row counts and the list of files: what 'nothing stored is touched' compares."""
-    factory = session_for(cfg)
-    with db.session_scope(factory) as s:
-        counts = {t.__tablename__: s.scalar(select(func.count()).select_from(t))
-                  for t in (db.Round, db.Group, db.Sample)}
-    root = Path(cfg.store.samples_dir)
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "feedback" not in p.name)
-    return counts, files
-
-
-def assert_round_is_consistent(cfg: GenerateConfig, round_name: str, expected_samples: int) -> None:
-    """Every row points at a complete file and every file belongs to a row."""
-    store = SampleStore(cfg.store.samples_dir)
-    with db.session_scope(session_for(cfg)) as s:
-        rnd = s.scalar(select(db.Round).where(db.Round.name == round_name))
-        assert rnd is not None and rnd.status == "complete"
-        samples = s.scalars(select(db.Sample).where(db.Sample.round_id == rnd.id)).all()
-        groups = s.scalars(select(db.Group).where(db.Group.round_id == rnd.id)).all()
-        assert len(samples) == expected_samples
-        assert len({(x.group_id, x.index) for x in samples}) == expected_samples
-        referenced = {store.abs(g.condition_path) for g in groups}
-        referenced |= {store.abs(g.source_image_path) for g in groups if g.source_image_path}
-        for x in samples:
-            image = store.abs(x.image_path)
-            with Image.open(image) as im:
-                assert im.size == (x.width, x.height)
-            traj = load_trajectory(store.abs(x.trajectory_path))  # type: ignore[arg-type]
-            assert traj.latents.shape[0] == x.num_steps + 1
-            assert traj.metadata["seed"] == str(x.seed)
-            referenced |= {image, store.abs(x.trajectory_path)}  # type: ignore[arg-type]
-    on_disk = {p.resolve() for p in (store.root / round_name).rglob("*") if p.is_file()}
-    assert on_disk == referenced
+from tiny_helpers import assert_round_is_consistent, session_for, snapshot
 
 
 def test_generate_writes_files_then_rows_and_trajectories_rescore_exactly(tiny_cfg: GenerateConfig) -> None:

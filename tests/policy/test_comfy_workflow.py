@@ -21,7 +21,7 @@ from poseloop.models.single_file import CONFIGS
 # The node definitions of a real ComfyUI: GET /object_info/<class> of a running server, saved by
 # scripts/comfyui_object_info.py with the version it came from (kept independent of
 # poseloop.policy.comfy_workflow's own table, so that a slip there shows up here).
-FIXTURE = Path(__file__).parent / "fixtures" / "comfyui_object_info.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "comfyui_object_info.json"
 OBJECT_INFO: dict[str, Any] = json.loads(FIXTURE.read_text())
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"}
 # folder_paths.supported_pt_extensions: what ComfyUI lists in its model folders.

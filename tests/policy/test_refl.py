@@ -19,7 +19,7 @@ from poseloop.policy.trainer import PolicyTrainer, train
 
 # The policy tests' helpers: the tiny config, the differentiable latent-preview Brightness reward and
 # the paired fixed-seed rewards (tests/ is on sys.path under pytest's default import mode).
-from test_policy import Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
+from tiny_helpers import Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

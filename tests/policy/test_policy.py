@@ -16,69 +16,13 @@ from poseloop.config.lib import ConfigError
 from poseloop.evaluation.compare import bootstrap_ci
 from poseloop.models.policy_files import kohya_lora_name
 from poseloop.data.inputs import InputError
-from poseloop.config.policy import PolicyConfig, tiny
+from poseloop.config.policy import PolicyConfig
 from poseloop.policy.trainer import PolicyTrainer, train
 
-# SD1.5's linear latent -> RGB preview factors: the brightness of the preview image. The tiny model's
-# random VAE maps every latent to nearly the same grey (mean 0.509..0.513), so decoded brightness
-# carries almost no signal; the preview keeps the meaning "make the image brighter".
-PREVIEW_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
-                            [-0.184, -0.271, -0.473]])
-
-
-class Brightness:
-    """Synthetic reward: mean brightness of the final latents' RGB preview."""
-
-    name = "test_brightness"
-    needs_images = False
-
-    def __call__(self, images: torch.Tensor | None, latents: torch.Tensor | None, prompts: list[str],
-                 metadata: list[dict]) -> torch.Tensor:
-        assert latents is not None and len(prompts) == len(metadata) == latents.shape[0]
-        return torch.einsum("bchw,cr->brhw", latents.float(), PREVIEW_RGB).mean(dim=(1, 2, 3))
-
+from tiny_helpers import RATIO_TOL, Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# |r - 1| of a re-scored step with unchanged weights. The samples are re-scored in other batches than
-# they were drawn in (train.batch_size, shuffled, vs sample.batch_size), and BLAS may pick another
-# kernel or reduction order per batch shape: fp32 noise of ~1e-7 relative in eps moves the averaged
-# log-prob by ~1e-7..1e-6 (3.6e-7 seen on another x86 machine). 1e-5 is 10x below DDPO's clip range
-# 1e-4, so no step of the first epoch can be clipped; a real mismatch (e.g. bf16 vs fp32) is > 1e-3.
-RATIO_TOL = 1e-5
-
-
-def policy_cfg(models_dir: Path, tmp: Path, **overrides: object) -> PolicyConfig:
-    cfg = tiny()
-    cfg.model.base = str(models_dir / "tiny-sd15")
-    cfg.model.controlnet = str(models_dir / "tiny-sd15" / "controlnet")
-    cfg.sample.width = cfg.sample.height = 64
-    cfg.sample.steps = 4
-    cfg.sample.images_per_group = 2
-    cfg.data.prompts = ["a dancer"]
-    cfg.data.poses = ["standing", "sitting"]
-    cfg.train.groups_per_epoch = 2
-    cfg.train.batch_size = 2
-    cfg.train.epochs = 1
-    cfg.output.root = str(tmp / "policies")
-    cfg.output.runs_dir = str(tmp / "runs")
-    cfg.output.grid_every = cfg.output.export_every = 0
-    cfg.d3po.samples_dir = str(tmp / "samples")
-    for key, value in overrides.items():
-        obj = cfg
-        *parents, last = key.split("__")
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
-
-
-def fixed_seed_rewards(trainer: PolicyTrainer, n: int = 16) -> torch.Tensor:
-    """Rewards [n] of fixed seeds on the groups in turn, under the trainer's current policy (paired before/after)."""
-    groups = [i % len(trainer.specs) for i in range(n)]
-    _, rewards, _ = trainer.sample_groups(groups, [1000 + i for i in range(n)], Brightness())
-    assert rewards is not None
-    return rewards.float()
 
 
 # ---- DDPO ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from poseloop.data.poses import get_builtin_pose
 from poseloop.policy.trainer import PolicyTrainer
 
 # The policy tests' tiny config and synthetic reward (tests/ is on sys.path under pytest's import mode).
-from test_policy import RATIO_TOL, Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
+from tiny_helpers import RATIO_TOL, Brightness, fixed_seed_rewards, policy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -143,7 +143,7 @@ def test_the_tiny_rlcm_preset_trains_on_the_worlds_lcm(models_dir: Path, tmp_pat
     from poseloop.config.policy import PRESETS as POLICY_PRESETS
     from poseloop.config.policy import tiny_on
     from poseloop.policy.trainer import PolicyTrainer
-    from test_policy import Brightness  # tests/ is on sys.path under pytest's import mode
+    from tiny_helpers import Brightness
 
     preset = POLICY_PRESETS["tiny-rlcm"]()
     preset.validate()
