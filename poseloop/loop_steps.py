@@ -4,6 +4,7 @@ result (a version name) is what the next step uses, so nothing resolves 'latest'
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +128,48 @@ def run_generate(job: Job, plan: LoopPlan, place: Place, policy_version: str) ->
 
     result = generate(generate_config(job, plan, place, policy_version))
     return {"round": result.round_name, "generate_summary": result.summary()}
+
+
+def ab_name(job: Job) -> str:
+    """The blind A/B of the job's round: its two rounds are <name>-baseline and <name>-candidate."""
+    return f"ab-{job.target_round}"
+
+
+def run_compare(job: Job, plan: LoopPlan, place: Place, reward_version: str, policy_version: str) -> dict[str, Any]:
+    """evaluate.py: the new policy against the one it continued (or the base model), on shared seeds, registered as
+    a blind comparison for the rating app, with the learned reward's paired difference."""
+    from poseloop.evaluation import evaluate
+    from poseloop.evaluation_config import PRESETS, EvaluateConfig
+    from poseloop.lineage import LINEAGE_FILE
+
+    lineage = json.loads((place.models_dir / "policies" / policy_version / LINEAGE_FILE).read_text())
+    baseline = lineage.get("parent") or "base"
+    carried = _round_data(place, job.source_round)
+    presets = {name: _eval_preset(fn, carried) for name, fn in PRESETS.items()}
+    cfg = _parse(EvaluateConfig, presets, "tiny", [
+        *plan.generate, *plan.compare, "--store.samples_dir", str(place.samples_dir), "--store.db_url", place.db_url,
+        "--model.models_dir", str(place.models_dir), "--eval.policy", policy_version, "--eval.baseline", baseline,
+        "--eval.metrics", f"latent:{reward_version}", "--eval.name", ab_name(job)], "evaluate.py")
+    result = evaluate(cfg)
+    return {"ab": {"name": ab_name(job), "baseline": baseline, "candidate": policy_version,
+                   "summary": result.summary()}}
+
+
+def _eval_preset(preset: Callable[[], Any], carried: dict[str, Any] | None) -> Callable[[], Any]:
+    """evaluate.py's preset with the last loop round's prompts and poses (its sections are generate.py's)."""
+    from poseloop.config import DataConfig
+    from poseloop.evaluation_config import EvaluateConfig
+
+    def build() -> EvaluateConfig:
+        cfg = preset()
+        if carried is not None:
+            try:
+                cfg.data = from_dict(DataConfig, carried["data"])
+            except (TypeError, ValueError, ConfigError):
+                pass
+        return cfg
+
+    return build
 
 
 def bootstrap_mean_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:

@@ -34,8 +34,8 @@ from poseloop.configlib import ConfigError
 from poseloop.db import DatabaseUrlError, Job, default_db_url, open_db, shown_db_url
 from poseloop.loop_config import LoopPlan
 
-# Share of the whole job each stage takes (measured on the embedded world: 49 s reward, 132 s policy, 35 s round).
-STAGES = (("reward", 0.2), ("policy", 0.6), ("generate", 0.17), ("score", 0.03))
+# Share of the whole job each stage takes (the embedded world's defaults: 49 s reward, 132 s policy, 35 s round).
+STAGES = (("reward", 0.18), ("policy", 0.55), ("generate", 0.15), ("compare", 0.1), ("score", 0.02))
 
 
 def stage_span(stage: str) -> tuple[float, float]:
@@ -138,6 +138,10 @@ def run_job(factory: Any, job: Job, place: Any, interval: float) -> str:
             if "round" not in done:
                 beat.set_stage("generate", f"generating {job.target_round} with policy {done['policy_version']}")
                 done.update(loop_steps.run_generate(job, plan, place, done["policy_version"]))
+                jobs.save_result(factory, job, done)
+            if plan.blind_ab and "ab" not in done:
+                beat.set_stage("compare", f"blind A/B rounds: {done['policy_version']} against its parent")
+                done.update(loop_steps.run_compare(job, plan, place, done["reward_version"], done["policy_version"]))
                 jobs.save_result(factory, job, done)
             beat.set_stage("score", f"scoring the loop rounds with reward model {done['reward_version']}")
             try:
