@@ -44,7 +44,7 @@ def _parse(cls: type, presets: dict[str, Callable[[], Any]], default: str, args:
 
 def reward_version_name(job: Job) -> str:
     """The reward model version a job trains: named after the round it is for and the job, so a retry finds it."""
-    return f"{job.target_round}-job{job.id}"
+    return f"rm-{job.target_round}-job{job.id}"
 
 
 def run_reward(job: Job, plan: LoopPlan, place: Place) -> dict[str, Any]:

@@ -127,6 +127,48 @@ class AppConfig:
         metadata={"help": "Models folder of train_reward.py; --pair-order active reads <models-dir>/reward/latest."},
     )
 
+    loop: bool = field(
+        default=False,
+        metadata={"help": "Loop mode: a 'Train next round' button (and --loop-min-labels) queues a job that trains the "
+                          "reward model, then the policy, then generates the next loop round; the page shows its "
+                          "progress and /progress the loop's rounds. Same token rules as every write."},
+    )
+    loop_min_labels: int = field(
+        default=96,
+        metadata={"help": "Loop mode: queue the next job by itself once the newest loop round has this many labels "
+                          "(scores plus decided pairs, every rater); 0 = only the button."},
+    )
+    loop_preset: str = field(
+        default="default",
+        metadata={"help": "Loop mode: what each job runs: 'default' (README's loop: reward model, DDPO on it, a "
+                          "round, a blind A/B against the previous policy), 'no-ab' (no A/B rounds), 'tiny-lcm' "
+                          "(4-step LCM rounds, RLCM) or 'quick' (a smoke run of the mechanics).",
+                  "choices": ("default", "no-ab", "tiny-lcm", "quick")},
+    )
+    loop_reward_args: str = field(default="", metadata={"help": "Loop mode: extra train_reward.py arguments, e.g. "
+                                                                "'--preset quick'."})
+    loop_policy_args: str = field(default="", metadata={"help": "Loop mode: extra train_policy.py arguments, e.g. "
+                                                                "'--set train.epochs=4'."})
+    loop_generate_args: str = field(default="", metadata={"help": "Loop mode: extra generate.py arguments (the next "
+                                                                  "round keeps the last loop round's prompts and "
+                                                                  "poses unless these change them)."})
+    loop_compare_args: str = field(default="", metadata={"help": "Loop mode: extra evaluate.py arguments of the blind "
+                                                                 "A/B, e.g. '--set data.max_groups=24'."})
+    loop_worker: str = field(
+        default="local",
+        metadata={"help": "Loop mode: 'local' starts `python -m poseloop.worker` for this database, samples and "
+                          "--models-dir (restarted if it dies; log in <samples-dir>/.loop-worker.log); 'external' "
+                          "when a worker runs elsewhere (e.g. a GPU box sharing the database and samples folder).",
+                  "choices": ("local", "external")},
+    )
+    loop_worker_threads: int = field(default=0, metadata={"help": "Loop mode: torch threads of the local worker; "
+                                                                   "0 = torch's default."})
+    loop_stale_after: float = field(
+        default=120.0,
+        metadata={"help": "Loop mode: seconds without a heartbeat after which a running job's worker counts as dead "
+                          "and the job is retried (or failed after 3 attempts)."},
+    )
+
     def validate(self) -> AppConfig:
         """Check every field; raise ConfigError naming the offending flag."""
         self.samples_dir = Path(self.samples_dir)
@@ -159,7 +201,37 @@ class AppConfig:
         if self.pair_order not in PAIR_ORDERS:
             raise ConfigError(f"--pair-order: {self.pair_order!r} is not one of {', '.join(PAIR_ORDERS)}")
         self.models_dir = Path(self.models_dir)
+        if self.loop:
+            self._check_loop()
         return self
+
+    def _check_loop(self) -> None:
+        """The loop flags: a preset, arguments each step's parser accepts, a worker mode, sane numbers."""
+        from poseloop.configlib import ConfigError as StepConfigError
+        from poseloop.loop_config import check_plan
+
+        if self.loop_min_labels < 0:
+            raise ConfigError(f"--loop-min-labels: {self.loop_min_labels} is negative; 0 turns the automatic job off")
+        if self.loop_worker not in ("local", "external"):
+            raise ConfigError(f"--loop-worker: {self.loop_worker!r} is not one of local, external")
+        if not 10 <= self.loop_stale_after <= 86400:
+            raise ConfigError(f"--loop-stale-after: {self.loop_stale_after} is outside 10..86400 seconds")
+        if self.loop_worker_threads < 0:
+            raise ConfigError(f"--loop-worker-threads: {self.loop_worker_threads} is negative")
+        try:
+            plan = self.loop_plan
+            if self.loop_worker == "local":  # an external worker's paths need not exist here
+                check_plan(plan)
+        except StepConfigError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def loop_plan(self) -> Any:  # -> poseloop.loop_config.LoopPlan
+        """What each loop job runs: the preset with the extra arguments."""
+        from poseloop.loop_config import make_plan
+
+        return make_plan(self.loop_preset, self.loop_reward_args, self.loop_policy_args, self.loop_generate_args,
+                         self.loop_compare_args)
 
     @staticmethod
     def _check_token(token: str) -> None:
@@ -254,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(AppConfig)
     for f in dataclasses.fields(AppConfig):
         kind = f.metadata.get("parse") or _field_type(hints[f.name])
+        if kind is bool:  # --loop / --no-loop
+            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=f.metadata["help"])
+            continue
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
