@@ -140,8 +140,14 @@ def run_job(factory: Any, job: Job, place: Any, interval: float) -> str:
                 done.update(loop_steps.run_generate(job, plan, place, done["policy_version"]))
                 jobs.save_result(factory, job, done)
             if plan.blind_ab and "ab" not in done:
-                beat.set_stage("compare", f"blind A/B rounds: {done['policy_version']} against its parent")
-                done.update(loop_steps.run_compare(job, plan, place, done["reward_version"], done["policy_version"]))
+                beat.set_stage("compare", "making the blind A/B rounds of the new policy and the one before")
+                try:
+                    done.update(loop_steps.run_compare(job, plan, place, done["reward_version"],
+                                                       done["policy_version"]))
+                except Exception as e:  # the round is made and announced; a failed A/B is reported, not fatal
+                    done["ab_error"] = f"{type(e).__name__}: {e}"
+                    print(f"worker: job {job.id}: the blind A/B failed ({done['ab_error']})", file=sys.stderr,
+                          flush=True)
                 jobs.save_result(factory, job, done)
             beat.set_stage("score", f"scoring the loop rounds with reward model {done['reward_version']}")
             try:
@@ -175,6 +181,16 @@ def run_job(factory: Any, job: Job, place: Any, interval: float) -> str:
     return "done"
 
 
+def preload() -> None:
+    """Import what every job needs once, before any job: each step then starts without the seconds of importing
+    torch, diffusers and transformers that three separate scripts pay each time."""
+    import poseloop.evaluation  # noqa: F401
+    import poseloop.generation  # noqa: F401
+    import poseloop.loop_steps  # noqa: F401
+    import poseloop.reward_training  # noqa: F401
+    import poseloop.training  # noqa: F401
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The worker's flags."""
     p = argparse.ArgumentParser(prog="python -m poseloop.worker", description=__doc__.split("\n\n")[0],
@@ -186,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=Path("models"),
                    help="where reward models and policies are written (models/reward, models/policies)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for a queued job")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks for a queued job")
     p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between progress / heartbeat writes")
     p.add_argument("--stale-after", type=float, default=jobs.DEFAULT_STALE_S,
                    help="a running job with no heartbeat for this long is taken again (its worker died)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="import torch and the steps' code at the first job, not at start (a quicker --help or idle start)")
     p.add_argument("--once", action="store_true", help="run one job (waiting for one if none is queued), then exit")
     p.add_argument("--exit-when-idle", action="store_true", help="exit when no job is queued")
     return p
@@ -223,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if not args.no_preload:
+        t0 = time.perf_counter()
+        preload()
+        print(f"worker: torch, diffusers and the steps' code imported in {time.perf_counter() - t0:.1f} s", flush=True)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
     me = jobs.worker_name()

@@ -33,6 +33,7 @@ from .store import ApiError, Store, clean_rater_name
 bp = Blueprint("loop", __name__, url_prefix="/api/loop")
 LABEL_WRITES = ("/api/scores", "/api/preferences", "/api/import/scores")
 WORKER_LOG = ".loop-worker.log"
+REQUEUE_EVERY_S = 3.0
 
 
 def _cfg() -> AppConfig:
@@ -56,6 +57,7 @@ class LocalWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.last_start = 0.0
+        self.error: str | None = None
         self.lock = threading.Lock()
 
     def command(self) -> list[str]:
@@ -70,6 +72,12 @@ class LocalWorker:
         with self.lock:
             if self.proc is not None and self.proc.poll() is None:
                 return self.proc.pid
+            if self.proc is not None and self.proc.returncode == 2:
+                # A bad flag or an unusable database: starting it again would fail the same way.
+                if self.error is None:
+                    self.error = (f"the loop worker stopped at start (exit 2); see {Path(self.cfg.samples_dir) / WORKER_LOG}")
+                    self.log.error("%s", self.error)
+                return None
             if self.proc is not None:
                 self.log.warning("loop worker pid %s exited with %s; starting another", self.proc.pid,
                                  self.proc.returncode)
@@ -145,13 +153,20 @@ def loop_state(session: Session, cfg: AppConfig) -> dict[str, Any]:
     """What the page shows: settings, the newest job and how many labels the newest loop round has."""
     rnd = newest_loop_round(session)
     job = jobs.latest_job(session)
+    # The page polls this in every mode, blind mode too: the job's outputs (policy versions, the A/B rounds) stay
+    # out of it, except the round it made; /api/loop/jobs/<id> has them all.
+    brief = None
+    if job is not None:
+        brief = jobs.job_json(job)
+        brief.pop("plan")
+        brief["result"] = {k: v for k, v in brief["result"].items() if k == "round"}
     return {
         "enabled": cfg.loop,
         "min_labels": cfg.loop_min_labels,
         "preset": cfg.loop_preset,
         "worker_mode": cfg.loop_worker,
         "round": None if rnd is None else {"id": rnd.id, "name": rnd.name, "labels": round_labels(session, rnd.id)},
-        "job": None if job is None else jobs.job_json(job),
+        "job": brief,
     }
 
 
@@ -159,7 +174,12 @@ def _refresh_workers() -> int | None:
     """Restart a dead local worker and hand a dead worker's job back to the queue; the local worker's pid."""
     worker = _worker()
     pid = worker.ensure() if worker is not None else None
-    jobs.requeue_stale(_store().write_factory, _cfg().loop_stale_after)
+    # Every page polls this route; the scan for dead workers' jobs runs at most once per REQUEUE_EVERY_S.
+    now = time.monotonic()
+    last = current_app.extensions.get("poseloop_loop_requeued", -REQUEUE_EVERY_S)
+    if now - last >= REQUEUE_EVERY_S:
+        current_app.extensions["poseloop_loop_requeued"] = now
+        jobs.requeue_stale(_store().write_factory, _cfg().loop_stale_after)
     return pid
 
 
@@ -167,9 +187,13 @@ def _refresh_workers() -> int | None:
 def get_loop() -> Response:
     """Loop settings, the newest job (stage, progress, message) and the newest loop round's label count."""
     cfg = _cfg()
-    pid = _refresh_workers() if cfg.loop else None
+    if not cfg.loop:
+        return jsonify(enabled=False)
+    pid = _refresh_workers()
     state = _store().read(lambda s: loop_state(s, cfg))
     state["worker_pid"] = pid
+    worker = _worker()
+    state["worker_error"] = worker.error if worker is not None else None
     return jsonify(state)
 
 

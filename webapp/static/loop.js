@@ -60,7 +60,7 @@ async function loopPoll() {
   const bar = $("loop-progress");
   bar.hidden = !active;
   bar.value = job ? job.progress : 0;
-  $("loop-stage").textContent = loopText(st);
+  $("loop-stage").textContent = st.worker_error ? `${st.worker_error}. ${loopText(st)}` : loopText(st);
   $("loop-stage").dataset.state = job ? job.state : "";
   $("loop-stage").dataset.stage = job ? job.stage : "";
   $("loop-labels").textContent = st.round
