@@ -86,9 +86,9 @@ def processes(work: Path, plan: object, env: dict[str, str], threads: int) -> di
                        env, work)}
     t["policy"] = run([py, str(ROOT / "train_policy.py"), *plan.policy, "--model.models_dir", "models",
                        "--model.threads", str(threads)], env, work)
-    t["generate"] = run([py, str(ROOT / "generate.py"), *plan.generate, *GENERATE_DATA, "--store.samples_dir", "samples",
-                         "--model.models_dir", "models", "--model.policy", "latest", "--model.threads", str(threads)],
-                        env, work)
+    t["generate"] = run([py, str(ROOT / "generate.py"), *plan.generate, *GENERATE_DATA, "--store.samples_dir",
+                         "samples", "--model.models_dir", "models", "--model.policy", "latest", "--model.threads",
+                         str(threads)], env, work)
     t["total"] = t["reward"] + t["policy"] + t["generate"]
     return t
 

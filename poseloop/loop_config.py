@@ -89,7 +89,8 @@ def split_args(text: str | Sequence[str], flag: str) -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as e:
-        raise ConfigError(f"{flag}: {e} in {text!r}; quote each value once, e.g. \"--data.prompts 'a dancer'\"") from None
+        raise ConfigError(f"{flag}: {e} in {text!r}; quote each value once, e.g. "
+                          "\"--data.prompts 'a dancer'\"") from None
 
 
 def make_plan(preset: str, reward: str | Sequence[str] = "", policy: str | Sequence[str] = "",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -207,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", type=float, default=jobs.DEFAULT_STALE_S,
                    help="a running job with no heartbeat for this long is taken again (its worker died)")
     p.add_argument("--no-preload", action="store_true",
-                   help="import torch and the steps' code at the first job, not at start (a quicker --help or idle start)")
+                   help="import torch and the steps' code at the first job, not at start")
     p.add_argument("--once", action="store_true", help="run one job (waiting for one if none is queued), then exit")
     p.add_argument("--exit-when-idle", action="store_true", help="exit when no job is queued")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit (between jobs) once the process that started this one is gone: the rating app's own "
+                        "worker does not outlive the app")
     return p
 
 
@@ -247,13 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker: torch, diffusers and the steps' code imported in {time.perf_counter() - t0:.1f} s", flush=True)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
-    me = jobs.worker_name()
+    me, parent = jobs.worker_name(), os.getppid()
     print(f"poseloop worker {me}: database {shown_db_url(url)}, samples {place.samples_dir}, models "
           f"{place.models_dir}", flush=True)
     try:
         while True:
             for job_id, state in jobs.requeue_stale(factory, args.stale_after):
                 print(f"worker: job {job_id} of a stopped worker is {state}", flush=True)
+            if args.exit_with_parent and os.getppid() != parent:
+                print("worker: the process that started this worker is gone; exiting", flush=True)
+                return 0
             job = jobs.claim(factory, me)
             if job is None:
                 if args.exit_when_idle:

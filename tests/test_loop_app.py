@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import select
 
 import generate as generate_script
-from poseloop.db import Job, Rating, Round, default_db_url, open_db, session_scope
+from poseloop.db import Comparison, Job, Rating, Round, default_db_url, open_db, session_scope
 from webapp_fixtures import LiveServer, make_chrome
 
 
@@ -44,7 +44,7 @@ def db_read(samples: Path, fn: Callable[[Any], Any]) -> Any:
         factory.kw["bind"].dispose()
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=100)
 def test_loop_in_one_tab_survives_a_killed_worker(models_dir: Path, tmp_path: Path) -> None:
     from webapp import create_app
 
@@ -124,6 +124,9 @@ def test_loop_in_one_tab_survives_a_killed_worker(models_dir: Path, tmp_path: Pa
             assert [p.name for p in (models / "reward").iterdir() if p.is_dir() and not p.name.startswith(".")] == \
                 [result["reward_version"]]
             assert set(result["reward_means"]) == {"round-0001", "round-0002"}
+            # The blind A/B of the new policy against the base model it continued is registered for Blind mode.
+            assert "ab_error" not in result and result["ab"]["baseline"] == "base", result.get("ab_error")
+            assert db_read(samples, lambda s: s.scalar(select(Comparison).where(Comparison.name == "ab-round-0002")))
 
             # The progress page: both rounds in the table, the plot with a point per scored round.
             d.get(srv.url + "/progress")

@@ -65,7 +65,7 @@ class LocalWorker:
         c = self.cfg
         return [sys.executable, "-m", "poseloop.worker", "--samples-dir", str(Path(c.samples_dir).resolve()),
                 "--db-url", c.resolved_db_url, "--models-dir", str(Path(c.models_dir).resolve()),
-                "--threads", str(c.loop_worker_threads), "--stale-after", str(c.loop_stale_after)]
+                "--threads", str(c.loop_worker_threads), "--stale-after", str(c.loop_stale_after), "--exit-with-parent"]
 
     def ensure(self) -> int | None:
         """Start the worker if it is not running (at most every 5 s); its pid."""
@@ -75,7 +75,8 @@ class LocalWorker:
             if self.proc is not None and self.proc.returncode == 2:
                 # A bad flag or an unusable database: starting it again would fail the same way.
                 if self.error is None:
-                    self.error = (f"the loop worker stopped at start (exit 2); see {Path(self.cfg.samples_dir) / WORKER_LOG}")
+                    log = Path(self.cfg.samples_dir) / WORKER_LOG
+                    self.error = f"the loop worker stopped at start (exit 2); see {log}"
                     self.log.error("%s", self.error)
                 return None
             if self.proc is not None:
