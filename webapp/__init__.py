@@ -45,11 +45,13 @@ def create_app(config_or_overrides: AppConfig | Mapping[str, Any] | None = None)
     # Active pair order: reads <models_dir>/reward/latest on demand and caches orders in memory.
     app.extensions["poseloop_pair_ranker"] = PairRanker(cfg.samples_dir, cfg.models_dir, app.logger)
 
-    from . import api, pages, security
+    from . import api, loop, pages, progress, security
 
     security.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(progress.bp)
+    loop.install(app, cfg)
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> tuple[Response, int]:

@@ -110,6 +110,47 @@ class AppConfig:
         help="Models folder of train_reward.py; --pair_order active reads <models_dir>/reward/latest.",
     )
 
+    loop: bool = field(
+        default=False,
+        help="Loop mode: a 'Train next round' button (and --loop_min_labels) queues a job that trains the reward "
+             "model, then the policy, then generates the next loop round; the page shows its progress and "
+             "/progress the loop's rounds. Same token rules as every write.",
+    )
+    loop_min_labels: int = field(
+        default=96,
+        help="Loop mode: queue the next job by itself once the newest loop round has this many labels (scores "
+             "plus decided pairs, every rater); 0 = only the button.",
+    )
+    loop_preset: str = field(
+        default="default",
+        help="Loop mode: what each job runs: 'default' (README's loop: reward model, DDPO on it, a round, a blind "
+             "A/B against the previous policy), 'no-ab' (no A/B rounds), 'tiny-lcm' (4-step LCM rounds, RLCM) or "
+             "'quick' (a smoke run of the mechanics).",
+        choices=("default", "no-ab", "tiny-lcm", "quick"),
+    )
+    loop_reward_args: str = field(default="", help="Loop mode: extra train_reward.py arguments, e.g. '--preset quick'.")
+    loop_policy_args: str = field(default="", help="Loop mode: extra train_policy.py arguments, e.g. "
+                                                   "'--set train.epochs=4'.")
+    loop_generate_args: str = field(default="", help="Loop mode: extra generate.py arguments (the next round keeps "
+                                                     "the last loop round's prompts and poses unless these change "
+                                                     "them).")
+    loop_compare_args: str = field(default="", help="Loop mode: extra evaluate.py arguments of the blind A/B, e.g. "
+                                                    "'--set data.max_groups=24'.")
+    loop_worker: str = field(
+        default="local",
+        help="Loop mode: 'local' starts `python -m poseloop.worker` for this database, samples and --models_dir "
+             "(restarted if it dies; log in <samples_dir>/.loop-worker.log); 'external' when a worker runs "
+             "elsewhere (e.g. a GPU box sharing the database and samples folder).",
+        choices=("local", "external"),
+    )
+    loop_worker_threads: int = field(default=0, help="Loop mode: torch threads of the local worker; 0 = torch's "
+                                                     "default.")
+    loop_stale_after: float = field(
+        default=120.0,
+        help="Loop mode: seconds without a heartbeat after which a running job's worker counts as dead and the job "
+             "is retried (or failed after 3 attempts).",
+    )
+
     def validate(self) -> AppConfig:
         """Check every field; raise ConfigError naming the offending field (its flag is --FIELD)."""
         self.samples_dir = Path(self.samples_dir)
@@ -143,7 +184,33 @@ class AppConfig:
         if self.pair_order not in PAIR_ORDERS:
             raise ConfigError(f"pair_order: {self.pair_order!r} is not one of {', '.join(PAIR_ORDERS)}")
         self.models_dir = Path(self.models_dir)
+        if self.loop:
+            self._check_loop()
         return self
+
+    def _check_loop(self) -> None:
+        """The loop flags: a preset, arguments each step's parser accepts, a worker mode, sane numbers."""
+        from poseloop.config.loop import check_plan
+
+        if self.loop_min_labels < 0:
+            raise ConfigError(f"loop_min_labels: {self.loop_min_labels} is negative; 0 turns the automatic job off")
+        if self.loop_worker not in ("local", "external"):
+            raise ConfigError(f"loop_worker: {self.loop_worker!r} is not one of local, external")
+        if not 10 <= self.loop_stale_after <= 86400:
+            raise ConfigError(f"loop_stale_after: {self.loop_stale_after} is outside 10..86400 seconds")
+        if self.loop_worker_threads < 0:
+            raise ConfigError(f"loop_worker_threads: {self.loop_worker_threads} is negative")
+        plan = self.loop_plan
+        if self.loop_worker == "local":  # an external worker's paths need not exist here
+            check_plan(plan)
+
+    @property
+    def loop_plan(self) -> Any:  # -> poseloop.config.loop.LoopPlan
+        """What each loop job runs: the preset with the extra arguments."""
+        from poseloop.config.loop import make_plan
+
+        return make_plan(self.loop_preset, self.loop_reward_args, self.loop_policy_args, self.loop_generate_args,
+                         self.loop_compare_args)
 
     @staticmethod
     def _check_token(token: str) -> None:

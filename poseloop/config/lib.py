@@ -251,6 +251,8 @@ def build_parser(cfg_cls: type, presets: dict[str, Callable[[], Any]], default_p
                                       metavar=_scalar_type(tp).__name__.upper())
         if _is_list(tp):
             kwargs["nargs"] = "*"
+        elif _scalar_type(tp) is bool:  # --flag alone means true; --flag false still works
+            kwargs["nargs"], kwargs["const"] = "?", "true"
         short = [f"--{a}" for a, target in aliases.items() if target == name]
         group.add_argument(f"--{name}", *short, **kwargs)
         # Show the default preset's value in --help without making argparse apply it.

@@ -443,3 +443,43 @@ class BlindJudgement(Base):
 
     comparison: Mapped[Comparison] = relationship()
     rater: Mapped[Rater] = relationship()
+
+
+# ---- loop jobs (poseloop.data.jobs queues them, poseloop.worker runs them) ----
+
+
+class Job(Base):
+    """One loop job: train the reward model, train the policy, generate the next loop round (poseloop.data.jobs)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("state IN ('queued', 'running', 'done', 'failed', 'cancelled')", name="ck_job_state"),
+        Index("ix_job_state", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(10), default="queued")
+    # "button" (a rater asked), "auto" (a round reached the label threshold) or "api".
+    trigger: Mapped[str] = mapped_column(String(20), default="api")
+    requested_by: Mapped[str | None] = mapped_column(Text, default=None)
+    # The newest loop round when the job was queued, and the loop round it makes (named then, so a retry resumes it).
+    source_round: Mapped[str | None] = mapped_column(Text, default=None)
+    target_round: Mapped[str] = mapped_column(Text)
+    # {"preset": ..., "reward": [args], "policy": [args], "generate": [args]}: what every attempt runs.
+    plan_json: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(String(20), default="")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    # The finished steps' outputs (reward / policy version, round), so a retry skips them; learned-reward means.
+    result_json: Mapped[str] = mapped_column(Text, default="{}")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # "host:pid" of the worker holding the job, and a token that only that claim knows (heartbeats must match it).
+    worker: Mapped[str | None] = mapped_column(Text, default=None)
+    claim: Mapped[str | None] = mapped_column(String(32), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -183,7 +183,7 @@ def _fill(rule: str, values: dict[str, Any]) -> str:
 def _routes(app: Flask, env: Env, cmp: Blind) -> list[tuple[str, set[str], dict[str, Any]]]:
     """(rule, methods, valid arguments) of every route of the app, so a new route is covered too."""
     valid = {"round_id": env.rounds[0], "sample_id": first_sample(env), "group_id": env.groups[env.rounds[0]][0],
-             "comparison_id": cmp.comparison_id, "token": "0-0", "what": "left", "filename": "app.js"}
+             "comparison_id": cmp.comparison_id, "token": "0-0", "what": "left", "filename": "app.js", "job_id": 1}
     out = []
     for rule in app.url_map.iter_rules():
         missing = set(rule.arguments) - set(valid)
