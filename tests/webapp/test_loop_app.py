@@ -44,7 +44,7 @@ def db_read(samples: Path, fn: Callable[[Any], Any]) -> Any:
         factory.kw["bind"].dispose()
 
 
-@pytest.mark.slow(seconds=100)
+@pytest.mark.slow
 def test_loop_in_one_tab_survives_a_killed_worker(models_dir: Path, tmp_path: Path) -> None:
     from webapp import create_app
 
