@@ -496,15 +496,7 @@ def config_hash(cfg: PolicyConfig) -> str:
     d.pop("output")
     d.pop("guard")
     d.pop("parent")  # a run's identity adds the resolved parent (poseloop.policy.lineage), not this reference
-    if cfg.algo != "refl":
-        d.pop("refl")  # ReFL's section does not change other algorithms' runs (or their existing hashes)
-    if cfg.algo != "draft":
-        d.pop("draft")  # nor does DRaFT's
-    if d["sample"].get("sampler") == "ddim":
-        d["sample"].pop("sampler")  # DDIM runs keep the hashes they had before the LCM sampler existed
-    if not d["model"].get("lcm_lora"):
-        d["model"].pop("lcm_lora", None)
-    for key, off in (("shared_start", False), ("first_steps", 0)):  # runs without them keep their hashes
-        if d["train"].get(key) == off:
-            d["train"].pop(key)
+    for algo in ("refl", "draft"):
+        if cfg.algo != algo:
+            d.pop(algo)  # an algorithm's own section does not change another algorithm's run
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
