@@ -16,7 +16,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from poseloop.data import db
 from poseloop.config.generation import GenerateConfig
 from poseloop.config.lib import ConfigError, field_names, get_field
 from poseloop.config.evaluation import PRESETS, EvaluateConfig
-from poseloop.evaluation.report import EvalResult, MetricSummary, write_report
+from poseloop.evaluation.report import EvalResult, MetricSummary, Pair, write_report
 from poseloop.sampling.round import PlanMismatchError, generate, set_flag
 from poseloop.policy.lineage import lineage_line
 from poseloop.models.loading import resolve_policy
@@ -65,24 +64,6 @@ def summarize(name: str, spec: str, baseline: np.ndarray, candidate: np.ndarray,
 
 
 # ---- the pairs ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Pair:
-    """The baseline and candidate sample that share a group index, sample index and seed."""
-
-    baseline_id: int
-    candidate_id: int
-    prompt: str
-    keypoints: list[dict[str, Any]] | None
-    condition_path: str
-    source_image_path: str | None
-    baseline_image: str
-    candidate_image: str
-    baseline_trajectory: str | None
-    candidate_trajectory: str | None
-    width: int
-    height: int
 
 
 def load_pairs(session: Session, baseline_round_id: int, candidate_round_id: int) -> list[Pair]:

@@ -14,8 +14,25 @@ from poseloop.config.lib import to_dict
 from poseloop.data.store import SampleStore, atomic_write, save_png
 
 if TYPE_CHECKING:
-    from poseloop.evaluation.compare import Pair
     from poseloop.config.evaluation import EvaluateConfig
+
+
+@dataclass
+class Pair:
+    """The baseline and candidate sample that share a group index, sample index and seed."""
+
+    baseline_id: int
+    candidate_id: int
+    prompt: str
+    keypoints: list[dict[str, Any]] | None
+    condition_path: str
+    source_image_path: str | None
+    baseline_image: str
+    candidate_image: str
+    baseline_trajectory: str | None
+    candidate_trajectory: str | None
+    width: int
+    height: int
 
 
 @dataclass
