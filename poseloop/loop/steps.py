@@ -172,20 +172,12 @@ def _eval_preset(preset: Callable[[], Any], carried: dict[str, Any] | None) -> C
     return build
 
 
-def bootstrap_mean_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean."""
-    import numpy as np
-
-    from poseloop.evaluation.compare import bootstrap_ci
-
-    return bootstrap_ci(np.asarray(values, dtype=np.float64), n_boot, 0.95, seed)
-
-
 def reward_means(place: Place, reward_version: str) -> dict[str, Any]:
     """The reward model's mean (95% bootstrap interval) on every finished loop round's stored final latents."""
     import torch
 
     from poseloop.data.db import loop_round_number
+    from poseloop.metrics.stats import bootstrap_ci
     from poseloop.rewards.loading import load_reward_model
     from poseloop.data.store import SampleStore, load_trajectory
 
@@ -210,7 +202,7 @@ def reward_means(place: Place, reward_version: str) -> dict[str, Any]:
                     values += [float(v) for v in model.score(latents, prompts, metadata)]
             values = [v for v in values if math.isfinite(v)]
             if values:
-                lo, hi = bootstrap_mean_ci(values)
+                lo, hi = bootstrap_ci(values, n_resamples=1000)
                 out[rnd.name] = {"mean": round(sum(values) / len(values), 5), "ci": [round(lo, 5), round(hi, 5)],
                                  "n": len(values), "policy": rnd.policy_version}
     return {"reward_means": out, "reward_means_by": reward_version}
