@@ -107,6 +107,14 @@ def rate_round(client: Any, round_name: str, rater: Rater) -> dict[str, int]:
     return {"scores": len(ranked), "pairs": n_pairs}
 
 
+# The policy's reward in every round: the newest learned reward model, with the condition kept. `--reward latest`
+# alone follows a taste wherever it leads: this rater's vivid colour is reached by the world's dim light and a deep
+# blue sky, and the loop traded the prompt and the pose for it (round 2: prompt attributes -0.25; round 3: OKS -0.23,
+# and the rater's statistic fell back, -0.033). The world's pose accuracy and the prompt's attributes are the
+# condition's own measures (no rater's rule), as tiny-rlcm-pose keeps the prompt beside its pose reward; at weight 1
+# each, round 1 still lost 0.12 of the attributes; at 3 neither moved by more than 0.05 (docs: bench_loop_rounds).
+KEEP_CONDITION_REWARD = "latent:latest + 3*prompt_attributes + 3*pose_accuracy:weights={detector}"
+
 # mode -> (generate.py and evaluate.py preset, train_policy.py preset, algorithm)
 MODES = {"ddpo": ("tiny", "tiny", "ddpo"), "rlcm": ("tiny-lcm", "tiny-rlcm", "rlcm")}
 
@@ -122,7 +130,7 @@ class LoopBudget:
     # tiny-rlcm, 4 steps, no CFG pass), faster
     mode: str = "ddpo"
     # train_policy.py --reward of every round; {detector} stands for the world's pose detector folder
-    reward: str = "latest"
+    reward: str = KEEP_CONDITION_REWARD
     policy_overrides: list[str] = field(default_factory=list)  # extra train_policy.py flags (bench experiments)
     reward_overrides: list[str] = field(default_factory=list)  # extra train_reward.py flags (bench experiments)
     eval_prompts: int = 2  # prompts of the shared-seed evaluation (x 12 poses x eval_images)
@@ -145,8 +153,8 @@ def paired_diff(later: np.ndarray, earlier: np.ndarray, seed: int = 0) -> dict[s
     from poseloop.evaluation import bootstrap_ci, win_rate
 
     d = later - earlier
-    return {"diff": float(d.mean()), "ci": list(bootstrap_ci(d, 2000, 0.95, seed)), "win_rate": win_rate(later, earlier),
-            "n": int(d.size)}
+    return {"diff": float(d.mean()), "ci": list(bootstrap_ci(d, 2000, 0.95, seed)),
+            "win_rate": win_rate(later, earlier), "n": int(d.size)}
 
 
 def _latest(root: Path) -> str:
@@ -225,11 +233,13 @@ def run_loop_check(work: Path, embedded: Path, budget: LoopBudget | None = None,
         trained = time.time() - start
         lineage = json.loads((models / "policies" / version / "lineage.json").read_text())
         reward_labels = json.loads((resolve_reward_path("latest", models) / "metrics.json").read_text())["labels"]
+        t_measure = time.time()
         metrics, tastes = measure(version, k)
         base_taste = tastes["baseline"] if base_taste is None else base_taste
         per_round.append(tastes["candidate"])
         entry = {"round": k, "labelled": round_name, "labels": labels, "policy": version, "train_seconds": trained,
                  "parent": lineage.get("parent"), "reward_rounds": sorted(reward_labels["rounds"]),
+                 "made_by": reward_labels["rounds"][round_name]["policy"], "measure_seconds": time.time() - t_measure,
                  "metrics": metrics, "statistic": float(tastes["candidate"].mean()),
                  "vs_base": paired_diff(tastes["candidate"], base_taste)}
         if k > 1:
@@ -295,11 +305,12 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             ms = [r["metrics"][name] for r in result["rounds"]]
             keep.errorbar([x + shift for x in xs], [0.0] + [m["diff"] for m in ms], capsize=3, marker="o", ls=style,
                           color=f"C{i}", label=f"{name}, --reward {result['reward']}",
-                          yerr=[[0.0] + [m["diff"] - m["ci"][0] for m in ms], [0.0] + [m["ci"][1] - m["diff"] for m in ms]])
+                          yerr=[[0.0] + [m["diff"] - m["ci"][0] for m in ms],
+                                [0.0] + [m["ci"][1] - m["diff"] for m in ms]])
     keep.axhspan(-0.05, 0.05, color="0.9", zorder=0)
     keep.set_xticks(xs, ["base"] + [f"round {x}" for x in xs[1:]])
     keep.set_ylabel("change from the base model")
-    keep.set_title("no collapse: pose OKS and the prompt's attributes (grey: within 0.05)", fontsize=9)
+    keep.set_title("no collapse: pose OKS and the prompt's attributes (grey: within 0.05 of the base)", fontsize=9)
     keep.legend(fontsize=6)
     keep.grid(alpha=0.3)
     ax.set_xticks(xs, ["base"] + [f"round {x}" for x in xs[1:]])
