@@ -5,11 +5,15 @@ likes vivid colour, not the warm light the embedded world was built around) labe
 rating app's JSON API; train_reward.py, train_policy.py --reward latest (continuing the newest policy) and
 generate.py --model.policy latest run with their defaults. Each round's policy is compared with the base model on
 one shared-seed set no training saw. Prints the statistic per round, round k+1 - round k with paired bootstrap
-intervals, pose OKS and the prompt's attributes against the base model; writes bench/out/loop_rounds_<mode>.json
-and bench/out/loop_rounds_<mode>.png (the plot for README).
+intervals, pose OKS and the prompt's attributes against the base model; writes
+bench/out/loop_rounds_<mode>_<reward>.json and bench/out/loop_rounds_<mode>.png (the plot for README).
+Exit status 1 when a condition of issue 31 (6) fails: round 2 > round 1 (interval above 0), round 3 not below
+round 2 (upper bound above 0), OKS and prompt attributes at most 0.05 below the base model's.
 
     python bench/bench_loop_rounds.py                      # the test's loop: 3 rounds, RLCM on the world's LCM
+    python bench/bench_loop_rounds.py --reward keep --also bench/out/loop_rounds_rlcm_latest.json  # README's plot
     python bench/bench_loop_rounds.py --mode ddpo          # the README's DDPO loop (10 DDIM steps; slower)
+    python bench/bench_loop_rounds.py --reward keep        # the policy's reward also keeps the pose and the prompt
     python bench/bench_loop_rounds.py --rater likes-bright-light --rounds 4
 """
 
@@ -28,14 +32,16 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the loop check, print one line per round, write the JSON and the plot."""
-    from poseloop.scripted_loop import DEFAULT_RATER, MODES, RATERS, LoopBudget, plot_rounds, run_loop_check
+    from poseloop.scripted_loop import (DEFAULT_RATER, KEEP_CONDITION_REWARD, MODES, RATERS, LoopBudget, plot_rounds,
+                                        run_loop_check)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="rlcm", choices=sorted(MODES), help="the loop's presets and algorithm")
     p.add_argument("--rater", default=DEFAULT_RATER, choices=sorted(RATERS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reward", default=LoopBudget.reward,
-                   help="train_policy.py --reward of every round ({detector}: the world's pose detector folder)")
+                   help="train_policy.py --reward of every round ({detector}: the world's pose detector folder); "
+                   f"'keep' = {KEEP_CONDITION_REWARD}")
     p.add_argument("--eval-images", type=int, default=4, help="images per (prompt, pose) of the shared-seed set")
     p.add_argument("--threads", type=int, default=1, help="torch threads (set explicitly)")
     p.add_argument("--policy-set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -49,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poseloop.tiny import ensure_embedded
 
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
-    budget = LoopBudget(rounds=args.rounds, reward=args.reward, rater=args.rater, mode=args.mode,
+    reward = KEEP_CONDITION_REWARD if args.reward == "keep" else args.reward
+    budget = LoopBudget(rounds=args.rounds, reward=reward, rater=args.rater, mode=args.mode,
                         eval_images=args.eval_images, threads=args.threads,
                         policy_overrides=[x for kv in args.policy_set for x in ("--set", kv)],
                         reward_overrides=[x for kv in args.reward_set for x in ("--set", kv)])
@@ -82,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"trained in {e['train_seconds']:.0f} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"loop_rounds_{args.mode}.json").write_text(json.dumps(r, indent=2, default=float))
+    tag = f"{args.mode}_{'latest' if reward == 'latest' else 'keep' if reward == KEEP_CONDITION_REWARD else 'custom'}"
+    (out / f"loop_rounds_{tag}.json").write_text(json.dumps(r, indent=2, default=float))
     plot_rounds([r, *(json.loads(Path(f).read_text()) for f in args.also)], out / f"loop_rounds_{args.mode}.png")
-    print(f"wrote {out / f'loop_rounds_{args.mode}.png'}")
+    print(f"wrote {out / f'loop_rounds_{tag}.json'} and {out / f'loop_rounds_{args.mode}.png'}")
     return 0 if ok else 1
 
 
