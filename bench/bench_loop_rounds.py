@@ -85,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok &= good
             print(f"{'':13s}{name:17s} {m['baseline']:.4f} -> {m['candidate']:.4f}: {m['diff']:+.4f} "
                   f"[{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] (at most 0.05 below base: {'PASS' if good else 'FAIL'})")
+        if "reward_on_next_round" in e:
+            a = e["reward_on_next_round"]
+            print(f"{'':13s}its reward model on the next round (made by this policy): within-group agreement with the "
+                  f"rater {a['mean']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] over {a['pairs']} pairs (chance 0.5)")
         print(f"{'':13s}labels {e['labels']} on {e['labelled']}, policy {e['policy']} (parent {e.get('parent')}), "
               f"trained in {e['train_seconds']:.0f} s")
     out = Path(args.out)

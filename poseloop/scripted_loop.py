@@ -249,7 +249,12 @@ def run_loop_check(work: Path, embedded: Path, budget: LoopBudget | None = None,
             + (f"vs round {k - 1} {entry['vs_previous']}; " if k > 1 else "")
             + "; ".join(f"{n} {m['diff']:+.4f} [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}]" for n, m in metrics.items()))
         if k < b.rounds:
+            reward_dir = resolve_reward_path("latest", models)
             round_name = gen(["--model.policy", "latest"])
+            # Does this round's reward model still rank as the rater on the images the policy trained on it makes?
+            entry["reward_on_next_round"] = next_round_agreement(reward_dir, samples, round_name, rater)
+            log(f"round {k}'s reward model on {round_name}: within-group pairwise agreement with the rater "
+                f"{entry['reward_on_next_round']}")
     assert base_taste is not None
     out["base_statistic"] = float(base_taste.mean())
     out["base_ci"] = list(_mean_ci(base_taste))
@@ -257,6 +262,20 @@ def run_loop_check(work: Path, embedded: Path, budget: LoopBudget | None = None,
         entry["statistic_ci"] = list(_mean_ci(values))
     out["seconds"] = time.time() - t0
     return out
+
+
+def next_round_agreement(reward_dir: Path, samples: Path, round_name: str, rater: Rater) -> dict[str, Any]:
+    """Within-group pairwise agreement of a reward model with the rater on a round it never saw (95% interval over
+    groups): the next loop round, made by the policy trained on that reward model."""
+    from poseloop.scripted import group_bootstrap_ci, reward_pair_agreement
+
+    def taste(path: Path) -> float:
+        with Image.open(path) as im:
+            return rater.taste(np.asarray(im.convert("RGB")))
+
+    per_group = reward_pair_agreement(reward_dir, samples, round_name, taste)
+    return {"mean": float(np.mean([x for g in per_group for x in g])), "ci": list(group_bootstrap_ci(per_group)),
+            "pairs": sum(len(g) for g in per_group)}
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float]:
