@@ -7,6 +7,7 @@ rater's statistic (warmth) between the base model and DDPO (on the reward model)
 pairs), and of pose OKS for DDPO and RLCM (the tiny-rlcm-pose preset: a ControlNet LoRA at ControlNet
 scale 0.4) on pose accuracy alone and on the preset's own reward (half pose accuracy, half the prompt's
 attributes), with the prompt's attributes reported beside, on shared-seed rounds none of them saw.
+One round each; the loop over rounds (issue 31: does round 2 beat round 1?) is bench/bench_loop_rounds.py.
 
     python bench/bench_learning.py                       # the test's budget
     python bench/bench_learning.py --budget large        # 4x the labels, 2x the evaluation, longer training
