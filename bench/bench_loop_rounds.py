@@ -1,6 +1,6 @@
 """Benchmark: does the loop iterate and learn? The rater's statistic per loop round, with 95% intervals.
 
-Runs poseloop.scripted_loop.run_loop_check (what tests/test_learning.py runs): a scripted rater (by default one who
+Runs poseloop.checks.scripted_loop.run_loop_check (what tests/test_learning.py runs): a scripted rater (by default one who
 likes vivid colour, not the warm light the embedded world was built around) labels each loop round through the
 rating app's JSON API; train_reward.py, train_policy.py --reward latest (continuing the newest policy) and
 generate.py --model.policy latest run with their defaults. Each round's policy is compared with the base model on
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the loop check, print one line per round, write the JSON and the plot."""
-    from poseloop.scripted_loop import (DEFAULT_RATER, KEEP_CONDITION_REWARD, MODES, RATERS, LoopBudget, plot_rounds,
+    from poseloop.checks.scripted_loop import (DEFAULT_RATER, KEEP_CONDITION_REWARD, MODES, RATERS, LoopBudget, plot_rounds,
                                         run_loop_check)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--work", default="", help="keep the rounds and models in this folder (default: a temporary one)")
     args = p.parse_args(argv)
-    from poseloop.tiny import ensure_embedded
+    from poseloop.models.embedded import ensure_embedded
 
     embedded = ensure_embedded(ROOT / "models" / "tiny-sd15")
     reward = KEEP_CONDITION_REWARD if args.reward == "keep" else args.reward

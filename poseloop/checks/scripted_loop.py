@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from poseloop.world import warmth
+from poseloop.world.render import warmth
 
 Taste = Callable[[np.ndarray], float]  # [H, W, 3] uint8 RGB -> how much the rater likes it
 
@@ -149,7 +149,7 @@ class LoopBudget:
 
 def paired_diff(later: np.ndarray, earlier: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Mean of later - earlier over shared-seed items, its 95% bootstrap interval and the win rate."""
-    from poseloop.evaluation import bootstrap_ci, win_rate
+    from poseloop.evaluation.compare import bootstrap_ci, win_rate
 
     d = later - earlier
     return {"diff": float(d.mean()), "ci": list(bootstrap_ci(d, 2000, 0.95, seed)),
@@ -157,7 +157,7 @@ def paired_diff(later: np.ndarray, earlier: np.ndarray, seed: int = 0) -> dict[s
 
 
 def _latest(root: Path) -> str:
-    from poseloop.export import resolve_latest
+    from poseloop.models.policy_files import resolve_latest
 
     return resolve_latest(root).name
 
@@ -170,12 +170,12 @@ def run_loop_check(work: Path, embedded: Path, budget: LoopBudget | None = None,
     import generate as generate_script
     import train_policy as train_policy_script
     import train_reward as train_reward_script
-    from poseloop.configlib import parse_config
-    from poseloop.evaluation import evaluate
-    from poseloop.evaluation_config import PRESETS as EVAL_PRESETS
-    from poseloop.evaluation_config import EvaluateConfig
-    from poseloop.reward_model import resolve_reward_path
-    from poseloop.world_eval import vocabulary_prompts
+    from poseloop.config.lib import parse_config
+    from poseloop.evaluation.compare import evaluate
+    from poseloop.config.evaluation import PRESETS as EVAL_PRESETS
+    from poseloop.config.evaluation import EvaluateConfig
+    from poseloop.rewards.versions import resolve_reward_path
+    from poseloop.world.quality import vocabulary_prompts
     from webapp import create_app
 
     b = budget or LoopBudget()
@@ -195,7 +195,7 @@ def run_loop_check(work: Path, embedded: Path, budget: LoopBudget | None = None,
 
     def gen(extra: list[str]) -> str:
         assert generate_script.main([*preset, *model, "--store.samples_dir", str(samples), *extra]) == 0
-        from poseloop import db
+        from poseloop.data import db
         from sqlalchemy import select
 
         with db.session_scope(db.open_db(db.default_db_url(samples))) as s:
@@ -267,7 +267,7 @@ def run_loop_check(work: Path, embedded: Path, budget: LoopBudget | None = None,
 def next_round_agreement(reward_dir: Path, samples: Path, round_name: str, rater: Rater) -> dict[str, Any]:
     """Within-group pairwise agreement of a reward model with the rater on a round it never saw (95% interval over
     groups): the next loop round, made by the policy trained on that reward model."""
-    from poseloop.scripted import group_bootstrap_ci, reward_pair_agreement
+    from poseloop.checks.scripted import group_bootstrap_ci, reward_pair_agreement
 
     def taste(path: Path) -> float:
         with Image.open(path) as im:
@@ -279,7 +279,7 @@ def next_round_agreement(reward_dir: Path, samples: Path, round_name: str, rater
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float]:
-    from poseloop.evaluation import bootstrap_ci
+    from poseloop.evaluation.compare import bootstrap_ci
 
     return bootstrap_ci(values, 2000, 0.95, 0)
 
@@ -288,8 +288,8 @@ def _eval_tastes(samples: Path, seeds: str, name: str, rater: Rater) -> dict[str
     """The rater's statistic of each baseline and candidate image of an evaluation, in slot order (shared seeds)."""
     from sqlalchemy import select
 
-    from poseloop import db
-    from poseloop.evaluation import load_pairs
+    from poseloop.data import db
+    from poseloop.evaluation.compare import load_pairs
 
     with db.session_scope(db.open_db(db.default_db_url(samples))) as s:
         ids = {side: s.scalar(select(db.Round.id).where(db.Round.name == rn))
