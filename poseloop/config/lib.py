@@ -288,3 +288,20 @@ def parse_config(cfg_cls: type[C], presets: dict[str, Callable[[], C]], default_
         print(json.dumps(printable(cfg), indent=2))
         raise SystemExit(0)
     return cfg, args
+
+
+def parse_step_args(cfg_cls: type[C], presets: dict[str, Callable[[], C]], default_preset: str,
+                    args: Sequence[str], prog: str) -> C:
+    """parse_config for arguments a program passes on (not a command line): argparse's message, which it would
+    print before exiting, becomes a ConfigError carrying its last line."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            cfg, _ = parse_config(cfg_cls, presets, default_preset, list(args), description="", prog=prog)
+    except SystemExit:
+        last = (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1]
+        raise ConfigError(last.split("error: ", 1)[-1]) from None
+    return cfg

@@ -115,12 +115,9 @@ def check_plan(plan: LoopPlan, flag_prefix: str = "loop_") -> None:
 
     Paths the worker fills in (samples folder, models folder, versions) are given placeholder values here.
     """
-    import contextlib
-    import io
-
     from poseloop.config.generation import PRESETS as GENERATE_PRESETS
     from poseloop.config.generation import GenerateConfig
-    from poseloop.config.lib import parse_config
+    from poseloop.config.lib import parse_step_args
     from poseloop.config.evaluation import PRESETS as EVALUATE_PRESETS
     from poseloop.config.evaluation import EvaluateConfig
     from poseloop.config.policy import PRESETS as POLICY_PRESETS
@@ -136,13 +133,10 @@ def check_plan(plan: LoopPlan, flag_prefix: str = "loop_") -> None:
     }
     for step, (cls, presets, default_preset) in parsers.items():
         args = list(getattr(plan, step)) if step != "compare" else [*plan.generate, *plan.compare]
-        err = io.StringIO()
         try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                parse_config(cls, presets, default_preset, args, description="", prog=step)
-        except SystemExit:
-            last = (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1]
-            raise ConfigError(f"{flag_prefix}{step}_args: {last.split('error: ', 1)[-1]}") from None
+            parse_step_args(cls, presets, default_preset, args, prog=step)
+        except ConfigError as e:
+            raise ConfigError(f"{flag_prefix}{step}_args: {e}") from None
 
 
 @dataclass

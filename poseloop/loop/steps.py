@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from poseloop.config.lib import ConfigError, from_dict, parse_config
+from poseloop.config.lib import ConfigError, from_dict, parse_step_args
 from poseloop.data.db import Group, Job, Round, Sample, open_db, session_scope
 from poseloop.config.loop import LoopPlan
 
@@ -28,18 +28,11 @@ class Place:
 
 
 def _parse(cls: type, presets: dict[str, Callable[[], Any]], default: str, args: list[str], step: str) -> Any:
-    """A step's config from its arguments; argparse's exit becomes a ConfigError naming the step."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
+    """A step's config from its arguments; a bad argument is a ConfigError naming the step."""
     try:
-        with contextlib.redirect_stderr(err):
-            cfg, _ = parse_config(cls, presets, default, args, description="", prog=step)
-    except SystemExit:
-        last = (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1]
-        raise ConfigError(f"{step}: {last.split('error: ', 1)[-1]}") from None
-    return cfg
+        return parse_step_args(cls, presets, default, args, prog=step)
+    except ConfigError as e:
+        raise ConfigError(f"{step}: {e}") from None
 
 
 def reward_version_name(job: Job) -> str:
@@ -97,25 +90,10 @@ def _round_data(place: Place, source_round: str | None) -> dict[str, Any] | None
 def generate_config(job: Job, plan: LoopPlan, place: Place, policy_version: str) -> Any:
     """generate.py's config for the job's round: the preset, the last loop round's prompts and poses, the plan's
     arguments, then the policy and the round name."""
-    from poseloop.config.generation import PRESETS, DataConfig, GenerateConfig
+    from poseloop.config.generation import PRESETS, GenerateConfig
 
     carried = _round_data(place, job.source_round)
-
-    def with_round_data(preset: Callable[[], GenerateConfig]) -> Callable[[], GenerateConfig]:
-        def build() -> GenerateConfig:
-            cfg = preset()
-            if carried is not None:
-                try:
-                    cfg.data = from_dict(DataConfig, carried["data"])
-                except (TypeError, ValueError, ConfigError):
-                    pass  # a round written by another version of the config: the preset's data stands
-                if carried["images_per_group"]:
-                    cfg.sample.images_per_group = int(carried["images_per_group"])
-            return cfg
-
-        return build
-
-    presets = {name: with_round_data(fn) for name, fn in PRESETS.items()}
+    presets = {name: _with_round_data(fn, carried, images_per_group=True) for name, fn in PRESETS.items()}
     return _parse(GenerateConfig, presets, "tiny", [
         *plan.generate, "--store.samples_dir", str(place.samples_dir), "--store.db_url", place.db_url,
         "--model.models_dir", str(place.models_dir), "--model.policy", policy_version,
@@ -145,7 +123,7 @@ def run_compare(job: Job, plan: LoopPlan, place: Place, reward_version: str, pol
     lineage = json.loads((place.models_dir / "policies" / policy_version / LINEAGE_FILE).read_text())
     baseline = lineage.get("parent") or "base"
     carried = _round_data(place, job.source_round)
-    presets = {name: _eval_preset(fn, carried) for name, fn in PRESETS.items()}
+    presets = {name: _with_round_data(fn, carried, images_per_group=False) for name, fn in PRESETS.items()}
     cfg = _parse(EvaluateConfig, presets, "tiny", [
         *plan.generate, *plan.compare, "--store.samples_dir", str(place.samples_dir), "--store.db_url", place.db_url,
         "--model.models_dir", str(place.models_dir), "--eval.policy", policy_version, "--eval.baseline", baseline,
@@ -155,18 +133,21 @@ def run_compare(job: Job, plan: LoopPlan, place: Place, reward_version: str, pol
                    "summary": result.summary()}}
 
 
-def _eval_preset(preset: Callable[[], Any], carried: dict[str, Any] | None) -> Callable[[], Any]:
-    """evaluate.py's preset with the last loop round's prompts and poses (its sections are generate.py's)."""
+def _with_round_data(preset: Callable[[], Any], carried: dict[str, Any] | None, images_per_group: bool
+                     ) -> Callable[[], Any]:
+    """generate.py's or evaluate.py's preset with the last loop round's prompts and poses (and, for a round, its
+    images per group)."""
     from poseloop.config.generation import DataConfig
-    from poseloop.config.evaluation import EvaluateConfig
 
-    def build() -> EvaluateConfig:
+    def build() -> Any:
         cfg = preset()
         if carried is not None:
             try:
                 cfg.data = from_dict(DataConfig, carried["data"])
             except (TypeError, ValueError, ConfigError):
-                pass
+                pass  # a round written by another version of the config: the preset's data stands
+            if images_per_group and carried["images_per_group"]:
+                cfg.sample.images_per_group = int(carried["images_per_group"])
         return cfg
 
     return build
